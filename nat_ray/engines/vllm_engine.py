@@ -1,0 +1,120 @@
+"""vLLM behind the :class:`nat_ray.react.ChatEngine` interface: one batched call per agent turn.
+
+The conversation is rendered with the model's own chat template and tokenized here, not by vLLM,
+so that (a) a prompt that no longer fits the context becomes a ``context_overflow`` generation for
+that one episode instead of an exception that kills the batch, and (b) training renders the same
+token ids (see :mod:`nat_ray.nat_data`). Prefix caching lets turn t+1 reuse turn t's KV cache.
+
+On a machine without CUDA this runs vLLM's CPU build; the measured sweet spot here is float32,
+eager mode and a 1-2 GiB KV cache (``VLLM_CPU_KVCACHE_SPACE``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+from nat_ray.config import EngineConfig
+from nat_ray.react import CONTEXT_OVERFLOW, Generation, Sampling
+
+log = logging.getLogger(__name__)
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def on_gpu(config: EngineConfig) -> bool:
+    """Whether this engine config resolves to CUDA on this machine."""
+    return config.device == "cuda" or (config.device == "auto" and cuda_available())
+
+
+def render_prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
+    """Token ids the model sees before its next turn (chat template + generation prompt)."""
+    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    # transformers 5 returns a BatchEncoding here; 4.x a plain list.
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+class VLLMEngine:
+    """An in-process ``vllm.LLM`` that answers a whole agent turn in one ``generate`` call.
+
+    Create it under ``if __name__ == "__main__":`` (or inside a Ray actor): vLLM starts worker
+    processes with spawn.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        from nat_ray.models import resolve_model
+
+        self.config = config
+        self.model_path = resolve_model(config.model)
+        gpu = on_gpu(config)
+        if not gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gb))))
+        import vllm
+
+        kwargs = dict(
+            model=self.model_path,
+            dtype=config.dtype if config.dtype != "auto" else ("bfloat16" if gpu else "float32"),
+            max_model_len=config.max_model_len,
+            enforce_eager=(not gpu) if config.enforce_eager is None else config.enforce_eager,
+            enable_prefix_caching=config.enable_prefix_caching,
+            seed=config.seed,
+            max_num_seqs=config.max_num_seqs,
+            tensor_parallel_size=config.tensor_parallel_size,
+        )
+        if gpu:
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        if config.lora:
+            kwargs.update(enable_lora=True, max_lora_rank=config.max_lora_rank)
+        kwargs.update(config.extra)
+        log.info("starting vLLM on %s (%s)", self.model_path, "GPU" if gpu else "CPU")
+        self.llm = vllm.LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._vllm = vllm
+
+    def _params(self, s: Sampling, max_tokens: int):
+        return self._vllm.SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p if s.temperature > 0 else 1.0,
+            max_tokens=max_tokens,
+            seed=s.seed,
+            stop=list(s.stop),
+        )
+
+    def generate(
+        self, conversations: Sequence[list[dict]], sampling: Sequence[Sampling], lora_request=None
+    ) -> list[Generation]:
+        """One assistant turn per conversation; a conversation that no longer fits gets ``context_overflow``."""
+        results: list[Generation | None] = [None] * len(conversations)
+        prompts, params, where = [], [], []
+        for i, (conv, s) in enumerate(zip(conversations, sampling)):
+            ids = render_prompt_ids(self.tokenizer, conv)
+            room = self.config.max_model_len - len(ids)
+            if room < 16:  # too little room left for a Thought and an Action
+                results[i] = Generation(
+                    "",
+                    prompt_tokens=len(ids),
+                    finish_reason=CONTEXT_OVERFLOW,
+                    error=f"prompt of {len(ids)} tokens leaves no room in max_model_len={self.config.max_model_len}",
+                )
+                continue
+            prompts.append({"prompt_token_ids": ids})
+            params.append(self._params(s, min(s.max_tokens, room)))
+            where.append(i)
+        if prompts:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
+            for i, out in zip(where, outputs):
+                completion = out.outputs[0]
+                results[i] = Generation(
+                    completion.text,
+                    prompt_tokens=len(out.prompt_token_ids),
+                    completion_tokens=len(completion.token_ids),
+                    finish_reason=completion.finish_reason or "stop",
+                )
+        return [r for r in results if r is not None]

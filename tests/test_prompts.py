@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pytest
+
+from nat_ray.errors import ConfigError
+from nat_ray.prompts import ACK, INSTRUCTIONS, TEMPLATES, build_messages, get_template
+
+
+def test_math_nat_messages_follow_the_paper_layout():
+    msgs = build_messages("math", "What is 2+2?", "zero-shot-target-aware", "incorrect")
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+    assert msgs[0]["content"] == INSTRUCTIONS["math"]["plain"]
+    assert msgs[0]["content"].startswith(
+        "Solve a math problem with interleaving Thought, Action, Observation steps."
+    )
+    assert msgs[1]["content"] == ACK
+    assert msgs[2]["content"] == (
+        "Question: What is 2+2?. Generate a sequence of Thought and Action steps. But incorrectly solve the problem."
+    )
+
+
+def test_inference_uses_the_correct_prompt():
+    msgs = build_messages("hotpotqa", "Who?", "zero-shot-target-aware")
+    assert msgs[2]["content"].endswith("to solve the question **correctly**.")
+    assert msgs[0]["content"].endswith("You need to follow the instruction strictly.")
+    four = build_messages("hotpotqa", "Who?", "zero-shot-target-aware-four-class")
+    assert four[2]["content"] == "[Correct] Question: Who?."
+    assert "follow the instruction strictly" not in four[0]["content"]
+
+
+def test_strategyqa_instruction_asks_for_yes_or_no():
+    assert build_messages("strategyqa", "Q", "zero-shot")[0]["content"].endswith(
+        "Remember you should answer Yes or No."
+    )
+
+
+def test_question_is_verbatim_even_with_braces_and_trailing_space():
+    msgs = build_messages("math", "Is {x} odd? ", "zero-shot")
+    assert msgs[-1]["content"] == "Question: Is {x} odd? "
+
+
+def test_nut_uses_one_prompt_for_both_classes():
+    t = get_template("math", "zero-shot")
+    assert t.question_prompt("q", "correct") == t.question_prompt("q", "incorrect")
+
+
+def test_cot_templates_have_no_instruction_turns():
+    msgs = build_messages("math", "q", "cot-zero-shot-target-aware", "incorrect")
+    assert msgs == [
+        {"role": "user", "content": "Question: q. Generate steps that incorrectly solve the problem."}
+    ]
+
+
+def test_one_shot_adds_a_demonstration_and_alternates_roles():
+    for family in ("math", "hotpotqa", "strategyqa"):
+        msgs = build_messages(family, "q", "zero-shot-target-aware", shots=1)
+        roles = [m["role"] for m in msgs]
+        assert all(a != b for a, b in zip(roles, roles[1:])), roles
+        assert any("Action: finish[" in m["content"] for m in msgs if m["role"] == "assistant")
+
+
+def test_every_template_has_an_inference_class():
+    for (family, name), t in TEMPLATES.items():
+        assert t.inference_class in t.prompts, (family, name)
+        assert "{question}" in t.prompts[t.inference_class]
+
+
+@pytest.mark.parametrize(
+    "family, name", [("math", "zero-shot-target-aware-four-class"), ("chess", "zero-shot")]
+)
+def test_unknown_template_or_family_is_a_config_error(family, name):
+    with pytest.raises(ConfigError):
+        get_template(family, name)
+
+
+def test_unknown_class_is_a_config_error():
+    with pytest.raises(ConfigError, match="no class"):
+        build_messages("math", "q", "zero-shot-target-aware", "mostly_correct")
