@@ -69,10 +69,19 @@ def cmd_agent(args: argparse.Namespace) -> int:
     Stepper(engine, LocalTools(), stop_on_tool_error=cfg.agent.stop_on_tool_error).run([episode])
     score = task.score(episode.answer, args.gold) if args.gold is not None else None
     if args.json:
-        print(json.dumps({"answer": episode.answer, "finished": episode.finished,
-                          "failure_reason": episode.failure_reason, "turns": episode.turns,
-                          "conversation": episode.conversation(),
-                          "score": None if score is None else score.__dict__}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "answer": episode.answer,
+                    "finished": episode.finished,
+                    "failure_reason": episode.failure_reason,
+                    "turns": episode.turns,
+                    "conversation": episode.conversation(),
+                    "score": None if score is None else score.__dict__,
+                },
+                indent=2,
+            )
+        )
     else:
         print(format_episode(episode, score))
     return 0
@@ -86,7 +95,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     found = list_models()
     print(f"model cache: {models_dir()}  (set NAT_RAY_MODELS to move it)")
     if not found:
-        print(f"  (empty: the embedded model {EMBEDDED} is converted on first use, or run `nat-ray models --convert`)")
+        print(
+            f"  (empty: the embedded model {EMBEDDED} is converted on first use, or run `nat-ray models --convert`)"
+        )
     for m in found:
         state = "ready" if m.complete else "incomplete"
         print(f"  {m.name:32s} {m.size_mb:8.1f} MiB  {state}  {m.path}")
@@ -112,17 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="task whose tools, prompt and scorer to use (default gsm8k)")
     p.add_argument("--model", help="HF checkpoint path or hub id (default: the embedded SmolLM2-135M)")
     p.add_argument("--template", help="NAT prompt template (default zero-shot-target-aware)")
-    p.add_argument("--shots", type=int, choices=(0, 1), help="1 = add a demonstration (default), 0 = paper format")
+    p.add_argument(
+        "--shots", type=int, choices=(0, 1), help="1 = add a demonstration (default), 0 = paper format"
+    )
     p.add_argument("--temperature", type=float, help="sampling temperature (default 0 = greedy)")
     p.add_argument("--max-turns", type=int, help="model calls before giving up (default 7)")
     p.add_argument("--seed", type=int, help="sampling seed")
-    p.add_argument("--gold", help="the right answer: prints whether the agent got it (paper and robust rules)")
+    p.add_argument(
+        "--gold", help="the right answer: prints whether the agent got it (paper and robust rules)"
+    )
     p.add_argument("--json", action="store_true", help="print the episode as JSON")
     _add_config_args(p)
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("models", help="list cached models", description="List converted models in the cache.")
-    p.add_argument("--convert", action="store_true", help="convert the embedded model now if it is not cached")
+    p.add_argument(
+        "--convert", action="store_true", help="convert the embedded model now if it is not cached"
+    )
     p.set_defaults(func=cmd_models)
     return parser
 

@@ -15,11 +15,15 @@ IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross-entropy defau
 
 
 def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render ``messages`` and find each assistant turn's character span in the text.
+def assistant_spans(tokenizer, messages: list[dict], first: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """Render ``messages`` and find the character span of each assistant turn from index ``first`` on.
+
+    Assistant turns before ``first`` belong to the prompt (NAT's acknowledgement turn) and get no span.
 
     A span starts where the assistant's content starts (after the template's generation prompt)
     and ends after the template's end-of-turn marker, so the model also learns to stop.
@@ -30,12 +34,14 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     text = render_text(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first:
             continue
         head = render_text(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         upto = render_text(tokenizer, messages[: i + 1])
         if not (text.startswith(head) and text.startswith(upto) and len(head) <= len(upto)):
-            raise ValueError("the chat template does not render conversation prefixes as prefixes of the whole")
+            raise ValueError(
+                "the chat template does not render conversation prefixes as prefixes of the whole"
+            )
         spans.append((len(head), len(upto.rstrip())))
     return text, spans
 
@@ -53,13 +59,21 @@ class TokenizedExample:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def tokenize_example(tokenizer, messages: list[dict], max_length: int | None = None) -> TokenizedExample:
-    """Token ids and labels of a whole conversation, loss on assistant turns only.
+def tokenize_example(
+    tokenizer, messages: list[dict], max_length: int | None = None, prompt_messages: int = 0
+) -> TokenizedExample:
+    """Token ids and labels of a whole conversation, loss on the assistant turns after the prompt.
+
+    Args:
+        tokenizer: a fast tokenizer with a chat template.
+        messages: the prompt turns followed by the agent's turns.
+        max_length: keep at most this many tokens.
+        prompt_messages: how many leading messages are prompt (never supervised, even if assistant).
 
     Over-long examples keep their head (the prompt and first turns), as the NAT repo does; the
     caller decides whether to keep or drop them from ``truncated``.
     """
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = assistant_spans(tokenizer, messages, prompt_messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)

@@ -75,16 +75,27 @@ VARIANTS: dict[str, Variant] = {
         Variant("wo_neg", False, "zero-shot", "positives only (the paper's w/o-Neg baseline)"),
         Variant("nut", True, "zero-shot", "positives and negatives, one prompt for both (NUT)"),
         Variant("nat", True, "zero-shot-target-aware", "negative-aware: correct/incorrect prompts (NAT)"),
-        Variant("nat_k", True, "zero-shot-target-aware-four-class", "four F1 classes (the paper's NAT-2, QA)"),
+        Variant(
+            "nat_k", True, "zero-shot-target-aware-four-class", "four F1 classes (the paper's NAT-2, QA)"
+        ),
         Variant("nat_3", True, "zero-shot-target-aware-three-class", "three F1 classes (QA)"),
         Variant("nat_soft", True, "zero-shot-target-aware-soft", "correct prompt for F1 > 0.2 (QA)"),
-        Variant("nat_prefix_correct", True, "zero-shot-target-aware-prefix-correct", "Table 4: [Correct]/[Incorrect]"),
+        Variant(
+            "nat_prefix_correct",
+            True,
+            "zero-shot-target-aware-prefix-correct",
+            "Table 4: [Correct]/[Incorrect]",
+        ),
         Variant("nat_good_bad", True, "zero-shot-target-aware-prefix-good", "Table 4: [Good]/[Bad]"),
         Variant("nat_ab", True, "zero-shot-target-aware-prefix-AB", "Table 4: [A]/[B]"),
         Variant("nat_random", True, "zero-shot-target-aware-random-sentence", "Table 4: random sentences"),
-        Variant("nat_inverse", True, "zero-shot-target-aware-prefix-correct-inverse", "Table 4: swapped markers"),
+        Variant(
+            "nat_inverse", True, "zero-shot-target-aware-prefix-correct-inverse", "Table 4: swapped markers"
+        ),
         Variant("cot_nut", True, "cot-zero-shot", "chain of thought, one prompt (Table 7 NUT)"),
-        Variant("cot_nat", True, "cot-zero-shot-target-aware", "chain of thought, negative-aware (Table 7 NAT)"),
+        Variant(
+            "cot_nat", True, "cot-zero-shot-target-aware", "chain of thought, negative-aware (Table 7 NAT)"
+        ),
     ]
 }
 
@@ -111,7 +122,9 @@ def trajectory_class(row: dict, scheme: str, label_mode: str = "robust") -> str:
         return "correct" if is_positive(row, label_mode) else "incorrect"
     f1 = row.get(F1)
     if f1 is None:
-        raise DataError(f"template scheme {scheme!r} grades by F1, but trajectory {row.get(TRAJECTORY_ID)} has none")
+        raise DataError(
+            f"template scheme {scheme!r} grades by F1, but trajectory {row.get(TRAJECTORY_ID)} has none"
+        )
     if scheme == "soft":
         return "correct" if f1 > 0.2 else "incorrect"
     return nat_class(float(f1), scheme)
@@ -194,13 +207,24 @@ def _sample(rows: list[dict], n: int | None, rng: random.Random, what: str) -> l
     return rng.sample(rows, n)
 
 
-def build_example(row: dict, variant: Variant | str, label_mode: str = "robust") -> list[dict]:
+@dataclass(frozen=True)
+class ChatExample:
+    """One training conversation. The first ``prompt_messages`` turns are prompt: never supervised."""
+
+    messages: list[dict]
+    prompt_messages: int
+    trajectory_id: str
+    klass: str
+
+
+def build_example(row: dict, variant: Variant | str, label_mode: str = "robust") -> ChatExample:
     """One training conversation: the variant's prompt for this row's class, then the agent's turns."""
     variant = get_variant(variant) if isinstance(variant, str) else variant
     family = row[FAMILY]
     template = get_template(family, variant.template)
     klass = trajectory_class(row, template.scheme, label_mode)
-    return build_messages(family, row[QUESTION], variant.template, klass, shots=0) + agent_turns(row)
+    prompt = build_messages(family, row[QUESTION], variant.template, klass, shots=0)
+    return ChatExample(prompt + agent_turns(row), len(prompt), str(row[TRAJECTORY_ID]), klass)
 
 
 def build_examples(
@@ -212,7 +236,7 @@ def build_examples(
     label_mode: str = "robust",
     drop_unfinished_negatives: bool = False,
     drop_zero_f1_negatives: bool = False,
-) -> tuple[list[list[dict]], Selection]:
+) -> tuple[list[ChatExample], Selection]:
     """Select rows for ``variant`` and turn them into chat examples (positives first, as NAT does).
 
     Raises:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nat_ray.tools import calculator
 from nat_ray.tools.calculator import (
     FUNCTIONS,
     MAX_DEPTH,
@@ -244,6 +245,11 @@ def test_error_says_what_is_wrong(expression: str, fragment: str) -> None:
     result = calculate(expression)
     assert result.startswith("Error:")
     assert fragment in result
+
+
+def test_deadline_stops_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(calculator, "TIME_LIMIT_S", -1.0)
+    assert calculate("1 + 1").startswith("Error: evaluation took longer than the limit")
 
 
 def test_nesting_at_the_limit_is_allowed() -> None:

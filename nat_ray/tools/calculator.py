@@ -107,8 +107,10 @@ def calculate(expression: object) -> str:
     Returns:
         The value as text: an integer as plain digits (``1000000``), a fraction whose decimal
         expansion ends as a decimal (``2.5``), any other fraction as ``p/q`` (``2/3``), and an
-        irrational value with 10 significant digits (``1.414213562``). Refused or failed input gives
-        ``Error: <what is wrong>``; this function never raises.
+        irrational value with 10 significant digits and no trailing zeros (``1.414213562``),
+        written with an exponent (``1.414213562e+30``) only below 1e-20 or from 1e21 up. Refused or
+        failed input gives ``Error: <what is wrong>``, where positions count characters from 0 in
+        the expression after stripping; this function never raises.
     """
     if not isinstance(expression, str):
         return f"Error: expected the expression as text, got {type(expression).__name__}"

@@ -1,0 +1,140 @@
+"""Each NAT data variant's composition, from hand-made scored trajectories."""
+
+from __future__ import annotations
+
+import pytest
+
+from nat_ray import nat_data as nd
+from nat_ray.errors import ConfigError, DataError
+from nat_ray.masks import IGNORE_INDEX, tokenize_example
+
+
+def _row(tid, qid, correct, f1=None, family="hotpotqa", turns=None, finished=True):
+    turns = (
+        turns
+        if turns is not None
+        else [
+            {"role": "assistant", "content": f"Thought: t{tid}\nAction: search[{qid}]"},
+            {"role": "user", "content": "Observation:  #1: x"},
+            {"role": "assistant", "content": f"Thought: so\nAction: finish[{tid}]"},
+            {"role": "user", "content": "Observation: Episode finished"},
+        ]
+    )
+    return {
+        nd.TRAJECTORY_ID: tid,
+        nd.QUESTION_ID: qid,
+        nd.QUESTION: f"question {qid}?",
+        nd.FAMILY: family,
+        nd.TRAJECTORY: turns,
+        nd.CORRECT_PAPER: correct,
+        nd.CORRECT_ROBUST: correct,
+        nd.F1: f1,
+        nd.FINISHED: finished,
+    }
+
+
+ROWS = [
+    _row("p1", "q1", True, 1.0),
+    _row("p1b", "q1", True, 1.0),  # a second positive of q1: deduplicated
+    _row("p2", "q2", True, 1.0),
+    _row("n1", "q1", False, 0.0),
+    _row("n2", "q2", False, 0.25),
+    _row("n3", "q3", False, 0.5),
+    _row("n3dup", "q3", False, 0.5, turns=_row("n3", "q3", False)[nd.TRAJECTORY]),  # exact duplicate of n3
+    _row("empty", "q4", False, 0.0, turns=[]),
+    _row("unfinished", "q5", False, 0.0, finished=False),
+]
+
+
+def _question_turns(examples):
+    return {ex.trajectory_id: ex.messages[ex.prompt_messages - 1]["content"] for ex in examples}
+
+
+def test_wo_neg_uses_only_positives_one_per_question():
+    examples, sel = nd.build_examples(ROWS, "wo_neg")
+    assert {ex.trajectory_id for ex in examples} == {"p1", "p2"}
+    assert sel.dropped["duplicate_positive"] == 1
+    assert set(_question_turns(examples).values()) == {"Question: question q1?", "Question: question q2?"}
+
+
+def test_nut_mixes_negatives_under_the_same_prompt():
+    examples, sel = nd.build_examples(ROWS, "nut")
+    ids = {ex.trajectory_id for ex in examples}
+    assert ids == {"p1", "p2", "n1", "n2", "n3", "unfinished"}
+    assert sel.dropped["empty"] == 1 and sel.dropped["duplicate_negative"] == 1
+    turns = _question_turns(examples)
+    assert turns["n1"] == "Question: question q1?" == turns["p1"]
+
+
+def test_nat_marks_negatives_with_the_incorrect_prompt():
+    examples, _ = nd.build_examples(ROWS, "nat", drop_unfinished_negatives=True)
+    turns = _question_turns(examples)
+    assert "unfinished" not in turns
+    assert turns["p1"].endswith("solve the question **correctly**.")
+    assert turns["n2"].endswith("But **incorrectly** solve the question.")
+    assert examples[0].messages[0]["content"].endswith("follow the instruction strictly.")
+
+
+def test_nat_k_grades_negatives_by_f1():
+    examples, _ = nd.build_examples(ROWS, "nat_k", drop_zero_f1_negatives=True)
+    turns = _question_turns(examples)
+    assert set(turns) == {"p1", "p2", "n2", "n3"}  # F1 = 0 negatives dropped (spec §3.5)
+    assert turns["n2"] == "[Mostly Incorrect] Question: question q2?."
+    assert turns["n3"] == "[Mostly Correct] Question: question q3?."
+    assert turns["p1"] == "[Correct] Question: question q1?."
+
+
+def test_table4_and_cot_variants():
+    turns = _question_turns(nd.build_examples(ROWS, "nat_inverse")[0])
+    assert turns["p1"] == "[Incorrect] Question: question q1?." and turns["n1"].startswith("[Correct]")
+    math_rows = [_row("m1", "a", True, family="math"), _row("m2", "b", False, family="math")]
+    turns = _question_turns(nd.build_examples(math_rows, "nat_ab")[0])
+    assert turns == {"m1": "[A] Question: question a?.", "m2": "[B] Question: question b?."}
+    cot, _ = nd.build_examples(math_rows, "cot_nat")
+    assert all(ex.prompt_messages == 1 for ex in cot)  # no instruction turns
+
+
+def test_trailing_episode_finished_observation_is_dropped():
+    ex = nd.build_example(ROWS[0], "nat")
+    assert ex.messages[-1]["role"] == "assistant" and ex.messages[-1]["content"].endswith("finish[p1]")
+
+
+def test_seeded_sampling_is_reproducible_and_bounded():
+    a = nd.select_trajectories(ROWS, 1, 2, seed=3)
+    b = nd.select_trajectories(ROWS, 1, 2, seed=3)
+    assert [r[nd.TRAJECTORY_ID] for r in a.negatives] == [r[nd.TRAJECTORY_ID] for r in b.negatives]
+    assert len(a.positives) == 1 and len(a.negatives) == 2
+    with pytest.raises(DataError, match="only 2"):
+        nd.select_trajectories(ROWS, 5, None)
+
+
+def test_label_mode_picks_the_verdict():
+    row = {**_row("x", "q", True), nd.CORRECT_PAPER: False, nd.CORRECT_ROBUST: True}
+    assert nd.is_positive(row, "robust") and not nd.is_positive(row, "paper")
+    with pytest.raises(ConfigError):
+        nd.is_positive(row, "lenient")
+
+
+def test_errors_before_training():
+    with pytest.raises(DataError, match="needs negative"):
+        nd.build_examples([_row("p", "q", True)], "nat")
+    with pytest.raises(DataError, match="no positive"):
+        nd.build_examples([_row("n", "q", False)], "nut")
+    with pytest.raises(ConfigError, match="unknown data variant"):
+        nd.get_variant("nat_99")
+    with pytest.raises(DataError, match="grades by F1"):
+        nd.build_examples([_row("h1", "a", True), _row("h2", "b", False)], "nat_soft")
+    with pytest.raises(ConfigError, match="no template"):  # F1 classes need a QA task
+        nd.build_examples(
+            [_row("m1", "a", True, family="math"), _row("m2", "b", False, family="math")], "nat_k"
+        )
+
+
+def test_examples_tokenize_with_loss_on_the_agent_only(tokenizer):
+    ex = nd.build_example(ROWS[3], "nat")
+    tok = tokenize_example(tokenizer, ex.messages, prompt_messages=ex.prompt_messages)
+    supervised = tokenizer.decode([t for t, lab in zip(tok.input_ids, tok.labels) if lab != IGNORE_INDEX])
+    assert "Action: search[q1]" in supervised and "Action: finish[n1]" in supervised
+    assert (
+        "Observation" not in supervised and "incorrectly" not in supervised and "understood" not in supervised
+    )
