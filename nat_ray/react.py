@@ -136,9 +136,15 @@ class ToolResult:
 
 
 class ToolRunner(Protocol):
-    """Runs one turn's tool calls, all at once, in the order given."""
+    """Runs tool calls asynchronously, so episodes waiting on a tool never hold up the others.
 
-    def run(self, calls: Sequence[ToolCall]) -> list[ToolResult]: ...
+    ``submit`` starts a call and returns a handle; ``collect`` returns the ``(handle, result)``
+    pairs of calls that have finished, waiting for at least one only when ``block`` is true.
+    """
+
+    def submit(self, call: ToolCall) -> object: ...
+
+    def collect(self, handles: Sequence[object], block: bool) -> list[tuple[object, ToolResult]]: ...
 
 
 def call_tool(fn: ToolFn, call: ToolCall) -> ToolResult:
@@ -149,14 +155,26 @@ def call_tool(fn: ToolFn, call: ToolCall) -> ToolResult:
         return ToolResult(f"Error: the {call.name} tool failed ({err}); try again or answer.", error=str(err))
 
 
+class _Done:
+    """Handle of a call that already ran (local tools finish inside ``submit``)."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: ToolResult) -> None:
+        self.result = result
+
+
 class LocalTools:
-    """Runs tools in this process, one after another. The Ray stages swap in actor-backed runners."""
+    """Runs tools in this process at submit time. The Ray stages swap in actor-backed runners."""
 
     def __init__(self, registry: dict[str, ToolFn] | None = None) -> None:
         self.registry = REGISTRY if registry is None else registry
 
-    def run(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
-        return [call_tool(self.registry[c.name], c) for c in calls]
+    def submit(self, call: ToolCall) -> _Done:
+        return _Done(call_tool(self.registry[call.name], call))
+
+    def collect(self, handles: Sequence[object], block: bool) -> list[tuple[object, ToolResult]]:
+        return [(h, h.result) for h in handles]  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -233,16 +251,18 @@ def clean_output(text: str) -> str:
 
 
 class Stepper:
-    """Advances many episodes one turn at a time: generate for all, parse, run tools, observe.
+    """Advances many episodes: generate for all that are ready, parse, start tools, observe.
 
-    Episodes can be added between steps (the serving ingress adds requests as they arrive).
+    Episodes waiting for a tool result sit out the next generate call instead of stalling it, and
+    new episodes can join between steps (the serving ingress adds requests as they arrive; rollout
+    keeps its engine's batch full).
 
     Args:
         engine: batched chat engine.
         tools: tool runner; :class:`LocalTools` by default.
         stop_on_tool_error: end an episode whose tool backend failed (the NAT repo's behaviour)
             instead of showing the error as an observation and going on.
-        on_done: called with each episode as it finishes (rollout writes it out at once).
+        on_done: called with each episode as it ends (rollout writes it out at once).
     """
 
     def __init__(
@@ -257,18 +277,38 @@ class Stepper:
         self.tools = tools if tools is not None else LocalTools()
         self.stop_on_tool_error = stop_on_tool_error
         self.on_done = on_done
-        self.open: list[Episode] = []
+        self.ready: list[Episode] = []
+        self.waiting: dict[object, tuple[Episode, Step]] = {}
+
+    @property
+    def open(self) -> int:
+        """Episodes not yet ended: ready to generate or waiting for a tool."""
+        return len(self.ready) + len(self.waiting)
 
     def add(self, episodes: Episode | Sequence[Episode]) -> None:
         for ep in [episodes] if isinstance(episodes, Episode) else episodes:
             if not ep.done:
-                self.open.append(ep)
+                self.ready.append(ep)
 
     def step(self) -> list[Episode]:
-        """Advance every open episode by one turn; return the episodes that ended in this turn."""
-        batch, self.open = self.open, []
+        """Collect finished tool calls, then generate once for every ready episode.
+
+        Returns:
+            The episodes that ended during this step.
+        """
+        ended: list[Episode] = []
+        if self.waiting:
+            for handle, result in self.tools.collect(list(self.waiting), block=not self.ready):
+                ep, step = self.waiting.pop(handle)
+                step.observation = result.observation
+                if result.error is not None:
+                    step.error = f"tool error: {result.error}"
+                    if self.stop_on_tool_error:
+                        ep.failure_reason = TOOL_ERROR
+                self._after_turn(ep, ended)
+        batch, self.ready = self.ready, []
         if not batch:
-            return []
+            return ended
         generations = self.engine.generate(
             [ep.conversation() for ep in batch], [ep.next_sampling() for ep in batch]
         )
@@ -276,30 +316,26 @@ class Stepper:
             raise RuntimeError(
                 f"engine returned {len(generations)} generations for {len(batch)} conversations"
             )
-        calls: list[tuple[Episode, Step, ToolCall]] = []
         for ep, gen in zip(batch, generations):
-            self._consume(ep, gen, calls)
-        if calls:
-            results = self.tools.run([call for _, _, call in calls])
-            for (ep, step, _), result in zip(calls, results):
-                step.observation = result.observation
-                if result.error is not None:
-                    step.error = f"tool error: {result.error}"
-                    if self.stop_on_tool_error:
-                        ep.failure_reason = TOOL_ERROR
-        ended = []
-        for ep in batch:
-            if not ep.done and ep.turns >= ep.max_turns:
-                ep.failure_reason = TURN_CAP
-            if ep.done:
-                ended.append(ep)
-                if self.on_done is not None:
-                    self.on_done(ep)
+            call = self._consume(ep, gen)
+            if call is not None:
+                self.waiting[self.tools.submit(call)] = (ep, ep.steps[-1])
             else:
-                self.open.append(ep)
+                self._after_turn(ep, ended)
         return ended
 
-    def _consume(self, ep: Episode, gen: Generation, calls: list) -> None:
+    def _after_turn(self, ep: Episode, ended: list[Episode]) -> None:
+        if not ep.done and ep.turns >= ep.max_turns:
+            ep.failure_reason = TURN_CAP
+        if ep.done:
+            ended.append(ep)
+            if self.on_done is not None:
+                self.on_done(ep)
+        else:
+            self.ready.append(ep)
+
+    def _consume(self, ep: Episode, gen: Generation) -> ToolCall | None:
+        """Record one generation on its episode; return the tool call it asks for, if any."""
         if gen.finish_reason in (CONTEXT_OVERFLOW, "error"):
             ep.failure_reason = (
                 CONTEXT_OVERFLOW if gen.finish_reason == CONTEXT_OVERFLOW else GENERATION_ERROR
@@ -307,7 +343,7 @@ class Stepper:
             ep.steps.append(
                 Step(gen.text, error=gen.error or gen.finish_reason, prompt_tokens=gen.prompt_tokens)
             )
-            return
+            return None
         step = Step(
             clean_output(gen.text), prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens
         )
@@ -317,12 +353,12 @@ class Stepper:
         except ActionParseError as err:
             step.error = f"unparseable action: {err.reason}"
             ep.failure_reason = PARSE_ERROR
-            return
+            return None
         if step.action.name == FINISH:
             ep.answer = step.action.argument
             ep.finished = True
-        else:
-            calls.append((ep, step, ToolCall(step.action.name, step.action.argument)))
+            return None
+        return ToolCall(step.action.name, step.action.argument)
 
     def run(self, episodes: Sequence[Episode] = ()) -> list[Episode]:
         """Add ``episodes`` and step until every open episode has ended; return them in input order."""

@@ -168,6 +168,7 @@ def test_stepper_batches_all_open_episodes_and_records_failures():
     assert d.failure_reason == CONTEXT_OVERFLOW
     # Turn 1 sends all four episodes in one batch; later turns only those still open.
     assert [len(batch) for batch in engine.batches] == [4, 2, 1]
+    assert stepper.open == 0
     assert {e.id for e in done_order} == {"a", "b", "c", "d"}
     assert a.prompt_tokens == 20 and a.completion_tokens == 10
 
@@ -206,3 +207,54 @@ def test_per_turn_seeds_are_deterministic_and_distinct():
     ep.steps.append(object())  # type: ignore[arg-type]
     assert ep.next_sampling().seed != first
     assert _episode("t", seed=None).next_sampling().seed is None
+
+
+class SlowSearchTools:
+    """A runner whose `search` answers only after `delay` collect rounds; `calculate` answers at once."""
+
+    def __init__(self, delay: int):
+        self.delay = delay
+        self.pending: dict[object, list] = {}
+
+    def submit(self, call):
+        handle = object()
+        self.pending[handle] = [self.delay if call.name == "search" else 0, call]
+        return handle
+
+    def collect(self, handles, block):
+        done = []
+        for h in handles:
+            entry = self.pending[h]
+            if entry[0] <= 0 or (block and all(self.pending[x][0] > 0 for x in handles)):
+                done.append((h, ToolResultFor(entry[1])))
+                del self.pending[h]
+            else:
+                entry[0] -= 1
+        return done
+
+
+def ToolResultFor(call):  # noqa: N802 - reads like a constructor in the test
+    from nat_ray.react import ToolResult
+
+    return ToolResult(f"result of {call.argument}")
+
+
+def test_a_slow_tool_does_not_stall_other_episodes():
+    engine = ScriptedEngine(
+        {
+            "slow": ["Action: search[slow thing]", "Action: finish[s]"],
+            "fast": [
+                "Action: calculate[1]",
+                "Action: calculate[2]",
+                "Action: calculate[3]",
+                "Action: finish[f]",
+            ],
+        }
+    )
+    stepper = Stepper(engine, SlowSearchTools(delay=2))
+    slow, fast = stepper.run([_episode("slow"), _episode("fast")])
+    assert slow.answer == "s" and fast.answer == "f"
+    # While "slow" waited on its search, "fast" kept generating alone.
+    assert engine.batches[0] == ["slow", "fast"]
+    assert engine.batches[1:3] == [["fast"], ["fast"]]
+    assert slow.steps[0].observation == "result of slow thing"

@@ -261,10 +261,10 @@ def test_shipped_sample_covers_dev_sample_contexts():
     assert [r["id"] for r in records] == sorted(r["id"] for r in records)
     assert len({r["title"] for r in records}) == len(records)
     dev_sample = PACKAGE_DATA_DIR / "hotpotqa" / "dev_sample.jsonl"
-    if dev_sample.is_file():
-        questions = [json.loads(line) for line in dev_sample.read_text(encoding="utf-8").splitlines()]
-        needed = {title for q in questions for title in q.get("supporting_titles", [])}
-        assert needed <= {r["title"] for r in records}
+    questions = [json.loads(line) for line in dev_sample.read_text(encoding="utf-8").splitlines()]
+    assert len(questions) == 60
+    needed = {paragraph["title"] for q in questions for paragraph in q["context"]}
+    assert needed == {r["title"] for r in records}
 
 
 def test_configure_search_is_lazy_and_validates(tiny_corpus, tmp_path):

@@ -7,9 +7,17 @@ from nat_ray.errors import ConfigError
 
 
 def build_engine(config: EngineConfig):
-    """The engine a config names: in-process vLLM (default) or an OpenAI-compatible server."""
+    """The engine a config names: in-process vLLM (default), an OpenAI-compatible server, or HF."""
     if config.backend == "vllm":
         from nat_ray.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(config)
-    raise ConfigError(f"engine.backend={config.backend!r} is not available yet; use 'vllm'")
+    if config.backend == "openai":
+        from nat_ray.engines.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(config)
+    if config.backend == "hf":
+        from nat_ray.engines.hf_engine import HFEngine
+
+        return HFEngine(config)
+    raise ConfigError(f"unknown engine.backend {config.backend!r}")

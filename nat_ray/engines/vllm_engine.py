@@ -78,6 +78,12 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self._vllm = vllm
 
+    def close(self) -> None:
+        """Stop vLLM's engine process now rather than at interpreter exit."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
     def _params(self, s: Sampling, max_tokens: int):
         return self._vllm.SamplingParams(
             temperature=s.temperature,

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from nat_ray.config import ToolsConfig
 from nat_ray.tools.calculator import calculate
-from nat_ray.tools.search import search
+from nat_ray.tools.search import configure_search, search
 
 ToolFn = Callable[[str], str]
 
@@ -21,4 +22,13 @@ REGISTRY: dict[str, ToolFn] = {"calculate": calculate, "search": search}
 
 FINISH = "finish"
 
-__all__ = ["FINISH", "REGISTRY", "ToolFn", "calculate", "search"]
+
+def configure_tools(config: ToolsConfig) -> None:
+    """Point this process's tools at the configured backends (call once per process or actor)."""
+    if config.search_backend == "http":
+        configure_search("http", url=config.search_url, timeout_s=config.search_timeout_s)
+    else:
+        configure_search("local", corpus_path=config.search_corpus, model_path=config.search_model)
+
+
+__all__ = ["FINISH", "REGISTRY", "ToolFn", "calculate", "configure_tools", "search"]

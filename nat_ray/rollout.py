@@ -1,0 +1,336 @@
+"""Stage 1, rollout: Ray Data actors run the agent on many questions and score every trajectory.
+
+questions -> one row per (question, temperature, sample) -> ``map_batches`` over an actor pool
+whose actors each own one engine (vLLM, or an HTTP teacher) and keep ``max_in_flight`` episodes
+open in the batched stepper -> scored Parquet rows.
+
+The driver writes each finished batch as its own Parquet part (temp file, then rename), so a
+driver killed mid-run loses only batches still in flight. Re-running the same config reads the
+parts, skips every trajectory id already there, and generates only the rest: none twice, none lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from nat_ray import nat_data as nd
+from nat_ray import records
+from nat_ray.config import NatRayConfig, from_dict
+from nat_ray.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PARTS_DIR = "trajectories"
+
+
+# --------------------------------------------------------------------------------------------
+# Plan: which trajectories this config asks for (pure; no Ray)
+
+
+def plan_rows(cfg: NatRayConfig, model_id: str) -> list[dict]:
+    """One work item per (task, question, temperature, sample), each with its trajectory id."""
+    from nat_ray.tasks import get_task
+
+    items = []
+    for name in cfg.rollout.tasks:
+        task = get_task(name)
+        for q in task.load(cfg.rollout.split, limit=cfg.rollout.limit):
+            for temperature in cfg.rollout.temperatures:
+                for sample in range(cfg.rollout.samples):
+                    tid = records.trajectory_id(
+                        model_id, task.name, q.id, temperature, sample, cfg.rollout.seed
+                    )
+                    items.append(
+                        {
+                            nd.TRAJECTORY_ID: tid,
+                            nd.TASK: task.name,
+                            nd.QUESTION_ID: q.id,
+                            nd.QUESTION: q.question,
+                            "gold_raw": records.gold_text(q.meta.get("raw_gold", q.gold)),
+                            nd.GOLD: records.gold_text(q.gold),
+                            nd.TEMPERATURE: float(temperature),
+                            nd.SAMPLE_INDEX: sample,
+                        }
+                    )
+    return items
+
+
+def generation_config(cfg: NatRayConfig) -> dict:
+    """The settings that change what is generated (provenance hash; placement does not count)."""
+    keep_rollout = ("tasks", "split", "limit", "samples", "temperatures", "seed")
+    return {
+        "engine": {
+            k: v for k, v in asdict(cfg.engine).items() if k in ("model", "backend", "dtype", "max_model_len")
+        },
+        "agent": asdict(cfg.agent),
+        "rollout": {k: getattr(cfg.rollout, k) for k in keep_rollout},
+    }
+
+
+def done_ids(output_dir: Path) -> set[str]:
+    """Trajectory ids already written (a part that cannot be read is set aside, not trusted)."""
+    import pyarrow.parquet as pq
+
+    ids: set[str] = set()
+    for part in sorted((output_dir / PARTS_DIR).glob("*.parquet")):
+        try:
+            ids.update(pq.read_table(part, columns=[nd.TRAJECTORY_ID]).column(0).to_pylist())
+        except Exception as err:  # noqa: BLE001 - any unreadable file: quarantine and regenerate its rows
+            bad = part.with_name(f"_corrupt-{part.name}.bad")
+            log.warning("cannot read %s (%s); moving it to %s and regenerating its rows", part, err, bad.name)
+            part.rename(bad)
+    return ids
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per task x temperature: count, accuracy (paper and robust), failure reasons."""
+    groups: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for row in rows:
+        groups[(row[nd.TASK], row[nd.TEMPERATURE])].append(row)
+    table = []
+    for (task, temperature), group in sorted(groups.items()):
+        n = len(group)
+        reasons = collections.Counter(r[nd.FAILURE_REASON] for r in group if r[nd.FAILURE_REASON])
+        table.append(
+            {
+                "task": task,
+                "temperature": temperature,
+                "count": n,
+                "acc_paper": sum(r[nd.CORRECT_PAPER] for r in group) / n,
+                "acc_robust": sum(r[nd.CORRECT_ROBUST] for r in group) / n,
+                "finished": sum(r[nd.FINISHED] for r in group) / n,
+                "mean_turns": sum(r[nd.TURNS] for r in group) / n,
+                "failures": dict(reasons.most_common()),
+            }
+        )
+    return table
+
+
+def format_summary(table: list[dict]) -> str:
+    lines = [
+        f"{'task':12s} {'temp':>5s} {'count':>6s} {'acc(paper)':>10s} {'acc(robust)':>11s} {'finished':>8s} "
+        f"{'turns':>5s}  failures"
+    ]
+    for r in table:
+        failures = ", ".join(f"{k}={v}" for k, v in r["failures"].items()) or "-"
+        lines.append(
+            f"{r['task']:12s} {r['temperature']:5.2f} {r['count']:6d} {r['acc_paper']:10.1%} {r['acc_robust']:11.1%} "
+            f"{r['finished']:8.1%} {r['mean_turns']:5.2f}  {failures}"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine actor (runs in a Ray worker)
+
+
+class RolloutWorker:
+    """Owns one engine for its lifetime; turns a batch of work items into scored trajectory rows."""
+
+    def __init__(self, config: dict, tool_pools: dict | None, model_id: str, config_hash: str) -> None:
+        from nat_ray.engines import build_engine
+        from nat_ray.react import LocalTools
+        from nat_ray.tools import configure_tools
+
+        self.cfg = from_dict(NatRayConfig, config)
+        self.model_id = model_id
+        self.config_hash = config_hash
+        self.engine = build_engine(self.cfg.engine)
+        if tool_pools:
+            from nat_ray.tool_actors import RayTools
+
+            self.tools = RayTools(tool_pools)
+        else:
+            configure_tools(self.cfg.tools)
+            self.tools = LocalTools()
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        from nat_ray.agent import new_episode, sampling_from
+        from nat_ray.react import Stepper
+        from nat_ray.tasks import get_task
+
+        items = batch.to_pylist()
+        started = records.now_iso()
+        episodes, by_id = [], {}
+        for item in items:
+            task = get_task(item[nd.TASK])
+            sampling = sampling_from(self.cfg.agent, item[nd.TEMPERATURE], self.cfg.rollout.seed)
+            ep = new_episode(task, item[nd.QUESTION], self.cfg.agent, item[nd.TRAJECTORY_ID], sampling)
+            episodes.append(ep)
+            by_id[ep.id] = (task, item)
+        rows = []
+
+        def finish(ep) -> None:
+            task, item = by_id[ep.id]
+            score = task.score(ep.answer, item["gold_raw"])
+            rows.append(
+                records.episode_row(
+                    ep,
+                    task=task.name,
+                    family=task.family,
+                    question_id=item[nd.QUESTION_ID],
+                    question=item[nd.QUESTION],
+                    gold=item[nd.GOLD],
+                    score=score,
+                    temperature=item[nd.TEMPERATURE],
+                    sample_index=item[nd.SAMPLE_INDEX],
+                    seed=self.cfg.rollout.seed,
+                    model=self.model_id,
+                    engine=self.cfg.engine.backend,
+                    config_hash=self.config_hash,
+                    started_at=started,
+                )
+            )
+
+        stepper = Stepper(
+            self.engine, self.tools, stop_on_tool_error=self.cfg.agent.stop_on_tool_error, on_done=finish
+        )
+        queue = collections.deque(episodes)
+        # Keep the engine's batch full: refill as episodes end, instead of draining to the last one.
+        while queue or stepper.open:
+            while queue and stepper.open < self.cfg.rollout.max_in_flight:
+                stepper.add(queue.popleft())
+            stepper.step()
+        return pa.Table.from_pylist(rows, schema=records.arrow_schema())
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+def check_output_dir(path: Path) -> None:
+    try:
+        (path / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"rollout.output_dir={str(path)!r} is not writable: {err}") from None
+
+
+def init_ray(min_cpus: float) -> None:
+    """Join ``RAY_ADDRESS``'s cluster, or start a local Ray with enough logical CPUs for the actors."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(int(min_cpus + 0.999), os.cpu_count() or 1, 4), log_to_driver=False)
+
+
+def run_rollout(cfg: NatRayConfig, progress: bool = True) -> dict:
+    """Collect every trajectory ``cfg`` asks for that is not already in the output dir.
+
+    Returns:
+        ``{"output_dir", "generated", "skipped", "total", "summary", "seconds"}``.
+
+    Raises:
+        ConfigError / DataError / ModelError: before any work starts, for bad settings or inputs.
+    """
+    from nat_ray.models import resolve_model
+    from nat_ray.tasks import get_task
+
+    start = time.time()
+    out = Path(cfg.rollout.output_dir)
+    tasks = [get_task(name) for name in cfg.rollout.tasks]  # unknown task: ConfigError now
+    check_output_dir(out)
+    model_path = resolve_model(cfg.engine.model) if cfg.engine.backend != "openai" else cfg.engine.model
+    engine_cfg = {**asdict(cfg.engine), "model": model_path}
+    resolved = {**asdict(cfg), "engine": engine_cfg}
+    model_id = cfg.engine.model if cfg.engine.model else model_path
+    chash = records.config_hash(generation_config(cfg))
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    items = plan_rows(cfg, model_id)
+    finished = done_ids(out)
+    todo = [item for item in items if item[nd.TRAJECTORY_ID] not in finished]
+    log.info(
+        "rollout: %d trajectories planned, %d already done, %d to generate",
+        len(items),
+        len(items) - len(todo),
+        len(todo),
+    )
+    if todo:
+        _generate(cfg, engine_cfg, tasks, todo, out, model_id, chash, progress)
+    rows = [
+        r
+        for r in records.read_rows(out / PARTS_DIR)
+        if r[nd.TRAJECTORY_ID] in {i[nd.TRAJECTORY_ID] for i in items}
+    ]
+    table = summarize(rows)
+    result = {
+        "output_dir": str(out),
+        "generated": len(todo),
+        "skipped": len(items) - len(todo),
+        "total": len(rows),
+        "summary": table,
+        "seconds": round(time.time() - start, 1),
+    }
+    (out / "summary.yaml").write_text(yaml.safe_dump(result, sort_keys=False))
+    return result
+
+
+def _generate(cfg, engine_cfg, tasks, todo, out: Path, model_id: str, chash: str, progress: bool) -> None:
+    import ray
+    from tqdm import tqdm
+
+    init_ray(cfg.rollout.num_engines * cfg.rollout.engine_num_cpus)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver shows one bar over trajectories instead
+    ctx.execution_options.preserve_order = False
+    pools = None
+    if cfg.rollout.tool_actors:
+        from nat_ray.tool_actors import start_tool_actors
+
+        names = [t for task in tasks for t in task.tools]
+        pools = start_tool_actors(cfg.tools, cfg.rollout.num_calculators, cfg.rollout.num_search, names)
+    worker_config = {**asdict(cfg), "engine": engine_cfg}
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // cfg.rollout.batch_size)))
+    ds = ds.map_batches(
+        RolloutWorker,
+        fn_constructor_kwargs={
+            "config": worker_config,
+            "tool_pools": pools,
+            "model_id": model_id,
+            "config_hash": chash,
+        },
+        batch_size=cfg.rollout.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.rollout.num_engines),
+        num_cpus=cfg.rollout.engine_num_cpus,
+        num_gpus=cfg.rollout.engine_num_gpus,
+        zero_copy_batch=True,
+    )
+    bar = tqdm(total=len(todo), desc="trajectories", unit="traj", disable=not progress, file=sys.stderr)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if batch.num_rows == 0:
+                continue
+            part = out / PARTS_DIR / f"part-{int(time.time())}-{uuid.uuid4().hex[:8]}.parquet"
+            records.write_rows(batch.to_pylist(), part)
+            bar.update(batch.num_rows)
+    finally:
+        bar.close()
+
+
+def main_rollout(cfg: NatRayConfig) -> int:
+    result = run_rollout(cfg)
+    print(format_summary(result["summary"]))
+    print(
+        f"\n{result['total']} trajectories in {result['output_dir']}/{PARTS_DIR} "
+        f"({result['generated']} generated now, {result['skipped']} kept from before) in {result['seconds']}s"
+    )
+    return 0
