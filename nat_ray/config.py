@@ -218,6 +218,124 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Stage 2: fine-tune on NAT data with Ray Train + DeepSpeed (spec §4–§5).
+
+    Attributes:
+        base_model: ``"embedded"``, a local HF checkpoint or a hub id.
+        data: trajectory Parquet files or folders (rollout output, or ``nat-ray import-nat`` output).
+        variant: NAT data variant of :data:`nat_ray.nat_data.VARIANTS` (wo_neg, nut, nat, nat_k, ...).
+        num_positives: positives to sample (one per question first); ``None`` = all.
+        num_negatives: negatives to sample; ``None`` = all; ignored by variants without negatives.
+        sample_seed: seed of that sampling (the NAT repo: 42).
+        label_mode: which verdict makes a positive: ``"robust"`` or ``"paper"`` (exact string).
+        drop_unfinished_negatives: drop negatives that never called finish.
+        drop_zero_f1_negatives: drop F1 = 0 negatives (the paper's HotpotQA cleaning).
+        max_length: tokens per example (paper: 4096).
+        overlong: ``"truncate"`` (keep the head, as NAT) or ``"drop"`` longer examples; both are counted.
+        packing: pack several examples per sequence (no attention across them).
+        epochs: passes over the data (paper: 2).
+        global_batch_size: examples per optimizer step over all workers (paper: 64).
+        micro_batch_size: sequences per worker per forward pass (packed sequences when packing).
+        learning_rate: peak learning rate (paper: 5e-5).
+        warmup_ratio: linear warmup share of the steps before the cosine decay (paper: 0.03).
+        weight_decay: AdamW weight decay (paper: 0).
+        precision: ``"auto"`` = bf16 on GPU, fp32 on CPU; or ``"fp32"`` / ``"bf16"``.
+        zero_stage: DeepSpeed ZeRO stage (2 or 3; paper: 3).
+        offload_optimizer: ZeRO CPU offload of optimizer state.
+        offload_params: ZeRO-3 CPU offload of parameters.
+        mode: ``"full"`` fine-tuning or ``"lora"`` (peft).
+        lora_rank: LoRA rank (read only when mode == "lora").
+        lora_alpha: LoRA alpha.
+        lora_dropout: LoRA dropout.
+        lora_target_modules: module names LoRA wraps; they must exist in the model.
+        num_workers: Ray Train workers (one per GPU on a cluster; 2 gloo ranks on CPU).
+        use_gpu: ``None`` = GPUs when the cluster has them.
+        checkpoint_every: steps between checkpoints (0 = only at the end).
+        keep_checkpoints: checkpoints Ray Train keeps.
+        max_steps: stop after this many optimizer steps (``None`` = all epochs).
+        run_name: Ray Train run name; starting a run of the same name again resumes it.
+        storage_path: where runs, checkpoints and the exported model live.
+        seed: training seed (shuffling, init of LoRA weights).
+        gradient_checkpointing: trade compute for memory on long sequences.
+        export_merged: with LoRA, also export the adapter merged into the base model.
+    """
+
+    base_model: str = "embedded"
+    data: list[str] = field(default_factory=lambda: ["runs/rollout/trajectories"])
+    variant: str = "nat"
+    num_positives: int | None = None
+    num_negatives: int | None = None
+    sample_seed: int = 42
+    label_mode: str = "robust"
+    drop_unfinished_negatives: bool = False
+    drop_zero_f1_negatives: bool = False
+    max_length: int = 1024
+    overlong: str = "truncate"
+    packing: bool = True
+    epochs: int = 2
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    precision: str = "auto"
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    mode: str = "full"
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    num_workers: int = 2
+    use_gpu: bool | None = None
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_steps: int | None = None
+    run_name: str = "nat"
+    storage_path: str = "runs/train"
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    export_merged: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("train.label_mode", self.label_mode, ("robust", "paper"))
+        _choice("train.overlong", self.overlong, ("truncate", "drop"))
+        _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice("train.mode", self.mode, ("full", "lora"))
+        if not self.data:
+            raise ConfigError("train.data must list at least one Parquet file or folder")
+        for name in (
+            "max_length",
+            "epochs",
+            "global_batch_size",
+            "micro_batch_size",
+            "num_workers",
+            "learning_rate",
+        ):
+            _positive(f"train.{name}", getattr(self, name))
+        if self.global_batch_size % (self.micro_batch_size * self.num_workers):
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"micro_batch_size x num_workers = {self.micro_batch_size * self.num_workers}"
+            )
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.mode == "lora":
+            _positive("train.lora_rank", self.lora_rank)
+            if not self.lora_target_modules:
+                raise ConfigError("train.lora_target_modules must not be empty when train.mode='lora'")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("train.offload_params needs train.zero_stage=3")
+        for name in ("num_positives", "num_negatives", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
 class NatRayConfig:
     """Everything one run needs; each stage reads its own section."""
 
@@ -225,6 +343,7 @@ class NatRayConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

@@ -105,7 +105,9 @@ class HFEngine:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             log.warning("generation ran out of memory on a %d-token prompt: %s", len(ids), err)
-            return Generation("", prompt_tokens=len(ids), finish_reason="error", error=f"out of memory: {err}")
+            return Generation(
+                "", prompt_tokens=len(ids), finish_reason="error", error=f"out of memory: {err}"
+            )
         new_tokens = out[0, len(ids) :].tolist()
         text, stopped = cut_at_stop(self.tokenizer.decode(new_tokens, skip_special_tokens=True), stops)
         # A stop string ends the turn as "stop" even when it came with the last allowed token (as in vLLM).

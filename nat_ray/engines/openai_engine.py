@@ -148,9 +148,7 @@ class OpenAIEngine:
             # the Generation's error instead of a bare "too many retries".
             raise_on_status=False,
         )
-        adapter = HTTPAdapter(
-            max_retries=retry, pool_maxsize=config.max_concurrency, pool_block=True
-        )
+        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=config.max_concurrency, pool_block=True)
         self.session = requests.Session()
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
