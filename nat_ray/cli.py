@@ -69,6 +69,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     configure_tools(cfg.tools)
     episode = new_episode(task, args.question, cfg.agent, "cli-0")
     engine = build_engine(cfg.engine)
+    if cfg.engine.backend == "openai":
+        engine.models()  # an unreachable server is a clear error now, not a failed episode later
     try:
         Stepper(engine, LocalTools(), stop_on_tool_error=cfg.agent.stop_on_tool_error).run([episode])
     finally:

