@@ -225,3 +225,42 @@ def test_cli_agent_with_the_openai_backend(vllm_server, embedded_path):
     assert 1 <= result["turns"] <= 2
     assert result["finished"] or result["failure_reason"] in FAILURE_REASONS
     assert result["failure_reason"] != "generation_error", out.stderr[-3000:]
+
+
+def test_rollout_with_a_teacher_over_http(vllm_server, embedded_path, tmp_path):
+    """Stage 1 with engine.backend=openai: Ray Data actors call the real local server."""
+    import ray
+
+    from nat_ray import nat_data as nd
+    from nat_ray.config import NatRayConfig, from_dict
+    from nat_ray.rollout import run_rollout
+
+    cfg = from_dict(
+        NatRayConfig,
+        {
+            "engine": {
+                "backend": "openai",
+                "base_url": vllm_server,
+                "model": embedded_path,
+                "max_concurrency": 4,
+            },
+            "agent": {"max_turns": 2, "max_new_tokens": 48},
+            "rollout": {
+                "tasks": ["gsm8k"],
+                "limit": 3,
+                "temperatures": [0.5],
+                "output_dir": str(tmp_path / "t"),
+            },
+        },
+    )
+    try:
+        result = run_rollout(cfg, progress=False)
+    finally:
+        ray.shutdown()
+    rows = result["summary"]
+    assert result["total"] == 3 and rows[0]["count"] == 3
+    from nat_ray.records import read_rows
+
+    for row in read_rows(tmp_path / "t" / "trajectories"):
+        assert row[nd.ENGINE] == "openai" and row[nd.MODEL] == embedded_path
+        assert row[nd.FAILURE_REASON] != "generation_error" and row[nd.PROMPT_TOKENS] > 0
