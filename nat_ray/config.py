@@ -342,6 +342,94 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """Stage 3: the tuned agent on Ray Serve (vLLM through ``ray.serve.llm``), with tool deployments.
+
+    The served model is ``engine.model`` (base model or a full fine-tune); ``lora`` adds an adapter.
+
+    Attributes:
+        lora: path of a peft adapter to serve on top of ``engine.model`` (``None``: no adapter).
+        model_id: the name clients use in ``"model"`` (``None``: derived from the model path).
+        host: address the HTTP proxy binds (loopback by default).
+        port: HTTP port.
+        llm_replicas: vLLM replicas (each reserves ``llm_num_cpus`` / ``llm_num_gpus``).
+        llm_num_cpus: CPUs per vLLM replica's placement bundle.
+        llm_num_gpus: GPUs per vLLM replica (tensor-parallel size on a GPU cluster).
+        tool_min_replicas: autoscaling floor of each tool deployment.
+        tool_max_replicas: autoscaling ceiling of each tool deployment.
+        max_concurrent_episodes: agent episodes the ingress keeps in flight at once.
+        max_question_chars: longest question accepted by ``POST /v1/agent``.
+        max_turns_limit: most turns a request may ask for.
+        max_tokens_limit: most new tokens per turn a request may ask for.
+        request_timeout_s: time an agent request may take before it gets a 504.
+    """
+
+    lora: str | None = None
+    model_id: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    llm_replicas: int = 1
+    llm_num_cpus: float = 1.0
+    llm_num_gpus: float = 0.0
+    tool_min_replicas: int = 1
+    tool_max_replicas: int = 2
+    max_concurrent_episodes: int = 64
+    max_question_chars: int = 4000
+    max_turns_limit: int = 10
+    max_tokens_limit: int = 1024
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"serve.port must be in 1..65535, got {self.port}")
+        for name in (
+            "llm_replicas",
+            "tool_max_replicas",
+            "max_concurrent_episodes",
+            "max_question_chars",
+            "max_turns_limit",
+            "max_tokens_limit",
+            "request_timeout_s",
+        ):
+            _positive(f"serve.{name}", getattr(self, name))
+        if not 0 <= self.tool_min_replicas <= self.tool_max_replicas:
+            raise ConfigError("serve.tool_min_replicas must be between 0 and serve.tool_max_replicas")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Batched ReAct evaluation, the paper's way (spec §6): inference prompt, T=0.2, top-p 0.9.
+
+    Attributes:
+        tasks: tasks to evaluate on.
+        split: split of every task (``test``: the paper's evaluation sets where available).
+        limit: questions per task (``None`` = all).
+        seeds: one full pass per seed; results are mean ± std over seeds.
+        greedy: decode greedily instead of the paper's T=0.2 / top-p 0.9 sampling.
+        temperature: sampling temperature when not greedy (paper: 0.2).
+        top_p: nucleus sampling when not greedy (paper: 0.9).
+        endpoint: evaluate a running server (``http://host:port``) instead of an in-process engine.
+        output_dir: per-trajectory Parquet, ``summary.json`` and ``results.md`` go here.
+    """
+
+    tasks: list[str] = field(default_factory=lambda: ["gsm8k", "svamp", "hotpotqa", "strategyqa"])
+    split: str = "test"
+    limit: int | None = 20
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    greedy: bool = False
+    temperature: float = 0.2
+    top_p: float = 0.9
+    endpoint: str | None = None
+    output_dir: str = "runs/eval"
+
+    def __post_init__(self) -> None:
+        if not self.tasks or not self.seeds:
+            raise ConfigError("eval.tasks and eval.seeds must not be empty")
+        if self.limit is not None:
+            _positive("eval.limit", self.limit)
+
+
+@dataclass(frozen=True)
 class NatRayConfig:
     """Everything one run needs; each stage reads its own section."""
 
@@ -350,6 +438,8 @@ class NatRayConfig:
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
