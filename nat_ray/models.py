@@ -136,6 +136,22 @@ def resolve_model(model: str | None) -> str:
     return model
 
 
+def check_model(model: str | None) -> str:
+    """Resolve ``model`` and load its config now, so a bad name fails before any Ray work starts.
+
+    Raises:
+        ModelError: the path is missing, or the hub id cannot be loaded (unknown, or offline).
+    """
+    resolved = resolve_model(model)
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(resolved)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the model config of {model!r}: {err}") from None
+    return resolved
+
+
 @dataclass(frozen=True)
 class CachedModel:
     name: str

@@ -240,14 +240,14 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True) -> dict:
     Raises:
         ConfigError / DataError / ModelError: before any work starts, for bad settings or inputs.
     """
-    from nat_ray.models import resolve_model
+    from nat_ray.models import check_model
     from nat_ray.tasks import get_task
 
     start = time.time()
     out = Path(cfg.rollout.output_dir)
     tasks = [get_task(name) for name in cfg.rollout.tasks]  # unknown task: ConfigError now
     check_output_dir(out)
-    model_path = resolve_model(cfg.engine.model) if cfg.engine.backend != "openai" else cfg.engine.model
+    model_path = check_model(cfg.engine.model) if cfg.engine.backend != "openai" else cfg.engine.model
     engine_cfg = {**asdict(cfg.engine), "model": model_path}
     resolved = {**asdict(cfg), "engine": engine_cfg}
     model_id = cfg.engine.model if cfg.engine.model else model_path

@@ -114,6 +114,14 @@ def test_bad_settings_fail_before_any_work(tmp_path, embedded_path):
     cfg = from_dict(NatRayConfig, _config(blocker, embedded_path))
     with pytest.raises(ConfigError, match="not writable"):
         run_rollout(cfg)
+    from nat_ray.errors import ModelError
+
+    cfg = from_dict(NatRayConfig, _config(tmp_path / "y", str(tmp_path / "no-such-model")))
+    with pytest.raises(ModelError, match="does not exist"):
+        run_rollout(cfg)
+    cfg = from_dict(NatRayConfig, _config(tmp_path / "y", "nobody-has/this-model-xyz"))
+    with pytest.raises(ModelError, match="cannot load the model config"):
+        run_rollout(cfg)
 
 
 class _SlowSearch(http.server.BaseHTTPRequestHandler):
