@@ -17,7 +17,7 @@ import logging
 import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from nat_ray.errors import ActionParseError, ToolError
 from nat_ray.tools import FINISH, REGISTRY, ToolFn
@@ -124,6 +124,24 @@ class ChatEngine(Protocol):
 
     def close(self) -> None:
         """Release the engine (processes, sessions, memory)."""
+        ...
+
+
+@runtime_checkable
+class StreamingEngine(Protocol):
+    """An engine that takes requests one by one and hands back each as soon as it is done.
+
+    With it the stepper never waits for the slowest generation of a turn: an episode whose turn
+    ended goes on to its tool call and its next turn while the others are still generating,
+    which keeps the engine's continuous batch full (see :class:`Stepper`).
+    """
+
+    def submit(self, conversation: list[dict], sampling: Sampling) -> str:
+        """Start one generation; return its request id."""
+        ...
+
+    def poll(self) -> list[tuple[str, Generation]]:
+        """Advance the engine (one scheduler step) and return the generations that finished."""
         ...
 
 
@@ -259,7 +277,9 @@ class Stepper:
 
     Episodes waiting for a tool result sit out the next generate call instead of stalling it, and
     new episodes can join between steps (the serving ingress adds requests as they arrive; rollout
-    keeps its engine's batch full).
+    keeps its engine's batch full). With a :class:`StreamingEngine` (in-process vLLM) a step is one
+    engine scheduler step: each episode moves on the moment its own generation ends, instead of
+    the whole turn waiting for its longest generation.
 
     Args:
         engine: batched chat engine.
@@ -283,11 +303,13 @@ class Stepper:
         self.on_done = on_done
         self.ready: list[Episode] = []
         self.waiting: dict[object, tuple[Episode, Step]] = {}
+        self.generating: dict[str, Episode] = {}
+        self.streaming = isinstance(engine, StreamingEngine)
 
     @property
     def open(self) -> int:
-        """Episodes not yet ended: ready to generate or waiting for a tool."""
-        return len(self.ready) + len(self.waiting)
+        """Episodes not yet ended: generating, ready to generate, or waiting for a tool."""
+        return len(self.ready) + len(self.waiting) + len(self.generating)
 
     def add(self, episodes: Episode | Sequence[Episode]) -> None:
         for ep in [episodes] if isinstance(episodes, Episode) else episodes:
@@ -302,7 +324,8 @@ class Stepper:
         """
         ended: list[Episode] = []
         if self.waiting:
-            for handle, result in self.tools.collect(list(self.waiting), block=not self.ready):
+            idle = not self.ready and not self.generating
+            for handle, result in self.tools.collect(list(self.waiting), block=idle):
                 ep, step = self.waiting.pop(handle)
                 step.observation = result.observation
                 if result.error is not None:
@@ -310,6 +333,9 @@ class Stepper:
                     if self.stop_on_tool_error:
                         ep.failure_reason = TOOL_ERROR
                 self._after_turn(ep, ended)
+        if self.streaming:
+            self._stream_step(ended)
+            return ended
         batch, self.ready = self.ready, []
         if not batch:
             return ended
@@ -327,6 +353,20 @@ class Stepper:
             else:
                 self._after_turn(ep, ended)
         return ended
+
+    def _stream_step(self, ended: list[Episode]) -> None:
+        for ep in self.ready:
+            self.generating[self.engine.submit(ep.conversation(), ep.next_sampling())] = ep
+        self.ready = []
+        if not self.generating:
+            return
+        for request_id, gen in self.engine.poll():
+            ep = self.generating.pop(request_id)
+            call = self._consume(ep, gen)
+            if call is not None:
+                self.waiting[self.tools.submit(call)] = (ep, ep.steps[-1])
+            else:
+                self._after_turn(ep, ended)
 
     def _after_turn(self, ep: Episode, ended: list[Episode]) -> None:
         if not ep.done and ep.turns >= ep.max_turns:

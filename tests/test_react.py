@@ -258,3 +258,50 @@ def test_a_slow_tool_does_not_stall_other_episodes():
     assert engine.batches[0] == ["slow", "fast"]
     assert engine.batches[1:3] == [["fast"], ["fast"]]
     assert slow.steps[0].observation == "result of slow thing"
+
+
+class StreamingScript:
+    """A streaming engine double: each episode's output takes `polls[id]` polls to finish."""
+
+    def __init__(self, scripts, polls):
+        self.scripts = {k: list(v) for k, v in scripts.items()}
+        self.polls = polls
+        self.running: dict[str, list] = {}
+        self.finished_order: list[str] = []
+        self.n = 0
+
+    def submit(self, conversation, sampling):
+        self.n += 1
+        rid = f"r{self.n}"
+        ep_id = conversation[0]["content"]
+        self.running[rid] = [self.polls[ep_id], ep_id]
+        return rid
+
+    def poll(self):
+        done = []
+        for rid, entry in list(self.running.items()):
+            entry[0] -= 1
+            if entry[0] <= 0:
+                del self.running[rid]
+                self.finished_order.append(entry[1])
+                done.append((rid, Generation(self.scripts[entry[1]].pop(0), 3, 2)))
+        return done
+
+
+def test_streaming_engine_lets_short_turns_run_ahead_of_long_ones():
+    from nat_ray.react import StreamingEngine
+
+    engine = StreamingScript(
+        {
+            "long": ["Action: finish[L]"],
+            "short": ["Action: calculate[1]", "Action: calculate[2]", "Action: finish[S]"],
+        },
+        polls={"long": 5, "short": 1},
+    )
+    assert isinstance(engine, StreamingEngine)
+    stepper = Stepper(engine, LocalTools({"calculate": lambda a: a}))
+    long_ep, short_ep = stepper.run([_episode("long"), _episode("short")])
+    assert long_ep.answer == "L" and short_ep.answer == "S" and short_ep.turns == 3
+    # All three of "short"'s turns finished while "long" was still generating its first.
+    assert engine.finished_order == ["short", "short", "short", "long"]
+    assert stepper.open == 0

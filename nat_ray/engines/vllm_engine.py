@@ -11,6 +11,7 @@ eager mode and a 1-2 GiB KV cache (``VLLM_CPU_KVCACHE_SPACE``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -77,6 +78,46 @@ class VLLMEngine:
         self.llm = vllm.LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self._vllm = vllm
+        from vllm.sampling_params import RequestOutputKind
+
+        self._final_only = RequestOutputKind.FINAL_ONLY
+        self._request_ids = itertools.count()
+        self._finished: list[tuple[str, Generation]] = []
+
+    def submit(self, conversation: list[dict], sampling: Sampling, lora_request=None) -> str:
+        """Start one generation now (the stepper's streaming mode); see :meth:`poll`."""
+        request_id = f"nat-{next(self._request_ids)}"
+        ids = render_prompt_ids(self.tokenizer, conversation)
+        overflow = self._overflow(ids)
+        if overflow is not None:
+            self._finished.append((request_id, overflow))
+            return request_id
+        params = self._params(sampling, min(sampling.max_tokens, self.config.max_model_len - len(ids)))
+        params.output_kind = self._final_only  # only the finished output, not every token
+        self.llm.llm_engine.add_request(
+            request_id, {"prompt_token_ids": ids}, params, lora_request=lora_request
+        )
+        return request_id
+
+    def poll(self) -> list[tuple[str, Generation]]:
+        """Run one engine scheduler step; return the generations that finished in it."""
+        done, self._finished = self._finished, []
+        engine = self.llm.llm_engine
+        if engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done.append((out.request_id, _to_generation(out)))
+        return done
+
+    def _overflow(self, ids: list[int]) -> Generation | None:
+        if self.config.max_model_len - len(ids) >= 16:  # room for at least a short Thought and Action
+            return None
+        return Generation(
+            "",
+            prompt_tokens=len(ids),
+            finish_reason=CONTEXT_OVERFLOW,
+            error=f"prompt of {len(ids)} tokens leaves no room in max_model_len={self.config.max_model_len}",
+        )
 
     def close(self) -> None:
         """Stop vLLM's engine process now rather than at interpreter exit."""
@@ -101,26 +142,23 @@ class VLLMEngine:
         prompts, params, where = [], [], []
         for i, (conv, s) in enumerate(zip(conversations, sampling)):
             ids = render_prompt_ids(self.tokenizer, conv)
-            room = self.config.max_model_len - len(ids)
-            if room < 16:  # too little room left for a Thought and an Action
-                results[i] = Generation(
-                    "",
-                    prompt_tokens=len(ids),
-                    finish_reason=CONTEXT_OVERFLOW,
-                    error=f"prompt of {len(ids)} tokens leaves no room in max_model_len={self.config.max_model_len}",
-                )
-                continue
-            prompts.append({"prompt_token_ids": ids})
-            params.append(self._params(s, min(s.max_tokens, room)))
-            where.append(i)
+            results[i] = self._overflow(ids)
+            if results[i] is None:
+                prompts.append({"prompt_token_ids": ids})
+                params.append(self._params(s, min(s.max_tokens, self.config.max_model_len - len(ids))))
+                where.append(i)
         if prompts:
             outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
             for i, out in zip(where, outputs):
-                completion = out.outputs[0]
-                results[i] = Generation(
-                    completion.text,
-                    prompt_tokens=len(out.prompt_token_ids),
-                    completion_tokens=len(completion.token_ids),
-                    finish_reason=completion.finish_reason or "stop",
-                )
+                results[i] = _to_generation(out)
         return [r for r in results if r is not None]
+
+
+def _to_generation(out) -> Generation:
+    completion = out.outputs[0]
+    return Generation(
+        completion.text,
+        prompt_tokens=len(out.prompt_token_ids),
+        completion_tokens=len(completion.token_ids),
+        finish_reason=completion.finish_reason or "stop",
+    )
