@@ -83,6 +83,9 @@ ENGINE = {
     "enable_prefix_caching": True,
     "max_num_seqs": 64,
     "seed": SEED,
+    # vLLM 0.32 on CPU kills its engine when a seeded request's prompt is prefilled in chunks
+    # ("CPU Generator does not use offset"), and every agent turn is seeded: no chunked prefill.
+    "extra": {"enable_chunked_prefill": False},
 }
 AGENT = {
     "task": TASK,

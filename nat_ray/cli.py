@@ -21,6 +21,10 @@ _EPILOG = """examples:
   nat-ray agent --task gsm8k "A farmer has 3 pens with 12 hens each. How many hens?"
   nat-ray agent --task hotpotqa --set agent.temperature=0.2 "Which magazine was started first?"
   nat-ray rollout --config configs/rollout.yaml
+  nat-ray train --config configs/train.yaml
+  nat-ray serve --model runs/train/nat/export/model
+  nat-ray eval --model runs/train/nat/export/model --tasks gsm8k,svamp --seeds 0,1,2
+  nat-ray pipeline --config configs/default.yaml
   nat-ray models
 """
 
@@ -110,6 +114,14 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return main_rollout(cfg)
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from nat_ray.config import NatRayConfig, load_config
+    from nat_ray.pipeline import main_pipeline
+
+    cfg = load_config(NatRayConfig, args.config, _overrides(args, {"name": "pipeline.name"}))
+    return main_pipeline(cfg)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from nat_ray.models import EMBEDDED, ensure_embedded, list_models, models_dir
 
@@ -179,9 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_rollout)
 
-    from nat_ray import import_nat
+    from nat_ray import evaluate, import_nat, serve, train
 
+    train.add_parser(sub)
+    serve.add_parser(sub)
+    evaluate.add_parser(sub)
     import_nat.add_parser(sub)
+
+    p = sub.add_parser(
+        "pipeline",
+        help="the whole NAT experiment: rollout, train each variant, evaluate, one results table",
+        description="rollout -> NAT data -> train the w/o-Neg, NUT and NAT variants -> evaluate the base "
+        "model and each tuned one -> runs/<name>/results.md. Every stage is recorded in "
+        "runs/<name>/manifest.json; running the same name again resumes and skips finished stages.",
+        epilog="example:\n  nat-ray pipeline --config configs/default.yaml --name first-try",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--name", help="run name (default: pipeline.name = default)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("models", help="list cached models", description="List converted models in the cache.")
     p.add_argument(

@@ -430,6 +430,33 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """The whole NAT experiment: rollout -> NAT data -> train each variant -> evaluate -> one table.
+
+    Attributes:
+        name: run name; everything goes to ``<runs_dir>/<name>/`` and re-running the name resumes,
+            skipping finished stages.
+        runs_dir: parent folder of runs.
+        variants: data variants to train (:data:`nat_ray.nat_data.VARIANTS`); paper: wo_neg, nut, nat.
+        trajectories: Parquet trajectories to train on instead of running the rollout stage (e.g.
+            ``nat-ray import-nat`` output of the NAT repo's GPT-3.5 StrategyQA trajectories).
+        evaluate_base: also evaluate the untuned base model.
+    """
+
+    name: str = "default"
+    runs_dir: str = "runs"
+    variants: list[str] = field(default_factory=lambda: ["wo_neg", "nut", "nat"])
+    trajectories: str | None = None
+    evaluate_base: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"pipeline.name must be a plain folder name, got {self.name!r}")
+        if not self.variants:
+            raise ConfigError("pipeline.variants must name at least one data variant")
+
+
+@dataclass(frozen=True)
 class NatRayConfig:
     """Everything one run needs; each stage reads its own section."""
 
@@ -440,6 +467,7 @@ class NatRayConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

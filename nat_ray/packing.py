@@ -5,12 +5,19 @@ tokenizer). Padding a micro-batch to its longest example wastes the compute spen
 packing fills each row up to ``max_length`` with whole examples instead.
 
 How examples stay apart: every packed row carries ``position_ids`` that restart at 0 where each
-example starts. transformers (5.x, Llama) reads those restarts when the forward is called with
-``attention_mask=None`` and ``use_cache=False`` and builds a block-diagonal causal mask
-(``masking_utils.find_packed_sequence_indices``); flash-attention uses the same position ids as
-varlen boundaries. With ``use_cache=True`` (the config default) it silently does *not*, so the
-training step always passes ``use_cache=False``. ``tests/test_packing.py`` proves the isolation
-on the real model: per-example losses of a packed row equal the unpacked ones.
+example starts, and the forward gets ``attention_mask=None``. Two attention paths read them:
+
+- transformers' own (``sdpa``, ``eager``; 5.x, Llama): it detects the restarts
+  (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal mask, but
+  only when ``use_cache=False``; with the config default ``use_cache=True`` it silently does
+  not, so the training step always passes ``use_cache=False``. On CPU a masked SDPA runs the
+  math kernel, which materializes every (T x T) score matrix: slow and memory-hungry.
+- :data:`VARLEN_ATTENTION` (registered by :func:`register_varlen_attention`): causal SDPA per
+  example (the flash kernel, no mask, no cross-example scores), like flash-attention's varlen
+  path on GPU. Training uses it for packed rows unless flash-attention 2 is installed.
+
+``tests/test_packing.py`` proves the isolation on the real model for both: per-example losses
+of a packed row equal the unpacked ones, and a neighbour's tokens cannot move an example's logits.
 
 The first label of every example is set to ``IGNORE_INDEX``: after the usual one-token shift it
 would be predicted from the previous example's last token. (Unpacked, the shift drops it anyway,
@@ -117,6 +124,81 @@ def single_rows(examples: Sequence[TokenizedExample]) -> list[PackedSequence]:
 def packing_efficiency(rows: Sequence[PackedSequence], max_length: int) -> float:
     """Share of ``rows x max_length`` slots that hold real tokens."""
     return sum(len(r) for r in rows) / (len(rows) * max_length) if rows else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Attention over packed rows (torch, transformers)
+
+VARLEN_ATTENTION = "nat_varlen_sdpa"
+
+
+def segments(position_ids) -> list[list[tuple[int, int]]] | None:
+    """``[(start, end), ...]`` per row, split where position ids do not count up by one.
+
+    Returns:
+        ``None`` when every row is a single sequence (nothing packed).
+    """
+    import torch
+
+    first = position_ids[:, :1] - 1
+    starts = torch.diff(position_ids, prepend=first, dim=-1) != 1  # (B, T)
+    if not bool(starts[:, 1:].any()):
+        return None
+    width = position_ids.shape[1]
+    out = []
+    for row in starts.tolist():
+        cuts = [t for t, s in enumerate(row) if s or t == 0] + [width]
+        out.append(list(zip(cuts[:-1], cuts[1:])))
+    return out
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function: causal SDPA within each packed example, none across.
+
+    Shapes: query (B, H, T, D), key/value (B, H_kv, T, D) -> output (B, T, H, D). Rows without
+    position restarts (and any call without ``position_ids``) go to transformers' ``sdpa``
+    unchanged, with whatever mask it built.
+    """
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    spans = segments(position_ids) if position_ids is not None and query.shape[2] > 1 else None
+    if spans is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    rows = []
+    for b, row_spans in enumerate(spans):
+        parts = [
+            F.scaled_dot_product_attention(
+                query[b : b + 1, :, s:e],
+                key[b : b + 1, :, s:e],
+                value[b : b + 1, :, s:e],
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=e - s > 1,
+            )
+            for s, e in row_spans
+        ]
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def register_varlen_attention() -> str:
+    """Register :func:`varlen_sdpa_attention` with transformers (idempotent); returns its name.
+
+    Its mask function is SDPA's, so padded batches with a 2D attention mask still get their mask.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+    return VARLEN_ATTENTION
 
 
 # --------------------------------------------------------------------------------------------

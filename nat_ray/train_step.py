@@ -324,8 +324,8 @@ class StepStats:
     Attributes:
         loss: token-weighted mean loss over the global batch.
         loss_tokens: loss tokens in the global batch.
-        tokens: real (non-pad) tokens this process processed.
-        padded_tokens: tokens including padding this process processed.
+        tokens: real (non-pad) tokens processed (all workers, for :func:`deepspeed_step`).
+        padded_tokens: tokens including padding processed (likewise).
         seconds: wall time of the step in this process.
         lr: learning rate used by the step.
     """
@@ -376,16 +376,18 @@ def deepspeed_step(engine, micro_batches: Sequence[dict], device) -> StepStats:
 
     DeepSpeed divides the loss by the accumulation steps and averages gradients over ranks; scaling
     each micro-batch's loss sum by ``accumulation x world / loss tokens in the global batch``
-    makes the update the gradient of the global token-weighted mean.
+    makes the update the gradient of the global token-weighted mean. Loss and token counts in
+    the returned stats are summed over all ranks.
     """
     import torch
     import torch.distributed as dist
 
     start = time.perf_counter()
     world = dist.get_world_size() if dist.is_initialized() else 1
-    counts = torch.tensor([float(sum(num_loss_tokens(mb) for mb in micro_batches)), 0.0])
+    local_tokens = sum(mb["num_tokens"] for mb in micro_batches)
+    local_padded = sum(mb["input_ids"].numel() for mb in micro_batches)
+    counts = torch.tensor([float(sum(num_loss_tokens(mb) for mb in micro_batches))], device=device)
     if world > 1:
-        counts = counts.to(device)
         dist.all_reduce(counts)
     n_global = max(1.0, float(counts[0]))
     scale = engine.gradient_accumulation_steps() * world / n_global
@@ -396,17 +398,16 @@ def deepspeed_step(engine, micro_batches: Sequence[dict], device) -> StepStats:
         engine.backward(s * scale)
         engine.step()
         total += float(s.detach())
-    sums = torch.tensor([total], dtype=torch.float64)
+    sums = torch.tensor([total, local_tokens, local_padded], dtype=torch.float64, device=device)
     if world > 1:
-        sums = sums.to(device)
         dist.all_reduce(sums)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return StepStats(
         float(sums[0]) / n_global,
         int(n_global),
-        sum(mb["num_tokens"] for mb in micro_batches),
-        sum(mb["input_ids"].numel() for mb in micro_batches),
+        int(sums[1]),
+        int(sums[2]),
         time.perf_counter() - start,
         lr,
     )

@@ -37,7 +37,7 @@ def test_setup_pins_the_projects_ray_version_and_cuda_vllm():
     setup = " ".join(_cluster()["setup_commands"])
     assert f"=={ray.__version__}" in setup and ".[cuda]" in setup
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert f'ray[train,data,serve]=={ray.__version__}' in pyproject
+    assert f"ray[train,data,serve]=={ray.__version__}" in pyproject
 
 
 def test_the_schema_check_catches_a_broken_config():

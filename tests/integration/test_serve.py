@@ -1,0 +1,301 @@
+"""Stage 3 on a real local Ray Serve: vLLM through ray.serve.llm on the embedded model, tool deployments, the agent.
+
+One application serves the whole module (vLLM takes a minute or two to start here). It serves a
+training-export-shaped folder (``<run>/export/{model,adapter,export.json}``, as ``nat_ray.train``
+writes it): the full model as ``engine.model`` and the LoRA adapter (an untrained peft adapter of
+the embedded model) as ``serve.lora``, so both the full and the LoRA path of an export are served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from nat_ray import nat_data as nd
+from nat_ray import records
+from nat_ray.config import NatRayConfig, from_dict
+from nat_ray.tasks import get_task
+
+pytestmark = pytest.mark.integration
+
+REQUEST_TIMEOUT_S = 300
+SAMPLE_CORPUS = str(Path(nd.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, embedded_path) -> Path:
+    """``<run>/export`` with ``model/`` (the embedded checkpoint's files) and ``adapter/`` (a peft LoRA)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    export = tmp_path_factory.mktemp("runs") / "nat-test" / "export"
+    (export / "model").mkdir(parents=True)
+    for file in Path(embedded_path).iterdir():
+        (export / "model" / file.name).symlink_to(file)
+    base = AutoModelForCausalLM.from_pretrained(embedded_path, dtype=torch.float32)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    get_peft_model(base, lora).save_pretrained(export / "adapter")
+    paths = {"model": str(export / "model"), "adapter": str(export / "adapter")}
+    (export / "export.json").write_text(json.dumps({**paths, "base_model": embedded_path, "mode": "lora"}))
+    return export
+
+
+@pytest.fixture(scope="module")
+def server(export_dir):
+    import ray
+    from ray import serve
+
+    from nat_ray.serve import APP_NAME, build_app
+
+    port = _free_port()
+    cfg = from_dict(
+        NatRayConfig,
+        {
+            "engine": {"model": str(export_dir), "max_model_len": 2048, "kv_cache_gb": 1, "max_num_seqs": 32},
+            "agent": {"max_turns": 3, "max_new_tokens": 48},
+            "tools": {"search_corpus": SAMPLE_CORPUS},
+            "serve": {
+                "lora": str(export_dir),
+                "port": port,
+                "tool_min_replicas": 1,
+                "tool_max_replicas": 2,
+                "max_question_chars": 2000,
+                "request_timeout_s": REQUEST_TIMEOUT_S,
+            },
+        },
+    )
+    if ray.is_initialized():
+        ray.shutdown()
+    # Ray nices its workers to 15; on a machine shared with other jobs that starves the replicas.
+    os.environ["RAY_worker_niceness"] = "0"
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+        yield argparse.Namespace(
+            url=f"http://127.0.0.1:{port}", model="nat-test", lora="nat-test-lora", cfg=cfg
+        )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.pop("RAY_worker_niceness", None)
+
+
+def _agent(server, **body) -> requests.Response:
+    return requests.post(f"{server.url}/v1/agent", json=body, timeout=REQUEST_TIMEOUT_S)
+
+
+def test_health_and_models_list_the_export_and_its_adapter(server, export_dir):
+    health = requests.get(f"{server.url}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["model"] == server.lora  # the agent runs the tuned adapter
+    models = requests.get(f"{server.url}/v1/models", timeout=30).json()
+    cards = {m["id"]: m for m in models["data"]}
+    assert models["object"] == "list" and set(cards) == {server.model, server.lora}
+    assert cards[server.lora]["parent"] == server.model
+    assert cards[server.lora]["root"] == str((export_dir / "adapter").resolve())
+
+
+def test_the_openai_client_works_unchanged_on_the_model_and_the_adapter(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S)
+    assert {m.id for m in client.models.list()} == {server.model, server.lora}
+    for model in (server.model, server.lora):
+        reply = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=12,
+            temperature=0,
+        )
+        assert reply.model == model
+        assert isinstance(reply.choices[0].message.content, str) and reply.choices[0].message.content
+        assert reply.usage.completion_tokens > 0
+
+
+def test_streaming_chat_completion(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S)
+    stream = client.chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": "Count from one to ten."}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+    )
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len(pieces) > 2 and "".join(pieces).strip()
+
+
+def test_agent_answers_a_math_question_and_scores_it_with_gold(server):
+    question = get_task("gsm8k").load("test", limit=1)[0]
+    response = _agent(server, task="gsm8k", question=question.question, gold=question.gold, seed=1)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == server.lora and body["task"] == "gsm8k"
+    assert 1 <= body["turns"] <= 3 and body["turns"] == sum(
+        t["role"] == "assistant" for t in body["trajectory"]
+    )
+    assert body["finished"] == (body["failure_reason"] is None)
+    assert set(body["correct"]) == {"paper", "robust", "f1"} and isinstance(body["correct"]["robust"], bool)
+    assert body["usage"]["completion_tokens"] > 0
+    # The same request samples the same episode (per-turn seeds derive from it).
+    assert (
+        _agent(server, task="gsm8k", question=question.question, seed=1).json()["trajectory"]
+        == body["trajectory"]
+    )
+
+
+def test_agent_answers_a_qa_question_with_search(server):
+    question = get_task("hotpotqa").load("dev", limit=1)[0]
+    response = _agent(server, task="hotpotqa", question=question.question, gold=question.gold, max_turns=2)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert isinstance(body["correct"]["f1"], float) and 0.0 <= body["correct"]["f1"] <= 1.0
+    assert body["turns"] <= 2
+
+
+@pytest.mark.parametrize(
+    "route, body, status, field",
+    [
+        ("agent", {"question": "2 + 2?"}, 422, "task"),
+        ("agent", {"task": "gsm8k", "question": ["2 + 2?"]}, 422, "question"),
+        ("agent", {"task": "gsm8k", "question": "x" * 2001}, 422, "question"),
+        ("agent", {"task": "chess", "question": "e4?"}, 422, "task"),
+        ("agent", {"task": "gsm8k", "question": "2 + 2?", "max_turns": 11}, 422, "max_turns"),
+        ("agent", {"task": "gsm8k", "question": "2 + 2?", "max_tokens": 5000}, 422, "max_tokens"),
+        ("agent", '{"task": "gsm8k", "question": ', 400, "body"),
+        (
+            "chat/completions",
+            {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]},
+            404,
+            "model",
+        ),
+        ("chat/completions", {"messages": "hi"}, 422, "messages"),
+        ("chat/completions", "{not json", 400, "body"),
+    ],
+)
+def test_bad_requests_get_a_4xx_naming_the_field(server, route, body, status, field):
+    url = f"{server.url}/v1/{route}"
+    if isinstance(body, str):
+        response = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    else:
+        response = requests.post(url, json=body, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and field in error["message"]
+
+
+def test_the_server_keeps_answering_after_bad_requests(server):
+    for _ in range(5):
+        requests.post(f"{server.url}/v1/agent", data="\x00garbage", timeout=60)
+    assert requests.get(f"{server.url}/healthz", timeout=30).status_code == 200
+    response = _agent(
+        server, task="svamp", question="Tom has 3 apples and buys 4 more. How many?", max_turns=1
+    )
+    assert response.status_code == 200 and response.json()["turns"] == 1
+
+
+def _calculator_replicas() -> list[tuple[str, str]]:
+    """``(namespace, name)`` of every live calculator replica actor."""
+    import ray
+
+    return sorted(
+        (a["namespace"], a["name"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::") and "tool-calculate" in a["name"]
+    )
+
+
+def test_a_calculator_replica_killed_mid_load_costs_no_request(server):
+    import ray
+
+    before = _calculator_replicas()
+    assert before, "no calculator replica found"
+    questions = get_task("gsm8k").load("test", limit=8)
+    statuses: list[int] = []
+    bodies: list[dict] = []
+
+    def client(i: int) -> None:
+        response = _agent(server, task="gsm8k", question=questions[i].question, seed=i, temperature=0.7)
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            bodies.append(response.json())
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(questions))]
+    for thread in threads:
+        thread.start()
+    deadline = time.time() + 120
+    while (
+        time.time() < deadline
+        and requests.get(f"{server.url}/healthz", timeout=30).json()["open_episodes"] < 4
+    ):
+        time.sleep(0.2)
+    time.sleep(1.0)  # let the first turns reach their tool calls
+    for namespace, name in before:
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    for thread in threads:
+        thread.join(timeout=REQUEST_TIMEOUT_S)
+    assert statuses == [200] * len(questions)
+    assert any(t["role"] == "user" for b in bodies for t in b["trajectory"]), "no tool call was made at all"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (set(_calculator_replicas()) - set(before)):
+        time.sleep(1)
+    assert set(_calculator_replicas()) - set(before), "Serve did not replace the killed replica"
+    response = _agent(server, task="gsm8k", question="What is 12 times 12?", max_turns=2)
+    assert response.status_code == 200
+
+
+def test_eval_against_the_endpoint_writes_parquet_and_paper_tables(server, tmp_path):
+    from nat_ray.evaluate import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    out = tmp_path / "eval"
+    args = parser.parse_args(
+        [
+            "eval",
+            "--endpoint",
+            server.url,
+            "--tasks",
+            "gsm8k,strategyqa",
+            "--seeds",
+            "0,1",
+            "--limit",
+            "2",
+            "--output-dir",
+            str(out),
+            "--set",
+            "agent.max_turns=2",
+            "--set",
+            "agent.max_new_tokens=48",
+            "--set",
+            "tools.search_corpus=" + SAMPLE_CORPUS,
+        ]
+    )
+    assert args.func(args) == 0
+    rows = records.read_rows(out / "trajectories")
+    assert len(rows) == 8 and {r[nd.TASK] for r in rows} == {"gsm8k", "strategyqa"}
+    assert {r[nd.SEED] for r in rows} == {0, 1} and {r[nd.MODEL] for r in rows} == {server.lora}
+    assert all(r[nd.TEMPERATURE] == 0.2 and 1 <= r[nd.TURNS] <= 2 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["tasks"]["gsm8k"]["acc_paper"]["values"]) == 2
+    assert summary["math_average"]["tasks"] == ["gsm8k"]
+    text = (out / "results.md").read_text()
+    assert "| Scoring | GSM8K | Avg (1 of 4) |" in text and "## StrategyQA" in text
