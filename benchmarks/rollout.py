@@ -24,7 +24,8 @@ Three phases, one after the other, each shut down before the next starts:
    loaded; the end-to-end figure adds the load time. It runs on the first questions of the same
    question list (it is ~15x slower, so a smaller sample; trajectories/s is a rate).
 3. **Agent loop vs raw vLLM** -- one in-process :class:`nat_ray.engines.vllm_engine.VLLMEngine`:
-   (a) the agent loop (``Stepper`` with local tools, kept full with the same refill strategy as
+   (a) the agent loop (``Stepper`` with local tools -- streaming: each episode's next turn goes to
+   vLLM as soon as its own previous turn ends -- kept full with the same refill strategy as
    ``RolloutWorker.__call__``) over N episodes, counting completion tokens per wall second; then
    (b) raw ``llm.generate`` on the same N first-turn prompts with ``max_tokens = min_tokens = T``
    and ``ignore_eos``, where N x T is the agent loop's total generated tokens (same sampling
@@ -224,6 +225,24 @@ def rate(count: float, seconds: float) -> float | None:
     return round(count / seconds, 4) if seconds > 0 else None
 
 
+def occupancy(trace: list[tuple[int, int, float]]) -> dict:
+    """How full the agent loop kept the engine: time-weighted open episodes, and the drain at the end.
+
+    ``trace`` holds one ``(episodes open, tokens generated, seconds)`` per stepper step.
+    """
+    total = sum(sec for _, _, sec in trace) or 1e-9
+    out = {"time_weighted_open_episodes": round(sum(n * sec for n, _, sec in trace) / total, 1)}
+    full = max((n for n, _, _ in trace), default=0)
+    for label, test in (
+        ("at_least_half_full", lambda n: n >= full / 2),
+        ("under_quarter_full", lambda n: n < full / 4),
+    ):
+        secs = sum(sec for n, _, sec in trace if test(n))
+        toks = sum(tok for n, tok, _ in trace if test(n))
+        out[label] = {"seconds": round(secs, 2), "tokens": toks, "tokens_per_s": rate(toks, secs)}
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Phase 1: the rollout stage
 
@@ -378,7 +397,7 @@ def bench_agent_vs_raw(cfg, questions) -> dict:
         llm.reset_prefix_cache()
         stepper = Stepper(engine, LocalTools(), stop_on_tool_error=cfg.agent.stop_on_tool_error)
         queue = collections.deque(ep for ep, _ in pairs)
-        trace = []  # per step: (episodes open, tokens generated, seconds)
+        trace = []  # per stepper step (one engine scheduler step when streaming): (open, tokens, seconds)
         t1 = time.perf_counter()
         while queue or stepper.open:
             while queue and stepper.open < cfg.rollout.max_in_flight:
@@ -446,10 +465,7 @@ def bench_agent_vs_raw(cfg, questions) -> dict:
             "trajectories_per_s": rate(n, agent_s),
             "max_in_flight": cfg.rollout.max_in_flight,
             **episode_stats(pairs),
-            "steps": [
-                {"episodes": n_open, "tokens": tok, "seconds": round(sec, 2), "tokens_per_s": rate(tok, sec)}
-                for n_open, tok, sec in trace
-            ],
+            "occupancy": occupancy(trace),
         },
         "raw_vllm": {
             "sequences": n,

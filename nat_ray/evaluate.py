@@ -295,10 +295,17 @@ def run_in_process(cfg: NatRayConfig, items: Sequence[EvalItem], chash: str, eng
     own = engine is None
     if own:
         from nat_ray.engines import build_engine
+        from nat_ray.engines.vllm_engine import on_gpu
         from nat_ray.serve import check_lora, resolve_export
 
         # A training export folder stands for its model/ (and, as --lora, its adapter/).
         engine_cfg = dataclasses.replace(cfg.engine, model=resolve_export(cfg.engine.model, "model"))
+        if engine_cfg.backend == "vllm" and not on_gpu(engine_cfg):
+            # vLLM's CPU build kills its engine when a seeded request shares a step with a chunked
+            # prefill ("CPU Generator does not use offset"), and every evaluation turn is seeded.
+            engine_cfg = dataclasses.replace(
+                engine_cfg, extra={"enable_chunked_prefill": False, **engine_cfg.extra}
+            )
         lora = check_lora(cfg.serve.lora) if cfg.serve.lora else None
         if lora is not None:
             if engine_cfg.backend != "vllm":

@@ -6,16 +6,27 @@ One Serve application, four deployments::
                                    --call--> tool-calculate          (autoscaling)
                                    --call--> tool-search             (autoscaling)
 
-``POST /v1/agent`` runs the project's one batched ReAct loop (:class:`nat_ray.react.Stepper`) inside
-the ingress: a single thread keeps stepping while episodes are open and adds newly arrived requests
-between steps, so 32 concurrent requests share each model call instead of queueing behind each
-other. Each step sends its whole batch of conversations to the LLM deployment at once, through the
-deployment handle (no HTTP hop, no second JSON encoding), and tool calls go to the tool deployments
-through their handles, asynchronously (the stepper's ``submit``/``collect``).
+``POST /v1/agent`` runs the project's one ReAct loop (:class:`nat_ray.react.Stepper`) inside the
+ingress: a single thread keeps stepping while episodes are open and admits newly arrived requests
+between steps, so concurrent requests share the model instead of queueing behind each other. Each
+episode's turn goes to the LLM deployment through its handle as soon as the episode is ready (the
+stepper's streaming engine: vLLM's continuous batch holds every episode that is generating, and an
+episode moves on the moment its own turn ends); tool calls go to the tool deployments through their
+handles, asynchronously (the stepper's ``submit``/``collect``).
 
-``/v1/chat/completions`` (streaming too) and ``/v1/models`` are OpenAI-compatible, so the ``openai``
-client works unchanged. Every body is validated with pydantic; a bad one gets a 4xx whose
-``error.param`` and message name the field, and never a 5xx.
+Routes:
+
+- ``GET /healthz``: ``{"status", "model", "open_episodes", "queued_episodes", "finished_episodes"}``.
+- ``GET /v1/models``: the base model and, with ``serve.lora``, the adapter (``<model_id>-lora``).
+- ``POST /v1/chat/completions``: OpenAI-compatible (``stream`` too), so the ``openai`` client works
+  unchanged; ``model`` defaults to the agent's model.
+- ``POST /v1/agent``: :class:`AgentRequest` in; ``{id, model, task, answer, finished, failure_reason,
+  error, turns, prompt, trajectory, usage}`` out, plus ``correct`` (paper, robust, f1) with ``gold``.
+
+Every body is validated before anything runs: malformed JSON is a 400, a schema or limit violation a
+422 (an unknown model a 404), and the error's ``param`` and message name the field. Limits come from
+:class:`nat_ray.config.ServeConfig`. A 5xx means the server failed, never the input: 503 when the
+LLM deployment fails (also for an agent episode it cut short), 504 past ``serve.request_timeout_s``.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -40,15 +52,21 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
-from ray import serve
-from ray.exceptions import RayError
-from ray.serve.exceptions import RayServeException
 
 from nat_ray.agent import new_episode, sampling_from
 from nat_ray.config import AgentConfig, NatRayConfig, ServeConfig, ToolsConfig, from_dict, load_config
 from nat_ray.engines.openai_engine import is_context_overflow
 from nat_ray.errors import ConfigError, ModelError
-from nat_ray.react import CONTEXT_OVERFLOW, Episode, Generation, Sampling, Stepper, ToolCall, ToolResult
+from nat_ray.react import (
+    CONTEXT_OVERFLOW,
+    GENERATION_ERROR,
+    Episode,
+    Generation,
+    Sampling,
+    Stepper,
+    ToolCall,
+    ToolResult,
+)
 from nat_ray.scoring import as_bool_gold, canonical_math_gold
 from nat_ray.tasks import TASKS, get_task
 
@@ -156,6 +174,17 @@ class AgentRequest(BaseModel):
         return value
 
 
+def _ray_errors() -> tuple[type[BaseException], ...]:
+    """How a deployment call fails: a dead or unreachable replica, an error in it, a Serve error.
+
+    Imported on use: this module stays importable without Ray (the CLI builds its parser from it).
+    """
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
+
+    return (RayError, RayServeException)
+
+
 def _limits(info: ValidationInfo) -> ServeConfig:
     return info.context if isinstance(info.context, ServeConfig) else ServeConfig()
 
@@ -226,6 +255,11 @@ def episode_for(base: AgentConfig, req: AgentRequest) -> Episode:
     )
 
 
+def response_status(ep: Episode) -> int:
+    """200, or 503 when the episode ended because the LLM deployment failed (not the model's doing)."""
+    return 503 if ep.failure_reason == GENERATION_ERROR else 200
+
+
 def agent_response(ep: Episode, task: str, model: str, gold: Any = None) -> dict:
     """JSON body of a finished episode; ``correct`` (paper and robust rules) only when ``gold`` is given."""
     body = {
@@ -235,6 +269,7 @@ def agent_response(ep: Episode, task: str, model: str, gold: Any = None) -> dict
         "answer": ep.answer,
         "finished": ep.finished,
         "failure_reason": ep.failure_reason,
+        "error": ep.steps[-1].error if ep.failure_reason and ep.steps else None,
         "turns": ep.turns,
         "prompt": ep.prompt,
         "trajectory": ep.trajectory(),
@@ -265,14 +300,13 @@ class ServeChatEngine:
     """
 
     def __init__(self, handle, model_id: str, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
-        from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
         self.handle = handle.options(stream=True)  # LLMServer.chat is an async generator
         self.model_id = model_id
         self.loop = loop
         self.timeout_s = timeout_s
         self._request_cls = ChatCompletionRequest
-        self._error_cls = ErrorResponse
         self._ids = itertools.count()
         self._running: dict[str, concurrent.futures.Future] = {}
 
@@ -316,17 +350,18 @@ class ServeChatEngine:
         try:
             async with asyncio.timeout(self.timeout_s):
                 items = [item async for item in self.handle.chat.remote(request, None)]
-        except (RayError, RayServeException, TimeoutError) as err:
+        except (*_ray_errors(), TimeoutError) as err:
             log.warning("LLM call failed: %s: %s", type(err).__name__, err)
             return Generation("", finish_reason="error", error=f"LLM deployment: {type(err).__name__}: {err}")
         return self._parse(items[0] if items else None)
 
     def _parse(self, item) -> Generation:
-        if isinstance(item, self._error_cls):
-            message = item.error.message
-            if is_context_overflow(int(item.error.code or 0), message):
+        error = llm_error(item)
+        if error is not None:
+            status, message, _ = error
+            if is_context_overflow(status, message):
                 return Generation("", finish_reason=CONTEXT_OVERFLOW, error=message)
-            return Generation("", finish_reason="error", error=f"HTTP {item.error.code}: {message}")
+            return Generation("", finish_reason="error", error=f"HTTP {status}: {message}")
         if item is None or not getattr(item, "choices", None):
             return Generation("", finish_reason="error", error=f"unexpected LLM answer: {item!r:.200}")
         choice = item.choices[0]
@@ -365,7 +400,7 @@ class ServeTools:
         while True:
             try:
                 return await self.handles[call.name].call.remote(call.argument)
-            except (RayError, RayServeException) as err:
+            except _ray_errors() as err:
                 log.warning(
                     "%s tool call failed (attempt %d of %d): %s", call.name, attempt, TOOL_ATTEMPTS, err
                 )
@@ -511,15 +546,35 @@ class ToolDeployment:
         return os.getpid()
 
 
-def _materialize_messages(body) -> None:
-    """Turn pydantic's lazy iterables in ``messages`` into lists: they cannot be pickled to the LLM replica."""
+def llm_error(item) -> tuple[int, str, str | None] | None:
+    """``(status, message, param)`` when the LLM deployment answered with an error object, else None.
+
+    Duck-typed: ray.serve.llm yields its internal ``ErrorResponse``, not the public subclass.
+    """
+    error = getattr(item, "error", None)
+    if error is None or not hasattr(error, "message"):
+        return None
+    return int(getattr(error, "code", None) or 500), str(error.message), getattr(error, "param", None)
+
+
+def _materialize_messages(body) -> tuple[int, str, str] | None:
+    """Turn pydantic's lazy iterables in ``messages`` into lists (they cannot be pickled to the LLM
+    replica); they are validated only now, so return ``(422, field, message)`` for a bad one."""
+    from pydantic import ValidationError
+
     for i, message in enumerate(body.messages):
         message = dict(message) if isinstance(message, dict) else message.model_dump()
         for key in ("content", "tool_calls"):
             value = message.get(key)
             if value is not None and not isinstance(value, str | list):
-                message[key] = list(value)
+                try:
+                    message[key] = list(value)
+                except (ValidationError, TypeError, ValueError) as err:
+                    problem = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
+                    field = f"messages.{i}.{key}"
+                    return 422, field, f"{field}: expected text or a list of content parts ({problem})"
         body.messages[i] = message
+    return None
 
 
 async def _sse(first, stream):
@@ -539,14 +594,13 @@ async def _sse(first, stream):
         yield "data: [DONE]\n\n"
 
 
-# serve.ingress pickles the FastAPI app when the class below is decorated, while this module is
-# still loading: every module-level name its routes use must be defined above this line.
 api = FastAPI(title="nat-ray agent server", description=__doc__.split("\n\n")[0])
 
 
-@serve.ingress(api)
 class AgentIngress:
     """The HTTP front: OpenAI routes proxied to the LLM deployment, and the batched agent.
+
+    Serve's ingress wrapper is applied by :func:`ingress_class` (it needs Ray Serve).
 
     Args:
         llm: handle of the ``ray.serve.llm`` LLM deployment.
@@ -629,11 +683,16 @@ class AgentIngress:
                 f"the episode took longer than serve.request_timeout_s={self.cfg.serve.request_timeout_s:g} s"
             )
             return JSONResponse(error_body(504, message, None), status_code=504)
-        return JSONResponse(agent_response(episode, req.task, self.agent_model, req.gold))
+        body = agent_response(episode, req.task, self.agent_model, req.gold)
+        status = response_status(episode)
+        if status != 200:
+            body.update(error_body(status, f"the LLM deployment failed: {body['error']}", None))
+        return JSONResponse(body, status_code=status)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        from ray.serve.llm.openai_api_models import ChatCompletionRequest, ErrorResponse
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
+        from vllm.exceptions import VLLMClientError
 
         raw = await request.body()
         try:
@@ -647,28 +706,31 @@ class AgentIngress:
         except ValidationError as err:
             status, payload = validation_error(err)
             return JSONResponse(payload, status_code=status)
-        problem = self._check_chat_limits(body)
+        except (VLLMClientError, TypeError, ValueError) as err:  # vLLM's own checks of the body
+            param = getattr(err, "parameter", None) or "body"
+            return JSONResponse(error_body(400, f"{param}: {err}", param), status_code=400)
+        problem = self._check_chat_limits(body) or _materialize_messages(body)
         if problem is not None:
             status, param, message = problem
             return JSONResponse(error_body(status, message, param), status_code=status)
-        _materialize_messages(body)
         try:
             async with asyncio.timeout(self.cfg.serve.request_timeout_s):
                 stream = self._chat_handle.chat.remote(body, None)
                 first = await stream.__anext__()
-        except (RayError, RayServeException, TimeoutError, StopAsyncIteration) as err:
+        except (*_ray_errors(), TimeoutError, StopAsyncIteration) as err:
             log.warning("chat completion failed: %s: %s", type(err).__name__, err)
             message = f"the LLM deployment did not answer: {type(err).__name__}"
             return JSONResponse(error_body(503, message, None), status_code=503)
-        if isinstance(first, ErrorResponse):
-            status = int(first.error.code or 400)
-            return JSONResponse(error_body(status, first.error.message, None), status_code=status)
+        error = llm_error(first)
+        if error is not None:  # vLLM refused the request (a bad parameter value, a prompt too long)
+            status, message, param = error
+            return JSONResponse(error_body(status, message, param), status_code=status)
         if not body.stream:
             return JSONResponse(first.model_dump(mode="json"))
         return StreamingResponse(_sse(first, stream), media_type="text/event-stream")
 
     def _check_chat_limits(self, body) -> tuple[int, str, str] | None:
-        """Status, field and message when a valid chat request asks for an unknown model or too many tokens."""
+        """``(status, field, message)`` when a valid chat request asks for an unknown model or too many tokens."""
         if body.model is None:
             body.model = self.agent_model
         if body.model not in self.model_ids:
@@ -683,6 +745,14 @@ class AgentIngress:
             if value is not None and value > limit:
                 return 422, name, f"{name}: {value} is over the limit of {limit} (serve.max_tokens_limit)"
         return None
+
+
+@functools.cache
+def ingress_class() -> type:
+    """:class:`AgentIngress` wrapped as Serve's ASGI ingress of the FastAPI app ``api``."""
+    from ray import serve
+
+    return serve.ingress(api)(AgentIngress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -792,6 +862,9 @@ def llm_config(
     else:
         bundles = [{"CPU": scfg.llm_num_cpus}]  # ray.serve.llm's default bundle asks for a GPU
         env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gb)))}
+        # vLLM's CPU build kills its engine when a seeded request shares a step with a chunked
+        # prefill ("CPU Generator does not use offset"), and every agent turn is seeded.
+        kwargs["enable_chunked_prefill"] = False
     if lora_path is not None or engine.lora:
         kwargs.update(enable_lora=True, max_lora_rank=engine.max_lora_rank)
     if lora_path is not None:
@@ -829,6 +902,7 @@ def build_app(cfg: NatRayConfig):
     Raises:
         ConfigError / ModelError: bad settings, a missing model or adapter, before anything starts.
     """
+    from ray import serve
     from ray.serve.llm import build_llm_deployment
 
     from nat_ray.tools import REGISTRY
@@ -857,7 +931,7 @@ def build_app(cfg: NatRayConfig):
     if lora_id is not None:
         models.append({"id": lora_id, "root": lora_path, "parent": model_id})
     ingress = serve.deployment(
-        AgentIngress,
+        ingress_class(),
         name="AgentIngress",
         num_replicas=1,  # one replica = one stepper: every agent request shares its batches
         max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
@@ -896,6 +970,7 @@ def start_ray_for(cfg: NatRayConfig) -> None:
 def run_serve(cfg: NatRayConfig) -> None:
     """Start Ray if needed, deploy the application on ``serve.host:serve.port``, block until Ctrl-C."""
     import ray
+    from ray import serve
 
     check_limits(cfg)  # settings and missing models fail before Ray starts
     served_paths(cfg)

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 DS_TAG = "deepspeed"  # DeepSpeed checkpoint tag inside every Ray checkpoint
 STATE_FILE = "trainer_state.json"
 RUN_FILE = "nat_run.json"
+RAY_DATA_MIN_EXAMPLES = 256  # fewer examples are tokenized in the driver
 MAX_FAILURES = 2  # worker-group restarts (from the latest checkpoint) before the run fails
 REQUIRED_COLUMNS = (
     nd.TRAJECTORY_ID,
@@ -134,7 +135,16 @@ def tokenize_batch(batch, model_path: str, max_length: int):
 
 
 def tokenize_examples(examples: Sequence[nd.ChatExample], model_path: str, max_length: int):
-    """Tokenize on Ray Data (one task per batch of examples); results in the input order."""
+    """Token ids and labels of every example, in order: on Ray Data, or here for a few examples.
+
+    Below :data:`RAY_DATA_MIN_EXAMPLES` examples, starting Ray Data tasks (a process that imports
+    transformers and loads the tokenizer) costs more than tokenizing here (well under a second).
+    """
+    if len(examples) < RAY_DATA_MIN_EXAMPLES:
+        from nat_ray.masks import tokenize_example
+
+        tokenizer = _tokenizer(model_path)
+        return [tokenize_example(tokenizer, ex.messages, max_length, ex.prompt_messages) for ex in examples]
     import ray
 
     items = [
@@ -446,14 +456,21 @@ def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: DeepSpeed engine, resume, steps, checkpoints, export. Reads only ``config``.
 
     ``config`` keys: ``train`` (TrainConfig fields), ``model_path``, ``gpu``, ``schedule`` (Schedule
-    fields), ``pad_id``, ``run_dir``, ``export_dir``, ``tensorboard_dir``.
+    fields), ``pad_id``, ``run_dir``, ``local`` (run_dir is a filesystem path), ``export_dir``,
+    ``tensorboard_dir``.
     """
     import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
 
-    from nat_ray.train_step import build_model, cosine_schedule, deepspeed_config, deepspeed_step
+    from nat_ray.train_step import (
+        build_model,
+        cosine_schedule,
+        deepspeed_config,
+        deepspeed_step,
+        sync_schedule,
+    )
 
     _setup_worker_logging()
     cfg = TrainConfig(**config["train"])
@@ -463,22 +480,33 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device() if gpu else torch.device("cpu")
 
+    began = time.perf_counter()
     model = build_model(cfg, config["model_path"], gpu)
     if gpu:
         model.to(device)
-    engine, _, _, _ = deepspeed.initialize(
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(cfg, gpu),
         lr_scheduler=lambda opt: cosine_schedule(opt, schedule.warmup_steps, schedule.total_steps),
     )
 
+    if rank == 0:
+        log.info(
+            "DeepSpeed ZeRO-%d engine ready in %.1fs (%d threads per worker)",
+            cfg.zero_stage,
+            time.perf_counter() - began,
+            torch.get_num_threads(),
+        )
     state = {"step": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
-            engine.load_checkpoint(path, tag=DS_TAG)
+            loaded, _ = engine.load_checkpoint(path, tag=DS_TAG)
+            if loaded is None:
+                raise RuntimeError(f"no DeepSpeed checkpoint {DS_TAG!r} in {path}")
             state = json.loads((Path(path) / STATE_FILE).read_text())
+        sync_schedule(scheduler, schedule.warmup_steps, schedule.total_steps)
         if rank == 0:
             log.info("resuming %s at step %d of %d", cfg.run_name, state["step"], schedule.total_steps)
     start_step = state["step"]
@@ -535,35 +563,55 @@ def train_loop_per_worker(config: dict) -> None:
                 "rows_consumed_per_rank": done * schedule.accum * schedule.micro_batch,
                 "history": history,
             }
-            _report_checkpoint(engine, {**metrics, "history": history}, state, rank)
+            _report_checkpoint(
+                engine, {**metrics, "history": history}, state, rank, config["run_dir"], config["local"]
+            )
         else:
             ray.train.report(metrics)
     if writer is not None:
         writer.close()
-    log.debug("rank %d trained %d tokens in %.1fs", rank, tokens_done, time.perf_counter() - started)
-
+    if rank == 0 and tokens_done:
+        log.info("trained %d tokens in %.1fs", tokens_done, time.perf_counter() - started)
+    started = time.perf_counter()
     export_model(engine.module, cfg, config["model_path"], config["export_dir"], rank, gpu)
+    if rank == 0:
+        log.info("exported to %s in %.1fs", config["export_dir"], time.perf_counter() - started)
     if dist.is_initialized():
         dist.barrier()
 
 
-def _report_checkpoint(engine, metrics: dict, state: dict, rank: int) -> None:
-    """Every rank saves its DeepSpeed shards; rank 0 adds the trainer state; Ray merges the folders."""
-    import ray.train
-    from ray.train import Checkpoint
+def _report_checkpoint(engine, metrics: dict, state: dict, rank: int, run_dir: str, local: bool) -> None:
+    """Every rank saves its DeepSpeed shards, rank 0 the trainer state; Ray Train registers the folder.
 
-    tmp = tempfile.mkdtemp(prefix="nat-ckpt-")
+    On a filesystem path the shards go straight into ``<run_dir>/step_NNNNNN`` (no copy of a
+    checkpoint that holds weights and optimizer state three times over); for a URI they go to a
+    temporary folder that Ray Train uploads, merging the ranks' files.
+    """
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    name = f"step_{state['step']:06d}"
+    started = time.perf_counter()
+    target = Path(run_dir) / name if local else Path(tempfile.mkdtemp(prefix="nat-ckpt-"))
     try:
-        engine.save_checkpoint(tmp, tag=DS_TAG)
+        engine.save_checkpoint(str(target), tag=DS_TAG)
         if rank == 0:
-            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-        ray.train.report(
-            metrics,
-            checkpoint=Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"step_{state['step']:06d}",
-        )
+            (target / STATE_FILE).write_text(json.dumps(state))
+        if local:
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(str(target)),
+                checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+            )
+        else:
+            ray.train.report(
+                metrics, checkpoint=Checkpoint.from_directory(str(target)), checkpoint_dir_name=name
+            )
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not local:
+            shutil.rmtree(target, ignore_errors=True)
+    if rank == 0:
+        log.info("checkpoint %s saved in %.1fs", name, time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,7 +796,8 @@ def run_train(cfg: NatRayConfig) -> dict:
         "gpu": gpu,
         "schedule": asdict(schedule),
         "pad_id": pad_id,
-        "run_dir": str(run_dir),
+        "run_dir": f"{storage}/{t.run_name}",
+        "local": local,
         "export_dir": export_dir,
         "tensorboard_dir": str(run_dir / "tensorboard") if local else None,
     }

@@ -93,6 +93,34 @@ def cosine_schedule(optimizer, warmup: int, total: int):
     return LambdaLR(optimizer, lambda step: lr_multiplier(step, warmup, total))
 
 
+def sync_schedule(scheduler, warmup: int, total: int) -> None:
+    """Set the optimizer's learning rates for the scheduler's current step under *this* schedule.
+
+    A resumed run restores the optimizer's last learning rate, which came from the schedule of
+    the run that saved it; when the total steps changed (a larger ``max_steps``), the next step
+    must already use the new schedule.
+    """
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * lr_multiplier(scheduler.last_epoch, warmup, total)
+
+
+def attention_for(packing: bool, gpu: bool) -> str:
+    """The attention implementation for training: per-example attention for packed rows.
+
+    Packed rows: flash-attention 2 on GPU when installed (varlen from the position ids), else
+    :data:`nat_ray.packing.VARLEN_ATTENTION`. Padded batches: transformers' SDPA with the mask.
+    """
+    import importlib.util
+
+    if not packing:
+        return "sdpa"
+    if gpu and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    from nat_ray.packing import register_varlen_attention
+
+    return register_varlen_attention()
+
+
 def deepspeed_config(cfg: TrainConfig, gpu: bool) -> dict:
     """The DeepSpeed config dict for this run.
 
@@ -236,8 +264,14 @@ def lora_config(cfg: TrainConfig):
     )
 
 
-def build_model(cfg: TrainConfig, model_path: str, gpu: bool, attn_implementation: str = "sdpa", **kwargs):
+def build_model(
+    cfg: TrainConfig, model_path: str, gpu: bool, attn_implementation: str | None = None, **kwargs
+):
     """The model to train: the full model, or the base wrapped in LoRA adapters when ``cfg.mode == "lora"``.
+
+    Args:
+        attn_implementation: ``None`` = :func:`attention_for` ``(cfg.packing, gpu)``.
+        kwargs: more :func:`load_model` arguments (``config_overrides``, ``random_init``).
 
     Raises:
         ConfigError: a LoRA target module the model lacks.
@@ -248,7 +282,7 @@ def build_model(cfg: TrainConfig, model_path: str, gpu: bool, attn_implementatio
     model = load_model(
         model_path,
         resolve_precision(cfg.precision, gpu),
-        attn_implementation,
+        attn_implementation or attention_for(cfg.packing, gpu),
         cfg.gradient_checkpointing,
         **kwargs,
     )
@@ -572,7 +606,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    p.add_argument(
+        "--attn",
+        help="attention implementation (sdpa, eager, flash_attention_2, nat_varlen_sdpa); default: "
+        "per-example attention when packing, sdpa otherwise",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: known GPUs)")
     p.add_argument("--seed", type=int, default=0)

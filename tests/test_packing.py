@@ -92,15 +92,31 @@ def test_collate_padded_masks_padding():
         collate_padded(pack_examples(_examples([2, 2]), 4), PAD)
 
 
+def test_segments_split_where_positions_restart():
+    from nat_ray.packing import segments
+
+    assert segments(torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])) is None  # nothing packed
+    assert segments(torch.tensor([[0, 1, 0, 1], [0, 1, 2, 0]])) == [[(0, 2), (2, 4)], [(0, 3), (3, 4)]]
+
+
 # --------------------------------------------------------------------------------------------
 # The real embedded model: packed == unpacked
 
 
 @pytest.fixture(scope="module")
-def model(embedded_path):
+def loaded(embedded_path):
     from nat_ray.train_step import load_model
 
     return load_model(embedded_path, "fp32").eval()
+
+
+@pytest.fixture(params=["sdpa", "varlen"])
+def model(request, loaded):
+    """The embedded model with transformers' SDPA (packed mask from position ids) or our varlen SDPA."""
+    from nat_ray.packing import register_varlen_attention
+
+    loaded.set_attn_implementation(register_varlen_attention() if request.param == "varlen" else "sdpa")
+    return loaded
 
 
 @pytest.fixture(scope="module")

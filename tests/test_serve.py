@@ -14,7 +14,14 @@ from pydantic import ValidationError
 from nat_ray.agent import new_episode
 from nat_ray.config import AgentConfig, ServeConfig
 from nat_ray.react import Generation, LocalTools
-from nat_ray.serve import AgentLoop, AgentRequest, agent_response, episode_for, validation_error
+from nat_ray.serve import (
+    AgentLoop,
+    AgentRequest,
+    agent_response,
+    episode_for,
+    response_status,
+    validation_error,
+)
 from nat_ray.tasks import get_task
 
 LIMITS = ServeConfig(max_question_chars=20, max_turns_limit=5, max_tokens_limit=64)
@@ -89,6 +96,15 @@ def test_the_answer_carries_both_verdicts_only_with_a_gold():
     assert "correct" not in body
     assert body["answer"] == "4.0" and body["finished"] and body["usage"]["total_tokens"] == 0
     assert agent_response(ep, "gsm8k", "m", gold=4)["correct"] == {"paper": False, "robust": True, "f1": None}
+
+
+def test_an_episode_cut_short_by_the_llm_deployment_is_a_503_not_a_wrong_answer():
+    ep = new_episode(get_task("gsm8k"), "2 + 2?", AgentConfig(), "e1")
+    assert response_status(ep) == 200
+    ep.failure_reason = "turn_cap"
+    assert response_status(ep) == 200
+    ep.failure_reason = "generation_error"
+    assert response_status(ep) == 503
 
 
 class GatedEngine:

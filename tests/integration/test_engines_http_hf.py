@@ -24,7 +24,7 @@ from nat_ray.tasks import get_task
 
 pytestmark = pytest.mark.integration
 
-STARTUP_DEADLINE_S = 300
+STARTUP_DEADLINE_S = 600
 LONG_QUESTION = "How many? " + "one two three four " * 600  # far beyond max_model_len=2048
 
 

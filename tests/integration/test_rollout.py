@@ -62,7 +62,7 @@ def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, embedded_pat
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 420
+        deadline = time.time() + 600
         while time.time() < deadline and not list((out / PARTS_DIR).glob("*.parquet")):
             assert proc.poll() is None, "rollout exited before writing anything"
             time.sleep(1)
@@ -126,9 +126,11 @@ def test_bad_settings_fail_before_any_work(tmp_path, embedded_path):
 
 class _SlowSearch(http.server.BaseHTTPRequestHandler):
     delay = 0.0
+    arrived = threading.Event()
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).arrived.set()
         time.sleep(type(self).delay)
         body = b'{"results": [{"title": "T", "text": "found it"}]}'
         self.send_response(200)
@@ -166,7 +168,13 @@ def test_killed_tool_actor_restarts_and_the_episode_goes_on():
         actor = pools["search"][0]
         pid = ray.get(actor.pid.remote())
         _SlowSearch.delay = 5.0  # the first call is still out when the actor dies
-        threading.Timer(1.5, os.kill, (pid, signal.SIGKILL)).start()
+        _SlowSearch.arrived.clear()
+
+        def kill_when_the_call_is_out() -> None:
+            if _SlowSearch.arrived.wait(timeout=300):
+                os.kill(pid, signal.SIGKILL)
+
+        threading.Thread(target=kill_when_the_call_is_out, daemon=True).start()
         ep = Episode("e", [{"role": "user", "content": "q"}], ("search",), Sampling(), 7)
         Stepper(
             _Script(["Action: search[slow]", "Action: search[again]", "Action: finish[x]"]), RayTools(pools)

@@ -1,0 +1,195 @@
+"""Training end to end: real local Ray, Ray Train, DeepSpeed (2 CPU workers on gloo), the embedded model.
+
+One full run is trained in two parts (max_steps 1, then 2 with the same run_name: the second
+resumes from the first's checkpoint), then exported and loaded in transformers and vLLM. One
+LoRA run (ZeRO-2) exports an adapter and a merged model. Every global batch is the whole tiny
+dataset, so losses of different steps are comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from nat_ray import nat_data as nd
+from nat_ray import records
+from nat_ray.config import EngineConfig, NatRayConfig, TrainConfig
+
+pytestmark = pytest.mark.integration
+
+
+def _row(i: int, correct: bool) -> dict:
+    product = (i + 2) * (i + 3)
+    return {
+        nd.TRAJECTORY_ID: f"t{i}-{correct}",
+        nd.TASK: "gsm8k",
+        nd.FAMILY: "math",
+        nd.QUESTION_ID: f"q{i}",
+        nd.QUESTION: f"A shop sells {i + 2} boxes of {i + 3} pens. How many pens?",
+        nd.GOLD: str(product),
+        nd.TRAJECTORY: [
+            {
+                "role": "assistant",
+                "content": f"Thought: boxes times pens.\nAction: calculate[{i + 2}*{i + 3}]",
+            },
+            {"role": "user", "content": f"Observation: {product}"},
+            {
+                "role": "assistant",
+                "content": f"Thought: done.\nAction: finish[{product if correct else product + 1}]",
+            },
+            {"role": "user", "content": "Observation: Episode finished"},
+        ],
+        nd.PROMPT: [],
+        nd.CORRECT_PAPER: correct,
+        nd.CORRECT_ROBUST: correct,
+        nd.FINISHED: True,
+        nd.TURNS: 2,
+    }
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    if ray.is_initialized():  # another module's Ray: share it
+        yield
+        return
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base_cfg(tmp_path_factory) -> TrainConfig:
+    """2 positives + 2 negatives (~200 tokens each) packed into 2 rows = one global batch."""
+    data = tmp_path_factory.mktemp("data")
+    records.write_rows([_row(i, c) for i in range(2) for c in (True, False)], data / "part-0.parquet")
+    return TrainConfig(
+        data=[str(data)],
+        variant="nat",
+        max_length=512,
+        packing=True,
+        epochs=10,
+        global_batch_size=2,
+        micro_batch_size=1,
+        num_workers=2,
+        use_gpu=False,
+        learning_rate=2e-4,
+        warmup_ratio=0.0,
+        checkpoint_every=1,
+        keep_checkpoints=1,
+        storage_path=str(tmp_path_factory.mktemp("runs")),
+    )
+
+
+@pytest.fixture(scope="module")
+def full_runs(local_ray, base_cfg):
+    """ZeRO-3 full fine-tuning: one step, then the same run_name again up to step 2 (a resume)."""
+    from nat_ray.train import run_train
+
+    cfg = replace(base_cfg, mode="full", zero_stage=3, run_name="full")
+    first = run_train(NatRayConfig(train=replace(cfg, max_steps=1)))
+    second = run_train(NatRayConfig(train=replace(cfg, max_steps=2)))
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def lora_run(local_ray, base_cfg):
+    from nat_ray.train import run_train
+
+    cfg = replace(
+        base_cfg,
+        mode="lora",
+        zero_stage=2,
+        lora_rank=8,
+        lora_target_modules=["q_proj", "v_proj"],
+        learning_rate=1e-3,
+        max_steps=1,
+        run_name="lora",
+    )
+    return run_train(NatRayConfig(train=cfg))
+
+
+def test_ray_data_tokenization_matches_local(local_ray, base_cfg, embedded_path, monkeypatch):
+    from nat_ray import train
+
+    examples, _ = train.select_examples(base_cfg, train.read_trajectories(base_cfg.data))
+    local = train.tokenize_examples(examples, embedded_path, 512)
+    monkeypatch.setattr(train, "RAY_DATA_MIN_EXAMPLES", 0)
+    assert train.tokenize_examples(examples, embedded_path, 512) == local
+
+
+def test_loss_falls_and_a_restarted_run_resumes_from_its_checkpoint(full_runs):
+    first, second = full_runs
+    assert (first["start_step"], first["step"], first["resumed"]) == (0, 1, False)
+    assert (second["start_step"], second["step"], second["resumed"]) == (1, 2, True)
+    history = second["history"]
+    assert [h["step"] for h in history] == [1, 2]
+    assert history[0] == first["history"][0]  # step 1 came from the checkpoint, not a re-run
+    assert history[1]["loss"] < 0.9 * history[0]["loss"]  # same batch, one update later
+    assert all(h["tokens_per_s"] > 0 for h in history)
+    run_dir = Path(second["run_dir"])
+    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_000002"]  # keep_checkpoints=1
+    assert list((run_dir / "tensorboard").iterdir())
+
+
+def test_full_export_loads_in_transformers_and_generates(full_runs, embedded_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = full_runs[1]["export"]
+    assert export["adapter"] is None
+    path = Path(export["model"])
+    assert (path / "model.safetensors").is_file() and (path / "chat_template.jinja").is_file()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(embedded_path)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Question: 3 boxes of 4 pens?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+    )
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+
+
+def test_full_export_answers_in_vllm(full_runs):
+    from nat_ray.engines.vllm_engine import VLLMEngine
+    from nat_ray.react import Sampling
+
+    engine = VLLMEngine(
+        EngineConfig(
+            model=full_runs[1]["export"]["model"], max_model_len=1024, kv_cache_gb=1.0, max_num_seqs=4
+        )
+    )
+    try:
+        (answer,) = engine.generate(
+            [[{"role": "user", "content": "Question: 3 boxes of 4 pens. How many pens?"}]],
+            [Sampling(max_tokens=16)],
+        )
+    finally:
+        engine.close()
+    assert answer.error is None and answer.completion_tokens > 0 and answer.text
+
+
+def test_lora_exports_an_adapter_and_a_merged_model_that_agree(lora_run, embedded_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    export = lora_run["export"]
+    assert (Path(export["adapter"]) / "adapter_config.json").is_file()
+    ids = torch.tensor([[1, 504, 3216, 28, 253, 1345, 282, 2]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(embedded_path)
+        base_logits = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, export["adapter"])
+        adapter_logits = adapted(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(export["model"])
+        merged_logits = merged(ids).logits
+        assert merged.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+    assert not torch.allclose(adapter_logits, base_logits, atol=1e-4)  # the adapter learned something
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-3)

@@ -1,0 +1,230 @@
+"""The training stage's driver side without Ray: input checks, the per-rank schedule, resume checks."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from nat_ray import nat_data as nd
+from nat_ray import records
+from nat_ray.config import NatRayConfig, TrainConfig, load_config
+from nat_ray.errors import ConfigError, DataError
+from nat_ray.masks import IGNORE_INDEX, TokenizedExample
+from nat_ray.train import (
+    check_resume,
+    finalize_examples,
+    make_schedule,
+    prepare_rows,
+    read_trajectories,
+    run_fingerprint,
+    run_train,
+    select_examples,
+    tokenize_examples,
+    write_fingerprint,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def math_row(i: int, correct: bool) -> dict:
+    """A hand-made scored GSM8K-style trajectory row (the rest of the schema is left null)."""
+    product = (i + 2) * (i + 3)
+    answer = product if correct else product + 1
+    return {
+        nd.TRAJECTORY_ID: f"t{i}-{correct}",
+        nd.TASK: "gsm8k",
+        nd.FAMILY: "math",
+        nd.QUESTION_ID: f"q{i}",
+        nd.QUESTION: f"A shop sells {i + 2} boxes of {i + 3} pens. How many pens?",
+        nd.GOLD: str(product),
+        nd.TRAJECTORY: [
+            {
+                "role": "assistant",
+                "content": f"Thought: boxes times pens.\nAction: calculate[{i + 2}*{i + 3}]",
+            },
+            {"role": "user", "content": f"Observation: {product}"},
+            {"role": "assistant", "content": f"Thought: done.\nAction: finish[{answer}]"},
+            {"role": "user", "content": "Observation: Episode finished"},
+        ],
+        nd.PROMPT: [],
+        nd.CORRECT_PAPER: correct,
+        nd.CORRECT_ROBUST: correct,
+        nd.FINISHED: True,
+        nd.TURNS: 2,
+    }
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    folder = tmp_path / "trajectories"
+    folder.mkdir()
+    records.write_rows([math_row(i, c) for i in range(3) for c in (True, False)], folder / "part-0.parquet")
+    return folder
+
+
+def _cfg(data_dir, tmp_path, **fields) -> TrainConfig:
+    base = dict(
+        data=[str(data_dir)],
+        storage_path=str(tmp_path / "runs"),
+        global_batch_size=2,
+        micro_batch_size=1,
+        num_workers=2,
+        max_length=512,
+    )
+    return TrainConfig(**{**base, **fields})
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: a clear error before any training
+
+
+def test_missing_data_path(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*import-nat"):
+        read_trajectories([str(tmp_path / "nope")])
+
+
+def test_folder_without_parquet(tmp_path):
+    with pytest.raises(DataError, match="no .parquet files"):
+        read_trajectories([str(tmp_path)])
+
+
+def test_file_with_other_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), path)
+    with pytest.raises(DataError, match="not a trajectory file.*trajectory_id"):
+        read_trajectories([str(path)])
+
+
+def test_empty_trajectory_file(tmp_path):
+    records.write_rows([], tmp_path / "empty.parquet")
+    with pytest.raises(DataError, match="hold no trajectories"):
+        read_trajectories([str(tmp_path / "empty.parquet")])
+
+
+def test_variant_that_needs_negatives(data_dir, tmp_path):
+    rows = [r for r in read_trajectories([str(data_dir)]) if r[nd.CORRECT_ROBUST]]
+    with pytest.raises(DataError, match="needs negative trajectories"):
+        select_examples(_cfg(data_dir, tmp_path, variant="nat"), rows)
+    examples, _ = select_examples(_cfg(data_dir, tmp_path, variant="wo_neg"), rows)
+    assert len(examples) == 3
+
+
+def test_run_train_rejects_bad_input_before_starting_ray(data_dir, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start for bad input"))
+    cases = [
+        (dict(data=[str(tmp_path / "missing")]), DataError, "does not exist"),
+        (
+            dict(mode="lora", lora_target_modules=["q_proj", "query_key_value"]),
+            ConfigError,
+            "query_key_value",
+        ),
+        (dict(variant="nat_ab_typo"), ConfigError, "unknown data variant"),
+    ]
+    for fields, error, message in cases:
+        with pytest.raises(error, match=message):
+            run_train(NatRayConfig(train=_cfg(data_dir, tmp_path, **fields)))
+
+
+def test_overlong_examples_are_counted_truncated_or_dropped(data_dir, tmp_path, embedded_path):
+    rows = read_trajectories([str(data_dir)])
+    cfg = _cfg(data_dir, tmp_path, max_length=150, packing=False)
+    examples, selection = select_examples(cfg, rows)
+    lengths = [len(ex.input_ids) for ex in tokenize_examples(examples, embedded_path, None)]
+    assert all(n > 150 for n in lengths)  # every example is over max_length
+
+    kept, stats = prepare_rows(cfg, examples, selection, embedded_path)
+    assert stats["truncated"] == len(examples) and stats["examples"] == len(examples)
+    assert all(len(r) == 150 for r in kept)
+    # Dropping every example leaves nothing: an error, not an empty run.
+    with pytest.raises(DataError, match="no example is left"):
+        prepare_rows(replace(cfg, overlong="drop"), examples, selection, embedded_path)
+
+
+def test_finalize_drops_examples_whose_loss_was_cut_off():
+    ok = TokenizedExample([1, 2, 3], [IGNORE_INDEX, 2, 3], truncated=True)
+    cut = TokenizedExample([1, 2, 3], [IGNORE_INDEX] * 3, truncated=True)
+    fake = [nd.ChatExample([], 0, "a", "correct"), nd.ChatExample([], 0, "b", "correct")]
+    kept, stats = finalize_examples([ok, cut], fake, "truncate")
+    assert kept == [ok]
+    assert stats == {"truncated": 2, "dropped_overlong": 0, "dropped_no_loss": 1}
+    with pytest.raises(DataError, match="'dropped_overlong': 2"):
+        finalize_examples([ok, cut], fake, "drop")
+
+
+def test_prepare_rows_packs_and_counts(data_dir, tmp_path, embedded_path):
+    cfg = _cfg(data_dir, tmp_path, max_length=1024, packing=True)
+    examples, selection = select_examples(cfg, read_trajectories([str(data_dir)]))
+    rows, stats = prepare_rows(cfg, examples, selection, embedded_path)
+    assert stats["positives"] == 3 and stats["negatives"] == 3 and stats["examples"] == 6
+    assert sorted(i for r in rows for i in r.example_ids) == list(range(6))
+    assert len(rows) < 6 and stats["rows"] == len(rows)  # several ~220-token examples per 1024 row
+    assert stats["tokens"] == sum(len(r) for r in rows) and 0 < stats["packing_efficiency"] <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# The schedule
+
+
+def test_schedule_counts_steps_and_accumulation():
+    cfg = TrainConfig(global_batch_size=8, micro_batch_size=2, num_workers=2, epochs=2, warmup_ratio=0.1)
+    s = make_schedule(21, cfg)
+    assert (s.accum, s.steps_per_epoch, s.total_steps, s.warmup_steps) == (2, 2, 4, 1)
+    capped = make_schedule(21, replace(cfg, max_steps=3))
+    assert capped.total_steps == 3
+    with pytest.raises(DataError, match="fewer than train.global_batch_size=8"):
+        make_schedule(7, cfg)
+
+
+def test_rank_streams_cover_each_epoch_once_and_are_deterministic():
+    cfg = TrainConfig(global_batch_size=6, micro_batch_size=1, num_workers=2, epochs=3)
+    s = make_schedule(13, cfg)  # 2 steps per epoch, 1 row dropped per epoch
+    streams = [s.rank_stream(r, seed=5) for r in range(2)]
+    assert streams == [s.rank_stream(r, seed=5) for r in range(2)]
+    assert streams != [s.rank_stream(r, seed=6) for r in range(2)]
+    for epoch in range(3):
+        steps = {2 * epoch, 2 * epoch + 1}
+        rows = [i for stream in streams for step, _, i in stream if step in steps]
+        assert len(rows) == len(set(rows)) == 12  # no row twice in an epoch
+    for stream in streams:
+        # Every rank has accum micro-batches of micro_batch rows at every step, in order.
+        per_step = Counter((step, micro) for step, micro, _ in stream)
+        assert set(per_step.values()) == {1} and len(per_step) == s.total_steps * s.accum
+        assert [step for step, _, _ in stream] == sorted(step for step, _, _ in stream)
+
+
+# --------------------------------------------------------------------------------------------
+# Resume checks
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    run_dir = tmp_path / "nat"
+    cfg = TrainConfig(max_steps=2)
+    fp = run_fingerprint(cfg, "/models/m", gpu=False)
+    assert check_resume(run_dir, fp) is False
+    write_fingerprint(run_dir, fp)
+    assert check_resume(run_dir, fp) is False  # no checkpoint yet: a fresh start
+    (run_dir / "step_000002").mkdir()
+    assert check_resume(run_dir, run_fingerprint(TrainConfig(max_steps=4), "/models/m", False)) is True
+    with pytest.raises(ConfigError, match=r"learning_rate: 5e-05 -> 0\.001.*new train.run_name"):
+        check_resume(run_dir, run_fingerprint(TrainConfig(learning_rate=1e-3), "/models/m", False))
+    assert json.loads((run_dir / "nat_run.json").read_text())["resolved_model"] == "/models/m"
+
+
+# --------------------------------------------------------------------------------------------
+# Shipped configs
+
+
+@pytest.mark.parametrize("name", ["train.yaml", "train_lora.yaml"])
+def test_shipped_train_configs_load(name):
+    cfg = load_config(NatRayConfig, CONFIGS / name)
+    assert cfg.train.num_workers == 2 and cfg.train.use_gpu is not True
+    assert cfg.train.mode == ("lora" if "lora" in name else "full")
