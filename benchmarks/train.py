@@ -1,0 +1,311 @@
+"""Benchmark of stage 2, training (issue 7): packed rows against padded batches, side by side.
+
+Run from the repository root (no arguments; about 10-15 minutes on the 2-core CPU machine)::
+
+    .venv/bin/python benchmarks/train.py        # writes benchmarks/results/train.json
+
+It times :func:`nat_ray.train_step.train_step` (forward, backward, clipping, AdamW) without Ray
+or DeepSpeed: the question is what packing buys, not what Ray costs. Both arms use:
+
+- the same data: NAT examples (``nat`` variant) of the GPT-3.5 StrategyQA trajectories the NAT
+  repo ships (``shared/data``, converted with :mod:`nat_ray.import_nat`), tokenized with the loss
+  masks of :mod:`nat_ray.masks`, ``max_length`` 1024; the same examples in both arms;
+- the same model and precision (the embedded SmolLM2-135M; fp32 on CPU, bf16 on GPU), a fresh
+  copy per arm, AdamW at the paper's 5e-5, one micro-batch per optimizer step;
+- the same ``micro_batch_size`` = 2: two *examples* right-padded to the longer one with a 2D
+  attention mask (transformers' SDPA, as the NAT repo / HF Trainer batch them), against two
+  *packed rows* of up to 1024 tokens (best-fit decreasing) with per-example attention
+  (:data:`nat_ray.packing.VARLEN_ATTENTION`). This is ``train.packing`` on vs off with every
+  other setting equal.
+
+The two arms run interleaved in one process -- after each optimizer step the arm that is behind
+in examples takes the next -- so both see the same load on a shared machine. The first step of
+each arm is warmup and not timed. Tokens/s counts real (non-pad) tokens in both arms.
+``packed_over_padded`` = packed tokens/s / padded tokens/s.
+
+On a GPU it also reports ``mfu``: 6 x parameters FLOPs per token (forward 2N + backward 4N)
+over the device's dense bf16 peak, for the packed arm, and for a random-weight ~1B Llama built
+from the embedded model's config (a 135M model cannot fill a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/train.py` from the repo root
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from nat_ray.config import TrainConfig  # noqa: E402
+from nat_ray.masks import tokenize_example  # noqa: E402
+from nat_ray.packing import collate, pack_examples, packing_efficiency, single_rows  # noqa: E402
+from nat_ray.train_step import (  # noqa: E402
+    build_model,
+    cosine_schedule,
+    count_parameters,
+    mfu,
+    peak_flops_of,
+    train_step,
+)
+
+log = logging.getLogger("benchmarks.train")
+
+RESULTS = ROOT / "benchmarks" / "results" / "train.json"
+MAX_LENGTH = 1024
+MICRO_BATCH = 2
+CPU_EXAMPLES = 24  # ~14k tokens per arm: minutes at ~50 tokens/s
+GPU_EXAMPLES = 512
+# One thread per process on this shared 2-core machine: with two, OpenMP threads spin against
+# other jobs and a step's time varies tenfold. Both arms run under the same setting.
+CPU_THREADS = 1
+SEED = 0
+# A ~1.2B Llama (random weights) for MFU on a GPU; the vocabulary is the embedded model's.
+LLAMA_1B = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+}
+
+
+def machine(gpu: bool) -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = None
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_gb, 1) if mem_gb else None,
+        "gpu": torch.cuda.get_device_name(0) if gpu else None,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "shared": "yes: other jobs (vLLM engines, tests) ran on the same cores during the run",
+    }
+
+
+def nat_examples(tokenizer, n: int) -> tuple[list, str]:
+    """Tokenized NAT examples from the NAT repo's StrategyQA trajectories (or a rollout's, or synthetic)."""
+    from nat_ray import nat_data
+    from nat_ray.import_nat import import_nat, resolve_inputs
+
+    try:
+        rows, _ = import_nat(resolve_inputs([]))
+        source = "NAT repo GPT-3.5 StrategyQA trajectories (shared/data), variant nat"
+    except Exception as err:  # noqa: BLE001 - no shared data on this machine: fall back to synthetic
+        log.warning("NAT trajectories unavailable (%s); using synthetic NAT-like examples", err)
+        from nat_ray.train_step import synthetic_examples
+
+        return synthetic_examples(n, 577, MAX_LENGTH, tokenizer.vocab_size, SEED), "synthetic"
+    examples, _ = nat_data.build_examples(rows, "nat", seed=42)
+    random.Random(SEED).shuffle(examples)
+    return [
+        tokenize_example(tokenizer, ex.messages, MAX_LENGTH, ex.prompt_messages) for ex in examples[:n]
+    ], source
+
+
+def micro_batches(rows, pad_id: int, packed: bool) -> list[dict]:
+    order = list(range(len(rows)))
+    random.Random(SEED).shuffle(order)
+    return [
+        collate([rows[i] for i in order[j : j + MICRO_BATCH]], pad_id, packed)
+        for j in range(0, len(order), MICRO_BATCH)
+    ]
+
+
+class Arm:
+    """One side of the comparison: its own model copy, optimizer and micro-batches."""
+
+    def __init__(self, name: str, packed: bool, model_path: str, rows, pad_id: int, device, gpu: bool, **kw):
+        cfg = TrainConfig(
+            packing=packed, micro_batch_size=MICRO_BATCH, global_batch_size=MICRO_BATCH, num_workers=1
+        )
+        self.name = name
+        self.model = build_model(cfg, model_path, gpu, **kw).to(device)
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        self.batches = micro_batches(rows, pad_id, packed)
+        self.scheduler = cosine_schedule(self.optimizer, 0, len(self.batches))
+        self.device = device
+        self.done = 0  # micro-batches run
+        self.timed = {"steps": 0, "tokens": 0, "padded_tokens": 0, "loss_tokens": 0, "seconds": 0.0}
+        self.losses: list[float] = []
+        self.attention = self.model.config._attn_implementation
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= len(self.batches)
+
+    def step(self) -> None:
+        batch = self.batches[self.done]
+        stats = train_step(self.model, self.optimizer, self.scheduler, [batch], self.device)
+        self.losses.append(stats.loss)
+        if self.done > 0:  # the first step is warmup (allocator, kernels)
+            for key, value in (
+                ("steps", 1),
+                ("tokens", stats.tokens),
+                ("padded_tokens", stats.padded_tokens),
+                ("loss_tokens", stats.loss_tokens),
+                ("seconds", stats.seconds),
+            ):
+                self.timed[key] += value
+        self.done += 1
+        log.info(
+            "%-6s step %3d/%d  %5d tokens in %6.1fs  loss %.4f",
+            self.name,
+            self.done,
+            len(self.batches),
+            stats.tokens,
+            stats.seconds,
+            stats.loss,
+        )
+
+    def result(self, num_params: int, peak: float | None) -> dict:
+        t = self.timed
+        tps = t["tokens"] / t["seconds"]
+        return {
+            "attention": self.attention,
+            "micro_batches": len(self.batches),
+            "timed_steps": t["steps"],
+            "tokens": t["tokens"],
+            "padded_tokens": t["padded_tokens"],
+            "pad_share": round(1 - t["tokens"] / t["padded_tokens"], 4),
+            "seconds": round(t["seconds"], 2),
+            "tokens_per_s": round(tps, 2),
+            "loss_first": round(self.losses[0], 4),
+            "loss_last": round(self.losses[-1], 4),
+            "mfu": None if peak is None else round(mfu(tps, num_params, peak), 4),
+        }
+
+
+def run_arms(arms: dict[str, Arm], share: dict[str, float]) -> None:
+    """Interleave: the arm with the smaller share of its work done goes next."""
+    while not all(a.finished for a in arms.values()):
+        name = min((n for n, a in arms.items() if not a.finished), key=lambda n: arms[n].done * share[n])
+        arms[name].step()
+
+
+def mfu_1b(model_path: str, examples, pad_id: int, device, peak: float) -> dict:
+    """Packed training throughput and MFU of a random-weight ~1.2B Llama on the same data (GPU only)."""
+    cfg = TrainConfig(packing=True, micro_batch_size=4, global_batch_size=4, num_workers=1, precision="bf16")
+    model = build_model(cfg, model_path, True, config_overrides=LLAMA_1B).to(device)
+    n_params, _ = count_parameters(model)
+    rows = pack_examples(examples, 4096)
+    batches = micro_batches(rows, pad_id, True)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    sched = cosine_schedule(opt, 0, len(batches))
+    tokens, seconds = 0, 0.0
+    for i, batch in enumerate(batches[:40]):
+        stats = train_step(model, opt, sched, [batch], device)
+        if i >= 3:
+            tokens, seconds = tokens + stats.tokens, seconds + stats.seconds
+    tps = tokens / seconds
+    return {
+        "params": n_params,
+        "max_length": 4096,
+        "tokens_per_s": round(tps, 1),
+        "mfu": round(mfu(tps, n_params, peak), 4),
+    }
+
+
+def main() -> int:
+    from transformers import AutoTokenizer
+
+    from nat_ray.models import resolve_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "nat_ray.import_nat", "nat_ray.nat_data"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    if not gpu:
+        torch.set_num_threads(CPU_THREADS)
+    began = time.time()
+    model_path = resolve_model("embedded")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples, source = nat_examples(tokenizer, GPU_EXAMPLES if gpu else CPU_EXAMPLES)
+    packed_rows = pack_examples(examples, MAX_LENGTH)
+    padded_rows = single_rows(examples)
+    info = machine(gpu)
+    arms = {
+        "packed": Arm("packed", True, model_path, packed_rows, pad_id, device, gpu),
+        "padded": Arm("padded", False, model_path, padded_rows, pad_id, device, gpu),
+    }
+    n_params, _ = count_parameters(arms["packed"].model)
+    peak = peak_flops_of(device)
+    # Equal progress through the data: weight each arm's step count by its micro-batches.
+    run_arms(arms, {name: 1 / len(arm.batches) for name, arm in arms.items()})
+    packed, padded = (arms[n].result(n_params, peak) for n in ("packed", "padded"))
+    result = {
+        "benchmark": "training tokens/s: packed rows vs padded batches (nat_ray.train_step, no Ray)",
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "packed_over_padded": round(packed["tokens_per_s"] / padded["tokens_per_s"], 3),
+        "target": ">= 1.5",
+        "packed": packed,
+        "padded": padded,
+        "mfu": packed["mfu"],
+        "data": {
+            "source": source,
+            "examples": len(examples),
+            "tokens": sum(len(e.input_ids) for e in examples),
+            "loss_tokens": sum(e.num_loss_tokens for e in examples),
+            "truncated": sum(e.truncated for e in examples),
+            "max_length": MAX_LENGTH,
+            "packed_rows": len(packed_rows),
+            "packing_efficiency": round(packing_efficiency(packed_rows, MAX_LENGTH), 4),
+        },
+        "settings": {
+            "model": "embedded SmolLM2-135M-Instruct",
+            "params": n_params,
+            "precision": "bf16" if gpu else "fp32",
+            "micro_batch_size": MICRO_BATCH,
+            "optimizer": "AdamW lr 5e-5, clip 1.0, one micro-batch per step",
+            "interleaved": True,
+        },
+        "machine": {**info, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "seconds": round(time.time() - began, 1),
+    }
+    if gpu and peak:
+        del arms
+        torch.cuda.empty_cache()
+        result["mfu_llama_1b"] = mfu_1b(model_path, examples, pad_id, device, peak)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("packed_over_padded", "mfu", "seconds")}, indent=2))
+    print(
+        f"packed {packed['tokens_per_s']} tok/s vs padded {padded['tokens_per_s']} tok/s "
+        f"(pad share {padded['pad_share']:.0%}) -> {RESULTS}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
