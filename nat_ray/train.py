@@ -463,6 +463,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
+    from ray.train.torch import get_device
 
     from nat_ray.train_step import (
         build_model,
@@ -478,7 +479,7 @@ def train_loop_per_worker(config: dict) -> None:
     gpu = config["gpu"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device() if gpu else torch.device("cpu")
+    device = get_device() if gpu else torch.device("cpu")
 
     began = time.perf_counter()
     model = build_model(cfg, config["model_path"], gpu)
