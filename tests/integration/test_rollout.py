@@ -34,7 +34,7 @@ def _config(out: Path, embedded_path: str, **rollout) -> dict:
         "rollout": {
             "output_dir": str(out),
             "tasks": ["gsm8k"],
-            "limit": 12,
+            "limit": 8,
             "temperatures": [0.5, 0.9],
             "batch_size": 4,
             "max_in_flight": 4,
