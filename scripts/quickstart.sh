@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One command on a fresh machine: set up, then run the main job on the embedded default.
+# One command on a fresh machine: set up, then run the main job -- the whole NAT experiment -- on the
+# embedded default. NAT_RAY_RUN names the run (default: quickstart); re-running resumes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo
-echo "== the agent answers a GSM8K question on the embedded model (vLLM CPU engine; about 2 minutes)"
-.venv/bin/nat-ray agent --task gsm8k --gold 36 "A farmer has 3 pens with 12 hens each. How many hens?"
+echo "== the NAT pipeline on the embedded model (CPU): rollout -> train w/o-Neg, NUT, NAT -> evaluate"
+echo "   about 30 minutes on 2 cores; resumable: run this again to continue where it stopped"
+.venv/bin/nat-ray pipeline --config configs/default.yaml --name "${NAT_RAY_RUN:-quickstart}"
