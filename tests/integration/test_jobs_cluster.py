@@ -1,0 +1,414 @@
+"""Jobs and cluster (issue #9), on real Ray processes started as a user would start them.
+
+1. ``ray job submit`` end to end: ``ray start --head`` with its own ports and temp dir, then the
+   README's command, ``ray job submit --working-dir <repo> -- python jobs/rollout.py ...``, run as a
+   CLI. The job is a real stage-1 rollout (Ray Data engine actor, calculator tool actor, Parquet
+   out) whose "teacher" is a tiny OpenAI-compatible server in this test, so no vLLM is started.
+2. Autoscaling: a head with one CPU and the worker node types of the project's ``cluster.yaml``
+   (names, resources, ``min_workers: 0``) on Ray's fake multi-node provider; work that the head
+   cannot hold makes the autoscaler start worker nodes from zero, and the work runs on them.
+
+Both clusters are private: free ports, a temp dir of their own (short, because Ray's unix socket
+paths must fit in 107 bytes), token auth off (``RAY_AUTH_MODE=disabled``; Ray 2.60 turns it on by
+default and other clusters on the machine may have a token). They are stopped by killing the
+process group of ``ray start --block`` and then anything left whose command line or working dir
+is inside that temp dir -- never ``ray stop``, which would stop every Ray on the machine (this is
+also why Ray's ``AutoscalingCluster`` is not used: its start and shutdown run ``ray stop --force``,
+and Ray 2.60's wheel lacks the ``fake_multi_node/example.yaml`` it reads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+# The environment the tests run in: `ray` and `python` resolve here, for the CLI and for the job.
+BIN_DIR = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "disabled"
+    env.update(extra)
+    return env
+
+
+class RayHead:
+    """``ray start --head --block`` in its own process group, with private ports and temp dir."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="natray-", dir="/tmp")
+        self.gcs_port, client, agent_http, agent_grpc, runtime_env, metrics = _free_ports(6)
+        self.log = Path(self.temp_dir) / "ray-start.log"
+        self.cmd = [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}",
+            f"--port={self.gcs_port}",
+            f"--ray-client-server-port={client}",
+            # Fixed by default (52365 ...): another cluster on the machine may hold them.
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
+            "--object-store-memory=200000000",
+            *args,
+        ]
+        self.env = env or _env()
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> RayHead:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        left = self.stop()
+        if exc_type is None:
+            assert not left, f"processes of the test cluster survived: {left}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-5000:]
+
+    def wait_started(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if "Ray runtime started" in self.output():
+                return
+            assert self.proc.poll() is None, f"ray start exited with {self.proc.returncode}:\n{self.output()}"
+            time.sleep(0.5)
+        pytest.fail(f"ray start --head did not come up in {timeout_s:.0f} s:\n{self.output()}")
+
+    def _leftovers(self) -> list:
+        import psutil
+
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+            if p.pid == os.getpid():
+                continue
+            cmdline = " ".join(p.info["cmdline"] or [])
+            cwd = p.info["cwd"] or ""
+            if self.temp_dir in cmdline or cwd.startswith(self.temp_dir):
+                found.append(p)
+        return found
+
+    def stop(self) -> list[str]:
+        """Stop every process of this cluster (and only those), then remove its temp dir.
+
+        Returns:
+            the command lines of processes that survived (none, normally).
+        """
+        import psutil
+
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        # Job drivers start their own sessions, and raylets may move workers to new groups:
+        # whatever still runs from this temp dir is this cluster's.
+        for _ in range(3):
+            left = self._leftovers()
+            if not left:
+                break
+            for p in left:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            psutil.wait_procs(left, timeout=10)
+        left = [f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}" for p in self._leftovers()]
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return left
+
+
+# --------------------------------------------------------------------------------------------
+# 1. ray job submit
+
+
+class _Teacher(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat server that plays a ReAct agent: calculate, then finish."""
+
+    requests: list[dict] = []
+
+    def _send(self, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self._send({"object": "list", "data": [{"id": "teacher", "object": "model"}]})
+
+    def do_POST(self):  # noqa: N802
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(request)
+        if request["messages"][-1]["content"].startswith("Observation:"):
+            text = "Thought: The calculator says 42.\nAction: finish[42]"
+        else:
+            text = "Thought: I multiply the two numbers.\nAction: calculate[6 * 7]"
+        self._send(
+            {
+                "id": "cmpl-1",
+                "object": "chat.completion",
+                "model": request["model"],
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                ],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 10},
+            }
+        )
+
+    def log_message(self, *args):
+        pass
+
+
+def _wait_http(url: str, head: RayHead, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert head.proc.poll() is None, f"ray start exited:\n{head.output()}"
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        time.sleep(1)
+    pytest.fail(f"{url} did not answer in {timeout_s:.0f} s:\n{head.output()}")
+
+
+def _ray_cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ray", *args], env=_env(), capture_output=True, text=True, timeout=timeout_s, cwd=REPO
+    )
+
+
+def test_ray_job_submit_runs_a_rollout_job_end_to_end(tmp_path, monkeypatch):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from nat_ray import nat_data as nd
+    from nat_ray import records
+    from nat_ray.rollout import PARTS_DIR
+
+    _Teacher.requests = []
+    teacher = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Teacher)
+    threading.Thread(target=teacher.serve_forever, daemon=True).start()
+    (dashboard_port,) = _free_ports(1)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for the SDK client in this process
+    out = tmp_path / "rollout"
+    submission_id = f"nat-ray-test-{uuid.uuid4().hex[:8]}"
+    entrypoint = [
+        "python",
+        "jobs/rollout.py",
+        "--config",
+        "configs/rollout.yaml",
+        "--tasks",
+        "gsm8k",
+        "--limit",
+        "2",
+        "--output-dir",
+        str(out),  # the job runs in an unpacked copy of the working dir: absolute paths only
+        "--set",
+        "engine.backend=openai",
+        "--set",
+        "engine.model=teacher",
+        "--set",
+        f"engine.base_url=http://127.0.0.1:{teacher.server_port}/v1",
+        "--set",
+        "rollout.temperatures=[0.0]",
+        "--set",
+        "rollout.num_calculators=1",
+    ]
+    try:
+        with RayHead(
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+        ) as head:
+            head.wait_started()
+            _wait_http(f"{address}/api/version", head)
+            # The dashboard answers before the head's job agent has registered; until then a
+            # submission fails with "No available agent to submit job" and nothing is created.
+            deadline = time.monotonic() + 120
+            while True:
+                submit = _ray_cli(
+                    "job",
+                    "submit",
+                    "--address",
+                    address,
+                    "--submission-id",
+                    submission_id,
+                    "--working-dir",
+                    str(REPO),  # .gitignore keeps .venv and runs/ out of the upload
+                    "--",
+                    *entrypoint,
+                )
+                output = submit.stdout + submit.stderr
+                if "No available agent" not in output or time.monotonic() > deadline:
+                    break
+                time.sleep(2)
+            assert submit.returncode == 0, output[-5000:]
+            client = JobSubmissionClient(address)
+            assert client.get_job_status(submission_id) == JobStatus.SUCCEEDED, output[-5000:]
+            status = _ray_cli("job", "status", "--address", address, submission_id)
+            assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr, status
+            logs = client.get_job_logs(submission_id)
+            # main_rollout's closing line, printed by the job's driver.
+            assert "2 trajectories in" in logs and "2 generated now" in logs, logs[-3000:]
+    finally:
+        teacher.shutdown()
+        teacher.server_close()
+
+    rows = records.read_rows(out / PARTS_DIR)
+    assert len(rows) == 2
+    for row in rows:
+        assert row[nd.TASK] == "gsm8k" and row[nd.ENGINE] == "openai" and row[nd.MODEL] == "teacher"
+        assert row[nd.FINISHED] and row[nd.ANSWER] == "42" and row[nd.TURNS] == 2
+    # Both episodes called the calculator (a tool actor on the cluster) and saw its result.
+    last = [r["messages"][-1]["content"] for r in _Teacher.requests]
+    assert len(last) == 4 and last.count("Observation: 42") == 2, last
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Autoscaling from zero with cluster.yaml's node types
+
+
+def _fake_autoscaling_config(gcs_address: str) -> tuple[dict, dict]:
+    """cluster.yaml's cluster, on the fake multi-node provider; returns (config, cluster.yaml)."""
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    worker_types = {}
+    for name, spec in cluster["available_node_types"].items():
+        if name == cluster["head_node_type"]:
+            continue
+        worker_types[name] = {
+            # The AWS provider adds the instance's own CPUs/GPUs/memory to these at `ray up`;
+            # a fake node gets one CPU unless cluster.yaml sets more, and a small object store.
+            "resources": {"CPU": 1, **spec["resources"], "object_store_memory": 100_000_000},
+            "node_config": {},
+            "min_workers": spec["min_workers"],
+            "max_workers": min(spec["max_workers"], 2),  # a laptop's share of the real ceiling
+        }
+    config = {
+        "cluster_name": "nat-ray-fake",
+        "max_workers": 4,
+        "upscaling_speed": cluster["upscaling_speed"],
+        "idle_timeout_minutes": cluster["idle_timeout_minutes"],
+        "provider": {
+            "type": "fake_multinode",
+            "gcs_address": gcs_address,  # not the default :6379, which another cluster may own
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
+        "available_node_types": {
+            **worker_types,
+            # The fake provider names its head type this way; cluster.yaml's head has no GPU.
+            "ray.head.default": {"resources": {"CPU": 1, "GPU": 0}, "node_config": {}, "max_workers": 0},
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {},
+        "docker": {},
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+    }
+    return config, cluster
+
+
+def test_cluster_yaml_worker_types_autoscale_from_zero(monkeypatch):
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    if ray.is_initialized():  # a local Ray left by another test module
+        ray.shutdown()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    head = RayHead(
+        "--num-cpus=1",
+        "--num-gpus=0",
+        "--include-dashboard=false",
+        env=_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1"),
+    )
+    gcs_address = f"{get_node_ip_address()}:{head.gcs_port}"
+    config, cluster = _fake_autoscaling_config(gcs_address)
+    config_path = Path(head.temp_dir) / "autoscaling.json"
+    config_path.write_text(json.dumps(config))
+    head.cmd.append(f"--autoscaling-config={config_path}")
+    a100, cpu = cluster["available_node_types"]["a100"], cluster["available_node_types"]["cpu"]
+    assert a100["min_workers"] == cpu["min_workers"] == 0
+
+    @ray.remote
+    def where() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    with head:
+        head.wait_started()
+        try:
+            ray.init(address=gcs_address, log_to_driver=False)
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            assert len(alive) == 1, alive  # min_workers 0: only the head
+            assert "accelerator_type:A100" not in ray.cluster_resources()
+
+            # Work pinned to A100s (Ray's accelerator_type option asks for the resource that
+            # cluster.yaml's a100 type advertises) and work wider than the head's one CPU.
+            on_a100 = where.options(accelerator_type="A100").remote()
+            wide = where.options(num_cpus=cpu["resources"]["CPU"]).remote()
+            a100_node, cpu_node = ray.get([on_a100, wide], timeout=240)
+
+            nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+            assert len(nodes) == 3, [n["Resources"] for n in nodes.values()]
+            assert nodes[a100_node]["Resources"]["accelerator_type:A100"] == 8
+            assert nodes[cpu_node]["Resources"]["CPU"] == cpu["resources"]["CPU"]
+            assert a100_node != cpu_node
+            assert ray.cluster_resources()["CPU"] == 1 + 1 + cpu["resources"]["CPU"]
+        finally:
+            ray.shutdown()
