@@ -406,7 +406,7 @@ def test_cluster_yaml_worker_types_autoscale_from_zero(monkeypatch):
 
             nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
             assert len(nodes) == 3, [n["Resources"] for n in nodes.values()]
-            assert nodes[a100_node]["Resources"]["accelerator_type:A100"] == 8
+            assert nodes[a100_node]["Resources"]["accelerator_type:A100"] == 1
             assert nodes[cpu_node]["Resources"]["CPU"] == cpu["resources"]["CPU"]
             assert a100_node != cpu_node
             assert ray.cluster_resources()["CPU"] == 1 + 1 + cpu["resources"]["CPU"]
