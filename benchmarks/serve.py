@@ -104,7 +104,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "ray": ray.__version__,
         "vllm": vllm.__version__,
-        "shared": "yes: other jobs (training, another benchmark) ran on the same 2 cores",
+        "note": "other processes may share these cores: compare load_average_start and _end",
     }
 
 
