@@ -862,9 +862,9 @@ def llm_config(
     else:
         bundles = [{"CPU": scfg.llm_num_cpus}]  # ray.serve.llm's default bundle asks for a GPU
         env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gb)))}
-        # vLLM's CPU build kills its engine when a seeded request shares a step with a chunked
-        # prefill ("CPU Generator does not use offset"), and every agent turn is seeded.
-        kwargs["enable_chunked_prefill"] = False
+        from nat_ray.engines.vllm_engine import CPU_ENGINE_DEFAULTS
+
+        kwargs.update(CPU_ENGINE_DEFAULTS)  # why: see there
     if lora_path is not None or engine.lora:
         kwargs.update(enable_lora=True, max_lora_rank=engine.max_lora_rank)
     if lora_path is not None:
