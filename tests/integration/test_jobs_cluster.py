@@ -222,9 +222,7 @@ def _ray_cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
     )
 
 
-def test_ray_job_submit_runs_a_rollout_job_end_to_end(tmp_path, monkeypatch):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
+def test_ray_job_submit_runs_a_rollout_job_end_to_end(tmp_path):
     from nat_ray import nat_data as nd
     from nat_ray import records
     from nat_ray.rollout import PARTS_DIR
@@ -234,7 +232,6 @@ def test_ray_job_submit_runs_a_rollout_job_end_to_end(tmp_path, monkeypatch):
     threading.Thread(target=teacher.serve_forever, daemon=True).start()
     (dashboard_port,) = _free_ports(1)
     address = f"http://127.0.0.1:{dashboard_port}"
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for the SDK client in this process
     out = tmp_path / "rollout"
     submission_id = f"nat-ray-test-{uuid.uuid4().hex[:8]}"
     entrypoint = [
@@ -289,11 +286,12 @@ def test_ray_job_submit_runs_a_rollout_job_end_to_end(tmp_path, monkeypatch):
                     break
                 time.sleep(2)
             assert submit.returncode == 0, output[-5000:]
-            client = JobSubmissionClient(address)
-            assert client.get_job_status(submission_id) == JobStatus.SUCCEEDED, output[-5000:]
+            # Through the CLI only: Ray reads RAY_AUTH_MODE once per process, so an SDK client
+            # here with auth off would break every later ray.init of this pytest process.
             status = _ray_cli("job", "status", "--address", address, submission_id)
             assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr, status
-            logs = client.get_job_logs(submission_id)
+            job_logs = _ray_cli("job", "logs", "--address", address, submission_id)
+            logs = job_logs.stdout + job_logs.stderr
             # main_rollout's closing line, printed by the job's driver.
             assert "2 trajectories in" in logs and "2 generated now" in logs, logs[-3000:]
     finally:
@@ -364,14 +362,40 @@ def _fake_autoscaling_config(gcs_address: str) -> tuple[dict, dict]:
     return config, cluster
 
 
-def test_cluster_yaml_worker_types_autoscale_from_zero(monkeypatch):
-    import ray
+# The driver runs in its own process: Ray reads RAY_AUTH_MODE once per process, and this
+# cluster has auth off while the other test modules' local clusters have it on.
+_AUTOSCALE_DRIVER = """
+import json, sys
+import ray
+
+gcs_address, wide_cpus = sys.argv[1], float(sys.argv[2])
+
+
+@ray.remote
+def where() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+ray.init(address=gcs_address, log_to_driver=False)
+before = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+had_a100 = "accelerator_type:A100" in ray.cluster_resources()
+# Work pinned to A100s (Ray's accelerator_type option asks for the resource that cluster.yaml's
+# a100 type advertises) and work wider than the head's one CPU.
+on_a100 = where.options(accelerator_type="A100").remote()
+wide = where.options(num_cpus=wide_cpus).remote()
+a100_node, cpu_node = ray.get([on_a100, wide], timeout=240)
+nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+print("RESULT " + json.dumps({
+    "before": before, "had_a100": had_a100, "a100_node": a100_node, "cpu_node": cpu_node,
+    "nodes": nodes, "cpus": ray.cluster_resources()["CPU"],
+}))
+ray.shutdown()
+"""
+
+
+def test_cluster_yaml_worker_types_autoscale_from_zero():
     from ray._private.services import get_node_ip_address
 
-    if ray.is_initialized():  # a local Ray left by another test module
-        ray.shutdown()
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     head = RayHead(
         "--num-cpus=1",
         "--num-gpus=0",
@@ -386,29 +410,22 @@ def test_cluster_yaml_worker_types_autoscale_from_zero(monkeypatch):
     a100, cpu = cluster["available_node_types"]["a100"], cluster["available_node_types"]["cpu"]
     assert a100["min_workers"] == cpu["min_workers"] == 0
 
-    @ray.remote
-    def where() -> str:
-        return ray.get_runtime_context().get_node_id()
-
     with head:
         head.wait_started()
-        try:
-            ray.init(address=gcs_address, log_to_driver=False)
-            alive = [n for n in ray.nodes() if n["Alive"]]
-            assert len(alive) == 1, alive  # min_workers 0: only the head
-            assert "accelerator_type:A100" not in ray.cluster_resources()
-
-            # Work pinned to A100s (Ray's accelerator_type option asks for the resource that
-            # cluster.yaml's a100 type advertises) and work wider than the head's one CPU.
-            on_a100 = where.options(accelerator_type="A100").remote()
-            wide = where.options(num_cpus=cpu["resources"]["CPU"]).remote()
-            a100_node, cpu_node = ray.get([on_a100, wide], timeout=240)
-
-            nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
-            assert len(nodes) == 3, [n["Resources"] for n in nodes.values()]
-            assert nodes[a100_node]["Resources"]["accelerator_type:A100"] == 1
-            assert nodes[cpu_node]["Resources"]["CPU"] == cpu["resources"]["CPU"]
-            assert a100_node != cpu_node
-            assert ray.cluster_resources()["CPU"] == 1 + 1 + cpu["resources"]["CPU"]
-        finally:
-            ray.shutdown()
+        run = subprocess.run(
+            [sys.executable, "-c", _AUTOSCALE_DRIVER, gcs_address, str(cpu["resources"]["CPU"])],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    (line,) = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+    got = json.loads(line[len("RESULT ") :])
+    assert len(got["before"]) == 1 and not got["had_a100"]  # min_workers 0: only the head
+    nodes = got["nodes"]
+    assert len(nodes) == 3, nodes
+    assert got["a100_node"] != got["cpu_node"]
+    assert nodes[got["a100_node"]]["accelerator_type:A100"] == 1
+    assert nodes[got["cpu_node"]]["CPU"] == cpu["resources"]["CPU"]
+    assert got["cpus"] == 1 + 1 + cpu["resources"]["CPU"]
