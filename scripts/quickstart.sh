@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo
 echo "== the NAT pipeline on the embedded model (CPU): rollout -> train w/o-Neg, NUT, NAT -> evaluate"
-echo "   about 30 minutes on 2 cores; resumable: run this again to continue where it stopped"
+echo "   about 15 minutes on 2 cores; resumable: run this again to continue where it stopped"
 .venv/bin/nat-ray pipeline --config configs/default.yaml --name "${NAT_RAY_RUN:-quickstart}"
