@@ -54,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/rollout.py` from the repo root
     sys.path.insert(0, str(ROOT))
 
+from machine_info import cpu_model, memory_gib  # noqa: E402 - beside this script
+
 # Quiet vLLM (it logs to stdout by default); set before vllm is imported anywhere, Ray workers included.
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -116,29 +118,14 @@ def parse_time(stamp: str) -> float:
 
 
 def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
     import torch
 
     gpu = torch.cuda.is_available()
     return {
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "ram_gib": mem_gib,
+        "ram_gib": memory_gib(),
         "gpu_available": gpu,
         "gpu_used": False,  # every engine here runs on the CPU (device auto resolves to CPU without CUDA)
         "gpu_name": torch.cuda.get_device_name(0) if gpu else None,

@@ -44,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/serve.py` from the repo root
     sys.path.insert(0, str(ROOT))
 
+from machine_info import cpu_model, memory_gib  # noqa: E402 - beside this script
+
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # Read by the raylet that ray.init starts below (see the docstring: a machine shared with other jobs).
 os.environ["RAY_worker_niceness"] = "0"
@@ -83,22 +85,13 @@ def free_port() -> int:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import ray
     import vllm
 
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "memory_gib": round(mem_gib, 1),
+        "memory_gib": memory_gib(),
         "gpu": None,
         "platform": platform.platform(),
         "python": platform.python_version(),

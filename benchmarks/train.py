@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/train.py` from the repo root
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from machine_info import cpu_model, memory_gib  # noqa: E402 - beside this script
 
 from nat_ray.config import TrainConfig  # noqa: E402
 from nat_ray.masks import tokenize_example  # noqa: E402
@@ -81,24 +82,12 @@ LLAMA_1B = {
 
 
 def machine(gpu: bool) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem_gb = None
     import transformers
 
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "memory_gb": round(mem_gb, 1) if mem_gb else None,
+        "memory_gb": memory_gib(),
         "gpu": torch.cuda.get_device_name(0) if gpu else None,
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
@@ -106,7 +95,7 @@ def machine(gpu: bool) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "shared": "yes: other jobs (vLLM engines, tests) ran on the same cores during the run",
+        "note": "other processes may share these cores: compare load_average_at_start and _at_end",
     }
 
 
