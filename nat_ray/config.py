@@ -182,7 +182,10 @@ class RolloutConfig:
         seed: sampling seed; with the trajectory id it fixes every episode's per-turn seeds.
         output_dir: trajectories go to ``<output_dir>/trajectories/*.parquet``; re-running resumes.
         num_engines: engine actors (each owns one vLLM engine, or one HTTP client for a teacher).
-        engine_num_cpus: CPUs reserved per engine actor.
+        engine_num_cpus: CPUs reserved per engine actor; ``None`` = one for a GPU or HTTP engine,
+            and for a CPU engine this machine's cores shared among ``num_engines``. Ray gives an
+            actor as many OpenMP threads as CPUs it reserves, and a CPU engine computes with
+            exactly those threads (on the 2-core default, 1 instead of 2 halves its speed).
         engine_num_gpus: GPUs per engine actor (set to the tensor-parallel size on a GPU cluster).
         batch_size: episodes handed to an engine actor at once (one Ray Data batch).
         max_in_flight: episodes an actor keeps open at once; finished ones are replaced at once.
@@ -199,7 +202,7 @@ class RolloutConfig:
     seed: int = 0
     output_dir: str = "runs/rollout"
     num_engines: int = 1
-    engine_num_cpus: float = 1.0
+    engine_num_cpus: float | None = None
     engine_num_gpus: float = 0.0
     batch_size: int = 128
     max_in_flight: int = 64
@@ -219,7 +222,7 @@ class RolloutConfig:
             )
         for name in ("num_engines", "batch_size", "max_in_flight", "num_calculators", "num_search"):
             _positive(f"rollout.{name}", getattr(self, name))
-        if self.engine_num_cpus < 0 or self.engine_num_gpus < 0:
+        if (self.engine_num_cpus is not None and self.engine_num_cpus < 0) or self.engine_num_gpus < 0:
             raise ConfigError("rollout.engine_num_cpus and rollout.engine_num_gpus must be >= 0")
 
 

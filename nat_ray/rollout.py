@@ -219,6 +219,15 @@ def check_output_dir(path: Path) -> None:
         raise ConfigError(f"rollout.output_dir={str(path)!r} is not writable: {err}") from None
 
 
+def engine_cpus(cfg: NatRayConfig) -> float:
+    """CPUs (hence OpenMP threads) each engine actor reserves; see ``RolloutConfig.engine_num_cpus``."""
+    if cfg.rollout.engine_num_cpus is not None:
+        return cfg.rollout.engine_num_cpus
+    if cfg.rollout.engine_num_gpus > 0 or cfg.engine.backend != "vllm":
+        return 1.0
+    return float(max(1, (os.cpu_count() or 1) // cfg.rollout.num_engines))
+
+
 def init_ray(min_cpus: float) -> None:
     """Join ``RAY_ADDRESS``'s cluster, or start a local Ray with enough logical CPUs for the actors."""
     import ray
@@ -287,7 +296,8 @@ def _generate(cfg, engine_cfg, tasks, todo, out: Path, model_id: str, chash: str
     import ray
     from tqdm import tqdm
 
-    init_ray(cfg.rollout.num_engines * cfg.rollout.engine_num_cpus)
+    num_cpus = engine_cpus(cfg)
+    init_ray(cfg.rollout.num_engines * num_cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar over trajectories instead
     ctx.execution_options.preserve_order = False
@@ -310,7 +320,7 @@ def _generate(cfg, engine_cfg, tasks, todo, out: Path, model_id: str, chash: str
         batch_size=cfg.rollout.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.rollout.num_engines),
-        num_cpus=cfg.rollout.engine_num_cpus,
+        num_cpus=num_cpus,
         num_gpus=cfg.rollout.engine_num_gpus,
         zero_copy_batch=True,
     )

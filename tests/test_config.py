@@ -74,3 +74,29 @@ def test_missing_and_malformed_files(tmp_path):
 def test_engine_config_is_frozen():
     with pytest.raises(AttributeError):
         EngineConfig().model = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "rollout, engine, expected",
+    [
+        ({}, {}, "cores"),  # a CPU vLLM engine computes with the CPUs it reserves: all of them
+        ({"num_engines": 2}, {}, "half"),
+        ({"engine_num_gpus": 1}, {}, 1.0),  # a GPU engine needs one CPU to drive it
+        ({}, {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1"}, 1.0),
+        ({"engine_num_cpus": 3}, {}, 3.0),  # an explicit value always wins
+    ],
+)
+def test_engine_actor_cpus(monkeypatch, rollout, engine, expected):
+    import os
+
+    from nat_ray.rollout import engine_cpus
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    cfg = from_dict(NatRayConfig, {"rollout": rollout, "engine": engine})
+    want = {"cores": 8.0, "half": 4.0}.get(expected, expected)
+    assert engine_cpus(cfg) == want
+
+
+def test_engine_actor_cpus_must_not_be_negative():
+    with pytest.raises(ConfigError, match="engine_num_cpus"):
+        from_dict(NatRayConfig, {"rollout": {"engine_num_cpus": -1}})
