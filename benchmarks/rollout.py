@@ -1,6 +1,6 @@
 """Benchmark of stage 1, rollout (issue 6): the Ray Data rollout stage against the NAT repo's way.
 
-Run from the repository root (no arguments; about 15 minutes on the 2-core CPU machine)::
+Run from the repository root (no arguments; about 12 minutes on the 2-core CPU machine)::
 
     .venv/bin/python benchmarks/rollout.py            # writes benchmarks/results/rollout.json
     .venv/bin/python benchmarks/rollout.py --quick    # a few minutes, small counts, for development
