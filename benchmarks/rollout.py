@@ -300,7 +300,7 @@ def cost_model(seconds: list[float], episodes) -> dict | None:
 
     Why: a trajectory's cost is not fixed; the sampler decides how many turns and tokens it takes,
     and a small baseline sample can be shorter or longer on average than the rollout stage's
-    (measured here: 61 vs 106 tokens a trajectory on the same first 24 questions). The NAT repo's
+    (measured here: 61 vs 111 tokens a trajectory on the same first 24 questions). The NAT repo's
     way costs, per episode, about ``a`` seconds per prompt token (each turn encodes the whole
     prompt again) plus ``b`` per generated token; with ``a`` and ``b`` from the baseline's own
     episodes, the time it would need for the rollout stage's exact trajectories is predicted.

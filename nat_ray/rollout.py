@@ -225,7 +225,9 @@ def engine_cpus(cfg: NatRayConfig) -> float:
         return cfg.rollout.engine_num_cpus
     if cfg.rollout.engine_num_gpus > 0 or cfg.engine.backend != "vllm":
         return 1.0
-    return float(max(1, (os.cpu_count() or 1) // cfg.rollout.num_engines))
+    from nat_ray.engines.vllm_engine import cpu_threads_per_engine
+
+    return float(cpu_threads_per_engine(cfg.rollout.num_engines))
 
 
 def init_ray(min_cpus: float) -> None:

@@ -862,13 +862,6 @@ def llm_config(
     else:
         bundles = [{"CPU": scfg.llm_num_cpus}]  # ray.serve.llm's default bundle asks for a GPU
         env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gb)))}
-        # ray.serve.llm runs vLLM's CPU engine as three processes and vLLM then keeps one core
-        # for the scheduler's process; on 2 cores its model ran on one thread. With the model in
-        # the engine-core process (no separate worker) and every core's thread, 32 concurrent
-        # agent requests went 21% faster here (issue 8's benchmark); Ray's OMP_NUM_THREADS for the
-        # replica (its one reserved CPU) is overridden for the same reason as in rollout.
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // scfg.llm_replicas))
         from nat_ray.engines.vllm_engine import CPU_ENGINE_DEFAULTS
 
         kwargs.update(CPU_ENGINE_DEFAULTS)  # why: see there

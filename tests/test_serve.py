@@ -184,19 +184,3 @@ def test_a_bug_in_a_step_fails_its_requests_and_the_loop_keeps_serving():
     finally:
         loop.stop()
     assert ep.answer == "ok" and alive
-
-
-def test_cpu_llm_config_gives_vllm_every_core_and_the_gpu_config_does_not(monkeypatch):
-    import os
-
-    from nat_ray.config import NatRayConfig, from_dict
-    from nat_ray.serve import llm_config
-
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    cpu = llm_config(from_dict(NatRayConfig, {"serve": {"llm_replicas": 2}}), "/m", "m")
-    env = cpu.runtime_env["env_vars"]
-    assert env["OMP_NUM_THREADS"] == "2"  # 4 cores shared by two replicas, not Ray's 1 per CPU
-    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-    assert cpu.placement_group_config["bundles"] == [{"CPU": 1.0}]
-    gpu = llm_config(from_dict(NatRayConfig, {"serve": {"llm_num_gpus": 1}}), "/m", "m")
-    assert "OMP_NUM_THREADS" not in (gpu.runtime_env or {}).get("env_vars", {})

@@ -36,6 +36,16 @@ def on_gpu(config: EngineConfig) -> bool:
     return config.device == "cuda" or (config.device == "auto" and cuda_available())
 
 
+def cpu_threads_per_engine(engines: int) -> int:
+    """OpenMP threads each of ``engines`` CPU vLLM engines on this machine should compute with.
+
+    A CPU engine computes with exactly its OpenMP threads, and Ray sets an actor's
+    ``OMP_NUM_THREADS`` to the CPUs it reserves, so the rollout stage sizes a CPU engine actor's
+    reservation from this: the machine's cores, shared.
+    """
+    return max(1, (os.cpu_count() or 1) // engines)
+
+
 def render_prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
     """Token ids the model sees before its next turn (chat template + generation prompt)."""
     ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
@@ -51,11 +61,11 @@ def render_prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
 #   ("CPU Generator does not use offset"), and every agent turn is seeded.
 CPU_ENGINE_DEFAULTS = {"block_size": 32, "enable_chunked_prefill": False}
 
-# On CPU, vLLM's offline engine by default runs as three processes (front end, engine core,
-# model worker) that hand every step to each other through spinning shared-memory queues; on a
-# machine with two cores those spinning processes take the cores the model needs. In-process
-# (engine core and worker in the caller) the same 64 prompts x 48 tokens took 24 s instead of
-# 46 s here. Only the offline engine (this class) is affected; Serve's async engine is not.
+# On CPU, vLLM by default runs its model in a worker process of its own and keeps one core for
+# the engine-core (scheduler) process; on a machine with two cores the model then ran on one
+# thread. With ``vllm.LLM``'s engine core and model in the caller, the same 64 prompts x 48
+# tokens took 24 s instead of 46 s here. (Serve's engine is not helped by this: ray.serve.llm
+# asks for the multiprocess executor on CPU, which keeps the worker and the reserved core.)
 CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
@@ -179,8 +189,7 @@ def _environ(overrides: dict[str, str]):
     """Set variables the user has not set, for vLLM's start-up only.
 
     vLLM reads them while it builds the engine; restoring them keeps them out of processes this
-    one starts later (a local Ray cluster inherits the driver's environment, and Serve's engine
-    there should keep vLLM's own defaults).
+    one starts later (a local Ray cluster inherits the driver's environment), which set their own.
     """
     added = [key for key in overrides if key not in os.environ]
     for key in added:
