@@ -368,7 +368,11 @@ def bench_sequential(cfg, questions) -> dict:
         "turns": sum(ep.turns for ep, _ in pairs),
         "seconds_per_episode": [round(x, 2) for x in per_episode],
         "episodes": [
-            {"seconds": round(sec, 3), "prompt_tokens": ep.prompt_tokens, "completion_tokens": ep.completion_tokens}
+            {
+                "seconds": round(sec, 3),
+                "prompt_tokens": ep.prompt_tokens,
+                "completion_tokens": ep.completion_tokens,
+            }
             for sec, (ep, _) in zip(per_episode, pairs)
         ],
         "cost_model": cost_model(per_episode, [ep for ep, _ in pairs]),

@@ -358,6 +358,9 @@ class ServeConfig:
         llm_replicas: vLLM replicas (each reserves ``llm_num_cpus`` / ``llm_num_gpus``).
         llm_num_cpus: CPUs per vLLM replica's placement bundle.
         llm_num_gpus: GPUs per vLLM replica (tensor-parallel size on a GPU cluster).
+        llm_cpu_reserved_cores: cores a CPU vLLM replica leaves to its scheduler process instead of
+            computing on them (``None``: none on a machine of at most 4 cores, where the model
+            needs every core; vLLM's own default of one on larger machines).
         tool_min_replicas: autoscaling floor of each tool deployment.
         tool_max_replicas: autoscaling ceiling of each tool deployment.
         max_concurrent_episodes: agent episodes the ingress keeps in flight at once.
@@ -374,6 +377,7 @@ class ServeConfig:
     llm_replicas: int = 1
     llm_num_cpus: float = 1.0
     llm_num_gpus: float = 0.0
+    llm_cpu_reserved_cores: int | None = None
     tool_min_replicas: int = 1
     tool_max_replicas: int = 2
     max_concurrent_episodes: int = 64
@@ -397,6 +401,8 @@ class ServeConfig:
             _positive(f"serve.{name}", getattr(self, name))
         if not 0 <= self.tool_min_replicas <= self.tool_max_replicas:
             raise ConfigError("serve.tool_min_replicas must be between 0 and serve.tool_max_replicas")
+        if self.llm_cpu_reserved_cores is not None and self.llm_cpu_reserved_cores < 0:
+            raise ConfigError(f"serve.llm_cpu_reserved_cores must be >= 0, got {self.llm_cpu_reserved_cores}")
 
 
 @dataclass(frozen=True)

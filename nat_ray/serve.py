@@ -861,9 +861,15 @@ def llm_config(
         env = {}
     else:
         bundles = [{"CPU": scfg.llm_num_cpus}]  # ray.serve.llm's default bundle asks for a GPU
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gb)))}
-        from nat_ray.engines.vllm_engine import CPU_ENGINE_DEFAULTS
+        from nat_ray.engines.vllm_engine import CPU_ENGINE_DEFAULTS, cpu_reserved_cores
 
+        reserved = scfg.llm_cpu_reserved_cores
+        env = {
+            "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gb))),
+            # ray.serve.llm runs vLLM's multiprocess executor on CPU; this decides whether its model
+            # worker computes on every core or leaves one to the scheduler (see cpu_reserved_cores).
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": str(cpu_reserved_cores() if reserved is None else reserved),
+        }
         kwargs.update(CPU_ENGINE_DEFAULTS)  # why: see there
     if lora_path is not None or engine.lora:
         kwargs.update(enable_lora=True, max_lora_rank=engine.max_lora_rank)

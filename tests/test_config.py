@@ -100,3 +100,8 @@ def test_engine_actor_cpus(monkeypatch, rollout, engine, expected):
 def test_engine_actor_cpus_must_not_be_negative():
     with pytest.raises(ConfigError, match="engine_num_cpus"):
         from_dict(NatRayConfig, {"rollout": {"engine_num_cpus": -1}})
+
+
+def test_serve_reserved_cores_must_not_be_negative():
+    with pytest.raises(ConfigError, match="llm_cpu_reserved_cores"):
+        from_dict(NatRayConfig, {"serve": {"llm_cpu_reserved_cores": -1}})

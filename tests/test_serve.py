@@ -184,3 +184,30 @@ def test_a_bug_in_a_step_fails_its_requests_and_the_loop_keeps_serving():
     finally:
         loop.stop()
     assert ep.answer == "ok" and alive
+
+
+@pytest.mark.parametrize(
+    "cores, setting, expected",
+    [(2, None, "0"), (4, None, "0"), (16, None, "1"), (2, 1, "1"), (16, 0, "0")],
+)
+def test_a_cpu_replica_computes_on_every_core_of_a_small_machine(monkeypatch, cores, setting, expected):
+    import os
+
+    from nat_ray.config import NatRayConfig, from_dict
+    from nat_ray.serve import llm_config
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    cfg = from_dict(NatRayConfig, {"serve": {"llm_cpu_reserved_cores": setting}})
+    env = llm_config(cfg, "/models/m", "m").runtime_env["env_vars"]
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == expected
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == str(max(1, round(cfg.engine.kv_cache_gb)))
+
+
+def test_a_gpu_replica_leaves_vllm_cpu_settings_alone():
+    from nat_ray.config import NatRayConfig, from_dict
+    from nat_ray.serve import llm_config
+
+    cfg = from_dict(NatRayConfig, {"engine": {"device": "cuda"}, "serve": {"llm_num_gpus": 1}})
+    llm = llm_config(cfg, "/models/m", "m")
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in llm.runtime_env["env_vars"]
+    assert llm.placement_group_config["bundles"][0]["GPU"] == 1

@@ -5,8 +5,9 @@ This is the baseline the benchmarks measure the batched vLLM engine against, so 
 NAT repo does and nothing slower: no padding, a KV cache within each call, no gradients.
 
 Its answers follow the vLLM engine's contract so the two are interchangeable: the same prompt
-token ids (:func:`render_prompt_ids`), the same ``context_overflow`` rule, the stop string cut
-from the text (HF keeps it, vLLM drops it), and the same sampling semantics (no top-k).
+token ids (:func:`render_prompt_ids`), the same ``context_overflow`` rule, stop strings looked for
+in the generated text only and cut from it (HF keeps them, vLLM drops them), and the same sampling
+semantics (no top-k).
 """
 
 from __future__ import annotations
@@ -27,6 +28,27 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """``text`` up to the earliest stop string (excluded), and whether one was found."""
     cuts = [i for i in (text.find(s) for s in stops if s) if i != -1]
     return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def stop_in_new_text(tokenizer, stops: Sequence[str], prompt_len: int):
+    """transformers stopping criteria that end generation once a stop string is in the new text.
+
+    transformers' own ``stop_strings`` match the end of the whole sequence, prompt included: the
+    chat prompt ends in ``"assistant\n"``, so a turn that opens with ``"Observation:"`` matched
+    ``"\nObservation:"`` at once and ended after 3 tokens, where vLLM (which looks at the output
+    only) goes on. On 64 sampled first turns that made 12 HF turns end empty, and HF episodes
+    shorter and more often unparsable than vLLM's on the same questions.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopInNewText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
+            hits = [any(stop in text for stop in stops) for text in texts]
+            return torch.tensor(hits, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopInNewText()])
 
 
 class HFEngine:
@@ -92,7 +114,7 @@ class HFEngine:
             kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
         stops = [x for x in s.stop if x]
         if stops:
-            kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
+            kwargs["stopping_criteria"] = stop_in_new_text(self.tokenizer, stops, len(ids))
         input_ids = torch.tensor([ids], device=self.device)  # (1, T)
         if s.seed is not None:
             torch.manual_seed(s.seed)

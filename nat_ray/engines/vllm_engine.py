@@ -46,6 +46,22 @@ def cpu_threads_per_engine(engines: int) -> int:
     return max(1, (os.cpu_count() or 1) // engines)
 
 
+SMALL_MACHINE_CORES = 4
+
+
+def cpu_reserved_cores(cores: int | None = None) -> int:
+    """Cores a CPU vLLM engine in multiprocess mode should leave to its scheduler process.
+
+    vLLM keeps one core out of the model's OpenMP threads for the engine-core process, which polls
+    while requests run. On a 2-core machine that halves the model's compute; letting the scheduler
+    share both cores measured +25-30% requests/s on Serve's agent route (both one client and 32).
+    On a larger machine one core is a small share, and an OpenMP thread that has to share its
+    core with the scheduler stalls every other thread at each barrier, so vLLM's default stays.
+    """
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    return 0 if cores <= SMALL_MACHINE_CORES else 1
+
+
 def render_prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
     """Token ids the model sees before its next turn (chat template + generation prompt)."""
     ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)

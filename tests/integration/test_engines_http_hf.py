@@ -142,6 +142,19 @@ def test_hf_engine_cuts_the_stop_string(hf_engine):
     assert stopped.completion_tokens < free.completion_tokens
 
 
+def test_hf_engine_looks_for_stop_strings_in_the_new_text_only(hf_engine):
+    # The prompt ends in "assistant\n"; a stop string of "\n" + the turn's first word must not end
+    # the turn at once (as vLLM, which matches the output only; the agent's stop is "\nObservation:").
+    conv = [{"role": "user", "content": "List three fruits, one per line."}]
+    (free,) = hf_engine.generate([conv], [Sampling(max_tokens=24, stop=())])
+    first_word = free.text.split()[0]
+    stop = "\n" + first_word
+    (gen,) = hf_engine.generate([conv], [Sampling(max_tokens=24, stop=(stop,))])
+    assert gen.completion_tokens > 2 and gen.text.startswith(first_word)
+    cut = free.text.find(stop)
+    assert gen.text == (free.text if cut == -1 else free.text[:cut])  # greedy: the same text
+
+
 def test_hf_engine_seeded_sampling_repeats(hf_engine):
     conv = [{"role": "user", "content": "Tell me about the sea."}]
     s = Sampling(temperature=1.0, top_p=0.95, max_tokens=12, seed=123, stop=())
