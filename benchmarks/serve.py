@@ -1,6 +1,6 @@
 """Benchmark of stage 3, serving (issue 8): the agent route under concurrent clients, and under load.
 
-Run from the repository root (no arguments; about 12 minutes on the 2-core CPU machine)::
+Run from the repository root (no arguments; about 11 minutes on the 2-core CPU machine)::
 
     .venv/bin/python benchmarks/serve.py            # writes benchmarks/results/serve.json
 
@@ -16,6 +16,15 @@ calculator and search deployments, the agent ingress) on 127.0.0.1, then:
 3. **Load**: 64 clients, each sending requests back to back for 60 s (GSM8K, and every fourth one
    a HotpotQA question, so search runs too); requests started in the window are waited for.
    Every status is counted; ``errors_5xx`` must be 0. ``p50_s`` / ``p99_s`` are its latencies.
+
+Before Ray starts, a child process measures the **engine's own ceiling** for that ratio:
+vLLM offline (same engine settings, in-process, both cores) generating ``CEILING_TOKENS`` tokens for
+one of the 32 first-turn prompts at a time, then for all 32 at once.
+``engine_batching_ceiling`` = tokens/s at 32 / tokens/s at 1: what phase 2 over phase 1 would be if
+every request were one generation of equal length and the engine were always full. Agent requests
+have turns, tool calls and unequal lengths, and phase 2 lasts as long as its slowest request
+(``concurrent.max_s``), so the served ratio is expected below it. Both phases also report generated
+tokens/s, to set beside the ceiling's batch-1 and batch-32 rates.
 
 Only 127.0.0.1 is contacted; request counts and durations are bounded. The machine is shared with
 other jobs, so Ray's workers run at normal priority (``RAY_worker_niceness=0``; Ray's default of 15
@@ -64,6 +73,8 @@ LOAD_SECONDS = 60.0
 SEQUENTIAL_BUDGET_S = 480.0  # a slower machine stops phase 1 early; the rate uses what finished
 REQUEST_TIMEOUT_S = 600.0
 TARGET_RATIO = 8.0
+CEILING_TOKENS = 100  # per sequence, in the engine-ceiling measurement
+CEILING_SINGLES = 3  # one-at-a-time generations timed for its batch-1 rate
 SEED = 0
 
 CONFIG = {
@@ -129,6 +140,10 @@ def outcomes(bodies: list[dict | None]) -> dict:
     return dict(Counter((b["failure_reason"] or "finished") for b in bodies if b is not None))
 
 
+def completion_tokens(bodies: list[dict | None]) -> int:
+    return sum(b["usage"]["completion_tokens"] for b in bodies if b is not None)
+
+
 def gsm8k_body(question, index: int) -> dict:
     return {"task": "gsm8k", "question": question.question, "seed": SEED + index}
 
@@ -162,7 +177,10 @@ def phase_sequential(url: str, questions) -> dict:
         "statuses": {str(k): v for k, v in statuses.items()},
         "seconds": round(seconds, 2),
         "requests_per_s": len(latencies) / seconds,
+        "completion_tokens": completion_tokens(bodies),
+        "completion_tokens_per_s": completion_tokens(bodies) / seconds,
         "p50_s": percentile(latencies, 50),
+        "max_s": max(latencies, default=None),
         "mean_turns": statistics.fmean(turns),
         "outcomes": outcomes(bodies),
     }
@@ -188,8 +206,11 @@ def phase_concurrent(url: str, questions) -> dict:
         "statuses": {str(k): v for k, v in Counter(r[0] for r in results).items()},
         "seconds": round(seconds, 2),
         "requests_per_s": len(results) / seconds,
+        "completion_tokens": completion_tokens([r[2] for r in results]),
+        "completion_tokens_per_s": completion_tokens([r[2] for r in results]) / seconds,
         "p50_s": percentile(latencies, 50),
         "p99_s": percentile(latencies, 99),
+        "max_s": max(latencies, default=None),
         "mean_turns": statistics.fmean(r[2]["turns"] if r[2] else 0 for r in results),
         "outcomes": outcomes([r[2] for r in results]),
     }
@@ -243,6 +264,91 @@ def phase_load(url: str, math_questions, qa_questions) -> dict:
     }
 
 
+def engine_ceiling(questions) -> dict:
+    """Raw vLLM tokens/s at batch 1 and at batch ``len(questions)``; runs in a child process."""
+    from vllm import SamplingParams
+
+    from nat_ray.agent import new_episode
+    from nat_ray.config import NatRayConfig, from_dict
+    from nat_ray.engines.vllm_engine import VLLMEngine, render_prompt_ids
+    from nat_ray.tasks import get_task
+
+    cfg = from_dict(NatRayConfig, CONFIG)
+    task = get_task("gsm8k")
+    engine = VLLMEngine(cfg.engine)  # CPU engine arguments as the served engine's (CPU_ENGINE_DEFAULTS)
+    try:
+        llm = engine.llm
+        prompts = [
+            {
+                "prompt_token_ids": render_prompt_ids(
+                    engine.tokenizer, new_episode(task, q.question, cfg.agent, str(i)).conversation()
+                )
+            }
+            for i, q in enumerate(questions)
+        ]
+        params = [
+            SamplingParams(
+                temperature=cfg.agent.temperature,
+                top_p=cfg.agent.top_p,
+                max_tokens=CEILING_TOKENS,
+                min_tokens=CEILING_TOKENS,
+                ignore_eos=True,
+                seed=SEED + i,
+            )
+            for i in range(len(prompts))
+        ]
+        warm = SamplingParams(max_tokens=1)
+        llm.generate(prompts[-1:], [warm], use_tqdm=False)  # start-up work outside the timings
+
+        def timed(ps, sps) -> float:
+            # Each timed call starts as a running server would: only the shared one-shot prefix cached.
+            llm.reset_prefix_cache()
+            llm.generate(prompts[-1:], [warm], use_tqdm=False)
+            start = time.perf_counter()
+            outs = llm.generate(ps, sps, use_tqdm=False)
+            return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
+
+        single = statistics.fmean(timed([p], [sp]) for p, sp in zip(prompts[:CEILING_SINGLES], params))
+        batched = timed(prompts, params)
+    finally:
+        engine.close()
+    return {
+        "tokens_per_sequence": CEILING_TOKENS,
+        "batch_1_tokens_per_s": round(single, 1),
+        f"batch_{len(prompts)}_tokens_per_s": round(batched, 1),
+        "ratio": round(batched / single, 2),
+        "how": "vLLM offline in-process, same engine settings, the phase-1/2 first-turn prompts, "
+        "ignore_eos with min_tokens=max_tokens",
+    }
+
+
+def _ceiling_child(questions, queue) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    queue.put(engine_ceiling(questions))
+
+
+def measure_ceiling(questions) -> dict:
+    """:func:`engine_ceiling` in a spawned process, so its engine's memory and threads are gone after."""
+    import multiprocessing
+    import queue as queue_module
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_ceiling_child, args=(questions, queue))
+    child.start()
+    try:
+        while True:
+            try:
+                return queue.get(timeout=5)
+            except queue_module.Empty:  # still working, unless it died
+                if not child.is_alive():
+                    raise RuntimeError(
+                        f"the engine-ceiling process exited with code {child.exitcode}"
+                    ) from None
+    finally:
+        child.join(60)
+
+
 def main() -> int:
     import ray
     from ray import serve
@@ -266,6 +372,8 @@ def main() -> int:
     model_id, _ = served_model_ids(cfg, str(ensure_embedded()))
     llm_deployment = "LLMServer:" + model_id.replace("/", "--").replace(".", "_")
 
+    ceiling = measure_ceiling(questions)
+    log.info("engine ceiling: %s", ceiling)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -296,12 +404,14 @@ def main() -> int:
         "date": datetime.now().isoformat(timespec="seconds"),
         "concurrent_over_sequential": round(ratio, 2),
         "target_concurrent_over_sequential": TARGET_RATIO,
+        "engine_batching_ceiling": ceiling["ratio"],
         "meets_target": ratio >= TARGET_RATIO and load["errors_5xx"] == 0,
         "p50_s": load["p50_s"],
         "p99_s": load["p99_s"],
         "errors_5xx": load["errors_5xx"],
         "sequential": sequential,
         "concurrent": concurrent,
+        "engine_ceiling": ceiling,
         "load": load,
         "settings": {
             "model": "embedded (SmolLM2-135M-Instruct, float32, vLLM CPU via ray.serve.llm)",
@@ -317,7 +427,20 @@ def main() -> int:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("concurrent_over_sequential", "p50_s", "p99_s", "errors_5xx")}))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "concurrent_over_sequential",
+                    "engine_batching_ceiling",
+                    "p50_s",
+                    "p99_s",
+                    "errors_5xx",
+                )
+            }
+        )
+    )
     print(f"wrote {RESULTS}")
     return 0
 
