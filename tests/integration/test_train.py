@@ -13,41 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from rows import math_row  # tests/rows.py
 
-from nat_ray import nat_data as nd
 from nat_ray import records
 from nat_ray.config import EngineConfig, NatRayConfig, TrainConfig
 
 pytestmark = pytest.mark.integration
-
-
-def _row(i: int, correct: bool) -> dict:
-    product = (i + 2) * (i + 3)
-    return {
-        nd.TRAJECTORY_ID: f"t{i}-{correct}",
-        nd.TASK: "gsm8k",
-        nd.FAMILY: "math",
-        nd.QUESTION_ID: f"q{i}",
-        nd.QUESTION: f"A shop sells {i + 2} boxes of {i + 3} pens. How many pens?",
-        nd.GOLD: str(product),
-        nd.TRAJECTORY: [
-            {
-                "role": "assistant",
-                "content": f"Thought: boxes times pens.\nAction: calculate[{i + 2}*{i + 3}]",
-            },
-            {"role": "user", "content": f"Observation: {product}"},
-            {
-                "role": "assistant",
-                "content": f"Thought: done.\nAction: finish[{product if correct else product + 1}]",
-            },
-            {"role": "user", "content": "Observation: Episode finished"},
-        ],
-        nd.PROMPT: [],
-        nd.CORRECT_PAPER: correct,
-        nd.CORRECT_ROBUST: correct,
-        nd.FINISHED: True,
-        nd.TURNS: 2,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +37,7 @@ def local_ray():
 def base_cfg(tmp_path_factory) -> TrainConfig:
     """2 positives + 2 negatives (~200 tokens each) packed into 2 rows = one global batch."""
     data = tmp_path_factory.mktemp("data")
-    records.write_rows([_row(i, c) for i in range(2) for c in (True, False)], data / "part-0.parquet")
+    records.write_rows([math_row(i, c) for i in range(2) for c in (True, False)], data / "part-0.parquet")
     return TrainConfig(
         data=[str(data)],
         variant="nat",
