@@ -189,6 +189,10 @@ class RolloutConfig:
         engine_num_gpus: GPUs per engine actor (set to the tensor-parallel size on a GPU cluster).
         batch_size: episodes handed to an engine actor at once (one Ray Data batch).
         max_in_flight: episodes an actor keeps open at once; finished ones are replaced at once.
+        flush_rows: the driver writes a Parquet part once this many finished trajectories have
+            reached it (each one streams back from its actor as it ends, not with its batch)...
+        flush_seconds: ...or when one reaches it after the oldest unwritten one has waited
+            this long. A killed driver loses only unwritten ones (the next run generates them).
         num_calculators: calculator tool actors.
         num_search: search tool actors (each loads the embedding model and index once).
         tool_actors: run tools in Ray actors (``False``: in the engine actor's process).
@@ -206,6 +210,8 @@ class RolloutConfig:
     engine_num_gpus: float = 0.0
     batch_size: int = 128
     max_in_flight: int = 64
+    flush_rows: int = 32
+    flush_seconds: float = 30.0
     num_calculators: int = 2
     num_search: int = 1
     tool_actors: bool = True
@@ -220,7 +226,15 @@ class RolloutConfig:
             raise ConfigError(
                 f"rollout.temperatures must be a non-empty list of values >= 0, got {self.temperatures}"
             )
-        for name in ("num_engines", "batch_size", "max_in_flight", "num_calculators", "num_search"):
+        for name in (
+            "num_engines",
+            "batch_size",
+            "max_in_flight",
+            "flush_rows",
+            "flush_seconds",
+            "num_calculators",
+            "num_search",
+        ):
             _positive(f"rollout.{name}", getattr(self, name))
         if (self.engine_num_cpus is not None and self.engine_num_cpus < 0) or self.engine_num_gpus < 0:
             raise ConfigError("rollout.engine_num_cpus and rollout.engine_num_gpus must be >= 0")

@@ -4,9 +4,12 @@ questions -> one row per (question, temperature, sample) -> ``map_batches`` over
 whose actors each own one engine (vLLM, or an HTTP teacher) and keep ``max_in_flight`` episodes
 open in the batched stepper -> scored Parquet rows.
 
-The driver writes each finished batch as its own Parquet part (temp file, then rename), so a
-driver killed mid-run loses only batches still in flight. Re-running the same config reads the
-parts, skips every trajectory id already there, and generates only the rest: none twice, none lost.
+Each trajectory streams back to the driver as soon as it ends (the actor's batch function is a
+generator, and the stage asks Ray Data for small blocks), so the progress bar moves per trajectory
+and the driver writes a Parquet part (temp file, then rename) every ``flush_rows`` trajectories or
+``flush_seconds``: a driver killed mid-run loses only what it had not written yet. Re-running the
+same config reads the parts, skips every trajectory id already there, and generates only the
+rest: none twice, none lost.
 """
 
 from __future__ import annotations
@@ -154,6 +157,7 @@ class RolloutWorker:
             self.tools = LocalTools()
 
     def __call__(self, batch):
+        """Yields the batch's scored rows a few at a time, as their episodes end."""
         import pyarrow as pa
 
         from nat_ray.agent import new_episode, sampling_from
@@ -202,11 +206,41 @@ class RolloutWorker:
             while queue and stepper.open < self.cfg.rollout.max_in_flight:
                 stepper.add(queue.popleft())
             stepper.step()
-        return pa.Table.from_pylist(rows, schema=records.arrow_schema())
+            if rows:
+                yield pa.Table.from_pylist(rows, schema=records.arrow_schema())
+                rows.clear()
 
 
 # --------------------------------------------------------------------------------------------
 # Driver
+
+
+class PartWriter:
+    """Buffers finished rows and writes them as Parquet parts, by count or by age."""
+
+    def __init__(self, folder: Path, max_rows: int, max_seconds: float, clock=time.monotonic) -> None:
+        self.folder = folder
+        self.max_rows = max_rows
+        self.max_seconds = max_seconds
+        self.clock = clock
+        self.pending: list[dict] = []
+        self.oldest = 0.0
+        self.written = 0
+
+    def add(self, rows: list[dict]) -> None:
+        if rows and not self.pending:
+            self.oldest = self.clock()
+        self.pending.extend(rows)
+        if len(self.pending) >= self.max_rows or self.clock() - self.oldest >= self.max_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        part = self.folder / f"part-{int(time.time())}-{uuid.uuid4().hex[:8]}.parquet"
+        records.write_rows(self.pending, part)
+        self.written += len(self.pending)
+        self.pending = []
 
 
 def check_output_dir(path: Path) -> None:
@@ -309,6 +343,9 @@ def _generate(cfg, engine_cfg, tasks, todo, out: Path, model_id: str, chash: str
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar over trajectories instead
     ctx.execution_options.preserve_order = False
+    # Ray Data holds a map's outputs back until they fill a block of this many bytes (128 MiB by
+    # default: a whole batch of trajectories); one byte sends every row on as soon as it is yielded.
+    ctx.target_max_block_size = 1
     pools = None
     if cfg.rollout.tool_actors:
         from nat_ray.tool_actors import start_tool_actors
@@ -333,14 +370,14 @@ def _generate(cfg, engine_cfg, tasks, todo, out: Path, model_id: str, chash: str
         zero_copy_batch=True,
     )
     bar = tqdm(total=len(todo), desc="trajectories", unit="traj", disable=not progress, file=sys.stderr)
+    parts = PartWriter(out / PARTS_DIR, cfg.rollout.flush_rows, cfg.rollout.flush_seconds)
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if batch.num_rows == 0:
-                continue
-            part = out / PARTS_DIR / f"part-{int(time.time())}-{uuid.uuid4().hex[:8]}.parquet"
-            records.write_rows(batch.to_pylist(), part)
-            bar.update(batch.num_rows)
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if block.num_rows:
+                parts.add(block.to_pylist())
+                bar.update(block.num_rows)
     finally:
+        parts.flush()  # what reached the driver is written, even when the run is interrupted
         bar.close()
 
 

@@ -54,7 +54,10 @@ def _ray_shutdown():
 def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, embedded_path):
     out = tmp_path / "run"
     cfg_path = tmp_path / "rollout.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(out, embedded_path)))
+    # One batch of all 16: a part can only be there before the kill if trajectories stream back
+    # to the driver as they end, not when their batch is done.
+    streaming = {"batch_size": 16, "flush_rows": 2}
+    cfg_path.write_text(yaml.safe_dump(_config(out, embedded_path, **streaming)))
     proc = subprocess.Popen(
         [sys.executable, "-m", "nat_ray.cli", "rollout", "--config", str(cfg_path)],
         stdout=subprocess.DEVNULL,
@@ -74,7 +77,7 @@ def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, embedded_pat
     before = {r[nd.TRAJECTORY_ID]: r for r in records.read_rows(out / PARTS_DIR)}
     assert 0 < len(before) < 16
 
-    cfg = from_dict(NatRayConfig, _config(out, embedded_path))
+    cfg = from_dict(NatRayConfig, _config(out, embedded_path, **streaming))
     result = run_rollout(cfg, progress=False)
     rows = records.read_rows(out / PARTS_DIR)
     ids = [r[nd.TRAJECTORY_ID] for r in rows]
