@@ -1,6 +1,6 @@
 """Benchmark of stage 1, rollout (issue 6): the Ray Data rollout stage against the NAT repo's way.
 
-Run from the repository root (no arguments; about 12 minutes on the 2-core CPU machine)::
+Run from the repository root (no arguments; about 14 minutes on the 2-core CPU machine)::
 
     .venv/bin/python benchmarks/rollout.py            # writes benchmarks/results/rollout.json
     .venv/bin/python benchmarks/rollout.py --quick    # a few minutes, small counts, for development
@@ -74,7 +74,9 @@ TARGET_FRACTION = 0.7
 
 FULL = {
     "rollout_questions": 192,  # phase 1: one trajectory per question at one temperature
-    "baseline_episodes": 24,  # phase 2: the first 24 of those questions (~10 s each)
+    # phase 2: the first 48 of those questions (~5 s each). A trajectory's length varies 10x
+    # (23-224 tokens), so 24 gave a mean that one or two 7-turn episodes move by a third.
+    "baseline_episodes": 48,
     "agent_loop_episodes": 192,  # phase 3: the same 192 questions as phase 1
 }
 QUICK = {"rollout_questions": 32, "baseline_episodes": 2, "agent_loop_episodes": 32}
@@ -300,7 +302,7 @@ def cost_model(seconds: list[float], episodes) -> dict | None:
 
     Why: a trajectory's cost is not fixed; the sampler decides how many turns and tokens it takes,
     and a small baseline sample can be shorter or longer on average than the rollout stage's
-    (measured here: 61 vs 111 tokens a trajectory on the same first 24 questions). The NAT repo's
+    (measured here: 71 vs 111 tokens a trajectory on the same first 24 questions). The NAT repo's
     way costs, per episode, about ``a`` seconds per prompt token (each turn encodes the whole
     prompt again) plus ``b`` per generated token; with ``a`` and ``b`` from the baseline's own
     episodes, the time it would need for the rollout stage's exact trajectories is predicted.

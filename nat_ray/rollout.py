@@ -15,6 +15,7 @@ rest: none twice, none lost.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import sys
@@ -334,18 +335,34 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def streaming_data_context():
+    """Ray Data settings of the rollout stage, put back afterwards.
+
+    Ray Data holds a map's outputs back until they fill a block of ``target_max_block_size`` bytes
+    (128 MiB by default: a whole batch of trajectories); one byte sends every row on as soon as the
+    actor yields it. Put back because a pipeline goes on, in the same process, to tokenize and
+    stream training data with Ray Data, where it would make every row a block of its own.
+    """
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size)
+    ctx.enable_progress_bars = False  # the driver shows one bar over trajectories instead
+    ctx.execution_options.preserve_order = False
+    ctx.target_max_block_size = 1
+    try:
+        yield ctx
+    finally:
+        ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
+
+
 def _generate(cfg, engine_cfg, tasks, todo, out: Path, model_id: str, chash: str, progress: bool) -> None:
     import ray
     from tqdm import tqdm
 
     num_cpus = engine_cpus(cfg)
     init_ray(cfg.rollout.num_engines * num_cpus)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the driver shows one bar over trajectories instead
-    ctx.execution_options.preserve_order = False
-    # Ray Data holds a map's outputs back until they fill a block of this many bytes (128 MiB by
-    # default: a whole batch of trajectories); one byte sends every row on as soon as it is yielded.
-    ctx.target_max_block_size = 1
     pools = None
     if cfg.rollout.tool_actors:
         from nat_ray.tool_actors import start_tool_actors
@@ -353,32 +370,33 @@ def _generate(cfg, engine_cfg, tasks, todo, out: Path, model_id: str, chash: str
         names = [t for task in tasks for t in task.tools]
         pools = start_tool_actors(cfg.tools, cfg.rollout.num_calculators, cfg.rollout.num_search, names)
     worker_config = {**asdict(cfg), "engine": engine_cfg}
-    ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // cfg.rollout.batch_size)))
-    ds = ds.map_batches(
-        RolloutWorker,
-        fn_constructor_kwargs={
-            "config": worker_config,
-            "tool_pools": pools,
-            "model_id": model_id,
-            "config_hash": chash,
-        },
-        batch_size=cfg.rollout.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.rollout.num_engines),
-        num_cpus=num_cpus,
-        num_gpus=cfg.rollout.engine_num_gpus,
-        zero_copy_batch=True,
-    )
     bar = tqdm(total=len(todo), desc="trajectories", unit="traj", disable=not progress, file=sys.stderr)
     parts = PartWriter(out / PARTS_DIR, cfg.rollout.flush_rows, cfg.rollout.flush_seconds)
-    try:
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if block.num_rows:
-                parts.add(block.to_pylist())
-                bar.update(block.num_rows)
-    finally:
-        parts.flush()  # what reached the driver is written, even when the run is interrupted
-        bar.close()
+    with streaming_data_context():
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // cfg.rollout.batch_size)))
+        ds = ds.map_batches(
+            RolloutWorker,
+            fn_constructor_kwargs={
+                "config": worker_config,
+                "tool_pools": pools,
+                "model_id": model_id,
+                "config_hash": chash,
+            },
+            batch_size=cfg.rollout.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=cfg.rollout.num_engines),
+            num_cpus=num_cpus,
+            num_gpus=cfg.rollout.engine_num_gpus,
+            zero_copy_batch=True,
+        )
+        try:
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if block.num_rows:
+                    parts.add(block.to_pylist())
+                    bar.update(block.num_rows)
+        finally:
+            parts.flush()  # what reached the driver is written, even when the run is interrupted
+            bar.close()
 
 
 def main_rollout(cfg: NatRayConfig) -> int:

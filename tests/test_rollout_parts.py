@@ -60,3 +60,17 @@ def test_an_old_row_is_written_when_the_next_one_arrives(tmp_path):
 def test_flush_settings_must_be_positive(key):
     with pytest.raises(ConfigError, match=f"rollout.{key}"):
         from_dict(NatRayConfig, {"rollout": {key: 0}})
+
+
+def test_streaming_settings_are_put_back():
+    """The pipeline tokenizes and streams training data with Ray Data in the same process next."""
+    import ray.data
+
+    from nat_ray.rollout import streaming_data_context
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.target_max_block_size
+    with pytest.raises(RuntimeError), streaming_data_context() as inside:
+        assert inside.target_max_block_size == 1 and not inside.execution_options.preserve_order
+        raise RuntimeError("the stage failed")
+    assert ctx.target_max_block_size == before
