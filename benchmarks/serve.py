@@ -144,6 +144,24 @@ def completion_tokens(bodies: list[dict | None]) -> int:
     return sum(b["usage"]["completion_tokens"] for b in bodies if b is not None)
 
 
+def phase_summary(clients: int, statuses: Counter, latencies: list[float], bodies, seconds: float) -> dict:
+    """What phases 1 and 2 report: rates, latencies and outcomes of their agent requests."""
+    tokens = completion_tokens(bodies)
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "seconds": round(seconds, 2),
+        "requests_per_s": len(latencies) / seconds,
+        "completion_tokens": tokens,
+        "completion_tokens_per_s": tokens / seconds,
+        "p50_s": percentile(latencies, 50),
+        "max_s": max(latencies, default=None),
+        "mean_turns": statistics.fmean(b["turns"] if b else 0 for b in bodies),
+        "outcomes": outcomes(bodies),
+    }
+
+
 def gsm8k_body(question, index: int) -> dict:
     return {"task": "gsm8k", "question": question.question, "seed": SEED + index}
 
@@ -158,7 +176,7 @@ def reset_prefix_cache(llm_deployment: str) -> None:
 
 def phase_sequential(url: str, questions) -> dict:
     session = requests.Session()
-    latencies, turns, statuses, bodies = [], [], Counter(), []
+    latencies, statuses, bodies = [], Counter(), []
     start = time.perf_counter()
     for i, q in enumerate(questions):
         if time.perf_counter() - start > SEQUENTIAL_BUDGET_S:
@@ -168,22 +186,8 @@ def phase_sequential(url: str, questions) -> dict:
         statuses[status] += 1
         latencies.append(elapsed)
         bodies.append(body)
-        turns.append(body["turns"] if body else 0)
-        log.info("sequential %d/%d: %.1f s, %s turns", i + 1, len(questions), elapsed, turns[-1])
-    seconds = time.perf_counter() - start
-    return {
-        "clients": 1,
-        "requests": len(latencies),
-        "statuses": {str(k): v for k, v in statuses.items()},
-        "seconds": round(seconds, 2),
-        "requests_per_s": len(latencies) / seconds,
-        "completion_tokens": completion_tokens(bodies),
-        "completion_tokens_per_s": completion_tokens(bodies) / seconds,
-        "p50_s": percentile(latencies, 50),
-        "max_s": max(latencies, default=None),
-        "mean_turns": statistics.fmean(turns),
-        "outcomes": outcomes(bodies),
-    }
+        log.info("sequential %d/%d: %.1f s, %s turns", i + 1, len(questions), elapsed, body and body["turns"])
+    return phase_summary(1, statuses, latencies, bodies, time.perf_counter() - start)
 
 
 def phase_concurrent(url: str, questions) -> dict:
@@ -200,20 +204,10 @@ def phase_concurrent(url: str, questions) -> dict:
         results = list(pool.map(one, enumerate(questions)))
     seconds = time.perf_counter() - start
     latencies = [r[1] for r in results]
-    return {
-        "clients": CONCURRENT_CLIENTS,
-        "requests": len(results),
-        "statuses": {str(k): v for k, v in Counter(r[0] for r in results).items()},
-        "seconds": round(seconds, 2),
-        "requests_per_s": len(results) / seconds,
-        "completion_tokens": completion_tokens([r[2] for r in results]),
-        "completion_tokens_per_s": completion_tokens([r[2] for r in results]) / seconds,
-        "p50_s": percentile(latencies, 50),
-        "p99_s": percentile(latencies, 99),
-        "max_s": max(latencies, default=None),
-        "mean_turns": statistics.fmean(r[2]["turns"] if r[2] else 0 for r in results),
-        "outcomes": outcomes([r[2] for r in results]),
-    }
+    summary = phase_summary(
+        CONCURRENT_CLIENTS, Counter(r[0] for r in results), latencies, [r[2] for r in results], seconds
+    )
+    return {**summary, "p99_s": percentile(latencies, 99)}
 
 
 def phase_load(url: str, math_questions, qa_questions) -> dict:

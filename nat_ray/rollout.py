@@ -226,7 +226,6 @@ class PartWriter:
         self.clock = clock
         self.pending: list[dict] = []
         self.oldest = 0.0
-        self.written = 0
 
     def add(self, rows: list[dict]) -> None:
         if rows and not self.pending:
@@ -240,7 +239,6 @@ class PartWriter:
             return
         part = self.folder / f"part-{int(time.time())}-{uuid.uuid4().hex[:8]}.parquet"
         records.write_rows(self.pending, part)
-        self.written += len(self.pending)
         self.pending = []
 
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from rows import math_row  # tests/rows.py
 
 from nat_ray import nat_data as nd
 from nat_ray import records
 from nat_ray.config import NatRayConfig, from_dict
 from nat_ray.errors import ConfigError
 from nat_ray.rollout import PartWriter
-
-
-def _row(i: int) -> dict:
-    return {f.name: None for f in records.arrow_schema()} | {nd.TRAJECTORY_ID: f"t{i}", nd.TASK: "gsm8k"}
 
 
 class _Clock:
@@ -27,32 +24,35 @@ def _parts(folder):
     return sorted(folder.glob("*.parquet"))
 
 
+def _ids(folder) -> list[str]:
+    return sorted(r[nd.TRAJECTORY_ID] for r in records.read_rows(folder))
+
+
 def test_a_part_per_flush_rows_and_the_rest_on_flush(tmp_path):
     writer = PartWriter(tmp_path, max_rows=3, max_seconds=1e9, clock=_Clock())
-    writer.add([_row(0), _row(1)])
+    writer.add([math_row(0, True), math_row(1, True)])
     assert _parts(tmp_path) == []  # two rows wait for a third
-    writer.add([_row(2)])
+    writer.add([math_row(2, True)])
     assert len(_parts(tmp_path)) == 1 and writer.pending == []
-    writer.add([_row(3)])
+    writer.add([math_row(3, True)])
     writer.flush()
     writer.flush()  # nothing pending: no empty part
-    assert len(_parts(tmp_path)) == 2 and writer.written == 4
-    ids = [r[nd.TRAJECTORY_ID] for r in records.read_rows(tmp_path)]
-    assert sorted(ids) == ["t0", "t1", "t2", "t3"]
+    assert len(_parts(tmp_path)) == 2
+    assert _ids(tmp_path) == ["t0-True", "t1-True", "t2-True", "t3-True"]
 
 
 def test_an_old_row_is_written_when_the_next_one_arrives(tmp_path):
     clock = _Clock()
     writer = PartWriter(tmp_path, max_rows=100, max_seconds=30, clock=clock)
-    writer.add([_row(0)])
+    writer.add([math_row(0, True)])
     clock.now = 29.0
-    writer.add([_row(1)])
+    writer.add([math_row(1, True)])
     assert _parts(tmp_path) == []
     clock.now = 30.5  # the first row has waited 30.5 s
-    writer.add([_row(2)])
-    assert len(_parts(tmp_path)) == 1 and writer.written == 3
+    writer.add([math_row(2, True)])
+    assert len(_parts(tmp_path)) == 1 and _ids(tmp_path) == ["t0-True", "t1-True", "t2-True"]
     clock.now = 100.0  # the age counts from the oldest row still pending, not from the start
-    writer.add([_row(3)])
+    writer.add([math_row(3, True)])
     assert writer.pending and len(_parts(tmp_path)) == 1
 
 
