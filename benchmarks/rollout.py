@@ -42,7 +42,6 @@ import collections
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -54,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/rollout.py` from the repo root
     sys.path.insert(0, str(ROOT))
 
-from machine_info import cpu_model, memory_gib  # noqa: E402 - beside this script
+from machine_info import load_average, machine  # noqa: E402 - beside this script
 
 # Quiet vLLM (it logs to stdout by default); set before vllm is imported anywhere, Ray workers included.
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -117,42 +116,6 @@ ROLLOUT = {
 
 def parse_time(stamp: str) -> float:
     return datetime.fromisoformat(stamp).timestamp()
-
-
-def machine() -> dict:
-    import torch
-
-    gpu = torch.cuda.is_available()
-    return {
-        "cpu_model": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "ram_gib": memory_gib(),
-        "gpu_available": gpu,
-        "gpu_used": False,  # every engine here runs on the CPU (device auto resolves to CPU without CUDA)
-        "gpu_name": torch.cuda.get_device_name(0) if gpu else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("vllm", "torch", "ray", "transformers"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
 
 
 def make_config(n_questions: int, output_dir: str):
@@ -239,7 +202,7 @@ def occupancy(trace: list[tuple[int, int, float]]) -> dict:
 def bench_rollout_stage(cfg) -> dict:
     import ray
 
-    from nat_ray import nat_data as nd
+    from nat_ray import nat_data as columns
     from nat_ray import records
     from nat_ray.rollout import PARTS_DIR, run_rollout
 
@@ -257,28 +220,28 @@ def bench_rollout_stage(cfg) -> dict:
         ray.shutdown()  # stop the engine actor before the next phase needs the CPUs
     if result["generated"] != len(rows) or result["skipped"]:
         raise RuntimeError(f"expected a fresh run, got {result}")
-    starts = [parse_time(r[nd.STARTED_AT]) for r in rows]
-    ends = [parse_time(r[nd.ENDED_AT]) for r in rows]
+    starts = [parse_time(r[columns.STARTED_AT]) for r in rows]
+    ends = [parse_time(r[columns.ENDED_AT]) for r in rows]
     window = max(ends) - min(starts)
     n = len(rows)
-    completion = sum(r[nd.COMPLETION_TOKENS] for r in rows)
-    reasons = collections.Counter(r[nd.FAILURE_REASON] for r in rows if r[nd.FAILURE_REASON])
+    completion = sum(r[columns.COMPLETION_TOKENS] for r in rows)
+    reasons = collections.Counter(r[columns.FAILURE_REASON] for r in rows if r[columns.FAILURE_REASON])
     out = {
         "trajectories": n,
-        "batches": len(set(r[nd.STARTED_AT] for r in rows)),
+        "batches": len(set(r[columns.STARTED_AT] for r in rows)),
         "generation_window_s": round(window, 2),
         "end_to_end_s": round(e2e, 2),
         "startup_and_output_s": round(e2e - window, 2),
         "trajectories_per_s": rate(n, window),
         "trajectories_per_s_end_to_end": rate(n, e2e),
         "completion_tokens": completion,
-        "prompt_tokens": sum(r[nd.PROMPT_TOKENS] for r in rows),
+        "prompt_tokens": sum(r[columns.PROMPT_TOKENS] for r in rows),
         "completion_tokens_per_s": rate(completion, window),
-        "turns": sum(r[nd.TURNS] for r in rows),
-        "mean_turns": round(sum(r[nd.TURNS] for r in rows) / n, 3),
-        "accuracy_robust": round(sum(r[nd.CORRECT_ROBUST] for r in rows) / n, 4),
-        "accuracy_paper": round(sum(r[nd.CORRECT_PAPER] for r in rows) / n, 4),
-        "finished_rate": round(sum(r[nd.FINISHED] for r in rows) / n, 4),
+        "turns": sum(r[columns.TURNS] for r in rows),
+        "mean_turns": round(sum(r[columns.TURNS] for r in rows) / n, 3),
+        "accuracy_robust": round(sum(r[columns.CORRECT_ROBUST] for r in rows) / n, 4),
+        "accuracy_paper": round(sum(r[columns.CORRECT_PAPER] for r in rows) / n, 4),
+        "finished_rate": round(sum(r[columns.FINISHED] for r in rows) / n, 4),
         "failure_reasons": dict(reasons.most_common()),
     }
     log.info(
@@ -422,18 +385,22 @@ def bench_agent_vs_raw(cfg, questions) -> dict:
         first_seeds = [ep.next_sampling().seed for ep, _ in pairs]
         llm.reset_prefix_cache()
         stepper = Stepper(engine, LocalTools(), stop_on_tool_error=cfg.agent.stop_on_tool_error)
-        queue = collections.deque(ep for ep, _ in pairs)
         trace = []  # per stepper step (one engine scheduler step when streaming): (open, tokens, seconds)
+        steps = stepper.run_refilling((ep for ep, _ in pairs), cfg.rollout.max_in_flight)
         t1 = time.perf_counter()
-        while queue or stepper.open:
-            while queue and stepper.open < cfg.rollout.max_in_flight:
-                stepper.add(queue.popleft())
-            open_now = stepper.open
+        while True:
             before = sum(ep.completion_tokens for ep, _ in pairs)
             s = time.perf_counter()
-            stepper.step()
+            ended = next(steps, None)
+            if ended is None:
+                break
+            open_during_step = stepper.open + len(ended)
             trace.append(
-                (open_now, sum(ep.completion_tokens for ep, _ in pairs) - before, time.perf_counter() - s)
+                (
+                    open_during_step,
+                    sum(ep.completion_tokens for ep, _ in pairs) - before,
+                    time.perf_counter() - s,
+                )
             )
         agent_s = time.perf_counter() - t1
         steps = len(trace)
@@ -539,7 +506,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"only {len(questions)} {TASK} {SPLIT} questions available, need {n_rollout}")
 
     start = time.perf_counter()
-    load_before = loadavg()
+    machine_at_start = machine()
     tmp = tempfile.mkdtemp(prefix="nat_ray_bench_rollout_")
     cfg = make_config(n_rollout, str(Path(tmp) / "rollout"))
     results: dict = {}
@@ -560,25 +527,31 @@ def main(argv=None) -> int:
         "speedup_vs_sequential_end_to_end": None,
         "fraction_of_raw_vllm": None,
     }
-    stage, seq, cmp_ = (results.get(k) for k in ("rollout_stage", "sequential_baseline", "agent_loop_vs_raw"))
-    if stage and seq:
-        report["speedup_vs_sequential"] = round(stage["trajectories_per_s"] / seq["trajectories_per_s"], 2)
+    stage, sequential, agent_vs_raw = (
+        results.get(k) for k in ("rollout_stage", "sequential_baseline", "agent_loop_vs_raw")
+    )
+    if stage and sequential:
+        report["speedup_vs_sequential"] = round(
+            stage["trajectories_per_s"] / sequential["trajectories_per_s"], 2
+        )
         report["speedup_vs_sequential_end_to_end"] = round(
-            stage["trajectories_per_s_end_to_end"] / seq["trajectories_per_s_end_to_end"], 2
+            stage["trajectories_per_s_end_to_end"] / sequential["trajectories_per_s_end_to_end"], 2
         )
         report["speedup_tokens_per_s"] = round(
-            stage["completion_tokens_per_s"] / seq["completion_tokens_per_s"], 2
+            stage["completion_tokens_per_s"] / sequential["completion_tokens_per_s"], 2
         )
-        model = seq.get("cost_model")
+        model = sequential.get("cost_model")
         if model:
             predicted = (
                 model["seconds_per_prompt_token"] * stage["prompt_tokens"]
                 + model["seconds_per_completion_token"] * stage["completion_tokens"]
             )
             report["speedup_same_trajectories"] = round(predicted / stage["generation_window_s"], 2)
-    if cmp_:
+    if agent_vs_raw:
         report["fraction_of_raw_vllm"] = round(
-            cmp_["agent_loop"]["completion_tokens_per_s"] / cmp_["raw_vllm"]["completion_tokens_per_s"], 3
+            agent_vs_raw["agent_loop"]["completion_tokens_per_s"]
+            / agent_vs_raw["raw_vllm"]["completion_tokens_per_s"],
+            3,
         )
     report["targets"] = {
         "speedup_vs_sequential": {
@@ -627,13 +600,7 @@ def main(argv=None) -> int:
         "env": {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")},
     }
     report.update(results)
-    report["machine"] = {
-        **machine(),
-        "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
-        "note": "shared machine: other processes may have run during the measurement (see loadavg)",
-    }
-    report["versions"] = versions()
+    report["machine"] = {**machine_at_start, "load_average_at_end": load_average()}
     report["total_benchmark_s"] = round(time.perf_counter() - start, 1)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -53,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/serve.py` from the repo root
     sys.path.insert(0, str(ROOT))
 
-from machine_info import cpu_model, memory_gib  # noqa: E402 - beside this script
+from machine_info import load_average, machine  # noqa: E402 - beside this script
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # Read by the raylet that ray.init starts below (see the docstring: a machine shared with other jobs).
@@ -93,23 +92,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def machine() -> dict:
-    import ray
-    import vllm
-
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "memory_gib": memory_gib(),
-        "gpu": None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "ray": ray.__version__,
-        "vllm": vllm.__version__,
-        "note": "other processes may share these cores: compare load_average_start and _end",
-    }
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -169,7 +151,7 @@ def gsm8k_body(question, index: int) -> dict:
 def reset_prefix_cache(llm_deployment: str) -> None:
     from ray import serve
 
-    from nat_ray.serve import APP_NAME
+    from nat_ray.serve.app import APP_NAME
 
     serve.get_deployment_handle(llm_deployment, app_name=APP_NAME).reset_prefix_cache.remote().result()
 
@@ -349,14 +331,14 @@ def main() -> int:
 
     from nat_ray.config import NatRayConfig, from_dict
     from nat_ray.models import ensure_embedded
-    from nat_ray.serve import APP_NAME, build_app, served_model_ids
+    from nat_ray.serve.app import APP_NAME, build_app, served_model_ids
     from nat_ray.tasks import get_task
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("ray", "vllm", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     t0 = time.perf_counter()
-    load_start = os.getloadavg()
+    machine_at_start = machine()
     port = free_port()
     cfg = from_dict(NatRayConfig, {**CONFIG, "serve": {**CONFIG["serve"], "port": port}})
     math_questions = get_task("gsm8k").load("test")
@@ -417,7 +399,7 @@ def main() -> int:
         },
         "startup_s": round(startup_s, 1),
         "total_s": round(time.perf_counter() - t0, 1),
-        "machine": {**machine(), "load_average_start": load_start, "load_average_end": os.getloadavg()},
+        "machine": {**machine_at_start, "load_average_at_end": load_average()},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

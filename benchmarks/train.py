@@ -4,7 +4,7 @@ Run from the repository root (no arguments; about 10-15 minutes on the 2-core CP
 
     .venv/bin/python benchmarks/train.py        # writes benchmarks/results/train.json
 
-It times :func:`nat_ray.train_step.train_step` (forward, backward, clipping, AdamW) without Ray
+It times :func:`nat_ray.train.step.train_step` (forward, backward, clipping, AdamW) without Ray
 or DeepSpeed: the question is what packing buys, not what Ray costs. Both arms use:
 
 - the same data: NAT examples (``nat`` variant) of the GPT-3.5 StrategyQA trajectories the NAT
@@ -46,18 +46,13 @@ if str(ROOT) not in sys.path:  # `python benchmarks/train.py` from the repo root
 
 import torch  # noqa: E402
 from machine_info import cpu_model, memory_gib  # noqa: E402 - beside this script
+from train_step import mfu, micro_batches_of, peak_flops_of, synthetic_examples  # noqa: E402 - beside this script
 
 from nat_ray.config import TrainConfig  # noqa: E402
 from nat_ray.masks import tokenize_example  # noqa: E402
-from nat_ray.packing import collate, pack_examples, packing_efficiency, single_rows  # noqa: E402
-from nat_ray.train_step import (  # noqa: E402
-    build_model,
-    cosine_schedule,
-    count_parameters,
-    mfu,
-    peak_flops_of,
-    train_step,
-)
+from nat_ray.packing import pack_examples, packing_efficiency, single_rows  # noqa: E402
+from nat_ray.train.data import pad_token_id  # noqa: E402
+from nat_ray.train.step import build_model, cosine_schedule, count_parameters, train_step  # noqa: E402
 
 log = logging.getLogger("benchmarks.train")
 
@@ -109,23 +104,12 @@ def nat_examples(tokenizer, n: int) -> tuple[list, str]:
         source = "NAT repo GPT-3.5 StrategyQA trajectories (shared/data), variant nat"
     except Exception as err:  # noqa: BLE001 - no shared data on this machine: fall back to synthetic
         log.warning("NAT trajectories unavailable (%s); using synthetic NAT-like examples", err)
-        from nat_ray.train_step import synthetic_examples
-
         return synthetic_examples(n, 577, MAX_LENGTH, tokenizer.vocab_size, SEED), "synthetic"
     examples, _ = nat_data.build_examples(rows, "nat", seed=42)
     random.Random(SEED).shuffle(examples)
     return [
         tokenize_example(tokenizer, ex.messages, MAX_LENGTH, ex.prompt_messages) for ex in examples[:n]
     ], source
-
-
-def micro_batches(rows, pad_id: int, packed: bool) -> list[dict]:
-    order = list(range(len(rows)))
-    random.Random(SEED).shuffle(order)
-    return [
-        collate([rows[i] for i in order[j : j + MICRO_BATCH]], pad_id, packed)
-        for j in range(0, len(order), MICRO_BATCH)
-    ]
 
 
 class Arm:
@@ -140,7 +124,7 @@ class Arm:
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        self.batches = micro_batches(rows, pad_id, packed)
+        self.batches = micro_batches_of(rows, MICRO_BATCH, pad_id, packed, SEED)
         self.scheduler = cosine_schedule(self.optimizer, 0, len(self.batches))
         self.device = device
         self.done = 0  # micro-batches run
@@ -207,7 +191,7 @@ def mfu_1b(model_path: str, examples, pad_id: int, device, peak: float) -> dict:
     model = build_model(cfg, model_path, True, config_overrides=LLAMA_1B).to(device)
     n_params, _ = count_parameters(model)
     rows = pack_examples(examples, 4096)
-    batches = micro_batches(rows, pad_id, True)
+    batches = micro_batches_of(rows, MICRO_BATCH, pad_id, True, SEED)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
     sched = cosine_schedule(opt, 0, len(batches))
     tokens, seconds = 0, 0.0
@@ -239,7 +223,7 @@ def main() -> int:
     began = time.time()
     model_path = resolve_model("embedded")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     examples, source = nat_examples(tokenizer, GPU_EXAMPLES if gpu else CPU_EXAMPLES)
     packed_rows = pack_examples(examples, MAX_LENGTH)
     padded_rows = single_rows(examples)
@@ -254,7 +238,7 @@ def main() -> int:
     run_arms(arms, {name: 1 / len(arm.batches) for name, arm in arms.items()})
     packed, padded = (arms[n].result(n_params, peak) for n in ("packed", "padded"))
     result = {
-        "benchmark": "training tokens/s: packed rows vs padded batches (nat_ray.train_step, no Ray)",
+        "benchmark": "training tokens/s: packed rows vs padded batches (nat_ray.train.step, no Ray)",
         "date": datetime.now().isoformat(timespec="seconds"),
         "packed_over_padded": round(packed["tokens_per_s"] / padded["tokens_per_s"], 3),
         "target": ">= 1.5",

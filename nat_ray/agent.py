@@ -1,8 +1,10 @@
-"""Glue between a task, the agent config and the stepper: make episodes, show them, score them."""
+"""Glue between a task, the agent config and the stepper: make episodes, run one, show and score it."""
 
 from __future__ import annotations
 
-from nat_ray.config import AgentConfig
+import json
+
+from nat_ray.config import AgentConfig, NatRayConfig
 from nat_ray.prompts import build_messages
 from nat_ray.react import Episode, Sampling
 from nat_ray.scoring import Score
@@ -60,3 +62,42 @@ def format_episode(ep: Episode, score: Score | None = None) -> str:
         lines.append(verdict)
     lines.append(f"turns: {ep.turns}, tokens: {ep.prompt_tokens} prompt / {ep.completion_tokens} generated")
     return "\n".join(lines)
+
+
+def run_agent(cfg: NatRayConfig, question: str, gold: str | None = None, as_json: bool = False) -> int:
+    """``nat-ray agent``: answer one question with ``cfg``'s engine and tools, and print the episode.
+
+    Args:
+        question: the question text.
+        gold: the right answer; the output then says whether the agent got it (both scoring rules).
+        as_json: print the episode as JSON instead of a transcript.
+    """
+    from nat_ray.engines import build_engine
+    from nat_ray.react import LocalTools, Stepper
+    from nat_ray.tasks import get_task
+    from nat_ray.tools import configure_tools
+
+    task = get_task(cfg.agent.task)
+    configure_tools(cfg.tools)
+    episode = new_episode(task, question, cfg.agent, "cli-0")
+    engine = build_engine(cfg.engine)
+    if cfg.engine.backend == "openai":
+        engine.models()  # an unreachable server is a clear error now, not a failed episode later
+    try:
+        Stepper(engine, LocalTools(), stop_on_tool_error=cfg.agent.stop_on_tool_error).run([episode])
+    finally:
+        engine.close()
+    score = task.score(episode.answer, gold) if gold is not None else None
+    if as_json:
+        body = {
+            "answer": episode.answer,
+            "finished": episode.finished,
+            "failure_reason": episode.failure_reason,
+            "turns": episode.turns,
+            "conversation": episode.conversation(),
+            "score": None if score is None else score.__dict__,
+        }
+        print(json.dumps(body, indent=2))
+    else:
+        print(format_episode(episode, score))
+    return 0

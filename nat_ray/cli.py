@@ -1,26 +1,298 @@
-"""The one command line: ``nat-ray <subcommand>``. The ``jobs/`` entry points call :func:`main`.
+"""The one command line, ``nat-ray <subcommand>``: a table of subcommands, each calling one ``run_*``.
 
-Every flag maps onto a config field (``--task`` is ``agent.task``), and ``--set section.key=value``
-reaches any other one, so a setting has one name from YAML to the worker.
+A row of :data:`COMMANDS` names a subcommand, its help, its flags and the plain function it runs
+(``"module:function"``, imported only when that subcommand runs, so ``--help`` starts fast and no
+stage module imports this one). A flag with a ``field`` is a shortcut for that config field
+(``--task`` is ``agent.task``) and ``--set section.key=value`` reaches every other one, so a
+setting has one name from YAML to the worker. Flags without a field are the function's own
+arguments (the question of ``agent``, the files of ``import-nat``). The ``jobs/`` entry points and
+the ``nat-ray`` script call :func:`main`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from nat_ray.errors import NatRayError
 
 log = logging.getLogger("nat_ray")
 
+
+def _comma_list(text: str) -> list[str]:
+    return [part for part in text.split(",") if part]
+
+
+def _comma_ints(text: str) -> list[int]:
+    return [int(part) for part in _comma_list(text)]
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag (or positional argument).
+
+    Attributes:
+        name: ``--max-turns`` (a flag) or ``question`` (a positional argument).
+        help: one line for ``--help``.
+        field: the config field the flag sets (``agent.max_turns``); None: an argument of the
+            command's function, passed by its ``dest``.
+        dest: the function's keyword for a flag without a field (default: derived from the name).
+        options: further ``add_argument`` keywords (``type``, ``choices``, ``action``, ``nargs``...).
+    """
+
+    name: str
+    help: str
+    field: str | None = None
+    dest: str | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.dest or self.name.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its texts, its flags and the function that runs it.
+
+    Attributes:
+        run: ``"module:function"``. With ``config`` the function is called as
+            ``function(cfg, **own_arguments)`` with the loaded :class:`~nat_ray.config.NatRayConfig`;
+            without, as ``function(**own_arguments)``. It returns the exit code.
+        config: whether the command reads a config (``--config`` and ``--set`` are added).
+    """
+
+    name: str
+    help: str
+    description: str
+    run: str
+    flags: tuple[Flag, ...] = ()
+    epilog: str = ""
+    config: bool = True
+
+
+MODEL = Flag("--model", "HF checkpoint path or hub id (default: the embedded SmolLM2-135M)", "engine.model")
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "agent",
+        help="answer one question with the ReAct agent and print the trajectory",
+        description="Run the agent on one question (vLLM engine, the task's tools) and print every turn.",
+        run="nat_ray.agent:run_agent",
+        flags=(
+            Flag("question", "the question text"),
+            Flag("--task", "task whose tools, prompt and scorer to use (default gsm8k)", "agent.task"),
+            MODEL,
+            Flag("--template", "NAT prompt template (default zero-shot-target-aware)", "agent.template"),
+            Flag(
+                "--shots",
+                "1 = add a demonstration (default), 0 = paper format",
+                "agent.shots",
+                options={"type": int, "choices": (0, 1)},
+            ),
+            Flag(
+                "--temperature",
+                "sampling temperature (default 0 = greedy)",
+                "agent.temperature",
+                options={"type": float},
+            ),
+            Flag(
+                "--max-turns",
+                "model calls before giving up (default 7)",
+                "agent.max_turns",
+                options={"type": int},
+            ),
+            Flag("--seed", "sampling seed", "agent.seed", options={"type": int}),
+            Flag("--gold", "the right answer: prints whether the agent got it (paper and robust rules)"),
+            Flag("--json", "print the episode as JSON", dest="as_json", options={"action": "store_true"}),
+        ),
+        epilog="examples:\n"
+        '  nat-ray agent --task gsm8k "A farmer has 3 pens with 12 hens each. How many hens?"\n'
+        '  nat-ray agent --task hotpotqa --set agent.temperature=0.2 "Which magazine was started first?"',
+    ),
+    Command(
+        "rollout",
+        help="collect and score trajectories with Ray Data (stage 1)",
+        description="Run the agent over many questions on Ray Data engine actors, score every trajectory "
+        "(paper and robust rules) and write Parquet to <rollout.output_dir>/trajectories. Re-running the "
+        "same config resumes: finished trajectories are kept and none is generated twice. Set RAY_ADDRESS "
+        "to use a running cluster; otherwise a local Ray starts.",
+        run="nat_ray.rollout:main_rollout",
+        flags=(
+            Flag(
+                "--tasks",
+                "comma-separated tasks (default gsm8k,strategyqa)",
+                "rollout.tasks",
+                options={"type": _comma_list},
+            ),
+            Flag("--split", "dataset split (default train)", "rollout.split"),
+            Flag("--limit", "questions per task (default 20)", "rollout.limit", options={"type": int}),
+            Flag("--output-dir", "where trajectories go (default runs/rollout)", "rollout.output_dir"),
+            MODEL,
+        ),
+        epilog="example:\n  nat-ray rollout --config configs/rollout.yaml --set rollout.limit=50",
+    ),
+    Command(
+        "train",
+        help="fine-tune on NAT data with Ray Train + DeepSpeed (stage 2)",
+        description="Build NAT training data from trajectory Parquet (train.variant, seeded selection), "
+        "tokenize it with loss on the agent's turns only, optionally pack it, and fine-tune "
+        "train.base_model (full or LoRA) with Ray Train workers running DeepSpeed ZeRO. Checkpoints every "
+        "train.checkpoint_every steps; starting the same train.run_name again resumes it. The model is "
+        "exported to <storage_path>/<run_name>/export/ (model/ and, for LoRA, adapter/). Set RAY_ADDRESS "
+        "to use a running cluster; otherwise a local Ray starts.",
+        run="nat_ray.train.run:main_train",
+        flags=(
+            Flag(
+                "--json",
+                "also write the result (metrics, paths) as JSON",
+                dest="json_path",
+                options={"metavar": "PATH"},
+            ),
+        ),
+        epilog="examples:\n"
+        "  nat-ray import-nat && nat-ray train --config configs/train.yaml\n"
+        "  nat-ray train --config configs/train_lora.yaml --set train.lora_rank=32\n"
+        "  nat-ray train --config configs/train.yaml --set train.variant=nut --set train.run_name=nut",
+    ),
+    Command(
+        "serve",
+        help="serve the agent on Ray Serve: OpenAI routes, /v1/agent, tool deployments (stage 3)",
+        description="Serve a model (the embedded one, a full fine-tune, or a base model plus a LoRA "
+        "adapter) on vLLM through ray.serve.llm, with autoscaling calculator and search deployments and "
+        "an agent route that batches concurrent requests in one ReAct loop. Routes: GET /v1/models, "
+        "POST /v1/chat/completions (OpenAI-compatible, streaming), POST /v1/agent, GET /healthz. Set "
+        "RAY_ADDRESS to deploy on a running cluster; otherwise a local Ray starts.",
+        run="nat_ray.serve.app:run_serve",
+        flags=(
+            MODEL,
+            Flag("--lora", "peft adapter directory to serve on top of --model", "serve.lora"),
+            Flag("--host", "address to bind (default 127.0.0.1)", "serve.host"),
+            Flag("--port", "HTTP port (default 8000)", "serve.port", options={"type": int}),
+        ),
+        epilog="examples:\n"
+        "  nat-ray serve --config configs/serve.yaml\n"
+        "  nat-ray serve --model runs/train/nat/export/model --port 8000\n"
+        "  nat-ray serve --lora runs/train/nat/export/adapter\n"
+        '  curl -s localhost:8000/v1/agent -d \'{"task": "gsm8k", "question": "2 pens of 12 hens?"}\'\n'
+        "  serve run nat_ray.serve:build_app_from_args config=configs/serve.yaml",
+    ),
+    Command(
+        "eval",
+        help="evaluate the agent the paper's way (in-process vLLM or a running server)",
+        description="Run the paper's evaluation (inference prompt, T=0.2 / top-p 0.9, or --greedy) over "
+        "tasks and seeds, in-process on vLLM (one batched ReAct loop) or against a running `nat-ray serve` "
+        "(--endpoint, concurrent /v1/agent requests). Writes trajectory Parquet, summary.json and "
+        "results.md (the paper's table layout, paper and robust scoring, mean ± std over seeds).",
+        run="nat_ray.evaluate:main_eval",
+        flags=(
+            MODEL,
+            Flag("--lora", "peft adapter directory to evaluate on top of --model", "serve.lora"),
+            Flag(
+                "--tasks",
+                "comma-separated tasks, e.g. gsm8k,svamp,hotpotqa",
+                "eval.tasks",
+                options={"type": _comma_list},
+            ),
+            Flag("--seeds", "comma-separated seeds, e.g. 0,1,2", "eval.seeds", options={"type": _comma_ints}),
+            Flag("--limit", "questions per task (default 20)", "eval.limit", options={"type": int}),
+            Flag("--split", "dataset split (default test)", "eval.split"),
+            Flag(
+                "--endpoint",
+                "evaluate a running server (http://host:port) instead of in-process",
+                "eval.endpoint",
+            ),
+            Flag(
+                "--greedy",
+                "greedy decoding instead of T=0.2/top-p 0.9",
+                "eval.greedy",
+                options={"action": "store_true", "default": None},
+            ),
+            Flag("--output-dir", "where results go (default runs/eval)", "eval.output_dir"),
+        ),
+        epilog="examples:\n"
+        "  nat-ray eval --config configs/eval.yaml\n"
+        "  nat-ray eval --model runs/train/nat/export/model --tasks gsm8k,svamp --seeds 0,1,2 --limit 50\n"
+        "  nat-ray eval --endpoint http://127.0.0.1:8000 --tasks gsm8k,hotpotqa --greedy",
+    ),
+    Command(
+        "import-nat",
+        help="convert the NAT repo's GPT-3.5 StrategyQA trajectories to a trajectory Parquet file",
+        description="Convert the NAT repository's GPT-3.5 StrategyQA trajectory files "
+        "(strategyqa_gpt-3.5_positive.json / _negative.json, or .json.gz) into one trajectory Parquet "
+        "file, so training can use them without running a teacher. Question texts are looked up by id "
+        "in NAT's strategyqa/train.jsonl. Every trajectory is re-scored with the paper and the robust "
+        "rule; disagreements with the files' info.reward are reported. Malformed records are skipped "
+        "with a warning naming the file and the index.",
+        run="nat_ray.import_nat:run_import",
+        config=False,
+        flags=(
+            Flag(
+                "paths",
+                "trajectory files (read in the order given), or folders holding them (a NAT checkout "
+                "works: positive file first, then negative); default: nat/data/dataset/strategyqa/ in "
+                "the data dirs",
+                options={"nargs": "*", "metavar": "PATH"},
+            ),
+            Flag(
+                "--out",
+                "output .parquet file, or a folder for nat_strategyqa.parquet "
+                "(default: runs/imported/nat_strategyqa.parquet)",
+                options={"metavar": "PATH"},
+            ),
+            Flag(
+                "--questions",
+                "questions file to look ids up in (JSON Lines with id/question/answer); default: "
+                "train.jsonl beside the trajectory files when PATH is given, else NAT's "
+                "strategyqa/train.jsonl in the data dirs",
+                options={"metavar": "FILE"},
+            ),
+        ),
+        epilog="examples:\n"
+        "  nat-ray import-nat                      # the files under shared/data/nat/... (or $NAT_RAY_DATA_DIR)\n"
+        "  nat-ray import-nat ~/src/NAT            # a NAT checkout (its data/dataset/strategyqa)\n"
+        "  nat-ray import-nat pos.json.gz neg.json.gz --questions train.jsonl --out runs/teacher/",
+    ),
+    Command(
+        "pipeline",
+        help="the whole NAT experiment: rollout, train each variant, evaluate, one results table",
+        description="rollout -> NAT data -> train the w/o-Neg, NUT and NAT variants -> evaluate the base "
+        "model and each tuned one -> runs/<name>/results.md. Every stage is recorded in "
+        "runs/<name>/manifest.json; running the same name again resumes and skips finished stages.",
+        run="nat_ray.pipeline:main_pipeline",
+        flags=(Flag("--name", "run name (default: pipeline.name = default)", "pipeline.name"),),
+        epilog="example:\n  nat-ray pipeline --config configs/default.yaml --name first-try",
+    ),
+    Command(
+        "models",
+        help="list cached models",
+        description="List converted models in the cache.",
+        run="nat_ray.models:print_models",
+        config=False,
+        flags=(
+            Flag(
+                "--convert",
+                "convert the embedded model now if it is not cached",
+                options={"action": "store_true"},
+            ),
+        ),
+    ),
+)
+
 _EPILOG = """examples:
   nat-ray agent --task gsm8k "A farmer has 3 pens with 12 hens each. How many hens?"
   nat-ray agent --task hotpotqa --set agent.temperature=0.2 "Which magazine was started first?"
   nat-ray rollout --config configs/rollout.yaml
+  nat-ray import-nat
   nat-ray train --config configs/train.yaml
   nat-ray serve --model runs/train/nat/export/model
   nat-ray eval --model runs/train/nat/export/model --tasks gsm8k,svamp --seeds 0,1,2
@@ -29,117 +301,36 @@ _EPILOG = """examples:
 """
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="YAML", help="config file (values override the defaults)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one field, e.g. --set agent.temperature=0.7 (repeatable; value parsed as YAML)",
+def _add_command(subparsers: argparse._SubParsersAction, command: Command) -> None:
+    parser = subparsers.add_parser(
+        command.name,
+        help=command.help,
+        description=textwrap.fill(command.description, width=100),
+        epilog=command.epilog or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-
-
-def _overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
-    """Flags that are shortcuts for config fields, as ``--set`` items (they win over the file)."""
-    items = []
-    for flag, key in mapping.items():
-        value = getattr(args, flag)
-        if value is not None:
-            items.append(f"{key}={json.dumps(value)}")
-    return items + list(args.overrides)
-
-
-def cmd_agent(args: argparse.Namespace) -> int:
-    from nat_ray.agent import format_episode, new_episode
-    from nat_ray.config import NatRayConfig, load_config
-    from nat_ray.engines import build_engine
-    from nat_ray.react import LocalTools, Stepper
-    from nat_ray.tasks import get_task
-    from nat_ray.tools import configure_tools
-
-    flags = {
-        "task": "agent.task",
-        "model": "engine.model",
-        "template": "agent.template",
-        "shots": "agent.shots",
-        "temperature": "agent.temperature",
-        "max_turns": "agent.max_turns",
-        "seed": "agent.seed",
-    }
-    cfg = load_config(NatRayConfig, args.config, _overrides(args, flags))
-    task = get_task(cfg.agent.task)
-    configure_tools(cfg.tools)
-    episode = new_episode(task, args.question, cfg.agent, "cli-0")
-    engine = build_engine(cfg.engine)
-    if cfg.engine.backend == "openai":
-        engine.models()  # an unreachable server is a clear error now, not a failed episode later
-    try:
-        Stepper(engine, LocalTools(), stop_on_tool_error=cfg.agent.stop_on_tool_error).run([episode])
-    finally:
-        engine.close()
-    score = task.score(episode.answer, args.gold) if args.gold is not None else None
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "answer": episode.answer,
-                    "finished": episode.finished,
-                    "failure_reason": episode.failure_reason,
-                    "turns": episode.turns,
-                    "conversation": episode.conversation(),
-                    "score": None if score is None else score.__dict__,
-                },
-                indent=2,
-            )
+    for flag in command.flags:
+        options = dict(flag.options)
+        if flag.name.startswith("-"):
+            options["dest"] = flag.key
+        if flag.field is not None:
+            options.setdefault("default", None)  # only the flags given override the config file
+        parser.add_argument(flag.name, help=flag.help, **options)
+    if command.config:
+        parser.add_argument("--config", metavar="YAML", help="config file (values override the defaults)")
+        parser.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one field, e.g. --set agent.temperature=0.7 (repeatable; value parsed as YAML)",
         )
-    else:
-        print(format_episode(episode, score))
-    return 0
-
-
-def cmd_rollout(args: argparse.Namespace) -> int:
-    from nat_ray.config import NatRayConfig, load_config
-    from nat_ray.rollout import main_rollout
-
-    flags = {
-        "tasks": "rollout.tasks",
-        "split": "rollout.split",
-        "limit": "rollout.limit",
-        "output_dir": "rollout.output_dir",
-        "model": "engine.model",
-    }
-    cfg = load_config(NatRayConfig, args.config, _overrides(args, flags))
-    return main_rollout(cfg)
-
-
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    from nat_ray.config import NatRayConfig, load_config
-    from nat_ray.pipeline import main_pipeline
-
-    cfg = load_config(NatRayConfig, args.config, _overrides(args, {"name": "pipeline.name"}))
-    return main_pipeline(cfg)
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    from nat_ray.models import EMBEDDED, ensure_embedded, list_models, models_dir
-
-    if args.convert:
-        ensure_embedded()
-    found = list_models()
-    print(f"model cache: {models_dir()}  (set NAT_RAY_MODELS to move it)")
-    if not found:
-        print(
-            f"  (empty: the embedded model {EMBEDDED} is converted on first use, or run `nat-ray models --convert`)"
-        )
-    for m in found:
-        state = "ready" if m.complete else "incomplete"
-        print(f"  {m.name:32s} {m.size_mb:8.1f} MiB  {state}  {m.path}")
-    return 0
+    parser.set_defaults(command=command)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``nat-ray`` parser: one subparser per row of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="nat-ray",
         description="Negative-aware training (NAT) of tool-using LLM agents, on Ray.",
@@ -147,76 +338,35 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, including vLLM's")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser(
-        "agent",
-        help="answer one question with the ReAct agent and print the trajectory",
-        description="Run the agent on one question (vLLM engine, the task's tools) and print every turn.",
-    )
-    p.add_argument("question", help="the question text")
-    p.add_argument("--task", help="task whose tools, prompt and scorer to use (default gsm8k)")
-    p.add_argument("--model", help="HF checkpoint path or hub id (default: the embedded SmolLM2-135M)")
-    p.add_argument("--template", help="NAT prompt template (default zero-shot-target-aware)")
-    p.add_argument(
-        "--shots", type=int, choices=(0, 1), help="1 = add a demonstration (default), 0 = paper format"
-    )
-    p.add_argument("--temperature", type=float, help="sampling temperature (default 0 = greedy)")
-    p.add_argument("--max-turns", type=int, help="model calls before giving up (default 7)")
-    p.add_argument("--seed", type=int, help="sampling seed")
-    p.add_argument(
-        "--gold", help="the right answer: prints whether the agent got it (paper and robust rules)"
-    )
-    p.add_argument("--json", action="store_true", help="print the episode as JSON")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_agent)
-
-    p = sub.add_parser(
-        "rollout",
-        help="collect and score trajectories with Ray Data (stage 1)",
-        description="Run the agent over many questions on Ray Data engine actors, score every trajectory "
-        "(paper and robust rules) and write Parquet to <rollout.output_dir>/trajectories. Re-running the "
-        "same config resumes: finished trajectories are kept and none is generated twice. Set RAY_ADDRESS "
-        "to use a running cluster; otherwise a local Ray starts.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  nat-ray rollout --config configs/rollout.yaml --set rollout.limit=50",
-    )
-    p.add_argument(
-        "--tasks", type=lambda s: s.split(","), help="comma-separated tasks (default gsm8k,strategyqa)"
-    )
-    p.add_argument("--split", help="dataset split (default train)")
-    p.add_argument("--limit", type=int, help="questions per task (default 20)")
-    p.add_argument("--output-dir", help="where trajectories go (default runs/rollout)")
-    p.add_argument("--model", help="HF checkpoint path or hub id (default: the embedded model)")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_rollout)
-
-    from nat_ray import evaluate, import_nat, serve, train
-
-    train.add_parser(sub)
-    serve.add_parser(sub)
-    evaluate.add_parser(sub)
-    import_nat.add_parser(sub)
-
-    p = sub.add_parser(
-        "pipeline",
-        help="the whole NAT experiment: rollout, train each variant, evaluate, one results table",
-        description="rollout -> NAT data -> train the w/o-Neg, NUT and NAT variants -> evaluate the base "
-        "model and each tuned one -> runs/<name>/results.md. Every stage is recorded in "
-        "runs/<name>/manifest.json; running the same name again resumes and skips finished stages.",
-        epilog="example:\n  nat-ray pipeline --config configs/default.yaml --name first-try",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--name", help="run name (default: pipeline.name = default)")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_pipeline)
-
-    p = sub.add_parser("models", help="list cached models", description="List converted models in the cache.")
-    p.add_argument(
-        "--convert", action="store_true", help="convert the embedded model now if it is not cached"
-    )
-    p.set_defaults(func=cmd_models)
+    subparsers = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        _add_command(subparsers, command)
     return parser
+
+
+def config_overrides(command: Command, args: argparse.Namespace) -> list[str]:
+    """The flags given for config fields as ``--set`` items, then the ``--set`` items themselves.
+
+    Both win over the config file; an explicit ``--set`` wins over a flag for the same field.
+    """
+    items = []
+    for flag in command.flags:
+        value = getattr(args, flag.key)
+        if flag.field is not None and value is not None:
+            items.append(f"{flag.field}={json.dumps(value)}")
+    return items + list(args.overrides)
+
+
+def run_command(command: Command, args: argparse.Namespace) -> int:
+    """Import the command's function and call it with the config and its own arguments."""
+    module_name, function_name = command.run.split(":")
+    function: Callable[..., int] = getattr(importlib.import_module(module_name), function_name)
+    own = {flag.key: getattr(args, flag.key) for flag in command.flags if flag.field is None}
+    if not command.config:
+        return function(**own)
+    from nat_ray.config import NatRayConfig, load_config
+
+    return function(load_config(NatRayConfig, args.config, config_overrides(command, args)), **own)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -237,12 +387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        return args.func(args)
+        return run_command(args.command, args)
     except NatRayError as err:
-        print(f"nat-ray {args.command}: error: {err}", file=sys.stderr)
+        print(f"nat-ray {args.command_name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"nat-ray {args.command}: interrupted", file=sys.stderr)
+        print(f"nat-ray {args.command_name}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -14,37 +14,27 @@ StrategyQA accuracy), with paper and robust scoring side by side and mean ± std
 
 from __future__ import annotations
 
-import argparse
-import collections
 import dataclasses
 import json
 import logging
-import statistics
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from nat_ray import nat_data as nd
+from nat_ray import nat_data as columns
 from nat_ray import records
-from nat_ray.config import NatRayConfig, load_config
+from nat_ray.config import NatRayConfig
 from nat_ray.errors import ConfigError, ModelError
+from nat_ray.http import retrying_session
+from nat_ray.paths import PARTS_DIR
 from nat_ray.react import GENERATION_ERROR, Episode, Sampling, Step
+from nat_ray.results_table import format_eval_results, summarize
 from nat_ray.tasks import Question, get_task
 
 log = logging.getLogger(__name__)
 
-PARTS_DIR = "trajectories"
-# The paper's names, and its column order (Table 2: GSM8K, ASDiv, SVAMP, MultiArith).
-PAPER_NAMES = {
-    "gsm8k": "GSM8K",
-    "asdiv": "ASDiv",
-    "svamp": "SVAMP",
-    "multiarith": "MultiArith",
-    "hotpotqa": "HotpotQA",
-    "strategyqa": "StrategyQA",
-}
 ENDPOINT_RETRIES = 3  # connection errors and 502/503/504, with exponential backoff
 
 
@@ -90,146 +80,12 @@ def plan_items(cfg: NatRayConfig, model: str) -> list[EvalItem]:
 
 
 # --------------------------------------------------------------------------------------------
-# Metrics and tables (pure)
-
-
-def seed_metrics(rows: Sequence[dict]) -> list[dict]:
-    """One record per (task, seed): accuracy in percent (paper and robust), HotpotQA EM/F1, finish rate."""
-    groups: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
-    for row in rows:
-        groups[(row[nd.TASK], row[nd.SEED])].append(row)
-    out = []
-    for (task, seed), group in sorted(groups.items()):
-        n = len(group)
-        record = {
-            "task": task,
-            "family": group[0][nd.FAMILY],
-            "seed": seed,
-            "count": n,
-            "acc_paper": 100.0 * sum(r[nd.CORRECT_PAPER] for r in group) / n,
-            "acc_robust": 100.0 * sum(r[nd.CORRECT_ROBUST] for r in group) / n,
-            "finished": 100.0 * sum(r[nd.FINISHED] for r in group) / n,
-            "mean_turns": sum(r[nd.TURNS] for r in group) / n,
-            "failures": dict(
-                collections.Counter(r[nd.FAILURE_REASON] for r in group if r[nd.FAILURE_REASON]).most_common()
-            ),
-        }
-        if record["family"] == "hotpotqa":
-            # EM is already normalised, so it is the paper's and the robust verdict at once.
-            record["em"] = record["acc_paper"]
-            record["f1"] = 100.0 * sum(r[nd.F1] or 0.0 for r in group) / n
-        out.append(record)
-    return out
-
-
-def mean_std(values: Sequence[float]) -> dict:
-    """``{"mean", "std", "values"}``; std is the sample standard deviation (0 for a single seed)."""
-    values = list(values)
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
-    }
-
-
-def summarize(rows: Sequence[dict]) -> dict:
-    """Mean ± std over seeds per task and metric, and the math average (spec §6).
-
-    The math average is computed per seed as the unweighted mean of the math datasets' accuracies
-    (Tables 2, 3 and 7), then averaged over seeds.
-
-    Returns:
-        ``{"tasks": {task: {...}}, "math_average": {...} | None}``.
-    """
-    per_seed = seed_metrics(rows)
-    by_task: dict[str, list[dict]] = collections.defaultdict(list)
-    for record in per_seed:
-        by_task[record["task"]].append(record)
-    tasks = {}
-    for task, recs in by_task.items():
-        metrics = ["acc_paper", "acc_robust", "finished", "mean_turns"]
-        if recs[0]["family"] == "hotpotqa":
-            metrics += ["em", "f1"]
-        failures: collections.Counter = collections.Counter()
-        for r in recs:
-            failures.update(r["failures"])
-        tasks[task] = {
-            "family": recs[0]["family"],
-            "seeds": [r["seed"] for r in recs],
-            "questions": recs[0]["count"],
-            "trajectories": sum(r["count"] for r in recs),
-            "failures": dict(failures.most_common()),
-            **{m: mean_std([r[m] for r in recs]) for m in metrics},
-        }
-    math_tasks = [t for t in PAPER_NAMES if t in tasks and tasks[t]["family"] == "math"]
-    math_average = None
-    if math_tasks:
-        seeds = sorted(set.intersection(*(set(tasks[t]["seeds"]) for t in math_tasks)))
-        per = {(r["task"], r["seed"]): r for r in per_seed}
-        math_average = {
-            "tasks": math_tasks,
-            **{
-                mode: mean_std([statistics.fmean(per[(t, s)][mode] for t in math_tasks) for s in seeds])
-                for mode in ("acc_paper", "acc_robust")
-            },
-        }
-    return {"tasks": tasks, "math_average": math_average}
-
-
-def _cell(stat: dict) -> str:
-    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
-
-
-def format_results(summary: dict, header: dict) -> str:
-    """Markdown tables shaped like the paper's (spec §7), paper and robust scoring side by side."""
-    tasks = summary["tasks"]
-    lines = ["# NAT evaluation", ""]
-    lines += [f"- **{k}**: {v}" for k, v in header.items()]
-    lines += ["", "Cells are mean ± std over seeds (sample std; 0 with one seed), in percent.", ""]
-    math = summary["math_average"]
-    if math is not None:
-        cols = math["tasks"]
-        names = [PAPER_NAMES[t] for t in cols]
-        avg = "Avg" if len(cols) == 4 else f"Avg ({len(cols)} of 4)"
-        lines += ["## Math (accuracy %; Table 2 layout)", ""]
-        lines += ["| Scoring | " + " | ".join([*names, avg]) + " |", "|---" * (len(cols) + 2) + "|"]
-        for mode, label in (("acc_paper", "paper"), ("acc_robust", "robust")):
-            cells = [_cell(tasks[t][mode]) for t in cols] + [_cell(math[mode])]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if "hotpotqa" in tasks:
-        t = tasks["hotpotqa"]
-        lines += ["## HotpotQA (EM and F1 ×100; Table 5 layout)", ""]
-        lines += ["| Scoring | EM | F1 |", "|---|---|---|"]
-        lines.append(f"| paper = robust | {_cell(t['em'])} | {_cell(t['f1'])} |")
-        lines += ["", "EM compares normalised answers, so the paper's and the robust verdicts coincide.", ""]
-    if "strategyqa" in tasks:
-        t = tasks["strategyqa"]
-        lines += ["## StrategyQA (accuracy %; Table 6 layout)", ""]
-        lines += ["| Scoring | Accuracy |", "|---|---|"]
-        lines.append(f"| paper | {_cell(t['acc_paper'])} |")
-        lines.append(f"| robust | {_cell(t['acc_robust'])} |")
-        lines.append("")
-    lines += ["## Per task", ""]
-    lines += [
-        "| Task | Questions | Seeds | Acc. paper | Acc. robust | Finished % | Turns | Failures |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name in [t for t in PAPER_NAMES if t in tasks]:
-        t = tasks[name]
-        failures = ", ".join(f"{k} {v}" for k, v in t["failures"].items()) or "-"
-        lines.append(
-            f"| {PAPER_NAMES[name]} | {t['questions']} | {len(t['seeds'])} | {_cell(t['acc_paper'])} | "
-            f"{_cell(t['acc_robust'])} | {_cell(t['finished'])} | {t['mean_turns']['mean']:.2f} | {failures} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------
 # Running
 
 
-def _row(cfg: NatRayConfig, item: EvalItem, ep: Episode, model: str, engine: str, chash: str, started: str):
+def _row(
+    cfg: NatRayConfig, item: EvalItem, ep: Episode, model: str, engine: str, config_hash: str, started: str
+):
     task = get_task(item.task)
     temperature, _ = decoding(cfg)
     return records.episode_row(
@@ -245,7 +101,7 @@ def _row(cfg: NatRayConfig, item: EvalItem, ep: Episode, model: str, engine: str
         seed=item.seed,
         model=model,
         engine=engine,
-        config_hash=chash,
+        config_hash=config_hash,
         started_at=started,
     )
 
@@ -258,29 +114,7 @@ def _episode(cfg: NatRayConfig, item: EvalItem) -> Episode:
     return new_episode(get_task(item.task), item.question.question, cfg.agent, item.trajectory_id, sampling)
 
 
-class _LoraEngine:
-    """The in-process vLLM engine with every request routed through one LoRA adapter (batch or streaming)."""
-
-    def __init__(self, engine, path: str) -> None:
-        from vllm.lora.request import LoRARequest
-
-        self.engine = engine
-        self.request = LoRARequest("nat-lora", 1, path)
-
-    def generate(self, conversations, sampling):
-        return self.engine.generate(conversations, sampling, lora_request=self.request)
-
-    def submit(self, conversation, sampling) -> str:
-        return self.engine.submit(conversation, sampling, lora_request=self.request)
-
-    def poll(self):
-        return self.engine.poll()
-
-    def close(self) -> None:
-        self.engine.close()
-
-
-def run_in_process(cfg: NatRayConfig, items: Sequence[EvalItem], chash: str, engine=None) -> list[dict]:
+def run_in_process(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: str, engine=None) -> list[dict]:
     """Run every item in one batched stepper on an in-process engine; return the trajectory rows.
 
     Args:
@@ -295,27 +129,14 @@ def run_in_process(cfg: NatRayConfig, items: Sequence[EvalItem], chash: str, eng
     own = engine is None
     if own:
         from nat_ray.engines import build_engine
-        from nat_ray.engines.vllm_engine import on_gpu
-        from nat_ray.serve import check_lora, resolve_export
+        from nat_ray.models import check_lora, resolve_export
 
         # A training export folder stands for its model/ (and, as --lora, its adapter/).
         engine_cfg = dataclasses.replace(cfg.engine, model=resolve_export(cfg.engine.model, "model"))
-        if engine_cfg.backend == "vllm" and not on_gpu(engine_cfg):
-            # vLLM's CPU build kills its engine when a seeded request shares a step with a chunked
-            # prefill ("CPU Generator does not use offset"), and every evaluation turn is seeded.
-            engine_cfg = dataclasses.replace(
-                engine_cfg, extra={"enable_chunked_prefill": False, **engine_cfg.extra}
-            )
         lora = check_lora(cfg.serve.lora) if cfg.serve.lora else None
         if lora is not None:
-            if engine_cfg.backend != "vllm":
-                raise ConfigError(f"a LoRA adapter needs engine.backend='vllm', got {engine_cfg.backend!r}")
-            if not engine_cfg.lora:
-                log.info("evaluating the adapter %s: vLLM starts with LoRA enabled (engine.lora)", lora)
-                engine_cfg = dataclasses.replace(engine_cfg, lora=True)
-        engine = build_engine(engine_cfg)
-        if lora is not None:
-            engine = _LoraEngine(engine, lora)
+            log.info("evaluating the adapter %s: vLLM starts with LoRA enabled", lora)
+        engine = build_engine(engine_cfg, lora_path=lora)
     configure_tools(cfg.tools)
     model, started = model_label(cfg), records.now_iso()
     by_id = {item.trajectory_id: item for item in items}
@@ -323,39 +144,18 @@ def run_in_process(cfg: NatRayConfig, items: Sequence[EvalItem], chash: str, eng
     bar = tqdm(total=len(items), desc="episodes", unit="ep", file=sys.stderr)
 
     def finish(ep: Episode) -> None:
-        rows.append(_row(cfg, by_id[ep.id], ep, model, cfg.engine.backend, chash, started))
+        rows.append(_row(cfg, by_id[ep.id], ep, model, cfg.engine.backend, config_hash, started))
         bar.update(1)
 
     stepper = Stepper(engine, LocalTools(), stop_on_tool_error=cfg.agent.stop_on_tool_error, on_done=finish)
-    queue = collections.deque(items)
     try:
-        while queue or stepper.open:
-            while queue and stepper.open < cfg.engine.max_num_seqs:
-                stepper.add(_episode(cfg, queue.popleft()))
-            stepper.step()
+        for _ in stepper.run_refilling((_episode(cfg, item) for item in items), cfg.engine.max_num_seqs):
+            pass
     finally:
         bar.close()
         if own:
             engine.close()
     return rows
-
-
-def _session(concurrency: int):
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.util import Retry
-
-    retry = Retry(
-        total=ENDPOINT_RETRIES,
-        backoff_factor=0.5,
-        status_forcelist=(502, 503, 504),
-        allowed_methods=["GET", "POST"],
-        raise_on_status=False,
-    )
-    session = requests.Session()
-    session.mount("http://", HTTPAdapter(max_retries=retry, pool_maxsize=concurrency, pool_block=True))
-    session.mount("https://", HTTPAdapter(max_retries=retry, pool_maxsize=concurrency, pool_block=True))
-    return session
 
 
 def _remote_episode(item: EvalItem, body: dict) -> Episode:
@@ -400,7 +200,7 @@ def check_endpoint(url: str, timeout_s: float = 30.0) -> str:
     return response.json()["model"]
 
 
-def run_endpoint(cfg: NatRayConfig, items: Sequence[EvalItem], chash: str) -> list[dict]:
+def run_endpoint(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: str) -> list[dict]:
     """Send every item to ``eval.endpoint``'s ``/v1/agent``, ``serve.max_concurrent_episodes`` at a time.
 
     Raises:
@@ -413,7 +213,9 @@ def run_endpoint(cfg: NatRayConfig, items: Sequence[EvalItem], chash: str) -> li
     model = check_endpoint(url)
     temperature, top_p = decoding(cfg)
     concurrency = cfg.serve.max_concurrent_episodes
-    session = _session(concurrency)
+    session = retrying_session(
+        ENDPOINT_RETRIES, backoff_factor=0.5, statuses=(502, 503, 504), pool_size=concurrency
+    )
     started = records.now_iso()
     failed = 0
 
@@ -440,7 +242,7 @@ def run_endpoint(cfg: NatRayConfig, items: Sequence[EvalItem], chash: str) -> li
             ep = Episode(item.trajectory_id, [], get_task(item.task).tools, failure_reason=GENERATION_ERROR)
         else:
             ep = _remote_episode(item, response.json())
-        return _row(cfg, item, ep, model, "endpoint", chash, started)
+        return _row(cfg, item, ep, model, "endpoint", config_hash, started)
 
     with ThreadPoolExecutor(concurrency) as pool:
         rows = list(tqdm(pool.map(one, items), total=len(items), desc="episodes", unit="ep", file=sys.stderr))
@@ -482,7 +284,7 @@ def run_eval(cfg: NatRayConfig, engine=None) -> dict:
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     model = model_label(cfg)
     items = plan_items(cfg, model)  # bad tasks or missing data fail here, before any engine starts
-    chash = records.config_hash(
+    config_hash = records.config_hash(
         {
             "engine": {"model": cfg.engine.model, "backend": cfg.engine.backend},
             "lora": cfg.serve.lora,
@@ -494,12 +296,12 @@ def run_eval(cfg: NatRayConfig, engine=None) -> dict:
         "evaluating %d episodes (%d tasks x %d seeds)", len(items), len(cfg.eval.tasks), len(cfg.eval.seeds)
     )
     if cfg.eval.endpoint:
-        rows = run_endpoint(cfg, items, chash)
-        model = rows[0][nd.MODEL] if rows else model
+        rows = run_endpoint(cfg, items, config_hash)
+        model = rows[0][columns.MODEL] if rows else model
     else:
-        rows = run_in_process(cfg, items, chash, engine)
+        rows = run_in_process(cfg, items, config_hash, engine)
     for task in cfg.eval.tasks:
-        task_rows = [r for r in rows if r[nd.TASK] == get_task(task).name]
+        task_rows = [r for r in rows if r[columns.TASK] == get_task(task).name]
         records.write_rows(task_rows, out / PARTS_DIR / f"{get_task(task).name}.parquet")
     summary = {
         "settings": eval_header(cfg, model, len(rows)),
@@ -508,71 +310,13 @@ def run_eval(cfg: NatRayConfig, engine=None) -> dict:
         "seconds": round(time.time() - start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(format_results(summary, summary["settings"]))
+    (out / "results.md").write_text(format_eval_results(summary, summary["settings"]))
     return summary
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``eval`` on the CLI's subparsers; the parser's ``func`` is :func:`run`."""
-    from nat_ray.cli import _add_config_args
-
-    p = subparsers.add_parser(
-        "eval",
-        help="evaluate the agent the paper's way (in-process vLLM or a running server)",
-        description=(
-            "Run the paper's evaluation (inference prompt, T=0.2 / top-p 0.9, or --greedy) over tasks and\n"
-            "seeds, in-process on vLLM (one batched ReAct loop) or against a running `nat-ray serve`\n"
-            "(--endpoint, concurrent /v1/agent requests). Writes trajectory Parquet, summary.json and\n"
-            "results.md (the paper's table layout, paper and robust scoring, mean ± std over seeds)."
-        ),
-        epilog=(
-            "examples:\n"
-            "  nat-ray eval --config configs/eval.yaml\n"
-            "  nat-ray eval --model runs/train/nat/export/model --tasks gsm8k,svamp --seeds 0,1,2 --limit 50\n"
-            "  nat-ray eval --endpoint http://127.0.0.1:8000 --tasks gsm8k,hotpotqa --greedy"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", help="HF checkpoint path or hub id (default: the embedded model)")
-    p.add_argument("--lora", help="peft adapter directory to evaluate on top of --model")
-    p.add_argument(
-        "--tasks", type=lambda s: s.split(","), help="comma-separated tasks, e.g. gsm8k,svamp,hotpotqa"
-    )
-    p.add_argument(
-        "--seeds", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated seeds, e.g. 0,1,2"
-    )
-    p.add_argument("--limit", type=int, help="questions per task (default 20)")
-    p.add_argument("--split", help="dataset split (default test)")
-    p.add_argument("--endpoint", help="evaluate a running server (http://host:port) instead of in-process")
-    p.add_argument(
-        "--greedy", action="store_true", default=None, help="greedy decoding instead of T=0.2/top-p 0.9"
-    )
-    p.add_argument("--output-dir", help="where results go (default runs/eval)")
-    _add_config_args(p)
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """``nat-ray eval``: load the config with the flags as overrides, run, print the tables."""
-    from nat_ray.cli import _overrides
-
-    flags = {
-        "model": "engine.model",
-        "lora": "serve.lora",
-        "tasks": "eval.tasks",
-        "seeds": "eval.seeds",
-        "limit": "eval.limit",
-        "split": "eval.split",
-        "endpoint": "eval.endpoint",
-        "greedy": "eval.greedy",
-        "output_dir": "eval.output_dir",
-    }
-    summary = run_eval(load_config(NatRayConfig, args.config, _overrides(args, flags)))
+def main_eval(cfg: NatRayConfig) -> int:
+    """``nat-ray eval``: run the evaluation and print its tables."""
+    summary = run_eval(cfg)
     print((Path(summary["output_dir"]) / "results.md").read_text())
     print(
         f"{summary['settings']['trajectories']} trajectories in {summary['output_dir']} in {summary['seconds']}s"

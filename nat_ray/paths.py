@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The folder of Parquet parts inside a rollout or evaluation output dir.
+PARTS_DIR = "trajectories"
+
 PACKAGE_DATA_DIR = Path(__file__).resolve().parent / "data"
 
 

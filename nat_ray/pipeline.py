@@ -18,12 +18,14 @@ import logging
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
 from nat_ray.config import NatRayConfig, to_dict
 from nat_ray.errors import ConfigError
 from nat_ray.nat_data import get_variant
+from nat_ray.results_table import format_comparison
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,8 @@ class Manifest:
         tmp.replace(self.path)
 
 
-def _stage(manifest: Manifest, name: str, fn) -> dict:
+def run_stage(manifest: Manifest, name: str, fn: Callable[[], dict]) -> dict:
+    """Run one stage unless the manifest marks it done; record its outputs the moment it ends."""
     done = manifest.done(name)
     if done is not None:
         log.info("pipeline: %s already done, skipping", name)
@@ -108,8 +111,8 @@ def _stage(manifest: Manifest, name: str, fn) -> dict:
     return manifest.record(name, outputs, time.time() - start)
 
 
-def _with(cfg: NatRayConfig, **sections) -> NatRayConfig:
-    """A copy of ``cfg`` with fields of some sections replaced: ``_with(cfg, train={"variant": "nut"})``."""
+def with_sections(cfg: NatRayConfig, **sections) -> NatRayConfig:
+    """A copy of ``cfg`` with fields of some sections replaced: ``with_sections(cfg, train={"variant": "nut"})``."""
     return dataclasses.replace(
         cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()}
     )
@@ -119,7 +122,7 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
     """Run (or resume) the experiment ``cfg.pipeline`` describes; return the results table as data."""
     from nat_ray.evaluate import run_eval
     from nat_ray.rollout import run_rollout
-    from nat_ray.train import run_train
+    from nat_ray.train.run import run_train
 
     for variant in cfg.pipeline.variants:
         get_variant(variant)  # unknown variants fail before any work
@@ -134,15 +137,15 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
                 f"pipeline.trajectories={str(source)!r} does not exist (run `nat-ray import-nat`?)"
             )
         data = [str(source)]
-        _stage(manifest, "rollout", lambda: {"skipped": "pipeline.trajectories given", "data": data})
+        run_stage(manifest, "rollout", lambda: {"skipped": "pipeline.trajectories given", "data": data})
     else:
-        rollout_cfg = _with(cfg, rollout={"output_dir": str(run_dir / "rollout")})
+        rollout_cfg = with_sections(cfg, rollout={"output_dir": str(run_dir / "rollout")})
 
         def rollout() -> dict:
             result = run_rollout(rollout_cfg)
             return {"data": [str(run_dir / "rollout" / "trajectories")], "summary": result["summary"]}
 
-        data = _stage(manifest, "rollout", rollout)["data"]
+        data = run_stage(manifest, "rollout", rollout)["data"]
     manifest.data["data_files"] = file_hashes(data)
     manifest.save()
 
@@ -150,7 +153,7 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
     if cfg.pipeline.evaluate_base:
         models["base"] = {"model": cfg.engine.model, "template": cfg.agent.template, "shots": cfg.agent.shots}
     for variant in cfg.pipeline.variants:
-        train_cfg = _with(
+        train_cfg = with_sections(
             cfg,
             train={
                 "data": data,
@@ -164,7 +167,7 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
             result = run_train(train_cfg)
             return {"export": result["export"], "final_loss": result["final_loss"], "step": result["step"]}
 
-        entry = _stage(manifest, f"train:{variant}", train)
+        entry = run_stage(manifest, f"train:{variant}", train)
         # A tuned model answers the prompt it was trained with: zero-shot, its variant's template.
         models[variant] = {
             "model": entry["export"]["model"],
@@ -176,7 +179,7 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
 
     results = {}
     for label, spec in models.items():
-        eval_cfg = _with(
+        eval_cfg = with_sections(
             cfg,
             engine={"model": spec["model"]},
             agent={"template": spec["template"], "shots": spec["shots"]},
@@ -187,38 +190,11 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
             summary = run_eval(eval_cfg)
             return {"summary": {"tasks": summary["tasks"], "math_average": summary["math_average"]}}
 
-        results[label] = _stage(manifest, f"eval:{label}", evaluate)["summary"]
-    table = results_table(results)
+        results[label] = run_stage(manifest, f"eval:{label}", evaluate)["summary"]
+    table = format_comparison(results)
     (run_dir / "results.json").write_text(json.dumps({"models": models, "results": results}, indent=2))
     (run_dir / "results.md").write_text(table)
     return {"run_dir": str(run_dir), "table": table, "results": results}
-
-
-def results_table(results: dict[str, dict]) -> str:
-    """One Markdown table: a row per model, a column per task (robust accuracy, paper in brackets)."""
-    tasks = sorted({t for r in results.values() for t in r["tasks"]})
-    header = "| Model | " + " | ".join(tasks) + " | Math avg |"
-    lines = [
-        "# NAT pipeline results",
-        "",
-        "Accuracy % (HotpotQA: EM), mean over seeds: robust scoring, the paper's exact rule in brackets.",
-        "",
-        header,
-        "|---" * (len(tasks) + 2) + "|",
-    ]
-    for label, summary in results.items():
-        cells = []
-        for t in tasks:
-            stats = summary["tasks"].get(t)
-            cells.append(
-                "-"
-                if stats is None
-                else f"{stats['acc_robust']['mean']:.1f} ({stats['acc_paper']['mean']:.1f})"
-            )
-        avg = summary.get("math_average")
-        cells.append("-" if not avg else f"{avg['acc_robust']['mean']:.1f} ({avg['acc_paper']['mean']:.1f})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def main_pipeline(cfg: NatRayConfig) -> int:

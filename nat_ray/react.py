@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -403,6 +403,27 @@ class Stepper:
             ep.finished = True
             return None
         return ToolCall(step.action.name, step.action.argument)
+
+    def run_refilling(self, episodes: Iterable[Episode], max_open: int) -> Iterator[list[Episode]]:
+        """Step until ``episodes`` have all ended, admitting new ones as others end.
+
+        Keeps ``max_open`` episodes open (the engine's batch full) instead of draining a batch to
+        its longest episode. ``episodes`` is read lazily, one at a time as room opens.
+
+        Yields:
+            The episodes that ended in each step (often none).
+        """
+        pending = iter(episodes)
+        exhausted = False
+        while True:
+            while not exhausted and self.open < max_open:
+                episode = next(pending, None)
+                exhausted = episode is None
+                if episode is not None:
+                    self.add(episode)
+            if not self.open:
+                return
+            yield self.step()
 
     def run(self, episodes: Sequence[Episode] = ()) -> list[Episode]:
         """Add ``episodes`` and step until every open episode has ended; return them in input order."""

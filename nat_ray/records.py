@@ -11,7 +11,7 @@ import hashlib
 import json
 from datetime import UTC, datetime
 
-from nat_ray import nat_data as nd
+from nat_ray import nat_data as columns
 from nat_ray.react import Episode
 from nat_ray.scoring import Score, nat_class
 
@@ -50,9 +50,17 @@ def _messages(turns: list[dict]) -> list[dict]:
     return [{"role": str(t["role"]), "content": str(t["content"])} for t in turns]
 
 
-def episode_row(
-    episode: Episode,
+def trajectory_row(
     *,
+    trajectory_id: str,
+    prompt: list[dict],
+    trajectory: list[dict],
+    turns: int,
+    answer: str | None,
+    finished: bool,
+    failure_reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
     task: str,
     family: str,
     question_id: str,
@@ -68,35 +76,51 @@ def episode_row(
     started_at: str,
     ended_at: str | None = None,
 ) -> dict:
-    """The Parquet row of one finished (or failed) episode."""
+    """The Parquet row of one trajectory, every column of :func:`arrow_schema` named once."""
     return {
-        nd.TRAJECTORY_ID: episode.id,
-        nd.TASK: task,
-        nd.FAMILY: family,
-        nd.QUESTION_ID: str(question_id),
-        nd.QUESTION: question,
-        nd.GOLD: gold_text(gold),
-        nd.TEMPERATURE: float(temperature),
-        nd.SAMPLE_INDEX: int(sample_index),
-        nd.SEED: int(seed),
-        nd.PROMPT: _messages(episode.prompt),
-        nd.TRAJECTORY: _messages(episode.trajectory()),
-        nd.TURNS: episode.turns,
-        nd.ANSWER: episode.answer,
-        nd.FINISHED: episode.finished,
-        nd.CORRECT_PAPER: bool(score.correct_paper),
-        nd.CORRECT_ROBUST: bool(score.correct_robust),
-        nd.F1: None if score.f1 is None else float(score.f1),
-        nd.NAT_CLASS: verdict_class(family, score),
-        nd.FAILURE_REASON: episode.failure_reason,
-        nd.PROMPT_TOKENS: episode.prompt_tokens,
-        nd.COMPLETION_TOKENS: episode.completion_tokens,
-        nd.MODEL: model,
-        nd.ENGINE: engine,
-        nd.CONFIG_HASH: config_hash,
-        nd.STARTED_AT: started_at,
-        nd.ENDED_AT: ended_at or now_iso(),
+        columns.TRAJECTORY_ID: trajectory_id,
+        columns.TASK: task,
+        columns.FAMILY: family,
+        columns.QUESTION_ID: str(question_id),
+        columns.QUESTION: question,
+        columns.GOLD: gold_text(gold),
+        columns.TEMPERATURE: float(temperature),
+        columns.SAMPLE_INDEX: int(sample_index),
+        columns.SEED: int(seed),
+        columns.PROMPT: _messages(prompt),
+        columns.TRAJECTORY: _messages(trajectory),
+        columns.TURNS: turns,
+        columns.ANSWER: answer,
+        columns.FINISHED: finished,
+        columns.CORRECT_PAPER: bool(score.correct_paper),
+        columns.CORRECT_ROBUST: bool(score.correct_robust),
+        columns.F1: None if score.f1 is None else float(score.f1),
+        columns.NAT_CLASS: verdict_class(family, score),
+        columns.FAILURE_REASON: failure_reason,
+        columns.PROMPT_TOKENS: prompt_tokens,
+        columns.COMPLETION_TOKENS: completion_tokens,
+        columns.MODEL: model,
+        columns.ENGINE: engine,
+        columns.CONFIG_HASH: config_hash,
+        columns.STARTED_AT: started_at,
+        columns.ENDED_AT: ended_at or now_iso(),
     }
+
+
+def episode_row(episode: Episode, **fields) -> dict:
+    """The Parquet row of one finished (or failed) episode; ``fields`` as :func:`trajectory_row`'s."""
+    return trajectory_row(
+        trajectory_id=episode.id,
+        prompt=episode.prompt,
+        trajectory=episode.trajectory(),
+        turns=episode.turns,
+        answer=episode.answer,
+        finished=episode.finished,
+        failure_reason=episode.failure_reason,
+        prompt_tokens=episode.prompt_tokens,
+        completion_tokens=episode.completion_tokens,
+        **fields,
+    )
 
 
 def arrow_schema():
@@ -106,32 +130,32 @@ def arrow_schema():
     message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     return pa.schema(
         [
-            (nd.TRAJECTORY_ID, pa.string()),
-            (nd.TASK, pa.string()),
-            (nd.FAMILY, pa.string()),
-            (nd.QUESTION_ID, pa.string()),
-            (nd.QUESTION, pa.string()),
-            (nd.GOLD, pa.string()),
-            (nd.TEMPERATURE, pa.float64()),
-            (nd.SAMPLE_INDEX, pa.int64()),
-            (nd.SEED, pa.int64()),
-            (nd.PROMPT, message),
-            (nd.TRAJECTORY, message),
-            (nd.TURNS, pa.int64()),
-            (nd.ANSWER, pa.string()),
-            (nd.FINISHED, pa.bool_()),
-            (nd.CORRECT_PAPER, pa.bool_()),
-            (nd.CORRECT_ROBUST, pa.bool_()),
-            (nd.F1, pa.float64()),
-            (nd.NAT_CLASS, pa.string()),
-            (nd.FAILURE_REASON, pa.string()),
-            (nd.PROMPT_TOKENS, pa.int64()),
-            (nd.COMPLETION_TOKENS, pa.int64()),
-            (nd.MODEL, pa.string()),
-            (nd.ENGINE, pa.string()),
-            (nd.CONFIG_HASH, pa.string()),
-            (nd.STARTED_AT, pa.string()),
-            (nd.ENDED_AT, pa.string()),
+            (columns.TRAJECTORY_ID, pa.string()),
+            (columns.TASK, pa.string()),
+            (columns.FAMILY, pa.string()),
+            (columns.QUESTION_ID, pa.string()),
+            (columns.QUESTION, pa.string()),
+            (columns.GOLD, pa.string()),
+            (columns.TEMPERATURE, pa.float64()),
+            (columns.SAMPLE_INDEX, pa.int64()),
+            (columns.SEED, pa.int64()),
+            (columns.PROMPT, message),
+            (columns.TRAJECTORY, message),
+            (columns.TURNS, pa.int64()),
+            (columns.ANSWER, pa.string()),
+            (columns.FINISHED, pa.bool_()),
+            (columns.CORRECT_PAPER, pa.bool_()),
+            (columns.CORRECT_ROBUST, pa.bool_()),
+            (columns.F1, pa.float64()),
+            (columns.NAT_CLASS, pa.string()),
+            (columns.FAILURE_REASON, pa.string()),
+            (columns.PROMPT_TOKENS, pa.int64()),
+            (columns.COMPLETION_TOKENS, pa.int64()),
+            (columns.MODEL, pa.string()),
+            (columns.ENGINE, pa.string()),
+            (columns.CONFIG_HASH, pa.string()),
+            (columns.STARTED_AT, pa.string()),
+            (columns.ENDED_AT, pa.string()),
         ],
         metadata={"nat_ray_schema": str(SCHEMA_VERSION)},
     )
@@ -164,7 +188,7 @@ def read_rows(path) -> list[dict]:
     rows = []
     for file in files:
         for row in pq.read_table(file).to_pylist():
-            if row[nd.TRAJECTORY_ID] not in seen:
-                seen.add(row[nd.TRAJECTORY_ID])
+            if row[columns.TRAJECTORY_ID] not in seen:
+                seen.add(row[columns.TRAJECTORY_ID])
                 rows.append(row)
     return rows

@@ -14,7 +14,6 @@ rest: none twice, none lost.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
@@ -26,14 +25,15 @@ from pathlib import Path
 
 import yaml
 
-from nat_ray import nat_data as nd
+from nat_ray import nat_data as columns
 from nat_ray import records
 from nat_ray.config import NatRayConfig, from_dict
 from nat_ray.errors import ConfigError
+from nat_ray.paths import PARTS_DIR
+from nat_ray.ray_runtime import init_ray
+from nat_ray.results_table import format_rollout_summary, summarize_rollout
 
 log = logging.getLogger(__name__)
-
-PARTS_DIR = "trajectories"
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,14 +55,14 @@ def plan_rows(cfg: NatRayConfig, model_id: str) -> list[dict]:
                     )
                     items.append(
                         {
-                            nd.TRAJECTORY_ID: tid,
-                            nd.TASK: task.name,
-                            nd.QUESTION_ID: q.id,
-                            nd.QUESTION: q.question,
+                            columns.TRAJECTORY_ID: tid,
+                            columns.TASK: task.name,
+                            columns.QUESTION_ID: q.id,
+                            columns.QUESTION: q.question,
                             "gold_raw": records.gold_text(q.meta.get("raw_gold", q.gold)),
-                            nd.GOLD: records.gold_text(q.gold),
-                            nd.TEMPERATURE: float(temperature),
-                            nd.SAMPLE_INDEX: sample,
+                            columns.GOLD: records.gold_text(q.gold),
+                            columns.TEMPERATURE: float(temperature),
+                            columns.SAMPLE_INDEX: sample,
                         }
                     )
     return items
@@ -87,50 +87,12 @@ def done_ids(output_dir: Path) -> set[str]:
     ids: set[str] = set()
     for part in sorted((output_dir / PARTS_DIR).glob("*.parquet")):
         try:
-            ids.update(pq.read_table(part, columns=[nd.TRAJECTORY_ID]).column(0).to_pylist())
+            ids.update(pq.read_table(part, columns=[columns.TRAJECTORY_ID]).column(0).to_pylist())
         except Exception as err:  # noqa: BLE001 - any unreadable file: quarantine and regenerate its rows
             bad = part.with_name(f"_corrupt-{part.name}.bad")
             log.warning("cannot read %s (%s); moving it to %s and regenerating its rows", part, err, bad.name)
             part.rename(bad)
     return ids
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per task x temperature: count, accuracy (paper and robust), failure reasons."""
-    groups: dict[tuple, list[dict]] = collections.defaultdict(list)
-    for row in rows:
-        groups[(row[nd.TASK], row[nd.TEMPERATURE])].append(row)
-    table = []
-    for (task, temperature), group in sorted(groups.items()):
-        n = len(group)
-        reasons = collections.Counter(r[nd.FAILURE_REASON] for r in group if r[nd.FAILURE_REASON])
-        table.append(
-            {
-                "task": task,
-                "temperature": temperature,
-                "count": n,
-                "acc_paper": sum(r[nd.CORRECT_PAPER] for r in group) / n,
-                "acc_robust": sum(r[nd.CORRECT_ROBUST] for r in group) / n,
-                "finished": sum(r[nd.FINISHED] for r in group) / n,
-                "mean_turns": sum(r[nd.TURNS] for r in group) / n,
-                "failures": dict(reasons.most_common()),
-            }
-        )
-    return table
-
-
-def format_summary(table: list[dict]) -> str:
-    lines = [
-        f"{'task':12s} {'temp':>5s} {'count':>6s} {'acc(paper)':>10s} {'acc(robust)':>11s} {'finished':>8s} "
-        f"{'turns':>5s}  failures"
-    ]
-    for r in table:
-        failures = ", ".join(f"{k}={v}" for k, v in r["failures"].items()) or "-"
-        lines.append(
-            f"{r['task']:12s} {r['temperature']:5.2f} {r['count']:6d} {r['acc_paper']:10.1%} {r['acc_robust']:11.1%} "
-            f"{r['finished']:8.1%} {r['mean_turns']:5.2f}  {failures}"
-        )
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,9 +131,11 @@ class RolloutWorker:
         started = records.now_iso()
         episodes, by_id = [], {}
         for item in items:
-            task = get_task(item[nd.TASK])
-            sampling = sampling_from(self.cfg.agent, item[nd.TEMPERATURE], self.cfg.rollout.seed)
-            ep = new_episode(task, item[nd.QUESTION], self.cfg.agent, item[nd.TRAJECTORY_ID], sampling)
+            task = get_task(item[columns.TASK])
+            sampling = sampling_from(self.cfg.agent, item[columns.TEMPERATURE], self.cfg.rollout.seed)
+            ep = new_episode(
+                task, item[columns.QUESTION], self.cfg.agent, item[columns.TRAJECTORY_ID], sampling
+            )
             episodes.append(ep)
             by_id[ep.id] = (task, item)
         rows = []
@@ -184,12 +148,12 @@ class RolloutWorker:
                     ep,
                     task=task.name,
                     family=task.family,
-                    question_id=item[nd.QUESTION_ID],
-                    question=item[nd.QUESTION],
-                    gold=item[nd.GOLD],
+                    question_id=item[columns.QUESTION_ID],
+                    question=item[columns.QUESTION],
+                    gold=item[columns.GOLD],
                     score=score,
-                    temperature=item[nd.TEMPERATURE],
-                    sample_index=item[nd.SAMPLE_INDEX],
+                    temperature=item[columns.TEMPERATURE],
+                    sample_index=item[columns.SAMPLE_INDEX],
                     seed=self.cfg.rollout.seed,
                     model=self.model_id,
                     engine=self.cfg.engine.backend,
@@ -201,12 +165,7 @@ class RolloutWorker:
         stepper = Stepper(
             self.engine, self.tools, stop_on_tool_error=self.cfg.agent.stop_on_tool_error, on_done=finish
         )
-        queue = collections.deque(episodes)
-        # Keep the engine's batch full: refill as episodes end, instead of draining to the last one.
-        while queue or stepper.open:
-            while queue and stepper.open < self.cfg.rollout.max_in_flight:
-                stepper.add(queue.popleft())
-            stepper.step()
+        for _ in stepper.run_refilling(episodes, self.cfg.rollout.max_in_flight):
             if rows:
                 yield pa.Table.from_pylist(rows, schema=records.arrow_schema())
                 rows.clear()
@@ -258,27 +217,9 @@ def engine_cpus(cfg: NatRayConfig) -> float:
         return cfg.rollout.engine_num_cpus
     if cfg.rollout.engine_num_gpus > 0 or cfg.engine.backend != "vllm":
         return 1.0
-    from nat_ray.engines.vllm_engine import cpu_threads_per_engine
+    from nat_ray.hardware import cpu_threads_per_engine
 
     return float(cpu_threads_per_engine(cfg.rollout.num_engines))
-
-
-def init_ray(min_cpus: float) -> None:
-    """Join ``RAY_ADDRESS``'s cluster, or start a local Ray with enough logical CPUs for the actors."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        # Ray starts its workers at niceness 15, below the raylet, GCS, dashboard and driver. The
-        # engine actor is the one process here that needs the cores, and its two OpenMP threads
-        # wait for each other, so each preemption stalls both: the same 192 episodes took
-        # 209-253 s in four runs at 15 and 203-209 s in two at 0 (in-process without Ray: 202 s).
-        # Only a Ray started here gets this; a cluster keeps its own setting.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=max(int(min_cpus + 0.999), os.cpu_count() or 1, 4), log_to_driver=False)
 
 
 def run_rollout(cfg: NatRayConfig, progress: bool = True) -> dict:
@@ -301,12 +242,12 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True) -> dict:
     engine_cfg = {**asdict(cfg.engine), "model": model_path}
     resolved = {**asdict(cfg), "engine": engine_cfg}
     model_id = cfg.engine.model if cfg.engine.model else model_path
-    chash = records.config_hash(generation_config(cfg))
+    config_hash = records.config_hash(generation_config(cfg))
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     items = plan_rows(cfg, model_id)
     finished = done_ids(out)
-    todo = [item for item in items if item[nd.TRAJECTORY_ID] not in finished]
+    todo = [item for item in items if item[columns.TRAJECTORY_ID] not in finished]
     log.info(
         "rollout: %d trajectories planned, %d already done, %d to generate",
         len(items),
@@ -314,13 +255,13 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True) -> dict:
         len(todo),
     )
     if todo:
-        _generate(cfg, engine_cfg, tasks, todo, out, model_id, chash, progress)
+        _generate(cfg, engine_cfg, tasks, todo, out, model_id, config_hash, progress)
     rows = [
         r
         for r in records.read_rows(out / PARTS_DIR)
-        if r[nd.TRAJECTORY_ID] in {i[nd.TRAJECTORY_ID] for i in items}
+        if r[columns.TRAJECTORY_ID] in {i[columns.TRAJECTORY_ID] for i in items}
     ]
-    table = summarize(rows)
+    table = summarize_rollout(rows)
     result = {
         "output_dir": str(out),
         "generated": len(todo),
@@ -355,7 +296,9 @@ def streaming_data_context():
         ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
 
 
-def _generate(cfg, engine_cfg, tasks, todo, out: Path, model_id: str, chash: str, progress: bool) -> None:
+def _generate(
+    cfg, engine_cfg, tasks, todo, out: Path, model_id: str, config_hash: str, progress: bool
+) -> None:
     import ray
     from tqdm import tqdm
 
@@ -378,7 +321,7 @@ def _generate(cfg, engine_cfg, tasks, todo, out: Path, model_id: str, chash: str
                 "config": worker_config,
                 "tool_pools": pools,
                 "model_id": model_id,
-                "config_hash": chash,
+                "config_hash": config_hash,
             },
             batch_size=cfg.rollout.batch_size,
             batch_format="pyarrow",
@@ -398,8 +341,9 @@ def _generate(cfg, engine_cfg, tasks, todo, out: Path, model_id: str, chash: str
 
 
 def main_rollout(cfg: NatRayConfig) -> int:
+    """``nat-ray rollout``: collect, then print the per-task table and where the rows went."""
     result = run_rollout(cfg)
-    print(format_summary(result["summary"]))
+    print(format_rollout_summary(result["summary"]))
     print(
         f"\n{result['total']} trajectories in {result['output_dir']}/{PARTS_DIR} "
         f"({result['generated']} generated now, {result['skipped']} kept from before) in {result['seconds']}s"

@@ -1,4 +1,4 @@
-"""Tools as Ray actors: a small calculator pool and a search actor that loads its index once.
+"""Tools as Ray actors (:class:`nat_ray.tools.host.ToolHost`): a small calculator pool and a search actor.
 
 Calls are asynchronous (:class:`RayTools` implements the stepper's ``submit``/``collect``), so an
 engine keeps generating for other episodes while a tool call is out. An actor that dies is
@@ -17,40 +17,14 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from nat_ray.config import ToolsConfig
-from nat_ray.react import ToolCall, ToolResult, call_tool
+from nat_ray.react import ToolCall, ToolResult
+from nat_ray.tools.host import ToolHost
 
 log = logging.getLogger(__name__)
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=0)
-class ToolActor:
-    """Runs one kind of tool; configured once (the search index loads on its first query)."""
-
-    def __init__(self, tools: dict) -> None:
-        from nat_ray.config import from_dict
-        from nat_ray.tools import configure_tools
-
-        configure_tools(from_dict(ToolsConfig, tools, "tools"))
-
-    def call(self, name: str, argument: str) -> ToolResult:
-        from nat_ray.tools import REGISTRY
-
-        return call_tool(REGISTRY[name], ToolCall(name, argument))
-
-    def warm_up(self, name: str) -> bool:
-        """Load heavy state (the search index) before episodes need it."""
-        if name == "search":
-            from nat_ray.tools.search import get_search_backend
-
-            backend = get_search_backend()
-            if hasattr(backend, "load"):
-                backend.load()
-        return True
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
+# Ray restarts a dead tool actor; a call it had in flight is not run again (see RayTools).
+ToolActor = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=0)(ToolHost)
 
 
 def start_tool_actors(

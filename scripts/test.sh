@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The test command: the whole suite, integration tests (real Ray, vLLM, DeepSpeed, Serve) included.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not integration"` for the fast loop.
+# The test command: lint and format checks, then the whole suite, integration tests (real Ray, vLLM,
+# DeepSpeed, Serve) included. Extra arguments go to pytest, e.g.
+# `bash scripts/test.sh -m "not integration"` for the fast loop.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+.venv/bin/ruff check . || exit 1
+.venv/bin/ruff format --check . || { echo "run: .venv/bin/ruff format ." >&2; exit 1; }
 .venv/bin/python -m pytest tests "$@"
 status=$?
 if [ "$status" -eq 5 ]; then

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nat_ray import nat_data as nd
+from nat_ray import nat_data as columns
 
 
 def math_row(i: int, correct: bool) -> dict:
@@ -10,13 +10,13 @@ def math_row(i: int, correct: bool) -> dict:
     product = (i + 2) * (i + 3)
     answer = product if correct else product + 1
     return {
-        nd.TRAJECTORY_ID: f"t{i}-{correct}",
-        nd.TASK: "gsm8k",
-        nd.FAMILY: "math",
-        nd.QUESTION_ID: f"q{i}",
-        nd.QUESTION: f"A shop sells {i + 2} boxes of {i + 3} pens. How many pens?",
-        nd.GOLD: str(product),
-        nd.TRAJECTORY: [
+        columns.TRAJECTORY_ID: f"t{i}-{correct}",
+        columns.TASK: "gsm8k",
+        columns.FAMILY: "math",
+        columns.QUESTION_ID: f"q{i}",
+        columns.QUESTION: f"A shop sells {i + 2} boxes of {i + 3} pens. How many pens?",
+        columns.GOLD: str(product),
+        columns.TRAJECTORY: [
             {
                 "role": "assistant",
                 "content": f"Thought: boxes times pens.\nAction: calculate[{i + 2}*{i + 3}]",
@@ -25,9 +25,9 @@ def math_row(i: int, correct: bool) -> dict:
             {"role": "assistant", "content": f"Thought: done.\nAction: finish[{answer}]"},
             {"role": "user", "content": "Observation: Episode finished"},
         ],
-        nd.PROMPT: [],
-        nd.CORRECT_PAPER: correct,
-        nd.CORRECT_ROBUST: correct,
-        nd.FINISHED: True,
-        nd.TURNS: 2,
+        columns.PROMPT: [],
+        columns.CORRECT_PAPER: correct,
+        columns.CORRECT_ROBUST: correct,
+        columns.FINISHED: True,
+        columns.TURNS: 2,
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import logging
@@ -11,8 +10,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from nat_ray import nat_data as nd
+from nat_ray import nat_data as columns
 from nat_ray import paths, records
+from nat_ray.cli import main
 from nat_ray.errors import DataError
 from nat_ray.import_nat import (
     DEFAULT_OUT,
@@ -20,7 +20,6 @@ from nat_ray.import_nat import (
     FILE_NAMES,
     NAT_DIR,
     TEACHER_MODEL,
-    add_parser,
     import_nat,
     resolve_inputs,
 )
@@ -102,7 +101,7 @@ def test_rows_in_file_order_with_nat_fields(nat_dir):
     rows, stats = import_nat(files, questions)
 
     assert len(rows) == 7 == stats.trajectories
-    assert [(r[nd.QUESTION_ID], r[nd.TEMPERATURE], r[nd.SAMPLE_INDEX]) for r in rows] == [
+    assert [(r[columns.QUESTION_ID], r[columns.TEMPERATURE], r[columns.SAMPLE_INDEX]) for r in rows] == [
         ("q1", 0.5, 0),
         ("q2", 0.2, 0),
         ("q1", 0.5, 1),
@@ -112,47 +111,60 @@ def test_rows_in_file_order_with_nat_fields(nat_dir):
         ("q2", 0.2, 1),
     ]
     first = rows[0]
-    assert first[nd.TRAJECTORY_ID] == records.trajectory_id(TEACHER_MODEL, "strategyqa", "q1", 0.5, 0, 0)
-    assert first[nd.QUESTION] == "Is the sky blue?"
-    assert first[nd.GOLD] == "yes" and rows[1][nd.GOLD] == "no"
-    assert first[nd.PROMPT] == build_messages("strategyqa", "Is the sky blue?", "zero-shot", None, 0)
+    assert first[columns.TRAJECTORY_ID] == records.trajectory_id(TEACHER_MODEL, "strategyqa", "q1", 0.5, 0, 0)
+    assert first[columns.QUESTION] == "Is the sky blue?"
+    assert first[columns.GOLD] == "yes" and rows[1][columns.GOLD] == "no"
+    assert first[columns.PROMPT] == build_messages("strategyqa", "Is the sky blue?", "zero-shot", None, 0)
     # loss dropped, turns kept as they are, the closing "Episode finished" included
-    assert first[nd.TRAJECTORY] == [
+    assert first[columns.TRAJECTORY] == [
         {"role": t["role"], "content": t["content"]} for t in POSITIVES[0]["conversations"]
     ]
-    assert first[nd.TRAJECTORY][-1]["content"] == nd.EPISODE_FINISHED
-    assert (first[nd.TURNS], first[nd.ANSWER], first[nd.FINISHED], first[nd.FAILURE_REASON]) == (
+    assert first[columns.TRAJECTORY][-1]["content"] == columns.EPISODE_FINISHED
+    assert (
+        first[columns.TURNS],
+        first[columns.ANSWER],
+        first[columns.FINISHED],
+        first[columns.FAILURE_REASON],
+    ) == (
         2,
         "Yes",
         True,
         None,
     )
-    assert (first[nd.TASK], first[nd.FAMILY], first[nd.SEED], first[nd.F1]) == (
+    assert (first[columns.TASK], first[columns.FAMILY], first[columns.SEED], first[columns.F1]) == (
         "strategyqa",
         "strategyqa",
         0,
         None,
     )
-    assert (first[nd.MODEL], first[nd.ENGINE], first[nd.PROMPT_TOKENS], first[nd.COMPLETION_TOKENS]) == (
+    assert (
+        first[columns.MODEL],
+        first[columns.ENGINE],
+        first[columns.PROMPT_TOKENS],
+        first[columns.COMPLETION_TOKENS],
+    ) == (
         TEACHER_MODEL,
         ENGINE,
         0,
         0,
     )
-    assert first[nd.STARTED_AT] == first[nd.ENDED_AT]
-    assert len({r[nd.CONFIG_HASH] for r in rows}) == 1
+    assert first[columns.STARTED_AT] == first[columns.ENDED_AT]
+    assert len({r[columns.CONFIG_HASH] for r in rows}) == 1
 
 
 def test_ids_are_deterministic_and_unique(nat_dir):
     files, questions = _inputs(nat_dir)
-    ids = [r[nd.TRAJECTORY_ID] for r in import_nat(files, questions)[0]]
+    ids = [r[columns.TRAJECTORY_ID] for r in import_nat(files, questions)[0]]
     assert len(set(ids)) == len(ids)
-    assert ids == [r[nd.TRAJECTORY_ID] for r in import_nat(files, questions)[0]]
+    assert ids == [r[columns.TRAJECTORY_ID] for r in import_nat(files, questions)[0]]
 
 
 def test_rescoring_paper_and_robust(nat_dir):
     rows, stats = import_nat(*_inputs(nat_dir))
-    verdicts = {r[nd.ANSWER]: (r[nd.CORRECT_PAPER], r[nd.CORRECT_ROBUST], r[nd.NAT_CLASS]) for r in rows}
+    verdicts = {
+        r[columns.ANSWER]: (r[columns.CORRECT_PAPER], r[columns.CORRECT_ROBUST], r[columns.NAT_CLASS])
+        for r in rows
+    }
     assert verdicts["Yes"] == (True, True, "correct")
     assert verdicts["No"] == (True, True, "correct")
     assert verdicts["Yes."] == (False, True, "correct")  # robust verdict picks the class
@@ -166,15 +178,28 @@ def test_rescoring_paper_and_robust(nat_dir):
 def test_unfinished_and_empty_trajectories(nat_dir):
     rows, stats = import_nat(*_inputs(nat_dir))
     capped, empty, stopped = rows[4], rows[5], rows[6]
-    assert (capped[nd.TURNS], capped[nd.FINISHED], capped[nd.FAILURE_REASON], capped[nd.ANSWER]) == (
+    assert (
+        capped[columns.TURNS],
+        capped[columns.FINISHED],
+        capped[columns.FAILURE_REASON],
+        capped[columns.ANSWER],
+    ) == (
         7,
         False,
         "turn_cap",
         None,
     )
-    assert (empty[nd.TURNS], empty[nd.TRAJECTORY], empty[nd.FAILURE_REASON]) == (0, [], "parse_error")
-    assert (stopped[nd.TURNS], stopped[nd.FINISHED], stopped[nd.FAILURE_REASON]) == (1, False, "parse_error")
-    assert not any(r[nd.CORRECT_PAPER] or r[nd.CORRECT_ROBUST] for r in (capped, empty, stopped))
+    assert (empty[columns.TURNS], empty[columns.TRAJECTORY], empty[columns.FAILURE_REASON]) == (
+        0,
+        [],
+        "parse_error",
+    )
+    assert (stopped[columns.TURNS], stopped[columns.FINISHED], stopped[columns.FAILURE_REASON]) == (
+        1,
+        False,
+        "parse_error",
+    )
+    assert not any(r[columns.CORRECT_PAPER] or r[columns.CORRECT_ROBUST] for r in (capped, empty, stopped))
     assert (stats.unfinished, stats.empty, stats.turn_cap) == (3, 1, 1)
 
 
@@ -183,7 +208,7 @@ def test_finish_found_by_nats_split(tmp_path, nat_dir):
     turn = {"role": "assistant", "content": "Action: Based on it, yes.\n\nAction: finish[Yes]", "loss": True}
     path = _write(tmp_path / "pos.json", [_record("q1", "0.2", [turn, FINISHED], True, True, "Yes")])
     rows, stats = import_nat([path], nat_dir / "train.jsonl")
-    assert (rows[0][nd.FINISHED], rows[0][nd.FAILURE_REASON]) == (True, None)
+    assert (rows[0][columns.FINISHED], rows[0][columns.FAILURE_REASON]) == (True, None)
     assert (stats.nat_split_finish, stats.finish_mismatch) == (1, 0)
 
 
@@ -245,18 +270,12 @@ def test_malformed_records_skipped_and_counted(tmp_path, nat_dir, caplog):
     assert f"{path}[3]: skipped" in caplog.text and "q999" in caplog.text
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nat-ray")
-    add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["import-nat", *argv])
-
-
 def test_cli_folder_and_out_dir(tmp_path, nat_dir, capsys):
-    args = _parse([str(nat_dir.parent), "--out", str(tmp_path / "runs")])  # a NAT-like checkout root
-    assert args.func(args) == 0
+    argv = ["import-nat", str(nat_dir.parent), "--out", str(tmp_path / "runs")]  # a NAT-like checkout root
+    assert main(argv) == 0
     out = tmp_path / "runs" / DEFAULT_OUT.name
     rows = records.read_rows(out)
-    assert len(rows) == 7 and rows[0][nd.QUESTION] == "Is the sky blue?"  # positives first
+    assert len(rows) == 7 and rows[0][columns.QUESTION] == "Is the sky blue?"  # positives first
     summary = capsys.readouterr().out
     assert "7 of 7 records" in summary and "2 positive / 5 negative" in summary and str(out) in summary
 
@@ -264,15 +283,14 @@ def test_cli_folder_and_out_dir(tmp_path, nat_dir, capsys):
 def test_cli_files_out_file_and_questions(tmp_path, nat_dir):
     files, questions = _inputs(nat_dir)
     out = tmp_path / "x" / "mine.parquet"
-    args = _parse([str(files[1]), "--questions", str(questions), "--out", str(out)])
-    assert args.func(args) == 0
+    assert main(["import-nat", str(files[1]), "--questions", str(questions), "--out", str(out)]) == 0
     assert len(records.read_rows(out)) == len(NEGATIVES)
 
 
-def test_cli_help_names_defaults():
-    parser = argparse.ArgumentParser(prog="nat-ray")
-    p = add_parser(parser.add_subparsers(dest="command"))
-    text = p.format_help()
+def test_cli_help_names_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["import-nat", "--help"])
+    text = capsys.readouterr().out
     assert str(DEFAULT_OUT) in text and NAT_DIR in text and "PATH" in text and "--questions" in text
 
 
@@ -309,9 +327,9 @@ def test_real_nat_files():
     rows, stats = import_nat([positive, negative], questions)
     assert (len(rows), stats.skipped) == (2333, {})  # every question found
     assert list(stats.rows_per_file.values()) == [1070, 1263]
-    assert len({r[nd.TRAJECTORY_ID] for r in rows}) == 2333
+    assert len({r[columns.TRAJECTORY_ID] for r in rows}) == 2333
     assert (stats.empty, stats.unfinished, stats.turn_cap, stats.finish_mismatch) == (7, 20, 3, 0)
     # Re-scoring the positives alone: NAT's rule agrees with info.reward except where we counted otherwise.
     pos_rows, pos_stats = import_nat([positive], questions)
-    assert sum(r[nd.CORRECT_PAPER] for r in pos_rows) == 1070 - pos_stats.disagree_paper
+    assert sum(r[columns.CORRECT_PAPER] for r in pos_rows) == 1070 - pos_stats.disagree_paper
     assert pos_stats.disagree_paper == 0

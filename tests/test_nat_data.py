@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nat_ray import nat_data as nd
+from nat_ray import nat_data as columns
 from nat_ray.errors import ConfigError, DataError
 from nat_ray.masks import IGNORE_INDEX, tokenize_example
 
@@ -21,15 +21,15 @@ def _row(tid, qid, correct, f1=None, family="hotpotqa", turns=None, finished=Tru
         ]
     )
     return {
-        nd.TRAJECTORY_ID: tid,
-        nd.QUESTION_ID: qid,
-        nd.QUESTION: f"question {qid}?",
-        nd.FAMILY: family,
-        nd.TRAJECTORY: turns,
-        nd.CORRECT_PAPER: correct,
-        nd.CORRECT_ROBUST: correct,
-        nd.F1: f1,
-        nd.FINISHED: finished,
+        columns.TRAJECTORY_ID: tid,
+        columns.QUESTION_ID: qid,
+        columns.QUESTION: f"question {qid}?",
+        columns.FAMILY: family,
+        columns.TRAJECTORY: turns,
+        columns.CORRECT_PAPER: correct,
+        columns.CORRECT_ROBUST: correct,
+        columns.F1: f1,
+        columns.FINISHED: finished,
     }
 
 
@@ -40,7 +40,9 @@ ROWS = [
     _row("n1", "q1", False, 0.0),
     _row("n2", "q2", False, 0.25),
     _row("n3", "q3", False, 0.5),
-    _row("n3dup", "q3", False, 0.5, turns=_row("n3", "q3", False)[nd.TRAJECTORY]),  # exact duplicate of n3
+    _row(
+        "n3dup", "q3", False, 0.5, turns=_row("n3", "q3", False)[columns.TRAJECTORY]
+    ),  # exact duplicate of n3
     _row("empty", "q4", False, 0.0, turns=[]),
     _row("unfinished", "q5", False, 0.0, finished=False),
 ]
@@ -51,14 +53,14 @@ def _question_turns(examples):
 
 
 def test_wo_neg_uses_only_positives_one_per_question():
-    examples, sel = nd.build_examples(ROWS, "wo_neg")
+    examples, sel = columns.build_examples(ROWS, "wo_neg")
     assert {ex.trajectory_id for ex in examples} == {"p1", "p2"}
     assert sel.dropped["duplicate_positive"] == 1
     assert set(_question_turns(examples).values()) == {"Question: question q1?", "Question: question q2?"}
 
 
 def test_nut_mixes_negatives_under_the_same_prompt():
-    examples, sel = nd.build_examples(ROWS, "nut")
+    examples, sel = columns.build_examples(ROWS, "nut")
     ids = {ex.trajectory_id for ex in examples}
     assert ids == {"p1", "p2", "n1", "n2", "n3", "unfinished"}
     assert sel.dropped["empty"] == 1 and sel.dropped["duplicate_negative"] == 1
@@ -67,7 +69,7 @@ def test_nut_mixes_negatives_under_the_same_prompt():
 
 
 def test_nat_marks_negatives_with_the_incorrect_prompt():
-    examples, _ = nd.build_examples(ROWS, "nat", drop_unfinished_negatives=True)
+    examples, _ = columns.build_examples(ROWS, "nat", drop_unfinished_negatives=True)
     turns = _question_turns(examples)
     assert "unfinished" not in turns
     assert turns["p1"].endswith("solve the question **correctly**.")
@@ -76,7 +78,7 @@ def test_nat_marks_negatives_with_the_incorrect_prompt():
 
 
 def test_nat_k_grades_negatives_by_f1():
-    examples, _ = nd.build_examples(ROWS, "nat_k", drop_zero_f1_negatives=True)
+    examples, _ = columns.build_examples(ROWS, "nat_k", drop_zero_f1_negatives=True)
     turns = _question_turns(examples)
     assert set(turns) == {"p1", "p2", "n2", "n3"}  # F1 = 0 negatives dropped (spec §3.5)
     assert turns["n2"] == "[Mostly Incorrect] Question: question q2?."
@@ -85,53 +87,53 @@ def test_nat_k_grades_negatives_by_f1():
 
 
 def test_table4_and_cot_variants():
-    turns = _question_turns(nd.build_examples(ROWS, "nat_inverse")[0])
+    turns = _question_turns(columns.build_examples(ROWS, "nat_inverse")[0])
     assert turns["p1"] == "[Incorrect] Question: question q1?." and turns["n1"].startswith("[Correct]")
     math_rows = [_row("m1", "a", True, family="math"), _row("m2", "b", False, family="math")]
-    turns = _question_turns(nd.build_examples(math_rows, "nat_ab")[0])
+    turns = _question_turns(columns.build_examples(math_rows, "nat_ab")[0])
     assert turns == {"m1": "[A] Question: question a?.", "m2": "[B] Question: question b?."}
-    cot, _ = nd.build_examples(math_rows, "cot_nat")
+    cot, _ = columns.build_examples(math_rows, "cot_nat")
     assert all(ex.prompt_messages == 1 for ex in cot)  # no instruction turns
 
 
 def test_trailing_episode_finished_observation_is_dropped():
-    ex = nd.build_example(ROWS[0], "nat")
+    ex = columns.build_example(ROWS[0], "nat")
     assert ex.messages[-1]["role"] == "assistant" and ex.messages[-1]["content"].endswith("finish[p1]")
 
 
 def test_seeded_sampling_is_reproducible_and_bounded():
-    a = nd.select_trajectories(ROWS, 1, 2, seed=3)
-    b = nd.select_trajectories(ROWS, 1, 2, seed=3)
-    assert [r[nd.TRAJECTORY_ID] for r in a.negatives] == [r[nd.TRAJECTORY_ID] for r in b.negatives]
+    a = columns.select_trajectories(ROWS, 1, 2, seed=3)
+    b = columns.select_trajectories(ROWS, 1, 2, seed=3)
+    assert [r[columns.TRAJECTORY_ID] for r in a.negatives] == [r[columns.TRAJECTORY_ID] for r in b.negatives]
     assert len(a.positives) == 1 and len(a.negatives) == 2
     with pytest.raises(DataError, match="only 2"):
-        nd.select_trajectories(ROWS, 5, None)
+        columns.select_trajectories(ROWS, 5, None)
 
 
 def test_label_mode_picks_the_verdict():
-    row = {**_row("x", "q", True), nd.CORRECT_PAPER: False, nd.CORRECT_ROBUST: True}
-    assert nd.is_positive(row, "robust") and not nd.is_positive(row, "paper")
+    row = {**_row("x", "q", True), columns.CORRECT_PAPER: False, columns.CORRECT_ROBUST: True}
+    assert columns.is_positive(row, "robust") and not columns.is_positive(row, "paper")
     with pytest.raises(ConfigError):
-        nd.is_positive(row, "lenient")
+        columns.is_positive(row, "lenient")
 
 
 def test_errors_before_training():
     with pytest.raises(DataError, match="needs negative"):
-        nd.build_examples([_row("p", "q", True)], "nat")
+        columns.build_examples([_row("p", "q", True)], "nat")
     with pytest.raises(DataError, match="no positive"):
-        nd.build_examples([_row("n", "q", False)], "nut")
+        columns.build_examples([_row("n", "q", False)], "nut")
     with pytest.raises(ConfigError, match="unknown data variant"):
-        nd.get_variant("nat_99")
+        columns.get_variant("nat_99")
     with pytest.raises(DataError, match="grades by F1"):
-        nd.build_examples([_row("h1", "a", True), _row("h2", "b", False)], "nat_soft")
+        columns.build_examples([_row("h1", "a", True), _row("h2", "b", False)], "nat_soft")
     with pytest.raises(ConfigError, match="no template"):  # F1 classes need a QA task
-        nd.build_examples(
+        columns.build_examples(
             [_row("m1", "a", True, family="math"), _row("m2", "b", False, family="math")], "nat_k"
         )
 
 
 def test_examples_tokenize_with_loss_on_the_agent_only(tokenizer):
-    ex = nd.build_example(ROWS[3], "nat")
+    ex = columns.build_example(ROWS[3], "nat")
     tok = tokenize_example(tokenizer, ex.messages, prompt_messages=ex.prompt_messages)
     supervised = tokenizer.decode([t for t, lab in zip(tok.input_ids, tok.labels) if lab != IGNORE_INDEX])
     assert "Action: search[q1]" in supervised and "Action: finish[n1]" in supervised

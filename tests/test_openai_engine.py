@@ -1,21 +1,20 @@
 """OpenAIEngine against a real tiny HTTP server on 127.0.0.1 (a stand-in for the paid API).
 
-The server is a ``ThreadingHTTPServer`` whose answers each test scripts: a function of the request
-number and the parsed request returning (status, body, headers, delay). Everything the engine
-does goes over real sockets: retries, Retry-After, timeouts, concurrency and the rate limit.
+The server is a ``ThreadingHTTPServer`` (``helpers.serve_http``) whose answers each test scripts: a
+function of the request number and the parsed request returning (status, body, headers, delay).
+Everything the engine does goes over real sockets: retries, Retry-After, timeouts, concurrency and
+the rate limit. The rate limiter's arithmetic is tested on a fake clock.
 """
 
 from __future__ import annotations
 
-import json
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers import HttpRequest, serve_http  # tests/helpers.py
 
 from nat_ray.config import EngineConfig
 from nat_ray.engines.openai_engine import OpenAIEngine, RateLimiter, parse_completion
@@ -65,7 +64,8 @@ class FakeServer:
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
 
-    def handle(self, req: Request) -> tuple[int, object, dict, float]:
+    def handle(self, http: HttpRequest) -> tuple[int, object, dict]:
+        req = Request(http.method, http.path, http.headers, http.json())
         with self.lock:
             n = len(self.requests)
             self.requests.append(req)
@@ -73,54 +73,19 @@ class FakeServer:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             status, body, headers, delay = self.script(n, req)
-            time.sleep(delay)
-            return status, body, headers, delay
+            time.sleep(delay)  # a slow server is the behaviour under test
+            return status, body, headers
         finally:
             with self.lock:
                 self.in_flight -= 1
 
 
-def make_handler(server: FakeServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def _serve(self, method: str) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            req = Request(method, self.path, dict(self.headers), json.loads(raw) if raw else None)
-            status, body, headers, _ = server.handle(req)
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (a timeout test)
-
-        def do_POST(self) -> None:
-            self._serve("POST")
-
-        def do_GET(self) -> None:
-            self._serve("GET")
-
-        def log_message(self, *args) -> None:
-            pass
-
-    return Handler
-
-
 @pytest.fixture
 def server():
     fake = FakeServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(fake))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield fake
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_http(fake.handle) as url:
+        fake.url = f"{url}/v1"
+        yield fake
 
 
 def engine_for(url: str, **overrides) -> OpenAIEngine:
@@ -255,12 +220,8 @@ def test_error_ends_only_its_episode_in_the_stepper(server):
     assert eps[1].failure_reason == GENERATION_ERROR and "HTTP 502" in eps[1].steps[0].error
 
 
-def test_dead_port_is_an_error():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # Nothing listens on the port now.
-    with engine_for(f"http://127.0.0.1:{port}/v1", max_retries=1) as engine:
+def test_dead_port_is_an_error(free_port):
+    with engine_for(f"http://127.0.0.1:{free_port}/v1", max_retries=1) as engine:
         (gen,) = engine.generate([conv("hi")], [Sampling()])
         assert gen.finish_reason == "error" and "cannot connect" in gen.error
         with pytest.raises(ModelError, match="cannot reach"):
@@ -305,12 +266,68 @@ def test_rate_limit_spaces_requests(server):
     assert elapsed >= 0.38  # five requests at 10/s: the last starts 0.4 s after the first
 
 
+class FakeClock:
+    """A monotonic clock that moves only when someone sleeps on it; records every sleep."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+
+def test_rate_limiter_calls_at_once_take_n_minus_one_intervals():
+    clock = FakeClock()
+    limiter = RateLimiter(4, clock=clock, sleep=clock.sleep)  # 0.25 s apart
+    for _ in range(5):
+        limiter.wait()  # all at the same instant: the clock never moves
+    # The first goes at once; the others wait for slots 0.25, 0.5, 0.75, 1.0 s ahead.
+    assert clock.sleeps == [0.25, 0.5, 0.75, 1.0]  # (5 - 1) / 4 s for the last
+
+
+def test_rate_limiter_does_not_wait_once_the_interval_has_passed():
+    clock = FakeClock()
+    limiter = RateLimiter(2, clock=clock, sleep=clock.sleep)  # 0.5 s apart
+    limiter.wait()
+    clock.now += 0.2
+    limiter.wait()  # its slot is 0.5 s after the first: 0.3 s to go
+    clock.now += 5.0
+    limiter.wait()  # long after: no wait, and no credit saved up for later calls
+    limiter.wait()
+    assert clock.sleeps == pytest.approx([0.3, 0.5])
+
+
 def test_rate_limiter_without_rate_never_waits():
-    limiter = RateLimiter(0)
-    start = time.monotonic()
-    for _ in range(100):
+    def no_clock() -> float:
+        raise AssertionError("a limiter without a rate must not read the clock")
+
+    for rate in (0, -1.0):
+        limiter = RateLimiter(rate, clock=no_clock, sleep=no_clock)
+        for _ in range(100):
+            limiter.wait()
+        assert limiter.interval == 0
+
+
+def test_rate_limiter_gives_concurrent_callers_distinct_slots():
+    clock = FakeClock()
+    limiter = RateLimiter(10, clock=clock, sleep=clock.sleep)  # 0.1 s apart
+    start = threading.Barrier(8)
+
+    def caller() -> None:
+        start.wait()
         limiter.wait()
-    assert limiter.interval == 0 and time.monotonic() - start < 0.5
+
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # One caller went at once; the other seven each got their own slot, none shared or skipped.
+    assert sorted(clock.sleeps) == pytest.approx([0.1 * k for k in range(1, 8)])
 
 
 def test_models_lists_the_served_ids(server):

@@ -105,7 +105,7 @@ def test_segments_split_where_positions_restart():
 
 @pytest.fixture(scope="module")
 def loaded(embedded_path):
-    from nat_ray.train_step import load_model
+    from nat_ray.train.step import load_model
 
     return load_model(embedded_path, "fp32").eval()
 
@@ -176,7 +176,7 @@ def test_packed_batch_gives_the_same_per_example_loss(model, nat_examples):
 
 
 def test_training_loss_is_the_same_packed_and_padded(model, nat_examples):
-    from nat_ray.train_step import loss_sum
+    from nat_ray.train.step import loss_sum
 
     with torch.no_grad():
         s_packed, n_packed = loss_sum(model, collate(pack_examples(nat_examples, 4096), PAD, True))
@@ -203,7 +203,7 @@ def test_a_neighbour_cannot_change_an_examples_logits(model, nat_examples):
 
 def test_masked_tokens_never_affect_the_loss(model, nat_examples):
     """Masked tokens after the last target (the final observation) can be anything: same loss."""
-    from nat_ray.train_step import loss_sum
+    from nat_ray.train.step import loss_sum
 
     ex = nat_examples[2]
     last = max(i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX)
@@ -221,7 +221,7 @@ def test_masked_tokens_never_affect_the_loss(model, nat_examples):
 
 def test_loss_counts_exactly_the_labelled_targets(model, nat_examples):
     """loss_sum == sum of -log p(label) over labelled positions, from the full logits by hand."""
-    from nat_ray.train_step import loss_sum
+    from nat_ray.train.step import loss_sum
 
     ex = nat_examples[1]
     batch = collate(single_rows([ex]), PAD, False)
@@ -236,7 +236,7 @@ def test_loss_counts_exactly_the_labelled_targets(model, nat_examples):
 
 
 def test_padding_content_never_affects_the_loss(model, nat_examples):
-    from nat_ray.train_step import loss_sum
+    from nat_ray.train.step import loss_sum
 
     rows = single_rows(nat_examples)
     batch = collate(rows, PAD, packed=False)

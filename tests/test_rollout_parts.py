@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rows import math_row  # tests/rows.py
 
-from nat_ray import nat_data as nd
+from nat_ray import nat_data as columns
 from nat_ray import records
 from nat_ray.config import NatRayConfig, from_dict
 from nat_ray.errors import ConfigError
@@ -25,7 +25,7 @@ def _parts(folder):
 
 
 def _ids(folder) -> list[str]:
-    return sorted(r[nd.TRAJECTORY_ID] for r in records.read_rows(folder))
+    return sorted(r[columns.TRAJECTORY_ID] for r in records.read_rows(folder))
 
 
 def test_a_part_per_flush_rows_and_the_rest_on_flush(tmp_path):

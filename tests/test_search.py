@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import HttpRequest, serve_http  # tests/helpers.py
 
 from nat_ray.errors import ConfigError, DataError, ToolError
 from nat_ray.paths import PACKAGE_DATA_DIR
@@ -288,43 +288,29 @@ def test_configure_search_is_lazy_and_validates(tiny_corpus, tmp_path):
 # HTTP backend against a real server on loopback
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        server = self.server
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        server.requests.append(json.loads(body))
-        status, payload, delay = server.replies.pop(0) if len(server.replies) > 1 else server.replies[0]
-        time.sleep(delay)
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up waiting (the timeout test)
+@dataclass
+class SearchService:
+    """A search service's script: ``replies`` are (status, payload, delay_s), used in order, the
+    last one repeating; ``requests`` are the JSON bodies received."""
 
-    def log_message(self, *args):
-        pass
+    url: str = ""
+    requests: list = field(default_factory=list)
+    replies: list = field(default_factory=lambda: [(200, {"results": []}, 0.0)])
+
+    def handle(self, request: HttpRequest) -> tuple[int, object, dict]:
+        self.requests.append(request.json())
+        status, payload, delay = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+        time.sleep(delay)  # a slow service is the behaviour under test (the timeout test)
+        return status, payload, {}
 
 
 @pytest.fixture
 def server():
-    """A search service on 127.0.0.1; set ``server.replies`` to (status, payload, delay_s) tuples.
-
-    Replies are used in order; the last one repeats.
-    """
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    httpd.requests = []
-    httpd.replies = [(200, {"results": []}, 0.0)]
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/search"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    """A search service on 127.0.0.1 answering ``server.replies``."""
+    service = SearchService()
+    with serve_http(service.handle) as url:
+        service.url = f"{url}/search"
+        yield service
 
 
 GOOD = {
@@ -391,11 +377,10 @@ def test_http_backend_timeout_is_a_tool_error(server):
         HttpSearchBackend(server.url, timeout_s=0.2, retries=0).search("q", 3)
 
 
-def test_http_backend_dead_port_is_a_tool_error():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    backend = HttpSearchBackend(f"http://127.0.0.1:{port}/search", timeout_s=2, retries=1, backoff_s=0.01)
+def test_http_backend_dead_port_is_a_tool_error(free_port):
+    backend = HttpSearchBackend(
+        f"http://127.0.0.1:{free_port}/search", timeout_s=2, retries=1, backoff_s=0.01
+    )
     with pytest.raises(ToolError, match="unreachable"):
         backend.search("q", 3)
 

@@ -14,14 +14,8 @@ from pydantic import ValidationError
 from nat_ray.agent import new_episode
 from nat_ray.config import AgentConfig, ServeConfig
 from nat_ray.react import Generation, LocalTools
-from nat_ray.serve import (
-    AgentLoop,
-    AgentRequest,
-    agent_response,
-    episode_for,
-    response_status,
-    validation_error,
-)
+from nat_ray.serve.agent_loop import AgentLoop
+from nat_ray.serve.api import AgentRequest, agent_response, episode_for, response_status, validation_error
 from nat_ray.tasks import get_task
 
 LIMITS = ServeConfig(max_question_chars=20, max_turns_limit=5, max_tokens_limit=64)
@@ -57,6 +51,13 @@ def test_a_minimal_request_takes_the_server_defaults():
         ('{"task": "gsm8k", "question": "q", "max_turns": "3"}', 422, "max_turns", "valid integer"),
         ('{"task": "gsm8k", "question": "q", "gold": "many"}', 422, "gold", "one number"),
         ('{"task": "strategyqa", "question": "q", "gold": "maybe"}', 422, "gold", "yes/no"),
+        (
+            '{"task": "hotpotqa", "question": "q", "gold": 5}',
+            422,
+            "gold",
+            "hotpotqa answer must be text, got 5",
+        ),
+        ('{"task": "gsm8k", "question": "q", "gold": true}', 422, "gold", "gsm8k answer must be one number"),
         ('{"task": "gsm8k", "question": "q", "qestion": "typo"}', 422, "qestion", "Extra inputs"),
         ('{"task": "gsm8k", "question": ', 400, "body", "Invalid JSON"),
         ("[1, 2]", 422, "body", "object"),
@@ -108,11 +109,15 @@ def test_an_episode_cut_short_by_the_llm_deployment_is_a_503_not_a_wrong_answer(
 
 
 class GatedEngine:
-    """A batched engine whose first call waits for a gate, so requests pile up meanwhile."""
+    """A batched engine whose first call waits for a gate, so requests pile up meanwhile.
+
+    ``holding`` is set once that first call has its batch and waits at the gate.
+    """
 
     def __init__(self, scripts: dict[str, list[str]]) -> None:
         self.scripts = scripts
         self.batches: list[list[str]] = []
+        self.holding = threading.Event()
         self.gate = threading.Event()
 
     def _label(self, conversation: list[dict]) -> str:
@@ -120,6 +125,7 @@ class GatedEngine:
 
     def generate(self, conversations, sampling):
         if not self.batches:
+            self.holding.set()
             self.gate.wait(timeout=10)
         labels = [self._label(c) for c in conversations]
         self.batches.append(sorted(labels))
@@ -142,9 +148,9 @@ def test_requests_that_arrive_while_the_loop_steps_share_its_next_batch():
 
     async def scenario():
         first = loop.submit(new_episode(get_task("gsm8k"), "qa", cfg, "a"))
-        await asyncio.sleep(0.3)  # the loop is now inside its first (gated) generate call
+        assert await asyncio.to_thread(engine.holding.wait, 10), "the loop never called the engine"
+        # The loop is inside its first generate call; these wait in its inbox until that returns.
         later = [loop.submit(new_episode(get_task("gsm8k"), q, cfg, q)) for q in ("qb", "qc")]
-        await asyncio.sleep(0.1)
         engine.gate.set()
         return await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
 
@@ -194,7 +200,7 @@ def test_a_cpu_replica_computes_on_every_core_of_a_small_machine(monkeypatch, co
     import os
 
     from nat_ray.config import NatRayConfig, from_dict
-    from nat_ray.serve import llm_config
+    from nat_ray.serve.app import llm_config
 
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     cfg = from_dict(NatRayConfig, {"serve": {"llm_cpu_reserved_cores": setting}})
@@ -205,9 +211,20 @@ def test_a_cpu_replica_computes_on_every_core_of_a_small_machine(monkeypatch, co
 
 def test_a_gpu_replica_leaves_vllm_cpu_settings_alone():
     from nat_ray.config import NatRayConfig, from_dict
-    from nat_ray.serve import llm_config
+    from nat_ray.serve.app import llm_config
 
     cfg = from_dict(NatRayConfig, {"engine": {"device": "cuda"}, "serve": {"llm_num_gpus": 1}})
     llm = llm_config(cfg, "/models/m", "m")
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in llm.runtime_env["env_vars"]
     assert llm.placement_group_config["bundles"][0]["GPU"] == 1
+
+
+def test_a_lora_replica_loads_its_adapter_and_engine_extra_has_the_last_word():
+    from nat_ray.config import NatRayConfig, from_dict
+    from nat_ray.serve.app import llm_config
+
+    cfg = from_dict(NatRayConfig, {"engine": {"extra": {"block_size": 16, "max_lora_rank": 8}}})
+    kwargs = llm_config(cfg, "/models/m", "m", "m-lora", "/adapters/a").engine_kwargs
+    assert kwargs["lora_modules"] == [{"name": "m-lora", "path": "/adapters/a", "base_model_name": "m"}]
+    assert kwargs["enable_lora"] and kwargs["max_lora_rank"] == 8 and kwargs["block_size"] == 16
+    assert kwargs["enable_chunked_prefill"] is False and kwargs["dtype"] == "float32"  # CPU defaults

@@ -10,23 +10,23 @@ from pathlib import Path
 import pytest
 from rows import math_row  # tests/rows.py
 
-from nat_ray import nat_data as nd
-from nat_ray import records
+from nat_ray import nat_data, records
 from nat_ray.config import NatRayConfig, TrainConfig, load_config
 from nat_ray.errors import ConfigError, DataError
 from nat_ray.masks import IGNORE_INDEX, TokenizedExample
-from nat_ray.train import (
-    check_resume,
+from nat_ray.packing import single_rows
+from nat_ray.train.data import (
     finalize_examples,
     make_schedule,
+    pad_token_id,
     prepare_rows,
+    rank_table,
     read_trajectories,
-    run_fingerprint,
-    run_train,
     select_examples,
+    step_batches,
     tokenize_examples,
-    write_fingerprint,
 )
+from nat_ray.train.run import check_resume, format_result, run_fingerprint, run_train, write_fingerprint
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -82,7 +82,7 @@ def test_empty_trajectory_file(tmp_path):
 
 
 def test_variant_that_needs_negatives(data_dir, tmp_path):
-    rows = [r for r in read_trajectories([str(data_dir)]) if r[nd.CORRECT_ROBUST]]
+    rows = [r for r in read_trajectories([str(data_dir)]) if r[nat_data.CORRECT_ROBUST]]
     with pytest.raises(DataError, match="needs negative trajectories"):
         select_examples(_cfg(data_dir, tmp_path, variant="nat"), rows)
     examples, _ = select_examples(_cfg(data_dir, tmp_path, variant="wo_neg"), rows)
@@ -125,7 +125,7 @@ def test_overlong_examples_are_counted_truncated_or_dropped(data_dir, tmp_path, 
 def test_finalize_drops_examples_whose_loss_was_cut_off():
     ok = TokenizedExample([1, 2, 3], [IGNORE_INDEX, 2, 3], truncated=True)
     cut = TokenizedExample([1, 2, 3], [IGNORE_INDEX] * 3, truncated=True)
-    fake = [nd.ChatExample([], 0, "a", "correct"), nd.ChatExample([], 0, "b", "correct")]
+    fake = [nat_data.ChatExample([], 0, "a", "correct"), nat_data.ChatExample([], 0, "b", "correct")]
     kept, stats = finalize_examples([ok, cut], fake, "truncate")
     assert kept == [ok]
     assert stats == {"truncated": 2, "dropped_overlong": 0, "dropped_no_loss": 1}
@@ -174,6 +174,30 @@ def test_rank_streams_cover_each_epoch_once_and_are_deterministic():
         assert [step for step, _, _ in stream] == sorted(step for step, _, _ in stream)
 
 
+def test_rank_rows_come_back_as_micro_batches_per_step():
+    """A rank's table (what its Ray dataset holds) -> (step, micro-batches), resumed steps skipped."""
+    rows = single_rows(
+        [TokenizedExample([5 + i] * (2 + i), [IGNORE_INDEX] + [5 + i] * (1 + i)) for i in range(3)]
+    )
+    stream = [(0, 0, 2), (0, 1, 0), (1, 0, 1), (1, 1, 2)]  # (step, micro, row)
+    table = rank_table(rows, stream).to_pylist()
+    got = list(step_batches(iter(table), 0, 0, packed=False))
+    assert [step for step, _ in got] == [0, 1] and all(len(micro) == 2 for _, micro in got)
+    assert got[0][1][0]["input_ids"].tolist() == [[7, 7, 7, 7]]  # row 2 first, as the stream says
+    assert got[1][1][0]["input_ids"].tolist() == [[6, 6, 6]]
+    resumed = list(step_batches(iter(table), 1, 0, packed=False))
+    assert [step for step, _ in resumed] == [1]
+
+
+def test_pad_token_id_falls_back_to_eos(tokenizer):
+    import copy
+
+    assert tokenizer.pad_token_id is not None and pad_token_id(tokenizer) == tokenizer.pad_token_id
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None and pad_token_id(no_pad) == tokenizer.eos_token_id
+
+
 # --------------------------------------------------------------------------------------------
 # Resume checks
 
@@ -190,6 +214,36 @@ def test_resume_refuses_changed_settings(tmp_path):
     with pytest.raises(ConfigError, match=r"learning_rate: 5e-05 -> 0\.001.*new train.run_name"):
         check_resume(run_dir, run_fingerprint(TrainConfig(learning_rate=1e-3), "/models/m", False))
     assert json.loads((run_dir / "nat_run.json").read_text())["resolved_model"] == "/models/m"
+
+
+def test_format_result_summarizes_a_resumed_lora_run():
+    result = {
+        "run_dir": "/runs/train/lora",
+        "export": {"model": "/runs/train/lora/export/model", "adapter": "/runs/train/lora/export/adapter"},
+        "data": {"positives": 3, "negatives": 3, "examples": 6, "truncated": 1, "dropped_overlong": 0,
+                 "dropped_no_loss": 0, "rows": 2, "tokens": 1300, "loss_tokens": 400,
+                 "packing_efficiency": 0.635},
+        "schedule": {"total_steps": 4, "steps_per_epoch": 1, "global_batch": 2, "micro_batch": 1,
+                     "workers": 2, "accum": 1},
+        "start_step": 2,
+        "step": 4,
+        "history": [{"step": 3, "loss": 2.5}, {"step": 4, "loss": 2.0}],
+        "final_loss": 2.0,
+        "seconds": 12.5,
+    }  # fmt: skip
+    lines = format_result(result).splitlines()
+    assert lines[0].endswith("-> 2 rows, 1300 tokens (400 with loss), packing efficiency 64%")
+    assert (
+        lines[1]
+        == "schedule  4 steps (1 per epoch, global batch 2, micro-batch 1 x 2 workers x 1 accumulation)"
+    )
+    assert lines[2] == "training  steps 2 -> 4 (resumed), final loss 2.0000, 12.5s"
+    assert lines[3] == "loss      step 3: 2.5000 -> step 4: 2.0000"
+    assert lines[4:6] == [
+        "export    model: /runs/train/lora/export/model",
+        "export    adapter: /runs/train/lora/export/adapter",
+    ]
+    assert lines[6].startswith("run dir   /runs/train/lora")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,15 @@
-"""The training step without Ray or DeepSpeed: schedule, DeepSpeed config, LoRA checks, loss weighting."""
+"""The training step without Ray or DeepSpeed: schedule, DeepSpeed config, LoRA checks, loss weighting.
+
+The throughput script around it (``benchmarks/train_step.py``) is tested in test_benchmark_train_step.py.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import random
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -14,7 +19,7 @@ from nat_ray.config import TrainConfig
 from nat_ray.errors import ConfigError
 from nat_ray.masks import IGNORE_INDEX, TokenizedExample
 from nat_ray.packing import collate, pack_examples, single_rows
-from nat_ray.train_step import (
+from nat_ray.train.step import (
     build_model,
     check_lora_targets,
     check_lora_targets_for,
@@ -24,8 +29,6 @@ from nat_ray.train_step import (
     load_model,
     loss_sum,
     lr_multiplier,
-    main,
-    mfu,
     num_loss_tokens,
     train_step,
     warmup_steps,
@@ -179,43 +182,18 @@ def test_train_steps_lower_the_loss_on_repeated_data(embedded_path):
     assert losses[-1] < losses[0] * 0.9
 
 
-def test_mfu_formula():
-    assert mfu(1000.0, 1_000_000, 6e9) == pytest.approx(1.0)
-    assert mfu(1000.0, 1_000_000, None) is None
-
-
-def test_cli_times_synthetic_data(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "r.json"
-    overrides = ",".join(f"{k}={v}" for k, v in TINY.items())
-    code = main(
-        [
-            "--model-overrides",
-            overrides,
-            "--examples",
-            "12",
-            "--mean-length",
-            "60",
-            "--max-length",
-            "128",
-            "--micro-batch-size",
-            "2",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--peak-tflops",
-            "1",
-            "--json",
-            str(out),
-        ]
-    )
-    assert code == 0
-    result = json.loads(out.read_text())
-    assert result["steps"] == 2 and result["tokens"] > 0 and result["tokens_per_s"] > 0
-    assert result["packing"] is True and result["mfu"] > 0
-    assert json.loads(capsys.readouterr().out)["tokens"] == result["tokens"]
-
-
 def test_random_init_override_must_name_a_config_field(embedded_path):
     with pytest.raises(ConfigError, match="no_such_field"):
         load_model(embedded_path, config_overrides={"no_such_field": 1})
+
+
+def test_step_and_data_modules_import_neither_ray_nor_deepspeed():
+    """A GPU box with only torch, transformers and peft runs the step (benchmarks/train_step.py)."""
+    code = (
+        "import sys\n"
+        "import nat_ray.train, nat_ray.train.step, nat_ray.train.data\n"
+        "print(','.join(m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"importing the step pulled in: {out.stdout.strip()}"

@@ -6,12 +6,21 @@ from nat_ray.config import EngineConfig
 from nat_ray.errors import ConfigError
 
 
-def build_engine(config: EngineConfig):
-    """The engine a config names: in-process vLLM (default), an OpenAI-compatible server, or HF."""
+def build_engine(config: EngineConfig, lora_path: str | None = None):
+    """The engine a config names: in-process vLLM (default), an OpenAI-compatible server, or HF.
+
+    Args:
+        lora_path: a peft adapter that every generation goes through (vLLM only).
+
+    Raises:
+        ConfigError: an unknown backend, or an adapter for a backend that cannot load one.
+    """
+    if lora_path is not None and config.backend != "vllm":
+        raise ConfigError(f"a LoRA adapter needs engine.backend='vllm', got {config.backend!r}")
     if config.backend == "vllm":
         from nat_ray.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(config)
+        return VLLMEngine(config, lora_path)
     if config.backend == "openai":
         from nat_ray.engines.openai_engine import OpenAIEngine
 

@@ -16,7 +16,8 @@ import logging
 from collections.abc import Sequence
 
 from nat_ray.config import EngineConfig
-from nat_ray.engines.vllm_engine import on_gpu, render_prompt_ids
+from nat_ray.engines.vllm_args import on_gpu
+from nat_ray.engines.vllm_engine import render_prompt_ids
 from nat_ray.react import CONTEXT_OVERFLOW, Generation, Sampling
 
 log = logging.getLogger(__name__)

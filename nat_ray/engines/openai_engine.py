@@ -21,20 +21,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util import Retry
 
 from nat_ray.config import EngineConfig
 from nat_ray.errors import ConfigError, ModelError
+from nat_ray.http import retrying_session
 from nat_ray.react import CONTEXT_OVERFLOW, Generation, Sampling
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUSES = (429, 500, 502, 503, 504)
 BACKOFF_FACTOR = 0.5  # urllib3 sleeps 0, 1, 2, 4, ... s (at most 120 s) between retries
 _EXCERPT_CHARS = 300
 # Phrases of a "prompt too long" 400: OpenAI ("maximum context length", code context_length_exceeded),
@@ -47,10 +45,22 @@ class RateLimiter:
 
     Each caller reserves the next free slot under a lock, then sleeps outside it, so ``n`` calls
     at once take ``(n - 1) / rate`` seconds and none is starved.
+
+    Args:
+        rate: calls per second.
+        clock: seconds on a monotonic clock (tests pass a fake one).
+        sleep: waits the given seconds (tests record instead of waiting).
     """
 
-    def __init__(self, rate: float) -> None:
+    def __init__(
+        self,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.interval = 1.0 / rate if rate > 0 else 0.0
+        self._clock = clock
+        self._sleep = sleep
         self._lock = threading.Lock()
         self._next = 0.0
 
@@ -58,11 +68,11 @@ class RateLimiter:
         if self.interval <= 0:
             return
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             slot = max(now, self._next)
             self._next = slot + self.interval
         if slot > now:
-            time.sleep(slot - now)
+            self._sleep(slot - now)
 
 
 def _excerpt(text: str) -> str:
@@ -138,20 +148,11 @@ class OpenAIEngine:
         self.config = config
         self.base_url = config.base_url.rstrip("/")
         self.limiter = RateLimiter(config.requests_per_second)
-        retry = Retry(
-            total=config.max_retries,
-            backoff_factor=backoff_factor,
-            status_forcelist=RETRY_STATUSES,
-            allowed_methods=["POST", "GET"],
-            respect_retry_after_header=True,
-            # After the last retry, hand back the response itself so its status and body reach
-            # the Generation's error instead of a bare "too many retries".
-            raise_on_status=False,
+        # 429 and 5xx retried. After the last retry the response itself comes back, so its status
+        # and body reach the Generation's error instead of a bare "too many retries".
+        self.session = retrying_session(
+            config.max_retries, backoff_factor, methods=("POST", "GET"), pool_size=config.max_concurrency
         )
-        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=config.max_concurrency, pool_block=True)
-        self.session = requests.Session()
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
         api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"

@@ -5,8 +5,8 @@ so that (a) a prompt that no longer fits the context becomes a ``context_overflo
 that one episode instead of an exception that kills the batch, and (b) training renders the same
 token ids (see :mod:`nat_ray.nat_data`). Prefix caching lets turn t+1 reuse turn t's KV cache.
 
-On a machine without CUDA this runs vLLM's CPU build; the measured sweet spot here is float32,
-eager mode and a 1-2 GiB KV cache (``VLLM_CPU_KVCACHE_SPACE``).
+On a machine without CUDA this runs vLLM's CPU build, with the engine arguments of
+:mod:`nat_ray.engines.vllm_args` (float32, eager mode, a KV cache of ``engine.kv_cache_gb``).
 """
 
 from __future__ import annotations
@@ -18,48 +18,10 @@ import os
 from collections.abc import Sequence
 
 from nat_ray.config import EngineConfig
+from nat_ray.engines.vllm_args import CPU_IN_PROCESS_ENV, engine_kwargs, kv_cache_env, on_gpu
 from nat_ray.react import CONTEXT_OVERFLOW, Generation, Sampling
 
 log = logging.getLogger(__name__)
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def on_gpu(config: EngineConfig) -> bool:
-    """Whether this engine config resolves to CUDA on this machine."""
-    return config.device == "cuda" or (config.device == "auto" and cuda_available())
-
-
-def cpu_threads_per_engine(engines: int) -> int:
-    """OpenMP threads each of ``engines`` CPU vLLM engines on this machine should compute with.
-
-    A CPU engine computes with exactly its OpenMP threads, and Ray sets an actor's
-    ``OMP_NUM_THREADS`` to the CPUs it reserves, so the rollout stage sizes a CPU engine actor's
-    reservation from this: the machine's cores, shared.
-    """
-    return max(1, (os.cpu_count() or 1) // engines)
-
-
-SMALL_MACHINE_CORES = 4
-
-
-def cpu_reserved_cores(cores: int | None = None) -> int:
-    """Cores a CPU vLLM engine in multiprocess mode should leave to its scheduler process.
-
-    vLLM keeps one core out of the model's OpenMP threads for the engine-core process, which polls
-    while requests run. On a 2-core machine that halves the model's compute; letting the scheduler
-    share both cores measured +25-30% requests/s on Serve's agent route (both one client and 32).
-    On a larger machine one core is a small share, and an OpenMP thread that has to share its
-    core with the scheduler stalls every other thread at each barrier, so vLLM's default stays.
-    """
-    cores = cores if cores is not None else (os.cpu_count() or 1)
-    return 0 if cores <= SMALL_MACHINE_CORES else 1
 
 
 def render_prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
@@ -69,58 +31,32 @@ def render_prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-# vLLM engine arguments for its CPU build, measured on the 2-core machine (issue 6's benchmark):
-# - prefix caching reuses only whole KV blocks, and the CPU default of 128 tokens a block makes
-#   every agent turn prefill again up to 127 tokens of its own conversation; 32 (the smallest
-#   size the CPU backend runs well) made the agent loop 20% faster (52 -> 62 tokens/s);
-# - the CPU build kills its engine when a seeded request shares a step with a chunked prefill
-#   ("CPU Generator does not use offset"), and every agent turn is seeded.
-CPU_ENGINE_DEFAULTS = {"block_size": 32, "enable_chunked_prefill": False}
-
-# On CPU, vLLM by default runs its model in a worker process of its own and keeps one core for
-# the engine-core (scheduler) process; on a machine with two cores the model then ran on one
-# thread. With ``vllm.LLM``'s engine core and model in the caller, the same 64 prompts x 48
-# tokens took 24 s instead of 46 s here. (Serve's engine is not helped by this: ray.serve.llm
-# asks for the multiprocess executor on CPU, which keeps the worker and the reserved core.)
-CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-
-
 class VLLMEngine:
     """An in-process ``vllm.LLM`` that answers a whole agent turn in one ``generate`` call.
 
     Create it under ``if __name__ == "__main__":`` (or inside a Ray actor): vLLM starts worker
     processes with spawn.
+
+    Args:
+        config: the ``engine`` section.
+        lora_path: a peft adapter every request goes through (vLLM starts with LoRA enabled);
+            None: the base model.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, lora_path: str | None = None) -> None:
         from nat_ray.models import resolve_model
 
         self.config = config
         self.model_path = resolve_model(config.model)
         gpu = on_gpu(config)
         if not gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gb))))
+            for key, value in kv_cache_env(config).items():
+                os.environ.setdefault(key, value)
         import vllm
 
-        kwargs = dict(
-            model=self.model_path,
-            dtype=config.dtype if config.dtype != "auto" else ("bfloat16" if gpu else "float32"),
-            max_model_len=config.max_model_len,
-            enforce_eager=(not gpu) if config.enforce_eager is None else config.enforce_eager,
-            enable_prefix_caching=config.enable_prefix_caching,
-            seed=config.seed,
-            max_num_seqs=config.max_num_seqs,
-            tensor_parallel_size=config.tensor_parallel_size,
-        )
-        if gpu:
-            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
-        else:
-            kwargs.update(CPU_ENGINE_DEFAULTS)
-        if config.lora:
-            kwargs.update(enable_lora=True, max_lora_rank=config.max_lora_rank)
-        kwargs.update(config.extra)
+        kwargs = {"model": self.model_path, **engine_kwargs(config, gpu, lora=lora_path is not None)}
         log.info("starting vLLM on %s (%s)", self.model_path, "GPU" if gpu else "CPU")
-        with _environ({} if gpu else CPU_ENGINE_ENV):
+        with _environ({} if gpu else CPU_IN_PROCESS_ENV):
             self.llm = vllm.LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self._vllm = vllm
@@ -129,8 +65,13 @@ class VLLMEngine:
         self._final_only = RequestOutputKind.FINAL_ONLY
         self._request_ids = itertools.count()
         self._finished: list[tuple[str, Generation]] = []
+        self.lora_request = None
+        if lora_path is not None:
+            from vllm.lora.request import LoRARequest
 
-    def submit(self, conversation: list[dict], sampling: Sampling, lora_request=None) -> str:
+            self.lora_request = LoRARequest("nat-lora", 1, lora_path)
+
+    def submit(self, conversation: list[dict], sampling: Sampling) -> str:
         """Start one generation now (the stepper's streaming mode); see :meth:`poll`."""
         request_id = f"nat-{next(self._request_ids)}"
         ids = render_prompt_ids(self.tokenizer, conversation)
@@ -141,7 +82,7 @@ class VLLMEngine:
         params = self._params(sampling, min(sampling.max_tokens, self.config.max_model_len - len(ids)))
         params.output_kind = self._final_only  # only the finished output, not every token
         self.llm.llm_engine.add_request(
-            request_id, {"prompt_token_ids": ids}, params, lora_request=lora_request
+            request_id, {"prompt_token_ids": ids}, params, lora_request=self.lora_request
         )
         return request_id
 
@@ -180,9 +121,7 @@ class VLLMEngine:
             stop=list(s.stop),
         )
 
-    def generate(
-        self, conversations: Sequence[list[dict]], sampling: Sequence[Sampling], lora_request=None
-    ) -> list[Generation]:
+    def generate(self, conversations: Sequence[list[dict]], sampling: Sequence[Sampling]) -> list[Generation]:
         """One assistant turn per conversation; a conversation that no longer fits gets ``context_overflow``."""
         results: list[Generation | None] = [None] * len(conversations)
         prompts, params, where = [], [], []
@@ -194,7 +133,7 @@ class VLLMEngine:
                 params.append(self._params(s, min(s.max_tokens, self.config.max_model_len - len(ids))))
                 where.append(i)
         if prompts:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
             for i, out in zip(where, outputs):
                 results[i] = _to_generation(out)
         return [r for r in results if r is not None]

@@ -92,12 +92,14 @@ class Task:
             ``"hotpotqa"``, ``"strategyqa"``).
         family: ``"math"``, ``"hotpotqa"`` or ``"strategyqa"``; selects the prompts and the scorer.
         tools: names in :data:`nat_ray.tools.REGISTRY` the agent may call (``finish`` is implicit).
+        title: the name tables print (the paper's spelling, e.g. ``GSM8K``).
         splits: split → candidate data files relative to a data dir, best first (``"a+b"``: both, in
             order).
         filters: split → record filter applied to whatever file the split reads.
     """
 
     name: str
+    title: str
     family: str
     tools: tuple[str, ...]
     splits: dict[str, tuple[str, ...]]
@@ -190,11 +192,14 @@ _NAT = "nat/data/dataset"
 _SQA_ALL = "strategyqa/train.jsonl.gz+strategyqa/dev.jsonl"
 _SQA_ALL_SHIPPED = "strategyqa/train_sample.jsonl+strategyqa/dev.jsonl"
 
+# In the paper's column order (Table 2: GSM8K, ASDiv, SVAMP, MultiArith; then HotpotQA, StrategyQA):
+# tables list tasks in this order.
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
         Task(
             name="gsm8k",
+            title="GSM8K",
             family="math",
             tools=_MATH_TOOLS,
             splits={
@@ -204,16 +209,8 @@ TASKS: dict[str, Task] = {
             },
         ),
         Task(
-            name="svamp",
-            family="math",
-            tools=_MATH_TOOLS,
-            splits={
-                "test": ("svamp/test.jsonl", "svamp/test_sample.jsonl"),
-                "nat_test": (f"{_NAT}/SVAMP/test.jsonl",),
-            },
-        ),
-        Task(
             name="asdiv",
+            title="ASDiv",
             family="math",
             tools=_MATH_TOOLS,
             splits={
@@ -224,7 +221,18 @@ TASKS: dict[str, Task] = {
             filters={"test": _in_nat_subset, "all": _has_answer},
         ),
         Task(
+            name="svamp",
+            title="SVAMP",
+            family="math",
+            tools=_MATH_TOOLS,
+            splits={
+                "test": ("svamp/test.jsonl", "svamp/test_sample.jsonl"),
+                "nat_test": (f"{_NAT}/SVAMP/test.jsonl",),
+            },
+        ),
+        Task(
             name="multiarith",
+            title="MultiArith",
             family="math",
             tools=_MATH_TOOLS,
             splits={
@@ -236,6 +244,7 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             name="hotpotqa",
+            title="HotpotQA",
             family="hotpotqa",
             tools=_QA_TOOLS,
             splits={
@@ -247,6 +256,7 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             name="strategyqa",
+            title="StrategyQA",
             family="strategyqa",
             tools=_QA_TOOLS,
             splits={

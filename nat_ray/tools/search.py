@@ -404,22 +404,11 @@ class HttpSearchBackend:
 
     @staticmethod
     def _make_session(retries: int, backoff_s: float) -> requests.Session:
-        import requests
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
+        from nat_ray.http import retrying_session  # requests only when an HTTP backend is used
 
-        retry = Retry(
-            total=retries,
-            status_forcelist=(429, 500, 502, 503, 504),
-            allowed_methods=frozenset({"POST"}),  # urllib3 skips POST by default; a search is idempotent
-            backoff_factor=backoff_s,
-            raise_on_status=False,  # hand back the last answer so its status goes into the ToolError
-        )
-        session = requests.Session()
-        adapter = HTTPAdapter(max_retries=retry)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        return session
+        # 429 and 5xx retried; POST too (urllib3 skips it by default): a search is idempotent. After
+        # the last retry the answer itself comes back, so its status goes into the ToolError.
+        return retrying_session(retries, backoff_s, methods=("POST",))
 
     def search(self, query: str, k: int = DEFAULT_K) -> list[SearchResult]:
         """Ask the service for ``k`` results.

@@ -1,10 +1,42 @@
-"""One real vLLM CPU engine on the embedded model, shared by the integration tests of a session."""
+"""Session-wide resources of the integration tests: one local Ray, one real vLLM CPU engine."""
 
 from __future__ import annotations
 
 import pytest
+from helpers import SHARED_MACHINE_ENV  # tests/helpers.py
 
 from nat_ray.config import EngineConfig
+
+# Logical CPUs of the session's Ray: a few more than a small machine's cores, so that Serve's
+# replicas, a rollout's engine and tool actors, and training's workers all fit.
+RAY_NUM_CPUS = 8
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Ray's settings for the session (``SHARED_MACHINE_ENV``, read by the raylet), and its shutdown."""
+    import ray
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in SHARED_MACHINE_ENV.items():
+            mp.setenv(key, value)
+        yield
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray(_ray_session):
+    """The session's one local Ray: started on first use, shut down when the session ends.
+
+    Tests and the stages they run share it (a stage's ``init_ray`` joins a Ray that is already
+    up), so a test never calls ``ray.shutdown()`` itself. Module-scoped only so that a module
+    which did shut it down (or never used this fixture) does not leave the next one without Ray.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    return ray
 
 
 @pytest.fixture(scope="session")

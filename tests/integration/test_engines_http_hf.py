@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import requests
+from helpers import free_port  # tests/helpers.py
 
 from nat_ray.agent import new_episode
 from nat_ray.config import AgentConfig, EngineConfig
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.integration
 
 STARTUP_DEADLINE_S = 600
 LONG_QUESTION = "How many? " + "one two three four " * 600  # far beyond max_model_len=2048
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:
@@ -240,11 +234,9 @@ def test_cli_agent_with_the_openai_backend(vllm_server, embedded_path):
     assert result["failure_reason"] != "generation_error", out.stderr[-3000:]
 
 
-def test_rollout_with_a_teacher_over_http(vllm_server, embedded_path, tmp_path):
+def test_rollout_with_a_teacher_over_http(vllm_server, embedded_path, tmp_path, local_ray):
     """Stage 1 with engine.backend=openai: Ray Data actors call the real local server."""
-    import ray
-
-    from nat_ray import nat_data as nd
+    from nat_ray import nat_data as columns
     from nat_ray.config import NatRayConfig, from_dict
     from nat_ray.rollout import run_rollout
 
@@ -266,14 +258,11 @@ def test_rollout_with_a_teacher_over_http(vllm_server, embedded_path, tmp_path):
             },
         },
     )
-    try:
-        result = run_rollout(cfg, progress=False)
-    finally:
-        ray.shutdown()
+    result = run_rollout(cfg, progress=False)
     rows = result["summary"]
     assert result["total"] == 3 and rows[0]["count"] == 3
     from nat_ray.records import read_rows
 
     for row in read_rows(tmp_path / "t" / "trajectories"):
-        assert row[nd.ENGINE] == "openai" and row[nd.MODEL] == embedded_path
-        assert row[nd.FAILURE_REASON] != "generation_error" and row[nd.PROMPT_TOKENS] > 0
+        assert row[columns.ENGINE] == "openai" and row[columns.MODEL] == embedded_path
+        assert row[columns.FAILURE_REASON] != "generation_error" and row[columns.PROMPT_TOKENS] > 0

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from nat_ray import nat_data as nd
+from nat_ray import nat_data as columns
 from nat_ray import records
 from nat_ray.config import NatRayConfig, from_dict
 from nat_ray.evaluate import run_eval
 
 pytestmark = pytest.mark.integration
 
-SAMPLE_CORPUS = str(Path(nd.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz")
+SAMPLE_CORPUS = str(Path(columns.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz")
 
 
 def test_in_process_eval_writes_rows_summary_and_tables(tmp_path, vllm_engine, embedded_path):
@@ -35,8 +35,11 @@ def test_in_process_eval_writes_rows_summary_and_tables(tmp_path, vllm_engine, e
     )
     summary = run_eval(cfg, engine=vllm_engine)
     rows = records.read_rows(tmp_path / "eval" / "trajectories")
-    assert len(rows) == 8 and len({r[nd.TRAJECTORY_ID] for r in rows}) == 8
-    assert all(r[nd.TEMPERATURE] == 0.0 and r[nd.ENGINE] == "vllm" and 1 <= r[nd.TURNS] <= 2 for r in rows)
+    assert len(rows) == 8 and len({r[columns.TRAJECTORY_ID] for r in rows}) == 8
+    assert all(
+        r[columns.TEMPERATURE] == 0.0 and r[columns.ENGINE] == "vllm" and 1 <= r[columns.TURNS] <= 2
+        for r in rows
+    )
     assert summary["settings"]["decoding"] == "greedy"
     assert summary["tasks"]["svamp"]["questions"] == 2 and summary["tasks"]["svamp"]["seeds"] == [0, 1]
     on_disk = json.loads((tmp_path / "eval" / "summary.json").read_text())

@@ -20,16 +20,13 @@ and Ray 2.60's wheel lacks the ``fake_multi_node/example.yaml`` it reads).
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
@@ -37,23 +34,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import HttpRequest, free_port, free_ports, serve_http  # tests/helpers.py
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 # The environment the tests run in: `ray` and `python` resolve here, for the CLI and for the job.
 BIN_DIR = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -69,7 +56,7 @@ class RayHead:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="natray-", dir="/tmp")
-        self.gcs_port, client, agent_http, agent_grpc, runtime_env, metrics = _free_ports(6)
+        self.gcs_port, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(6)
         self.log = Path(self.temp_dir) / "ray-start.log"
         self.cmd = [
             "ray",
@@ -165,43 +152,40 @@ class RayHead:
 # 1. ray job submit
 
 
-class _Teacher(http.server.BaseHTTPRequestHandler):
+class _Teacher:
     """An OpenAI-compatible chat server that plays a ReAct agent: calculate, then finish."""
 
-    requests: list[dict] = []
+    def __init__(self) -> None:
+        self.url = ""
+        self.requests: list[dict] = []
 
-    def _send(self, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        self._send({"object": "list", "data": [{"id": "teacher", "object": "model"}]})
-
-    def do_POST(self):  # noqa: N802
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append(request)
-        if request["messages"][-1]["content"].startswith("Observation:"):
+    def handle(self, request: HttpRequest) -> tuple[int, object, dict]:
+        if request.method == "GET":  # /v1/models
+            return 200, {"object": "list", "data": [{"id": "teacher", "object": "model"}]}, {}
+        body = request.json()
+        self.requests.append(body)
+        if body["messages"][-1]["content"].startswith("Observation:"):
             text = "Thought: The calculator says 42.\nAction: finish[42]"
         else:
             text = "Thought: I multiply the two numbers.\nAction: calculate[6 * 7]"
-        self._send(
-            {
-                "id": "cmpl-1",
-                "object": "chat.completion",
-                "model": request["model"],
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                ],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 10},
-            }
-        )
+        completion = {
+            "id": "cmpl-1",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 10},
+        }
+        return 200, completion, {}
 
-    def log_message(self, *args):
-        pass
+
+@pytest.fixture
+def teacher():
+    teacher = _Teacher()
+    with serve_http(teacher.handle) as url:
+        teacher.url = url
+        yield teacher
 
 
 def _wait_http(url: str, head: RayHead, timeout_s: float = 120.0) -> None:
@@ -222,15 +206,12 @@ def _ray_cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
     )
 
 
-def test_ray_job_submit_runs_a_rollout_job_end_to_end(tmp_path):
-    from nat_ray import nat_data as nd
+def test_ray_job_submit_runs_a_rollout_job_end_to_end(tmp_path, teacher):
+    from nat_ray import nat_data as columns
     from nat_ray import records
     from nat_ray.rollout import PARTS_DIR
 
-    _Teacher.requests = []
-    teacher = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Teacher)
-    threading.Thread(target=teacher.serve_forever, daemon=True).start()
-    (dashboard_port,) = _free_ports(1)
+    dashboard_port = free_port()
     address = f"http://127.0.0.1:{dashboard_port}"
     out = tmp_path / "rollout"
     submission_id = f"nat-ray-test-{uuid.uuid4().hex[:8]}"
@@ -250,61 +231,61 @@ def test_ray_job_submit_runs_a_rollout_job_end_to_end(tmp_path):
         "--set",
         "engine.model=teacher",
         "--set",
-        f"engine.base_url=http://127.0.0.1:{teacher.server_port}/v1",
+        f"engine.base_url={teacher.url}/v1",
         "--set",
         "rollout.temperatures=[0.0]",
         "--set",
         "rollout.num_calculators=1",
     ]
-    try:
-        with RayHead(
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-        ) as head:
-            head.wait_started()
-            _wait_http(f"{address}/api/version", head)
-            # The dashboard answers before the head's job agent has registered; until then a
-            # submission fails with "No available agent to submit job" and nothing is created.
-            deadline = time.monotonic() + 120
-            while True:
-                submit = _ray_cli(
-                    "job",
-                    "submit",
-                    "--address",
-                    address,
-                    "--submission-id",
-                    submission_id,
-                    "--working-dir",
-                    str(REPO),  # .gitignore keeps .venv and runs/ out of the upload
-                    "--",
-                    *entrypoint,
-                )
-                output = submit.stdout + submit.stderr
-                if "No available agent" not in output or time.monotonic() > deadline:
-                    break
-                time.sleep(2)
-            assert submit.returncode == 0, output[-5000:]
-            # Through the CLI only: Ray reads RAY_AUTH_MODE once per process, so an SDK client
-            # here with auth off would break every later ray.init of this pytest process.
-            status = _ray_cli("job", "status", "--address", address, submission_id)
-            assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr, status
-            job_logs = _ray_cli("job", "logs", "--address", address, submission_id)
-            logs = job_logs.stdout + job_logs.stderr
-            # main_rollout's closing line, printed by the job's driver.
-            assert "2 trajectories in" in logs and "2 generated now" in logs, logs[-3000:]
-    finally:
-        teacher.shutdown()
-        teacher.server_close()
+    with RayHead(
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+    ) as head:
+        head.wait_started()
+        _wait_http(f"{address}/api/version", head)
+        # The dashboard answers before the head's job agent has registered; until then a
+        # submission fails with "No available agent to submit job" and nothing is created.
+        deadline = time.monotonic() + 120
+        while True:
+            submit = _ray_cli(
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--submission-id",
+                submission_id,
+                "--working-dir",
+                str(REPO),  # .gitignore keeps .venv and runs/ out of the upload
+                "--",
+                *entrypoint,
+            )
+            output = submit.stdout + submit.stderr
+            if "No available agent" not in output or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0, output[-5000:]
+        # Through the CLI only: Ray reads RAY_AUTH_MODE once per process, so an SDK client
+        # here with auth off would break every later ray.init of this pytest process.
+        status = _ray_cli("job", "status", "--address", address, submission_id)
+        assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr, status
+        job_logs = _ray_cli("job", "logs", "--address", address, submission_id)
+        logs = job_logs.stdout + job_logs.stderr
+        # main_rollout's closing line, printed by the job's driver.
+        assert "2 trajectories in" in logs and "2 generated now" in logs, logs[-3000:]
 
     rows = records.read_rows(out / PARTS_DIR)
     assert len(rows) == 2
     for row in rows:
-        assert row[nd.TASK] == "gsm8k" and row[nd.ENGINE] == "openai" and row[nd.MODEL] == "teacher"
-        assert row[nd.FINISHED] and row[nd.ANSWER] == "42" and row[nd.TURNS] == 2
+        assert (
+            row[columns.TASK] == "gsm8k"
+            and row[columns.ENGINE] == "openai"
+            and row[columns.MODEL] == "teacher"
+        )
+        assert row[columns.FINISHED] and row[columns.ANSWER] == "42" and row[columns.TURNS] == 2
     # Both episodes called the calculator (a tool actor on the cluster) and saw its result.
-    last = [r["messages"][-1]["content"] for r in _Teacher.requests]
+    last = [r["messages"][-1]["content"] for r in teacher.requests]
     assert len(last) == 4 and last.count("Observation: 42") == 2, last
 
 

@@ -9,24 +9,17 @@ exactly as committed; the tests check the files they write and the tables they p
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import SHARED_MACHINE_ENV  # tests/helpers.py
 
 pytestmark = pytest.mark.integration
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 CELL_TIMEOUT_S = 900
-# On a machine shared with other jobs (as CI's is): Ray nices its workers to 15, which starves them
-# behind the others, and its memory monitor kills our workers when *other* processes fill the memory.
-SHARED_MACHINE_ENV = {
-    "RAY_worker_niceness": "0",
-    "RAY_memory_monitor_refresh_ms": "0",
-    "RAY_num_workers_soft_limit": "0",
-}
 
 
 def _execute(name: str, env: dict[str, str], save_to: Path):
@@ -38,9 +31,9 @@ def _execute(name: str, env: dict[str, str], save_to: Path):
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this process's environment
+        for key, value in env.items():
+            mp.setenv(key, value)
         client = NotebookClient(
             nb,
             kernel_name="python3",
@@ -53,12 +46,6 @@ def _execute(name: str, env: dict[str, str], save_to: Path):
         finally:
             nbformat.write(nb, save_to)
         print(f"{name}: {time.time() - started:.0f}s")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return nb
 
 

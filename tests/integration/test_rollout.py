@@ -3,7 +3,7 @@ and a killed tool actor."""
 
 from __future__ import annotations
 
-import http.server
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import HttpRequest, serve_http  # tests/helpers.py
 
-from nat_ray import nat_data as nd
+from nat_ray import nat_data as columns
 from nat_ray import records
 from nat_ray.config import NatRayConfig, ToolsConfig, from_dict
 from nat_ray.react import FAILURE_REASONS, Episode, Generation, Sampling, Stepper, ToolCall
@@ -29,7 +30,9 @@ def _config(out: Path, embedded_path: str, **rollout) -> dict:
         "engine": {"model": embedded_path, "max_model_len": 2048, "kv_cache_gb": 1},
         "agent": {"max_turns": 2, "max_new_tokens": 48},
         "tools": {
-            "search_corpus": str(Path(nd.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz")
+            "search_corpus": str(
+                Path(columns.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz"
+            )
         },
         "rollout": {
             "output_dir": str(out),
@@ -43,15 +46,7 @@ def _config(out: Path, embedded_path: str, **rollout) -> dict:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ray_shutdown():
-    yield
-    import ray
-
-    ray.shutdown()
-
-
-def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, embedded_path):
+def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, embedded_path, local_ray):
     out = tmp_path / "run"
     cfg_path = tmp_path / "rollout.yaml"
     # One batch of all 16: a part can only be there before the kill if trajectories stream back
@@ -74,30 +69,34 @@ def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, embedded_pat
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    before = {r[nd.TRAJECTORY_ID]: r for r in records.read_rows(out / PARTS_DIR)}
+    before = {r[columns.TRAJECTORY_ID]: r for r in records.read_rows(out / PARTS_DIR)}
     assert 0 < len(before) < 16
 
     cfg = from_dict(NatRayConfig, _config(out, embedded_path, **streaming))
-    result = run_rollout(cfg, progress=False)
+    result = run_rollout(cfg, progress=False)  # on the session's Ray
     rows = records.read_rows(out / PARTS_DIR)
-    ids = [r[nd.TRAJECTORY_ID] for r in rows]
+    ids = [r[columns.TRAJECTORY_ID] for r in rows]
     assert result["total"] == 16 and len(ids) == 16 == len(set(ids))
     assert result["generated"] == 16 - len(before) and result["skipped"] == len(before)
-    after = {r[nd.TRAJECTORY_ID]: r for r in rows}
+    after = {r[columns.TRAJECTORY_ID]: r for r in rows}
     for tid, row in before.items():  # what the killed run wrote is kept as it was
-        assert after[tid][nd.ENDED_AT] == row[nd.ENDED_AT]
+        assert after[tid][columns.ENDED_AT] == row[columns.ENDED_AT]
 
     # The schema, and sane values in every row.
     assert [f.name for f in records.arrow_schema()] == list(rows[0])
     for r in rows:
-        assert r[nd.TASK] == "gsm8k" and r[nd.FAMILY] == "math" and r[nd.TEMPERATURE] in (0.5, 0.9)
-        assert r[nd.PROMPT][0]["content"].startswith("Solve a math problem")
-        assert r[nd.TURNS] == sum(m["role"] == "assistant" for m in r[nd.TRAJECTORY]) >= 1
-        assert r[nd.FINISHED] == (r[nd.ANSWER] is not None)
-        assert r[nd.FINISHED] or r[nd.FAILURE_REASON] in FAILURE_REASONS
-        assert r[nd.NAT_CLASS] in ("correct", "incorrect") and r[nd.COMPLETION_TOKENS] > 0
-        assert not r[nd.CORRECT_PAPER] or r[nd.CORRECT_ROBUST]
-    assert len({r[nd.QUESTION_ID] for r in rows}) == 8
+        assert (
+            r[columns.TASK] == "gsm8k"
+            and r[columns.FAMILY] == "math"
+            and r[columns.TEMPERATURE] in (0.5, 0.9)
+        )
+        assert r[columns.PROMPT][0]["content"].startswith("Solve a math problem")
+        assert r[columns.TURNS] == sum(m["role"] == "assistant" for m in r[columns.TRAJECTORY]) >= 1
+        assert r[columns.FINISHED] == (r[columns.ANSWER] is not None)
+        assert r[columns.FINISHED] or r[columns.FAILURE_REASON] in FAILURE_REASONS
+        assert r[columns.NAT_CLASS] in ("correct", "incorrect") and r[columns.COMPLETION_TOKENS] > 0
+        assert not r[columns.CORRECT_PAPER] or r[columns.CORRECT_ROBUST]
+    assert len({r[columns.QUESTION_ID] for r in rows}) == 8
 
     # Running the same config again generates nothing.
     again = run_rollout(cfg, progress=False)
@@ -127,23 +126,18 @@ def test_bad_settings_fail_before_any_work(tmp_path, embedded_path):
         run_rollout(cfg)
 
 
-class _SlowSearch(http.server.BaseHTTPRequestHandler):
-    delay = 0.0
-    arrived = threading.Event()
+class _SlowSearch:
+    """A search service whose calls wait at the server until ``release`` is set."""
 
-    def do_POST(self):  # noqa: N802 - http.server's naming
-        self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).arrived.set()
-        time.sleep(type(self).delay)
-        body = b'{"results": [{"title": "T", "text": "found it"}]}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def __init__(self) -> None:
+        self.arrived = threading.Event()  # a call has reached the server
+        self.release = threading.Event()  # calls wait for this before answering
+        self.release.set()
 
-    def log_message(self, *args):
-        pass
+    def handle(self, request: HttpRequest) -> tuple[int, object, dict]:
+        self.arrived.set()
+        self.release.wait(timeout=300)
+        return 200, {"results": [{"title": "T", "text": "found it"}]}, {}
 
 
 class _Script:
@@ -154,43 +148,49 @@ class _Script:
         return [Generation(self.outputs.pop(0), 5, 5) for _ in conversations]
 
 
-def test_killed_tool_actor_restarts_and_the_episode_goes_on():
+def test_killed_tool_actor_restarts_and_the_episode_goes_on(local_ray):
+    import psutil
     import ray
 
     from nat_ray.tool_actors import RayTools, start_tool_actors
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowSearch)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        if not ray.is_initialized():
-            ray.init(num_cpus=4, log_to_driver=False)
-        tools_cfg = ToolsConfig(
-            search_backend="http", search_url=f"http://127.0.0.1:{server.server_port}/search"
+    service = _SlowSearch()
+    with serve_http(service.handle) as url:
+        pools = start_tool_actors(
+            ToolsConfig(search_backend="http", search_url=f"{url}/search"), 1, 1, ["search"]
         )
-        pools = start_tool_actors(tools_cfg, 1, 1, ["search"])
         actor = pools["search"][0]
         pid = ray.get(actor.pid.remote())
-        _SlowSearch.delay = 5.0  # the first call is still out when the actor dies
-        _SlowSearch.arrived.clear()
+        service.release.clear()  # the first call is still out when the actor dies
+        service.arrived.clear()
 
         def kill_when_the_call_is_out() -> None:
-            if _SlowSearch.arrived.wait(timeout=300):
+            if service.arrived.wait(timeout=300):
                 os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    psutil.Process(pid).wait(timeout=60)
+            service.release.set()  # only now: a dead actor cannot take the answer
 
-        threading.Thread(target=kill_when_the_call_is_out, daemon=True).start()
-        ep = Episode("e", [{"role": "user", "content": "q"}], ("search",), Sampling(), 7)
-        Stepper(
-            _Script(["Action: search[slow]", "Action: search[again]", "Action: finish[x]"]), RayTools(pools)
-        ).run([ep])
-        _SlowSearch.delay = 0.0
-        assert ep.finished and ep.answer == "x" and ep.turns == 3
-        assert ep.steps[0].observation.startswith("Error: the search tool crashed") and ep.steps[0].error
-        assert "found it" in ep.steps[1].observation  # the restarted actor answers
-        assert ray.get(actor.pid.remote()) != pid
-        # A direct call through the runner works too.
-        tools = RayTools(pools)
-        handle = tools.submit(ToolCall("search", "x"))
-        ((_, result),) = tools.collect([handle], block=True)
-        assert "found it" in result.observation
-    finally:
-        server.shutdown()
+        killer = threading.Thread(target=kill_when_the_call_is_out, daemon=True)
+        killer.start()
+        try:
+            ep = Episode("e", [{"role": "user", "content": "q"}], ("search",), Sampling(), 7)
+            Stepper(
+                _Script(["Action: search[slow]", "Action: search[again]", "Action: finish[x]"]),
+                RayTools(pools),
+            ).run([ep])
+            assert ep.finished and ep.answer == "x" and ep.turns == 3
+            assert ep.steps[0].observation.startswith("Error: the search tool crashed") and ep.steps[0].error
+            assert "found it" in ep.steps[1].observation  # the restarted actor answers
+            assert ray.get(actor.pid.remote()) != pid
+            # A direct call through the runner works too.
+            tools = RayTools(pools)
+            handle = tools.submit(ToolCall("search", "x"))
+            ((_, result),) = tools.collect([handle], block=True)
+            assert "found it" in result.observation
+        finally:
+            service.release.set()
+            killer.join(timeout=60)
+            for pool in pools.values():  # the session's Ray goes on: free their CPUs
+                for a in pool:
+                    ray.kill(a, no_restart=True)

@@ -8,21 +8,20 @@ the embedded model) as ``serve.lora``, so both the full and the LoRA path of an 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
+from helpers import free_port  # tests/helpers.py
 
-from nat_ray import nat_data as nd
+from nat_ray import nat_data as columns
 from nat_ray import records
 from nat_ray.config import NatRayConfig, from_dict
 from nat_ray.tasks import get_task
@@ -30,13 +29,7 @@ from nat_ray.tasks import get_task
 pytestmark = pytest.mark.integration
 
 REQUEST_TIMEOUT_S = 300
-SAMPLE_CORPUS = str(Path(nd.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+SAMPLE_CORPUS = str(Path(columns.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz")
 
 
 MAKE_ADAPTER = """
@@ -65,24 +58,13 @@ def export_dir(tmp_path_factory, embedded_path) -> Path:
     return export
 
 
-# On a machine shared with other jobs: Ray nices its workers to 15, which starves the replicas behind
-# the others, and its memory monitor kills our workers when *other* processes fill the memory.
-# Idle pooled workers (each holding vLLM's imports) are let go at once.
-SHARED_MACHINE_ENV = {
-    "RAY_worker_niceness": "0",
-    "RAY_memory_monitor_refresh_ms": "0",
-    "RAY_num_workers_soft_limit": "0",
-}
-
-
 @pytest.fixture(scope="module")
-def server(export_dir):
-    import ray
+def server(export_dir, local_ray):
     from ray import serve
 
-    from nat_ray.serve import APP_NAME, build_app
+    from nat_ray.serve.app import APP_NAME, build_app
 
-    port = _free_port()
+    port = free_port()
     cfg = from_dict(
         NatRayConfig,
         {
@@ -99,25 +81,14 @@ def server(export_dir):
             },
         },
     )
-    if ray.is_initialized():
-        ray.shutdown()
-    saved = {k: os.environ.get(k) for k in SHARED_MACHINE_ENV}
-    os.environ.update(SHARED_MACHINE_ENV)  # read by the raylet that ray.init starts
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
-        yield argparse.Namespace(
+        yield types.SimpleNamespace(
             url=f"http://127.0.0.1:{port}", model="nat-test", lora="nat-test-lora", cfg=cfg
         )
     finally:
         serve.shutdown()
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _agent(server, **body) -> requests.Response:
@@ -280,11 +251,29 @@ def _calculator_replicas() -> list[tuple[str, str]]:
     )
 
 
-def test_a_calculator_replica_killed_mid_load_costs_no_request(server):
+def test_a_calculator_replica_killed_with_a_call_in_flight_costs_no_request(server, tmp_path):
     import ray
 
     before = _calculator_replicas()
     assert before, "no calculator replica found"
+    replicas = [ray.get_actor(name, namespace=namespace) for namespace, name in before]
+    entered = tmp_path / "calculate-entered"
+
+    def hold_calls(_replica, marker: str) -> None:
+        """Runs inside a calculator replica: from now on a call there marks ``marker`` and stays."""
+        import time
+        from pathlib import Path
+
+        from nat_ray import tools
+
+        def held(argument: str) -> str:
+            Path(marker).touch()
+            time.sleep(600)  # until the test kills this replica
+            return "unreachable"
+
+        tools.REGISTRY["calculate"] = held
+
+    ray.get([replica.__ray_call__.remote(hold_calls, str(entered)) for replica in replicas])
     questions = get_task("gsm8k").load("test", limit=6)
     statuses: list[int] = []
     bodies: list[dict] = []
@@ -300,15 +289,12 @@ def test_a_calculator_replica_killed_mid_load_costs_no_request(server):
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(questions))]
     for thread in threads:
         thread.start()
-    deadline = time.time() + 120
-    while (
-        time.time() < deadline
-        and requests.get(f"{server.url}/healthz", timeout=30).json()["open_episodes"] < 4
-    ):
-        time.sleep(0.2)
-    time.sleep(1.0)  # let the first turns reach their tool calls
-    for namespace, name in before:
-        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    deadline = time.time() + REQUEST_TIMEOUT_S
+    while time.time() < deadline and not entered.exists() and any(t.is_alive() for t in threads):
+        time.sleep(0.1)
+    assert entered.exists(), "no agent's tool call reached a calculator replica"
+    for replica in replicas:  # each holds the calls it was sent
+        ray.kill(replica, no_restart=True)
     for thread in threads:
         thread.join(timeout=REQUEST_TIMEOUT_S)
     assert statuses == [200] * len(questions)
@@ -322,12 +308,10 @@ def test_a_calculator_replica_killed_mid_load_costs_no_request(server):
 
 
 def test_eval_against_the_endpoint_writes_parquet_and_paper_tables(server, tmp_path):
-    from nat_ray.evaluate import add_parser
+    from nat_ray.cli import main
 
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
     out = tmp_path / "eval"
-    args = parser.parse_args(
+    status = main(
         [
             "eval",
             "--endpoint",
@@ -348,11 +332,11 @@ def test_eval_against_the_endpoint_writes_parquet_and_paper_tables(server, tmp_p
             "tools.search_corpus=" + SAMPLE_CORPUS,
         ]
     )
-    assert args.func(args) == 0
+    assert status == 0
     rows = records.read_rows(out / "trajectories")
-    assert len(rows) == 4 and {r[nd.TASK] for r in rows} == {"gsm8k", "strategyqa"}
-    assert {r[nd.SEED] for r in rows} == {0, 1} and {r[nd.MODEL] for r in rows} == {server.lora}
-    assert all(r[nd.TEMPERATURE] == 0.2 and 1 <= r[nd.TURNS] <= 2 for r in rows)
+    assert len(rows) == 4 and {r[columns.TASK] for r in rows} == {"gsm8k", "strategyqa"}
+    assert {r[columns.SEED] for r in rows} == {0, 1} and {r[columns.MODEL] for r in rows} == {server.lora}
+    assert all(r[columns.TEMPERATURE] == 0.2 and 1 <= r[columns.TURNS] <= 2 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["tasks"]["gsm8k"]["acc_paper"]["values"]) == 2
     assert summary["math_average"]["tasks"] == ["gsm8k"]

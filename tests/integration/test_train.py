@@ -22,18 +22,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    if ray.is_initialized():  # another module's Ray: share it
-        yield
-        return
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def base_cfg(tmp_path_factory) -> TrainConfig:
     """2 positives + 2 negatives (~200 tokens each) packed into 2 rows = one global batch."""
     data = tmp_path_factory.mktemp("data")
@@ -59,7 +47,7 @@ def base_cfg(tmp_path_factory) -> TrainConfig:
 @pytest.fixture(scope="module")
 def full_runs(local_ray, base_cfg):
     """ZeRO-3 full fine-tuning: one step, then the same run_name again up to step 2 (a resume)."""
-    from nat_ray.train import run_train
+    from nat_ray.train.run import run_train
 
     cfg = replace(base_cfg, mode="full", zero_stage=3, run_name="full")
     first = run_train(NatRayConfig(train=replace(cfg, max_steps=1)))
@@ -69,7 +57,7 @@ def full_runs(local_ray, base_cfg):
 
 @pytest.fixture(scope="module")
 def lora_run(local_ray, base_cfg):
-    from nat_ray.train import run_train
+    from nat_ray.train.run import run_train
 
     cfg = replace(
         base_cfg,
@@ -85,12 +73,12 @@ def lora_run(local_ray, base_cfg):
 
 
 def test_ray_data_tokenization_matches_local(local_ray, base_cfg, embedded_path, monkeypatch):
-    from nat_ray import train
+    from nat_ray.train import data
 
-    examples, _ = train.select_examples(base_cfg, train.read_trajectories(base_cfg.data))
-    local = train.tokenize_examples(examples, embedded_path, 512)
-    monkeypatch.setattr(train, "RAY_DATA_MIN_EXAMPLES", 0)
-    assert train.tokenize_examples(examples, embedded_path, 512) == local
+    examples, _ = data.select_examples(base_cfg, data.read_trajectories(base_cfg.data))
+    local = data.tokenize_examples(examples, embedded_path, 512)
+    monkeypatch.setattr(data, "RAY_DATA_MIN_EXAMPLES", 0)
+    assert data.tokenize_examples(examples, embedded_path, 512) == local
 
 
 def test_loss_falls_and_a_restarted_run_resumes_from_its_checkpoint(full_runs):

@@ -1,0 +1,440 @@
+"""The Serve application: the tuned agent on Ray Serve, with vLLM through ``ray.serve.llm`` and tool deployments.
+
+One Serve application, four deployments::
+
+    HTTP -> AgentIngress (FastAPI) --chat--> LLMServer:<model_id>   (ray.serve.llm, vLLM; base + LoRA)
+                                   --call--> tool-calculate          (ToolHost, autoscaling)
+                                   --call--> tool-search             (ToolHost, autoscaling)
+
+``POST /v1/agent`` runs the project's one ReAct loop inside the ingress (:class:`AgentLoop`):
+concurrent requests share one stepper and so the model's batches; each episode's turns go to the
+LLM deployment and its tool calls to the tool deployments, through their handles.
+
+Routes:
+
+- ``GET /healthz``: ``{"status", "model", "open_episodes", "queued_episodes", "finished_episodes"}``.
+- ``GET /v1/models``: the base model and, with ``serve.lora``, the adapter (``<model_id>-lora``).
+- ``POST /v1/chat/completions``: OpenAI-compatible (``stream`` too), so the ``openai`` client works
+  unchanged; ``model`` defaults to the agent's model.
+- ``POST /v1/agent``: :class:`nat_ray.serve.api.AgentRequest` in; ``{id, model, task, answer,
+  finished, failure_reason, error, turns, prompt, trajectory, usage}`` out, plus ``correct``
+  (paper, robust, f1) with ``gold``.
+
+Every body is validated before anything runs: malformed JSON is a 400, a schema or limit violation a
+422 (an unknown model a 404), and the error's ``param`` and message name the field. Limits come from
+:class:`nat_ray.config.ServeConfig`. A 5xx means the server failed, never the input: 503 when the
+LLM deployment fails (also for an agent episode it cut short), 504 past ``serve.request_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
+
+from nat_ray.config import NatRayConfig, from_dict, load_config
+from nat_ray.engines.vllm_args import engine_kwargs, served_cpu_env
+from nat_ray.errors import ConfigError
+from nat_ray.models import served_paths
+from nat_ray.serve.agent_loop import AgentLoop, ServeChatEngine, ServeTools
+from nat_ray.serve.api import (
+    AgentRequest,
+    agent_response,
+    episode_for,
+    error_body,
+    llm_error,
+    response_status,
+    validation_error,
+)
+from nat_ray.tools import REGISTRY
+from nat_ray.tools.host import ToolHost
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "nat-ray"
+# The ingress queues agent requests itself (beyond serve.max_concurrent_episodes they wait for a
+# slot in the stepper), so Serve must never hold them back at the door: that would shrink batches.
+INGRESS_MAX_ONGOING_REQUESTS = 4096
+TOOL_MAX_ONGOING_REQUESTS = 16  # per tool replica; above 2 in flight per replica, autoscaling adds one
+TOOL_TARGET_ONGOING_REQUESTS = 2
+
+
+def _materialize_messages(body) -> tuple[int, str, str] | None:
+    """Turn pydantic's lazy iterables in ``messages`` into lists (they cannot be pickled to the LLM
+    replica); they are validated only now, so return ``(422, field, message)`` for a bad one."""
+    for i, message in enumerate(body.messages):
+        message = dict(message) if isinstance(message, dict) else message.model_dump()
+        for key in ("content", "tool_calls"):
+            value = message.get(key)
+            if value is not None and not isinstance(value, str | list):
+                try:
+                    message[key] = list(value)
+                except (ValidationError, TypeError, ValueError) as err:
+                    problem = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
+                    field = f"messages.{i}.{key}"
+                    return 422, field, f"{field}: expected text or a list of content parts ({problem})"
+        body.messages[i] = message
+    return None
+
+
+async def _sse(first, stream):
+    """The LLM deployment's stream (batches of ``data: ...`` strings) as server-sent events."""
+    done = False
+    item = first
+    while True:
+        for packet in item if isinstance(item, list) else [item]:
+            text = packet if isinstance(packet, str) else f"data: {packet.model_dump_json()}\n\n"
+            done = done or text.strip().endswith("data: [DONE]")
+            yield text
+        try:
+            item = await stream.__anext__()
+        except StopAsyncIteration:
+            break
+    if not done:
+        yield "data: [DONE]\n\n"
+
+
+api = FastAPI(title="nat-ray agent server", description=__doc__.split("\n\n")[0])
+
+
+class AgentIngress:
+    """The HTTP front: OpenAI routes proxied to the LLM deployment, and the batched agent.
+
+    Serve's ingress wrapper is applied by :func:`ingress_class`.
+
+    Args:
+        llm: handle of the ``ray.serve.llm`` LLM deployment.
+        tools: tool name -> handle of its tool deployment.
+        config: the :class:`NatRayConfig` as a mapping.
+        models: the model cards ``/v1/models`` lists (``id``, ``root``, ``parent``).
+        agent_model: the model id the agent uses (the LoRA adapter's when one is served).
+    """
+
+    def __init__(self, llm, tools: dict, config: dict, models: list[dict], agent_model: str) -> None:
+        self.cfg = from_dict(NatRayConfig, config)
+        self.llm = llm
+        self.tool_handles = tools
+        self.models = models
+        self.model_ids = {m["id"] for m in models}
+        self.agent_model = agent_model
+        self.started = int(time.time())
+        self.loop: AgentLoop | None = None
+        self._chat_handle = llm.options(stream=True)
+        import ray.serve.llm.openai_api_models  # noqa: F401 - imports vLLM (tens of seconds): now, not on a request
+
+    def _agent_loop(self) -> AgentLoop:
+        # Built on the first request, on the event loop every handler runs on (the handles' loop).
+        if self.loop is None:
+            event_loop = asyncio.get_running_loop()
+            self.loop = AgentLoop(
+                ServeChatEngine(self.llm, self.agent_model, event_loop, self.cfg.serve.request_timeout_s),
+                ServeTools(self.tool_handles, event_loop),
+                max_open=self.cfg.serve.max_concurrent_episodes,
+                stop_on_tool_error=self.cfg.agent.stop_on_tool_error,
+            )
+        return self.loop
+
+    def check_health(self) -> None:
+        """Serve restarts the replica if the agent loop's thread has died."""
+        if self.loop is not None and not self.loop.alive:
+            raise RuntimeError("the agent loop thread has stopped")
+
+    def __del__(self) -> None:
+        if getattr(self, "loop", None) is not None:
+            self.loop.stop()
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        loop = self.loop
+        return JSONResponse(
+            {
+                "status": "ok" if loop is None or loop.alive else "agent loop stopped",
+                "model": self.agent_model,
+                "open_episodes": loop.open if loop else 0,
+                "queued_episodes": loop.queued if loop else 0,
+                "finished_episodes": loop.finished if loop else 0,
+            },
+            status_code=200 if loop is None or loop.alive else 503,
+        )
+
+    @api.get("/v1/models")
+    async def list_models(self) -> JSONResponse:
+        data = [
+            {"id": m["id"], "object": "model", "created": self.started, "owned_by": "nat-ray", **m}
+            for m in self.models
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    @api.post("/v1/agent")
+    async def agent(self, request: Request) -> JSONResponse:
+        try:
+            req = AgentRequest.model_validate_json(await request.body(), context=self.cfg.serve)
+            episode = episode_for(self.cfg.agent, req)
+        except ValidationError as err:
+            status, body = validation_error(err)
+            return JSONResponse(body, status_code=status)
+        except ConfigError as err:  # a value pydantic let through but AgentConfig refuses
+            return JSONResponse(error_body(422, str(err), None), status_code=422)
+        future = self._agent_loop().submit(episode)
+        try:
+            episode = await asyncio.wait_for(asyncio.shield(future), self.cfg.serve.request_timeout_s)
+        except TimeoutError:
+            message = (
+                f"the episode took longer than serve.request_timeout_s={self.cfg.serve.request_timeout_s:g} s"
+            )
+            return JSONResponse(error_body(504, message, None), status_code=504)
+        body = agent_response(episode, req.task, self.agent_model, req.gold)
+        status = response_status(episode)
+        if status != 200:
+            body.update(error_body(status, f"the LLM deployment failed: {body['error']}", None))
+        return JSONResponse(body, status_code=status)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
+        from vllm.exceptions import VLLMClientError
+
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except ValueError as err:
+            return JSONResponse(error_body(400, f"body: malformed JSON ({err})", "body"), status_code=400)
+        if not isinstance(data, dict):
+            return JSONResponse(error_body(422, "body: expected a JSON object", "body"), status_code=422)
+        try:
+            body = ChatCompletionRequest.model_validate(data)
+        except ValidationError as err:
+            status, payload = validation_error(err)
+            return JSONResponse(payload, status_code=status)
+        except (VLLMClientError, TypeError, ValueError) as err:  # vLLM's own checks of the body
+            param = getattr(err, "parameter", None) or "body"
+            return JSONResponse(error_body(400, f"{param}: {err}", param), status_code=400)
+        problem = self._check_chat_limits(body) or _materialize_messages(body)
+        if problem is not None:
+            status, param, message = problem
+            return JSONResponse(error_body(status, message, param), status_code=status)
+        try:
+            async with asyncio.timeout(self.cfg.serve.request_timeout_s):
+                stream = self._chat_handle.chat.remote(body, None)
+                first = await stream.__anext__()
+        except (RayError, RayServeException, TimeoutError, StopAsyncIteration) as err:
+            log.warning("chat completion failed: %s: %s", type(err).__name__, err)
+            message = f"the LLM deployment did not answer: {type(err).__name__}"
+            return JSONResponse(error_body(503, message, None), status_code=503)
+        error = llm_error(first)
+        if error is not None:  # vLLM refused the request (a bad parameter value, a prompt too long)
+            status, message, param = error
+            return JSONResponse(error_body(status, message, param), status_code=status)
+        if not body.stream:
+            return JSONResponse(first.model_dump(mode="json"))
+        return StreamingResponse(_sse(first, stream), media_type="text/event-stream")
+
+    def _check_chat_limits(self, body) -> tuple[int, str, str] | None:
+        """``(status, field, message)`` when a valid chat request asks for an unknown model or too many tokens."""
+        if body.model is None:
+            body.model = self.agent_model
+        if body.model not in self.model_ids:
+            return (
+                404,
+                "model",
+                f"model: {body.model!r} is not served here; served models: {sorted(self.model_ids)}",
+            )
+        limit = self.cfg.serve.max_tokens_limit
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(body, name)
+            if value is not None and value > limit:
+                return 422, name, f"{name}: {value} is over the limit of {limit} (serve.max_tokens_limit)"
+        return None
+
+
+@functools.cache
+def ingress_class() -> type:
+    """:class:`AgentIngress` wrapped as Serve's ASGI ingress of the FastAPI app ``api``."""
+    return serve.ingress(api)(AgentIngress)
+
+
+def served_model_ids(cfg: NatRayConfig, model_path: str) -> tuple[str, str | None]:
+    """The base model's id and the LoRA adapter's (``<id>-lora``, or None without an adapter).
+
+    Without ``serve.model_id`` the id is the model folder's name, or the training run's name for
+    a training export (``<run>/export/model``).
+    """
+    path = Path(model_path)
+    derived = path.parents[1].name if (path.parent / "export.json").is_file() else path.name
+    model_id = cfg.serve.model_id or derived
+    return model_id, (f"{model_id}-lora" if cfg.serve.lora else None)
+
+
+def llm_config(
+    cfg: NatRayConfig,
+    model_path: str,
+    model_id: str,
+    lora_id: str | None = None,
+    lora_path: str | None = None,
+):
+    """The ``ray.serve.llm`` :class:`LLMConfig` of the served model (vLLM engine settings from ``engine``).
+
+    On CPU (``serve.llm_num_gpus == 0``) the engine gets one CPU bundle, float32, eager mode and a
+    ``engine.kv_cache_gb`` KV cache; on GPU, one bundle per tensor-parallel rank. A LoRA adapter is
+    loaded once at start as a static vLLM LoRA module named ``lora_id``.
+    """
+    from ray.serve.llm import LLMConfig
+
+    engine, serve_cfg = cfg.engine, cfg.serve
+    gpu = serve_cfg.llm_num_gpus > 0
+    if engine.device == "cpu" and gpu:
+        raise ConfigError("engine.device='cpu' but serve.llm_num_gpus > 0; set serve.llm_num_gpus=0")
+    if engine.device == "cuda" and not gpu:
+        raise ConfigError("engine.device='cuda' needs serve.llm_num_gpus > 0 (GPUs per vLLM replica)")
+    kwargs = engine_kwargs(engine, gpu, lora=lora_path is not None)
+    if lora_path is not None:
+        # engine.extra (applied in engine_kwargs) keeps the last word, as for every other argument.
+        kwargs.setdefault("lora_modules", [{"name": lora_id, "path": lora_path, "base_model_name": model_id}])
+    if gpu:
+        gpus_per_rank = serve_cfg.llm_num_gpus / engine.tensor_parallel_size
+        bundles = [{"CPU": serve_cfg.llm_num_cpus, "GPU": gpus_per_rank}]
+        bundles += [{"GPU": gpus_per_rank}] * (engine.tensor_parallel_size - 1)
+        env = {}
+    else:
+        bundles = [{"CPU": serve_cfg.llm_num_cpus}]  # ray.serve.llm's default bundle asks for a GPU
+        # ray.serve.llm runs vLLM's multiprocess executor on CPU: its model worker computes on every
+        # core or leaves one to the scheduler (see nat_ray.hardware.cpu_reserved_cores).
+        env = served_cpu_env(engine, serve_cfg.llm_cpu_reserved_cores)
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": model_path},
+        engine_kwargs=kwargs,
+        placement_group_config={"bundles": bundles},
+        runtime_env={"env_vars": env},
+        deployment_config={"num_replicas": serve_cfg.llm_replicas},
+    )
+
+
+def check_limits(cfg: NatRayConfig) -> None:
+    """The server's own agent defaults must fit the limits it enforces on requests."""
+    if cfg.agent.max_turns > cfg.serve.max_turns_limit:
+        raise ConfigError(
+            f"agent.max_turns={cfg.agent.max_turns} is over serve.max_turns_limit={cfg.serve.max_turns_limit}"
+        )
+    if cfg.agent.max_new_tokens > cfg.serve.max_tokens_limit:
+        raise ConfigError(
+            f"agent.max_new_tokens={cfg.agent.max_new_tokens} is over "
+            f"serve.max_tokens_limit={cfg.serve.max_tokens_limit}"
+        )
+    if cfg.engine.backend != "vllm":
+        raise ConfigError(
+            f"serving runs vLLM through ray.serve.llm; engine.backend must be 'vllm', got {cfg.engine.backend!r}"
+        )
+
+
+def build_app(cfg: NatRayConfig):
+    """The Serve application (not running): LLM deployment, tool deployments and the agent ingress.
+
+    Raises:
+        ConfigError / ModelError: bad settings, a missing model or adapter, before anything starts.
+    """
+    from ray.serve.llm import build_llm_deployment
+
+    check_limits(cfg)
+    model_path, lora_path = served_paths(cfg.engine.model, cfg.serve.lora)
+    model_id, lora_id = served_model_ids(cfg, model_path)
+    llm = build_llm_deployment(llm_config(cfg, model_path, model_id, lora_id, lora_path))
+    autoscaling = {
+        "min_replicas": cfg.serve.tool_min_replicas,
+        "max_replicas": cfg.serve.tool_max_replicas,
+        "initial_replicas": max(1, cfg.serve.tool_min_replicas),
+        "target_ongoing_requests": TOOL_TARGET_ONGOING_REQUESTS,
+    }
+    tools = {
+        name: serve.deployment(
+            ToolHost,
+            name=f"tool-{name}",
+            autoscaling_config=autoscaling,
+            max_ongoing_requests=TOOL_MAX_ONGOING_REQUESTS,
+            ray_actor_options={"num_cpus": 0},
+        ).bind(dataclasses.asdict(cfg.tools), preload=(name,))  # the search index loads at start
+        for name in REGISTRY
+    }
+    models = [{"id": model_id, "root": model_path, "parent": None}]
+    if lora_id is not None:
+        models.append({"id": lora_id, "root": lora_path, "parent": model_id})
+    ingress = serve.deployment(
+        ingress_class(),
+        name="AgentIngress",
+        num_replicas=1,  # one replica = one stepper: every agent request shares its batches
+        max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+        ray_actor_options={"num_cpus": 0},
+    )
+    resolved = {**dataclasses.asdict(cfg), "engine": {**dataclasses.asdict(cfg.engine), "model": model_path}}
+    return ingress.bind(llm, tools, resolved, models, lora_id or model_id)
+
+
+def build_app_from_args(args: dict):
+    """Application builder for ``serve run`` / ``serve deploy``.
+
+    ``args`` (YAML ``args:`` or ``serve run ... key=value``): ``config`` (a nat-ray YAML), ``model``,
+    ``lora`` and ``set`` (a list of ``section.key=value`` overrides, or one string).
+    """
+    overrides = args.get("set") or []
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    unknown = set(args) - {"config", "model", "lora", "set"}
+    if unknown:
+        raise ConfigError(f"unknown application args {sorted(unknown)}; known: config, model, lora, set")
+    if args.get("model"):
+        overrides.append(f"engine.model={json.dumps(args['model'])}")
+    if args.get("lora"):
+        overrides.append(f"serve.lora={json.dumps(args['lora'])}")
+    return build_app(load_config(NatRayConfig, args.get("config"), overrides))
+
+
+def start_ray_for(cfg: NatRayConfig) -> None:
+    """Join ``RAY_ADDRESS``'s cluster, or start a local Ray with enough logical CPUs for the replicas."""
+    from nat_ray.ray_runtime import init_ray
+
+    # Each vLLM replica holds its CPU bundle plus one CPU for the replica actor.
+    init_ray(cfg.serve.llm_replicas * (cfg.serve.llm_num_cpus + 1) + 2)
+
+
+def run_serve(cfg: NatRayConfig) -> int:
+    """Start Ray if needed, deploy the application on ``serve.host:serve.port``, block until Ctrl-C.
+
+    Returns:
+        0, the exit status of ``nat-ray serve``.
+    """
+    check_limits(cfg)  # settings and missing models fail before Ray starts
+    served_paths(cfg.engine.model, cfg.serve.lora)
+    start_ray_for(cfg)
+    application = build_app(cfg)  # ray.serve.llm reads the runtime context: Ray must be up
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    print(f"starting the LLM, tool and agent deployments (the vLLM engine takes a minute or two) for {url}")
+    serve.run(application, name=APP_NAME, route_prefix="/")
+    print(f"nat-ray is serving at {url}")
+    print(
+        f"  GET  {url}/v1/models   POST {url}/v1/chat/completions   POST {url}/v1/agent   GET {url}/healthz"
+    )
+    print("press Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping")
+    finally:
+        if os.environ.get("RAY_ADDRESS"):
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+            ray.shutdown()
+    return 0

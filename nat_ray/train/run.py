@@ -1,0 +1,268 @@
+"""The training run, driver side: check everything, resume or start, build the TorchTrainer, summarize.
+
+Everything that can be wrong with the inputs is checked before the trainer starts. A run started
+again with the same ``run_name`` and ``storage_path`` resumes from its latest checkpoint (Ray Train
+restores it; the worker reloads the DeepSpeed state and skips the steps already taken); a run
+whose settings changed in a way that breaks that is refused.
+
+Layout under ``<storage_path>/<run_name>/``: Ray Train's ``step_NNNNNN/`` checkpoints,
+``nat_run.json`` (the settings a resume must match), ``tensorboard/``, and ``export/``
+(:mod:`nat_ray.train.export`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from nat_ray.config import NatRayConfig, TrainConfig
+from nat_ray.errors import ConfigError
+from nat_ray.ray_runtime import init_ray
+from nat_ray.train.data import (
+    load_tokenizer,
+    make_schedule,
+    pad_token_id,
+    prepare_rows,
+    rank_table,
+    read_trajectories,
+    select_examples,
+)
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "nat_run.json"
+MAX_FAILURES = 2  # worker-group restarts (from the latest checkpoint) before the run fails
+# Settings a resumed run may change; any other difference from the saved run is refused.
+RESUMABLE_CHANGES = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "export_merged")
+# Logical CPUs a local Ray gets beyond one per worker: room for Ray Data's tokenize and read tasks.
+RAY_DATA_CPUS = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory and resume check
+
+
+def storage_root(path: str) -> str:
+    """Absolute storage path (Ray Train needs one); URIs (``s3://``) pass through."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def run_fingerprint(cfg: TrainConfig, model_path: str, gpu: bool) -> dict:
+    """The settings a resumed run must share with the run that wrote the checkpoint."""
+    keep = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    return {**keep, "resolved_model": model_path, "gpu": gpu}
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return any(run_dir.glob("step_*"))
+
+
+def check_resume(run_dir: Path, fingerprint: dict) -> bool:
+    """Whether this start resumes a run; refuse it if the saved run's settings differ.
+
+    Returns:
+        True when ``run_dir`` holds a checkpoint of a run with the same settings.
+
+    Raises:
+        ConfigError: a setting other than :data:`RESUMABLE_CHANGES` differs from the saved run.
+    """
+    file = run_dir / RUN_FILE
+    if not (file.is_file() and has_checkpoint(run_dir)):
+        return False
+    saved = json.loads(file.read_text())
+    changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
+    if changed:
+        listing = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise ConfigError(
+            f"run {run_dir.name!r} exists in {run_dir.parent} with other settings ({listing}); a resumed "
+            f"run may change only {list(RESUMABLE_CHANGES)}. Use a new train.run_name, or delete {run_dir}"
+        )
+    return True
+
+
+def write_fingerprint(run_dir: Path, fingerprint: dict) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_FILE).write_text(json.dumps(fingerprint, indent=2))
+    except OSError as err:
+        raise ConfigError(f"train.storage_path: cannot write {run_dir}: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+
+
+def check_resources(cfg: TrainConfig, gpu: bool) -> None:
+    """Refuse a worker count the cluster can never place (Ray would wait forever).
+
+    Raises:
+        ConfigError: not enough CPUs or GPUs for ``train.num_workers``.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    kind = "GPU" if gpu else "CPU"
+    if total.get(kind, 0) < cfg.num_workers:
+        raise ConfigError(
+            f"train.num_workers={cfg.num_workers} needs {cfg.num_workers} {kind}s, the Ray cluster has "
+            f"{total.get(kind, 0):g}; lower num_workers or set train.use_gpu"
+        )
+
+
+def build_trainer(config: dict, datasets: dict, cfg: TrainConfig, gpu: bool, storage: str):
+    """The ``TorchTrainer`` (not started)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from nat_ray.train.worker import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=MAX_FAILURES),
+        ),
+        datasets=datasets,
+        # Each rank reads only its own dataset (nat_ray.train.data): none is split.
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def run_train(cfg: NatRayConfig) -> dict:
+    """Fine-tune ``cfg.train.base_model`` on NAT data; resume the run if it exists; export the model.
+
+    Returns:
+        ``{"run_dir", "export", "data", "schedule", "start_step", "step", "history", "final_loss",
+        "seconds", "resumed", "checkpoint"}``.
+
+    Raises:
+        ConfigError / DataError / ModelError: before training starts, for bad settings or inputs.
+    """
+    import ray
+
+    from nat_ray.models import resolve_model
+    from nat_ray.train.step import check_lora_targets_for
+
+    t = cfg.train
+    began = time.time()
+    model_path = resolve_model(t.base_model)
+    if t.mode == "lora":
+        check_lora_targets_for(model_path, t.lora_target_modules)
+    trajectories = read_trajectories(t.data)
+    examples, selection = select_examples(t, trajectories)
+    storage = storage_root(t.storage_path)
+    local = "://" not in storage
+    run_dir = Path(storage) / t.run_name
+    export_dir = f"{storage}/{t.run_name}/export"
+    init_ray(t.num_workers + RAY_DATA_CPUS, worker_logs=True)
+    gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= t.num_workers
+    check_resources(t, gpu)
+    fingerprint = run_fingerprint(t, model_path, gpu)
+    resumed = check_resume(run_dir, fingerprint) if local else False
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows, data_stats = prepare_rows(t, examples, selection, model_path)
+    schedule = make_schedule(len(rows), t)
+    log.info(
+        "train %s: %d examples -> %d rows (%d tokens, %d with loss; %d truncated, %d dropped), "
+        "%d steps (%d per epoch, %d micro-batches per worker per step), %s",
+        t.run_name,
+        data_stats["examples"],
+        data_stats["rows"],
+        data_stats["tokens"],
+        data_stats["loss_tokens"],
+        data_stats["truncated"],
+        data_stats["dropped_overlong"],
+        schedule.total_steps,
+        schedule.steps_per_epoch,
+        schedule.accum,
+        "GPU" if gpu else "CPU",
+    )
+    if local:
+        write_fingerprint(run_dir, fingerprint)
+    datasets = {
+        f"rank{r}": ray.data.from_arrow(rank_table(rows, schedule.rank_stream(r, t.seed)))
+        for r in range(t.num_workers)
+    }
+    config = {
+        "train": asdict(t),
+        "model_path": model_path,
+        "gpu": gpu,
+        "schedule": asdict(schedule),
+        "pad_id": pad_token_id(load_tokenizer(model_path)),
+        "run_dir": f"{storage}/{t.run_name}",
+        "local": local,
+        "export_dir": export_dir,
+        "tensorboard_dir": str(run_dir / "tensorboard") if local else None,
+    }
+    result = build_trainer(config, datasets, t, gpu, storage).fit()
+    metrics = result.metrics or {}
+    export_file = run_dir / "export" / "export.json"
+    history = metrics.get("history", [])
+    return {
+        "run_dir": str(run_dir),
+        "export": json.loads(export_file.read_text()) if export_file.is_file() else None,
+        "data": data_stats,
+        "schedule": asdict(schedule),
+        "start_step": metrics.get("start_step", 0),
+        "step": metrics.get("step", 0),
+        "history": history,
+        "final_loss": history[-1]["loss"] if history else None,
+        "seconds": round(time.time() - began, 1),
+        "resumed": resumed,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
+
+
+def format_result(result: dict) -> str:
+    """The human summary of :func:`run_train`'s result: data, schedule, training, loss, export, run dir."""
+    d, s = result["data"], result["schedule"]
+    lines = [
+        f"data      {d['positives']} positives + {d['negatives']} negatives -> {d['examples']} examples "
+        f"({d['truncated']} truncated, {d['dropped_overlong']} dropped as over-long, "
+        f"{d['dropped_no_loss']} without loss tokens) -> {d['rows']} rows, {d['tokens']} tokens "
+        f"({d['loss_tokens']} with loss)"
+        + (f", packing efficiency {d['packing_efficiency']:.0%}" if d["packing_efficiency"] else ""),
+        f"schedule  {s['total_steps']} steps ({s['steps_per_epoch']} per epoch, global batch {s['global_batch']}, "
+        f"micro-batch {s['micro_batch']} x {s['workers']} workers x {s['accum']} accumulation)",
+        f"training  steps {result['start_step']} -> {result['step']}"
+        + (" (resumed)" if result["start_step"] else "")
+        + (f", final loss {result['final_loss']:.4f}" if result["final_loss"] is not None else "")
+        + f", {result['seconds']}s",
+    ]
+    if result["history"]:
+        first = result["history"][0]
+        lines.append(
+            f"loss      step {first['step']}: {first['loss']:.4f} -> step {result['step']}: "
+            f"{result['history'][-1]['loss']:.4f}"
+        )
+    export = result["export"] or {}
+    for key in ("model", "adapter"):
+        if export.get(key):
+            lines.append(f"export    {key}: {export[key]}")
+    lines.append(f"run dir   {result['run_dir']}  (same run_name again resumes; TensorBoard: tensorboard/)")
+    return "\n".join(lines)
+
+
+def main_train(cfg: NatRayConfig, json_path: str | None = None) -> int:
+    """``nat-ray train``: train, print the summary, optionally write the result as JSON. Returns 0.
+
+    Args:
+        cfg: the loaded, validated config (the CLI's ``--config`` / ``--set``).
+        json_path: also write :func:`run_train`'s result here (the CLI's ``--json``).
+    """
+    result = run_train(cfg)
+    print(format_result(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return 0

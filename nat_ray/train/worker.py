@@ -1,0 +1,262 @@
+"""One Ray Train worker: DeepSpeed engine, resume from the latest checkpoint, steps, checkpoints, export.
+
+:func:`train_loop_per_worker` reads everything from its ``config`` (built by
+:func:`nat_ray.train.run.run_train`). Each rank reads its own dataset, ``rank<r>``, whose rows are
+already in step order (:mod:`nat_ray.train.data`), so resuming is skipping the steps taken.
+Checkpoints are DeepSpeed's shards plus a small trainer state, registered with ``ray.train.report``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from nat_ray.config import TrainConfig
+from nat_ray.train.data import Schedule, step_batches
+from nat_ray.train.export import export_model
+from nat_ray.train.step import (
+    StepStats,
+    build_model,
+    cosine_schedule,
+    deepspeed_config,
+    deepspeed_step,
+    sync_schedule,
+)
+
+log = logging.getLogger(__name__)
+
+DS_TAG = "deepspeed"  # DeepSpeed checkpoint tag inside every Ray checkpoint
+STATE_FILE = "trainer_state.json"
+HISTORY_KEYS = ("step", "loss", "lr", "tokens_per_s")
+TENSORBOARD_KEYS = ("loss", "lr", "tokens_per_s")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: DeepSpeed engine, resume, steps, checkpoints, export. Reads only ``config``.
+
+    ``config`` keys: ``train`` (TrainConfig fields), ``model_path``, ``gpu``, ``schedule`` (Schedule
+    fields), ``pad_id``, ``run_dir``, ``local`` (run_dir is a filesystem path), ``export_dir``,
+    ``tensorboard_dir``.
+    """
+    import ray.train
+    import torch
+    from ray.train.torch import get_device
+
+    _setup_worker_logging()
+    cfg = TrainConfig(**config["train"])
+    schedule = Schedule(**config["schedule"])
+    gpu = config["gpu"]
+    rank = ray.train.get_context().get_world_rank()
+    device = get_device() if gpu else torch.device("cpu")
+
+    engine, scheduler = _build_engine(cfg, schedule, config["model_path"], gpu, device, rank)
+    state = _resume(engine, scheduler, schedule, cfg.run_name, rank)
+    _train(engine, cfg, schedule, state, config, rank, device)
+    _export(engine, cfg, config, rank, gpu)
+
+
+def _setup_worker_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _build_engine(cfg: TrainConfig, schedule: Schedule, model_path: str, gpu: bool, device, rank: int):
+    """The model wrapped by ``deepspeed.initialize``, with the run's cosine schedule.
+
+    Returns:
+        ``(engine, lr scheduler)``.
+    """
+    import deepspeed
+    import torch
+
+    began = time.perf_counter()
+    model = build_model(cfg, model_path, gpu)
+    if gpu:
+        model.to(device)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, gpu),
+        lr_scheduler=lambda opt: cosine_schedule(opt, schedule.warmup_steps, schedule.total_steps),
+    )
+    if rank == 0:
+        log.info(
+            "DeepSpeed ZeRO-%d engine ready in %.1fs (%d threads per worker)",
+            cfg.zero_stage,
+            time.perf_counter() - began,
+            torch.get_num_threads(),
+        )
+    return engine, scheduler
+
+
+def _resume(engine, scheduler, schedule: Schedule, run_name: str, rank: int) -> dict:
+    """Load Ray Train's latest checkpoint into ``engine``, if there is one.
+
+    Returns:
+        the trainer state: ``{"step": steps taken, "history": [...]}`` (step 0 on a fresh start).
+
+    Raises:
+        RuntimeError: the checkpoint holds no DeepSpeed state (a bug, not bad input).
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"step": 0, "history": []}
+    with checkpoint.as_directory() as path:
+        loaded, _ = engine.load_checkpoint(path, tag=DS_TAG)
+        if loaded is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint {DS_TAG!r} in {path}")
+        state = json.loads((Path(path) / STATE_FILE).read_text())
+    sync_schedule(scheduler, schedule.warmup_steps, schedule.total_steps)
+    if rank == 0:
+        log.info("resuming %s at step %d of %d", run_name, state["step"], schedule.total_steps)
+    return state
+
+
+def _shard_rows(shard) -> Iterator[dict]:
+    for batch in shard.iter_batches(batch_size=256, batch_format="pyarrow"):
+        yield from batch.to_pylist()
+
+
+def _train(
+    engine, cfg: TrainConfig, schedule: Schedule, state: dict, config: dict, rank: int, device
+) -> None:
+    """The steps from ``state["step"]`` to the end: train, report metrics, checkpoint on schedule."""
+    import ray.train
+
+    start_step = state["step"]
+    history: list[dict] = state["history"]
+    writer = _open_tensorboard(config["tensorboard_dir"]) if rank == 0 else None
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    batches = step_batches(_shard_rows(shard), start_step, config["pad_id"], cfg.packing)
+    engine.train()
+    started = time.perf_counter()
+    tokens_done = 0
+    for step, micro_batches in batches:
+        stats = deepspeed_step(engine, micro_batches, device)
+        tokens_done += stats.tokens
+        elapsed = time.perf_counter() - started
+        metrics = _step_metrics(step, stats, schedule, start_step)
+        history.append({k: metrics[k] for k in HISTORY_KEYS})
+        if rank == 0:
+            _log_step(metrics, schedule, elapsed, writer)
+        done = metrics["step"]
+        if done == schedule.total_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            trainer_state = {
+                "step": done,
+                "epoch": metrics["epoch"],
+                "rows_consumed_per_rank": done * schedule.accum * schedule.micro_batch,
+                "history": history,
+            }
+            _report_checkpoint(
+                engine,
+                {**metrics, "history": history},
+                trainer_state,
+                rank,
+                config["run_dir"],
+                config["local"],
+            )
+        else:
+            ray.train.report(metrics)
+    if writer is not None:
+        writer.close()
+    if rank == 0 and tokens_done:
+        log.info("trained %d tokens in %.1fs", tokens_done, time.perf_counter() - started)
+
+
+def _step_metrics(step: int, stats: StepStats, schedule: Schedule, start_step: int) -> dict:
+    """What a step reports to Ray Train (``step`` counts steps done, so it is ``step + 1``)."""
+    return {
+        "step": step + 1,
+        "epoch": step // schedule.steps_per_epoch + 1,
+        "loss": stats.loss,
+        "lr": stats.lr,
+        "tokens_per_s": stats.tokens / stats.seconds,
+        "loss_tokens": stats.loss_tokens,
+        "tokens": stats.tokens,
+        "start_step": start_step,
+    }
+
+
+def _open_tensorboard(tensorboard_dir: str | None):
+    """A TensorBoard writer, or ``None`` when the run directory is a URI (no local folder)."""
+    if not tensorboard_dir:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(tensorboard_dir)
+
+
+def _log_step(metrics: dict, schedule: Schedule, elapsed: float, writer) -> None:
+    """Rank 0's progress line and TensorBoard scalars for one step."""
+    done, start_step = metrics["step"], metrics["start_step"]
+    eta = elapsed / (done - start_step) * (schedule.total_steps - done)
+    log.info(
+        "step %d/%d  epoch %d  loss %.4f  tok/s %.1f  lr %.2e  elapsed %.0fs  eta %.0fs",
+        done,
+        schedule.total_steps,
+        metrics["epoch"],
+        metrics["loss"],
+        metrics["tokens_per_s"],
+        metrics["lr"],
+        elapsed,
+        eta,
+    )
+    if writer is not None:
+        for key in TENSORBOARD_KEYS:
+            writer.add_scalar(f"train/{key}", metrics[key], done)
+
+
+def _report_checkpoint(engine, metrics: dict, state: dict, rank: int, run_dir: str, local: bool) -> None:
+    """Every rank saves its DeepSpeed shards, rank 0 the trainer state; Ray Train registers the folder.
+
+    On a filesystem path the shards go straight into ``<run_dir>/step_NNNNNN`` (no copy of a
+    checkpoint that holds weights and optimizer state three times over); for a URI they go to a
+    temporary folder that Ray Train uploads, merging the ranks' files.
+    """
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    name = f"step_{state['step']:06d}"
+    started = time.perf_counter()
+    target = Path(run_dir) / name if local else Path(tempfile.mkdtemp(prefix="nat-ckpt-"))
+    try:
+        engine.save_checkpoint(str(target), tag=DS_TAG)
+        if rank == 0:
+            (target / STATE_FILE).write_text(json.dumps(state))
+        if local:
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(str(target)),
+                checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+            )
+        else:
+            ray.train.report(
+                metrics, checkpoint=Checkpoint.from_directory(str(target)), checkpoint_dir_name=name
+            )
+    finally:
+        if not local:
+            shutil.rmtree(target, ignore_errors=True)
+    if rank == 0:
+        log.info("checkpoint %s saved in %.1fs", name, time.perf_counter() - started)
+
+
+def _export(engine, cfg: TrainConfig, config: dict, rank: int, gpu: bool) -> None:
+    """Every rank joins the export (ZeRO-3 gathers), then waits for rank 0 to finish writing."""
+    import torch.distributed as dist
+
+    started = time.perf_counter()
+    export_model(engine.module, cfg, config["model_path"], config["export_dir"], rank, gpu)
+    if rank == 0:
+        log.info("exported to %s in %.1fs", config["export_dir"], time.perf_counter() - started)
+    if dist.is_initialized():
+        dist.barrier()

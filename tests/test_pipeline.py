@@ -1,0 +1,171 @@
+"""``nat_ray.pipeline``'s bookkeeping: the manifest, resuming stage by stage, config copies, data hashes.
+
+No stage runs here: each stage is a small function that counts its calls.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nat_ray.config import NatRayConfig, PipelineConfig
+from nat_ray.errors import ConfigError
+from nat_ray.pipeline import Manifest, file_hashes, run_stage, with_sections
+
+SHA256_ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256(b"abc")
+SHA256_EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256(b"")
+
+
+class Stage:
+    """A stage function that counts its calls and returns ``outputs`` (or raises ``error``)."""
+
+    def __init__(self, outputs: dict | None = None, error: Exception | None = None) -> None:
+        self.outputs = outputs if outputs is not None else {"data": ["part-0.parquet"]}
+        self.error = error
+        self.calls = 0
+
+    def __call__(self) -> dict:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return self.outputs
+
+
+@pytest.fixture
+def cfg() -> NatRayConfig:
+    return NatRayConfig(pipeline=PipelineConfig(name="exp1"))
+
+
+@pytest.fixture
+def path(tmp_path) -> Path:
+    return tmp_path / "manifest.json"
+
+
+def on_disk(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_a_new_manifest_is_written_at_once_with_provenance(path, cfg):
+    Manifest(path, cfg)
+    data = on_disk(path)
+    assert data["stages"] == {} and data["name"] == "exp1"
+    assert data["config"]["pipeline"]["name"] == "exp1"
+    assert {"versions", "git_commit", "python", "machine"} <= set(data)
+    assert not path.with_suffix(".json.tmp").exists()
+
+
+def test_run_stage_runs_once_and_records_outputs(path, cfg):
+    manifest = Manifest(path, cfg)
+    stage = Stage({"data": ["a"], "rows": 3})
+    entry = run_stage(manifest, "rollout", stage)
+    assert stage.calls == 1
+    assert entry["status"] == "done" and entry["data"] == ["a"] and entry["rows"] == 3
+    assert entry["seconds"] >= 0
+    assert run_stage(manifest, "rollout", stage) == entry and stage.calls == 1  # done: skipped
+
+
+def test_a_done_stage_is_skipped_on_resume_with_outputs_from_disk(path, cfg):
+    first = run_stage(Manifest(path, cfg), "rollout", Stage({"data": ["runs/x/rollout"]}))
+    again = Stage({"data": ["something else"]})
+    resumed = run_stage(Manifest(path, cfg), "rollout", again)  # a new process on the same run
+    assert again.calls == 0
+    assert resumed == first and resumed["data"] == ["runs/x/rollout"]
+
+
+def test_the_manifest_is_rewritten_after_every_stage(path, cfg):
+    manifest = Manifest(path, cfg)
+    run_stage(manifest, "rollout", Stage({"data": ["d"]}))
+
+    def train() -> dict:
+        # While the second stage runs, the first is already on disk: a crash now loses nothing.
+        assert on_disk(path)["stages"]["rollout"]["status"] == "done"
+        assert "train:nat" not in on_disk(path)["stages"]
+        return {"export": "e"}
+
+    run_stage(manifest, "train:nat", train)
+    assert set(on_disk(path)["stages"]) == {"rollout", "train:nat"}
+    assert Manifest(path, cfg).done("train:nat")["export"] == "e"
+
+
+def test_a_stage_that_raised_is_not_done_and_reruns(path, cfg):
+    manifest = Manifest(path, cfg)
+    run_stage(manifest, "rollout", Stage())
+    failing = Stage(error=RuntimeError("out of memory"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_stage(manifest, "train:nat", failing)
+    assert manifest.done("train:nat") is None
+    assert "train:nat" not in on_disk(path)["stages"]
+
+    retry = Stage({"export": "e"})
+    resumed = Manifest(path, cfg)
+    assert run_stage(resumed, "train:nat", retry)["export"] == "e" and retry.calls == 1
+    assert resumed.done("rollout") is not None  # the earlier stage stays done
+
+
+def test_only_status_done_counts_as_done(path, cfg):
+    manifest = Manifest(path, cfg)
+    manifest.data["stages"]["eval:base"] = {"status": "running"}
+    assert manifest.done("eval:base") is None and manifest.done("never-ran") is None
+
+
+def test_resume_keeps_stages_and_refreshes_the_config(path, cfg):
+    run_stage(Manifest(path, cfg), "rollout", Stage())
+    other = with_sections(cfg, agent={"max_turns": 3})
+    Manifest(path, other)
+    data = on_disk(path)
+    assert data["config"]["agent"]["max_turns"] == 3  # the latest run's config
+    assert data["stages"]["rollout"]["status"] == "done"
+
+
+def test_a_corrupt_manifest_raises_and_is_left_alone(path, cfg):
+    # Today a manifest.json that is not JSON stops the run with json's own error (not a
+    # ConfigError naming the file), and the file is not overwritten, so nothing recorded is lost.
+    path.write_text('{"stages": {"rollout": {"status": "do')
+    with pytest.raises(json.JSONDecodeError):
+        Manifest(path, cfg)
+    assert path.read_text() == '{"stages": {"rollout": {"status": "do'
+
+
+def test_a_half_written_temp_file_is_ignored(path, cfg):
+    # save() writes manifest.json.tmp and renames it, so a crash mid-write leaves only the temp file.
+    run_stage(Manifest(path, cfg), "rollout", Stage())
+    path.with_suffix(".json.tmp").write_text('{"stages": {')
+    manifest = Manifest(path, cfg)
+    assert manifest.done("rollout") is not None
+    assert json.loads(path.read_text())["stages"]["rollout"]["status"] == "done"
+    assert not path.with_suffix(".json.tmp").exists()  # replaced by the next save
+
+
+def test_with_sections_copies_and_leaves_the_original(cfg):
+    changed = with_sections(cfg, train={"variant": "nut", "run_name": "nut"}, eval={"output_dir": "x"})
+    assert (changed.train.variant, changed.train.run_name, changed.eval.output_dir) == ("nut", "nut", "x")
+    assert cfg.train.variant == NatRayConfig().train.variant and cfg.eval.output_dir != "x"
+    assert changed.train.learning_rate == cfg.train.learning_rate  # other fields kept
+    assert changed.engine == cfg.engine and changed.pipeline == cfg.pipeline
+
+
+def test_with_sections_validates_like_the_config(cfg):
+    with pytest.raises(ConfigError, match="pipeline.name"):
+        with_sections(cfg, pipeline={"name": "a/b"})
+    with pytest.raises(TypeError, match="no_such_field"):
+        with_sections(cfg, train={"no_such_field": 1})
+
+
+def test_file_hashes_of_files_and_folders(tmp_path):
+    folder = tmp_path / "trajectories"
+    folder.mkdir()
+    (folder / "b.parquet").write_bytes(b"abc")
+    (folder / "a.parquet").write_bytes(b"")
+    (folder / "notes.txt").write_bytes(b"not data")
+    single = tmp_path / "imported.parquet"
+    single.write_bytes(b"abc")
+    hashes = file_hashes([str(folder), str(single)])
+    assert hashes == {
+        str(folder / "a.parquet"): SHA256_EMPTY,
+        str(folder / "b.parquet"): SHA256_ABC,
+        str(single): SHA256_ABC,
+    }
+    assert list(hashes)[:2] == [str(folder / "a.parquet"), str(folder / "b.parquet")]  # sorted
+    assert file_hashes([]) == {}

@@ -1,0 +1,222 @@
+"""``nat_ray.records``: trajectory ids, config hashes, verdicts, and the Parquet row format."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import pyarrow.parquet as pq
+import pytest
+
+from nat_ray import nat_data as columns
+from nat_ray import records
+from nat_ray.react import Action, Episode, Step
+from nat_ray.scoring import Score
+
+# ---------------------------------------------------------------------------------------------------
+# Ids and hashes
+
+
+def test_trajectory_id_is_pinned():
+    # Resuming a rollout keys on these ids: a change here orphans every part already written.
+    tid = records.trajectory_id("m", "gsm8k", "q1", 0.5, 0, 0)
+    key = json.dumps(["m", "gsm8k", "q1", 0.5, 0, 0])  # '["m", "gsm8k", "q1", 0.5, 0, 0]'
+    assert tid == hashlib.sha256(key.encode()).hexdigest()[:24] == "b112d1a7eaab7ac27af4e251"
+
+
+def test_trajectory_id_normalises_types():
+    # A question id read back from Parquet is a string; a temperature from YAML may be an int.
+    assert records.trajectory_id("m", "svamp", 7, 1, 2, 3) == records.trajectory_id(
+        "m", "svamp", "7", 1.0, 2, 3
+    )
+
+
+def test_trajectory_id_differs_in_every_field():
+    base = ("m", "gsm8k", "q1", 0.5, 0, 0)
+    variants = [
+        ("m2", "gsm8k", "q1", 0.5, 0, 0),
+        ("m", "svamp", "q1", 0.5, 0, 0),
+        ("m", "gsm8k", "q2", 0.5, 0, 0),
+        ("m", "gsm8k", "q1", 0.9, 0, 0),
+        ("m", "gsm8k", "q1", 0.5, 1, 0),
+        ("m", "gsm8k", "q1", 0.5, 0, 1),
+    ]
+    ids = {records.trajectory_id(*args) for args in [base, *variants]}
+    assert len(ids) == 7
+    assert all(re.fullmatch(r"[0-9a-f]{24}", i) for i in ids)
+
+
+def test_trajectory_id_fields_do_not_run_together():
+    # JSON keeps the fields apart: ("ab", "c") and ("a", "bc") are different trajectories.
+    assert records.trajectory_id("ab", "c", "q", 0, 0, 0) != records.trajectory_id("a", "bc", "q", 0, 0, 0)
+
+
+def test_config_hash_ignores_key_order_at_every_level():
+    a = {"engine": {"model": "m", "max_model_len": 2048}, "temperatures": [0.5, 0.9]}
+    b = {"temperatures": [0.5, 0.9], "engine": {"max_model_len": 2048, "model": "m"}}
+    assert records.config_hash(a) == records.config_hash(b)
+    assert (
+        records.config_hash({"a": 1, "b": [1, 2]}) == "e6f20bdc3757e5e7"
+    )  # pinned: provenance stays comparable
+
+
+def test_config_hash_sees_values_and_list_order():
+    base = records.config_hash({"t": [0.5, 0.9]})
+    assert records.config_hash({"t": [0.9, 0.5]}) != base
+    assert records.config_hash({"t": [0.5, 1.0]}) != base
+
+
+def test_config_hash_accepts_non_json_values():
+    from pathlib import Path
+
+    # default=str: a Path hashes like its string.
+    assert records.config_hash({"p": Path("/a/b")}) == records.config_hash({"p": "/a/b"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gold answers and verdicts
+
+
+@pytest.mark.parametrize(("gold", "text"), [(True, "yes"), (False, "no"), ("42", "42"), ("Paris", "Paris")])
+def test_gold_text(gold, text):
+    assert records.gold_text(gold) == text
+
+
+@pytest.mark.parametrize(
+    ("f1", "cls"),
+    [(0.0, "totally_incorrect"), (0.25, "mostly_incorrect"), (0.4, "mostly_correct"), (1.0, "correct")],
+)
+def test_verdict_class_hotpotqa_goes_by_f1(f1, cls):
+    # The paper's four classes; the booleans do not matter when there is an F1.
+    assert records.verdict_class("hotpotqa", Score(False, False, em=False, f1=f1)) == cls
+
+
+@pytest.mark.parametrize("family", ["math", "strategyqa", "hotpotqa"])
+def test_verdict_class_without_f1_goes_by_the_robust_verdict(family):
+    assert records.verdict_class(family, Score(correct_paper=False, correct_robust=True)) == "correct"
+    assert records.verdict_class(family, Score(correct_paper=True, correct_robust=False)) == "incorrect"
+
+
+def test_verdict_class_ignores_f1_outside_hotpotqa():
+    assert records.verdict_class("math", Score(True, True, f1=0.0)) == "correct"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows
+
+
+def make_row(i: int = 0, **overrides) -> dict:
+    """A StrategyQA row of a two-turn episode: search, then finish."""
+    prompt = [
+        {"role": "system", "content": "Answer yes or no."},
+        {"role": "user", "content": f"Question {i}?"},
+    ]
+    episode = Episode(
+        id=f"t{i}",
+        prompt=prompt,
+        tools=("search",),
+        steps=[
+            Step("Thought: look it up.\nAction: search[x]", Action("search", "x"), " #1: X: y", None, 10, 4),
+            Step("Action: finish[yes]", Action("finish", "yes"), None, None, 20, 3),
+        ],
+        answer="yes",
+        finished=True,
+    )
+    fields = dict(
+        task="strategyqa",
+        family="strategyqa",
+        question_id=i,
+        question=f"Question {i}?",
+        gold=True,
+        score=Score(correct_paper=True, correct_robust=True),
+        temperature=0.5,
+        sample_index=1,
+        seed=3,
+        model="m",
+        engine="vllm",
+        config_hash="c0ffee",
+        started_at="2025-01-01T00:00:00.000+00:00",
+        ended_at="2025-01-01T00:00:05.000+00:00",
+    )
+    return records.episode_row(episode, **{**fields, **overrides})
+
+
+def test_episode_row_columns_are_the_schema_in_order():
+    assert list(make_row()) == [f.name for f in records.arrow_schema()]
+    assert records.arrow_schema().metadata == {b"nat_ray_schema": str(records.SCHEMA_VERSION).encode()}
+
+
+def test_episode_row_values():
+    row = make_row(7)
+    assert row[columns.TRAJECTORY_ID] == "t7" and row[columns.QUESTION_ID] == "7"  # ids are strings
+    assert row[columns.GOLD] == "yes" and row[columns.ANSWER] == "yes" and row[columns.FINISHED] is True
+    assert row[columns.TRAJECTORY] == [
+        {"role": "assistant", "content": "Thought: look it up.\nAction: search[x]"},
+        {"role": "user", "content": "Observation:  #1: X: y"},
+        {"role": "assistant", "content": "Action: finish[yes]"},
+    ]
+    assert row[columns.PROMPT][1] == {"role": "user", "content": "Question 7?"}
+    assert (row[columns.TURNS], row[columns.PROMPT_TOKENS], row[columns.COMPLETION_TOKENS]) == (2, 30, 7)
+    assert (
+        row[columns.CORRECT_PAPER],
+        row[columns.CORRECT_ROBUST],
+        row[columns.F1],
+        row[columns.NAT_CLASS],
+    ) == (
+        True,
+        True,
+        None,
+        "correct",
+    )
+    assert row[columns.FAILURE_REASON] is None
+    assert (row[columns.TEMPERATURE], row[columns.SAMPLE_INDEX], row[columns.SEED]) == (0.5, 1, 3)
+    assert row[columns.ENDED_AT] == "2025-01-01T00:00:05.000+00:00"
+
+
+def test_episode_row_stamps_the_end_when_none_is_given():
+    ended = make_row(ended_at=None)[columns.ENDED_AT]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", ended)
+
+
+def test_write_then_read_round_trip(tmp_path):
+    rows = [make_row(0), make_row(1, score=Score(False, False), gold=False)]
+    path = tmp_path / "part-0.parquet"
+    records.write_rows(rows, path)
+    assert records.read_rows(path) == rows
+    assert [p.name for p in tmp_path.iterdir()] == ["part-0.parquet"]  # no temp file left behind
+    schema = pq.read_schema(path)
+    assert schema.equals(records.arrow_schema()) and schema.metadata == records.arrow_schema().metadata
+
+
+def test_missing_columns_are_written_as_nulls(tmp_path):
+    partial = {columns.TRAJECTORY_ID: "only-id", columns.TASK: "gsm8k"}
+    records.write_rows([partial], tmp_path / "p.parquet")
+    (row,) = records.read_rows(tmp_path / "p.parquet")
+    assert (
+        row[columns.TRAJECTORY_ID] == "only-id"
+        and row[columns.ANSWER] is None
+        and row[columns.TRAJECTORY] is None
+    )
+    assert list(row) == [f.name for f in records.arrow_schema()]
+
+
+def test_empty_list_writes_a_file_with_the_schema(tmp_path):
+    path = tmp_path / "empty.parquet"
+    records.write_rows([], path)
+    assert records.read_rows(path) == []
+    assert pq.read_schema(path).names == [f.name for f in records.arrow_schema()]
+
+
+def test_a_folder_of_parts_reads_in_file_order_first_of_each_id(tmp_path):
+    records.write_rows([make_row(2), make_row(0)], tmp_path / "b.parquet")
+    records.write_rows([make_row(1), make_row(2, model="other")], tmp_path / "a.parquet")
+    records.write_rows([], tmp_path / "c.parquet")
+    (tmp_path / "notes.txt").write_text("not a part")
+    rows = records.read_rows(tmp_path)
+    assert [r[columns.TRAJECTORY_ID] for r in rows] == ["t1", "t2", "t0"]  # a.parquet, then b.parquet
+    assert rows[1][columns.MODEL] == "other"  # t2 from a.parquet; b.parquet's copy is skipped
+
+
+def test_an_empty_folder_has_no_rows(tmp_path):
+    assert records.read_rows(tmp_path) == []
