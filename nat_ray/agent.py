@@ -2,13 +2,56 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
+from pathlib import Path
 
-from nat_ray.config import AgentConfig, NatRayConfig
-from nat_ray.prompts import build_messages
+from nat_ray.config import AgentConfig, NatRayConfig, ToolsConfig
 from nat_ray.react import Episode, Sampling
 from nat_ray.scoring import Score
-from nat_ray.tasks import Task
+from nat_ray.tasks import Task, register_tasks
+from nat_ray.tasks.task_file import is_task_path
+
+
+def prepare_tasks(refs: Sequence[str], cfg: NatRayConfig) -> tuple[list[Task], ToolsConfig]:
+    """Register the tasks a stage runs (names or task files, and ``tasks_dir``) and the tools they need.
+
+    Called by every stage before Ray or an engine starts, so a bad task file fails at once, and again
+    in each worker process with the same arguments (work items carry task names).
+
+    Returns:
+        The tasks, and the ``tools`` section with every plug-in tool they name in ``plugins``.
+
+    Raises:
+        ConfigError: every bad task file and unknown name, in one error.
+    """
+    tasks = register_tasks(refs, cfg.tasks_dir)
+    specs = [*cfg.tools.plugins, *(spec for task in tasks for spec in task.tool_specs)]
+    return tasks, dataclasses.replace(cfg.tools, plugins=list(dict.fromkeys(specs)))
+
+
+def with_tasks_resolved(cfg: NatRayConfig, section: str) -> tuple[list[Task], NatRayConfig]:
+    """Register ``cfg.<section>.tasks`` (see :func:`prepare_tasks`) and make ``cfg`` portable.
+
+    The returned config names task files by absolute path (``tasks_dir`` too) and carries the
+    tasks' plug-in tools in ``tools.plugins``, so a worker process that calls :func:`prepare_tasks`
+    with it, whatever its working directory, registers the same tasks.
+
+    Args:
+        section: ``"rollout"``, ``"eval"`` or ``"serve"``: the section whose ``tasks`` to resolve.
+    """
+    refs = getattr(cfg, section).tasks
+    tasks, tools = prepare_tasks(refs, cfg)
+    portable = [task.source if is_task_path(ref) else ref for ref, task in zip(refs, tasks)]
+    tasks_dir = str(Path(cfg.tasks_dir).expanduser().resolve()) if cfg.tasks_dir else None
+    cfg = dataclasses.replace(
+        cfg,
+        **{section: dataclasses.replace(getattr(cfg, section), tasks=portable)},
+        tools=tools,
+        tasks_dir=tasks_dir,
+    )
+    return tasks, cfg
 
 
 def sampling_from(cfg: AgentConfig, temperature: float | None = None, seed: int | None = None) -> Sampling:
@@ -32,7 +75,7 @@ def new_episode(
     """An episode at its start: the inference ("correct") prompt of ``cfg.template`` for ``question``."""
     return Episode(
         id=episode_id,
-        prompt=build_messages(task.family, question, cfg.template, None, cfg.shots),
+        prompt=task.build_messages(question, cfg.template, None, cfg.shots),
         tools=task.tools,
         sampling=sampling or sampling_from(cfg),
         max_turns=cfg.max_turns,
@@ -74,11 +117,10 @@ def run_agent(cfg: NatRayConfig, question: str, gold: str | None = None, as_json
     """
     from nat_ray.engines import build_engine
     from nat_ray.react import LocalTools, Stepper
-    from nat_ray.tasks import get_task
     from nat_ray.tools import configure_tools
 
-    task = get_task(cfg.agent.task)
-    configure_tools(cfg.tools)
+    (task,), tools = prepare_tasks([cfg.agent.task], cfg)
+    configure_tools(tools)
     episode = new_episode(task, question, cfg.agent, "cli-0")
     engine = build_engine(cfg.engine)
     if cfg.engine.backend == "openai":

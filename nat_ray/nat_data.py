@@ -9,6 +9,11 @@ which rows are used and how each one's question turn is worded:
 - ``nat_k`` / ``nat_3``: negatives graded by F1 into k classes (HotpotQA);
 - Table 4 ablations (marker wording) and ``cot_nat`` / ``cot_nut`` (chain of thought, Table 7).
 
+A user's task (family ``custom``) gets its prompt rebuilt from its task file (:func:`row_task`):
+``wo_neg``, ``nut``, ``nat`` and the Table 4 ablations work with any scorer; ``nat_k``, ``nat_3`` and
+``nat_soft`` grade by F1, so they need a scorer that returns a float for every answer; the
+chain-of-thought variants have no custom form.
+
 Selection is explicit and seeded (spec §8 #12): positives one per question, negatives without
 empty trajectories and exact duplicates. The column names of the trajectory Parquet files are
 the constants below, so rollout, import and training agree on them.
@@ -20,9 +25,11 @@ import logging
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 from nat_ray.errors import ConfigError, DataError
-from nat_ray.prompts import build_messages, get_template
+from nat_ray.prompts import CUSTOM, build_messages, get_template
 from nat_ray.scoring import nat_class
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,10 @@ ENGINE = "engine"
 CONFIG_HASH = "config_hash"
 STARTED_AT = "started_at"
 ENDED_AT = "ended_at"
+# Lineage (schema version 2): which task file and tool versions made the row.
+TASK_SOURCE = "task_source"  # the task file's path (None in version-1 files)
+TASK_HASH = "task_hash"  # sha256 of the task file's bytes, 16 hex digits
+TOOL_VERSIONS = "tool_versions"  # JSON text of {tool name: version}
 
 LABEL_MODES = ("paper", "robust")
 EPISODE_FINISHED = "Observation: Episode finished"
@@ -217,13 +228,67 @@ class ChatExample:
     klass: str
 
 
+def row_task(row: dict):
+    """The task of a custom-task row, for its prompt: its task file, found as well as this machine can.
+
+    The registered task of the row's name when its file hash matches (or the row has none); else
+    the task file at ``task_source``; else the registered task of that name, with a warning (the
+    file changed since the row was made: the prompt is rebuilt from the file as it is now).
+
+    Raises:
+        DataError: neither the name is registered nor the task file exists here.
+    """
+    return _row_task(row.get(TASK), row.get(TASK_SOURCE), row.get(TASK_HASH))
+
+
+@lru_cache(maxsize=256)
+def _row_task(name: str | None, source: str | None, digest: str | None):
+    from nat_ray.tasks import TASKS, load_task_file  # lazily: the tasks import their plug-ins
+
+    registered = TASKS.get(str(name).lower()) if name else None
+    if registered is not None and (digest is None or registered.source_hash == digest):
+        return registered
+    if source and Path(source).is_file():
+        task = load_task_file(source)
+        if digest is not None and task.source_hash != digest:
+            log.warning(
+                "task file %s changed since rows of %r were made (hash %s, now %s)",
+                source,
+                name,
+                digest,
+                task.source_hash,
+            )
+        return task
+    if registered is not None:
+        log.warning(
+            "rows of task %r were made with task file %s (hash %s); using the registered %s (hash %s)",
+            name,
+            source,
+            digest,
+            registered.source,
+            registered.source_hash,
+        )
+        return registered
+    raise DataError(
+        f"cannot rebuild the prompt of task {name!r}: its task file {source} does not exist here and no "
+        "task of that name is registered (register it with tasks_dir, or train where the file is)"
+    )
+
+
 def build_example(row: dict, variant: Variant | str, label_mode: str = "robust") -> ChatExample:
-    """One training conversation: the variant's prompt for this row's class, then the agent's turns."""
+    """One training conversation: the variant's prompt for this row's class, then the agent's turns.
+
+    A built-in family's prompt is the paper's; a custom task's (``family == "custom"``) is rebuilt
+    from its task file (:func:`row_task`): instruction and markers.
+    """
     variant = get_variant(variant) if isinstance(variant, str) else variant
     family = row[FAMILY]
     template = get_template(family, variant.template)
     klass = trajectory_class(row, template.scheme, label_mode)
-    prompt = build_messages(family, row[QUESTION], variant.template, klass, shots=0)
+    if family == CUSTOM:
+        prompt = row_task(row).build_messages(row[QUESTION], variant.template, klass, shots=0)
+    else:
+        prompt = build_messages(family, row[QUESTION], variant.template, klass, shots=0)
     return ChatExample(prompt + agent_turns(row), len(prompt), str(row[TRAJECTORY_ID]), klass)
 
 

@@ -7,10 +7,19 @@ graded strings for NAT-k), and inference always uses the correct one. The agent'
 
 Templates are data (:data:`TEMPLATES`), keyed by the NAT repo's names so a run config says exactly
 which one it trained with and the same name picks the inference prompt.
+
+A user's own task (family ``"custom"``, see :mod:`nat_ray.tasks.task_file`) has the same layout with
+its own parts: the instruction turn is the task's ``instruction`` *verbatim* (nothing is added, so it
+must itself name the actions, ``finish[answer]`` included), the optional one-shot demonstration is the
+task's ``demonstrations`` file, and the NAT templates that mark correct and incorrect trajectories
+(``zero-shot-target-aware``, ``-soft``, ``-inverse``) use the task's :class:`Markers`, by default the
+paper's QA markers. Every other template keeps its own wording (the Table 4 ablations, NAT-k's graded
+markers); the chain-of-thought templates have no custom variant.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from nat_ray.errors import ConfigError
@@ -18,6 +27,9 @@ from nat_ray.errors import ConfigError
 Message = dict[str, str]
 
 FAMILIES = ("math", "hotpotqa", "strategyqa")
+# A user's task file: instruction, demonstration and markers come from the task (see the module docstring).
+CUSTOM = "custom"
+ALL_FAMILIES = (*FAMILIES, CUSTOM)
 
 ACK = "I've understood your instruction, start please."
 
@@ -68,6 +80,10 @@ class Template:
         prompts: class id -> format string with ``{question}``.
         instruction: ``"plain"``, ``"extended"``, or ``None`` for CoT templates without instruction turns.
         inference_class: the class whose prompt is used at inference (always the "correct" one).
+        families: the task families that have this template.
+        marker_classes: custom tasks only: class id -> which of the task's :class:`Markers`
+            (``"correct"`` / ``"incorrect"``) words that class's question turn; ``None``: the template's
+            own ``prompts``.
     """
 
     name: str
@@ -75,7 +91,8 @@ class Template:
     prompts: dict[str, str]
     instruction: str | None = "plain"
     inference_class: str = "correct"
-    families: tuple[str, ...] = FAMILIES
+    families: tuple[str, ...] = ALL_FAMILIES
+    marker_classes: dict[str, str] | None = None
 
     def question_prompt(self, question: str, klass: str | None = None) -> str:
         """The question turn for ``klass`` (default: the inference class). ``question`` is kept verbatim."""
@@ -86,6 +103,38 @@ class Template:
             )
         # str.replace, not str.format: a question may itself contain braces.
         return self.prompts[klass].replace("{question}", question)
+
+    def with_markers(self, markers: Markers) -> Template:
+        """This template with a custom task's markers in place of its marked classes' prompts."""
+        if self.marker_classes is None:
+            return self
+        chosen = {"correct": markers.correct, "incorrect": markers.incorrect}
+        prompts = {**self.prompts, **{k: chosen[m] for k, m in self.marker_classes.items()}}
+        return dataclasses.replace(self, prompts=prompts)
+
+
+@dataclass(frozen=True)
+class Markers:
+    """A custom task's NAT markers: the question turn of correct and of incorrect trajectories.
+
+    Each is a format string with ``{question}`` (see :func:`marker_prompt` for the short form).
+    """
+
+    correct: str
+    incorrect: str
+
+
+def marker_prompt(marker: str) -> str:
+    """A task file's marker as a question-turn format string.
+
+    A marker holding ``{question}`` is the whole question turn; a marker without it is appended to
+    ``"Question: {question}. "`` (``"Solve it correctly."`` -> ``"Question: {question}. Solve it correctly."``).
+    """
+    return marker if "{question}" in marker else f"Question: {{question}}. {marker}"
+
+
+# The paper's QA markers: a custom task's default.
+DEFAULT_MARKERS = Markers(_QA_CORRECT, _QA_INCORRECT)
 
 
 def _binary(correct: str, incorrect: str) -> dict[str, str]:
@@ -98,10 +147,13 @@ def _same(prompt: str) -> dict[str, str]:
 
 _MATH_ONLY = ("math",)
 _QA_ONLY = ("hotpotqa", "strategyqa")
+_QA_AND_CUSTOM = (*_QA_ONLY, CUSTOM)
+_ALL = ALL_FAMILIES
+_MARKED = {"correct": "correct", "incorrect": "incorrect"}
 
 _TEMPLATE_LIST = [
     # One prompt for every trajectory: w/o-Neg and NUT.
-    Template("zero-shot", "none", _same("Question: {question}")),
+    Template("zero-shot", "none", _same("Question: {question}"), families=_ALL),
     # NAT. Math uses plain strings; the QA families the bold ones and the extended instruction.
     Template(
         "zero-shot-target-aware", "binary", _binary(_MATH_CORRECT, _MATH_INCORRECT), families=_MATH_ONLY
@@ -112,6 +164,14 @@ _TEMPLATE_LIST = [
         _binary(_QA_CORRECT, _QA_INCORRECT),
         instruction="extended",
         families=_QA_ONLY,
+    ),
+    # Custom tasks: their own markers (the paper's QA ones by default) and their own instruction.
+    Template(
+        "zero-shot-target-aware",
+        "binary",
+        _binary(_QA_CORRECT, _QA_INCORRECT),
+        families=(CUSTOM,),
+        marker_classes=_MARKED,
     ),
     Template(
         "zero-shot-target-aware-2",
@@ -182,7 +242,7 @@ _TEMPLATE_LIST = [
             "mostly_correct": "[Mostly Correct] Question: {question}.",
             "correct": "[Correct] Question: {question}.",
         },
-        families=_QA_ONLY,
+        families=_QA_AND_CUSTOM,
     ),
     Template(
         "zero-shot-target-aware-three-class",
@@ -192,21 +252,23 @@ _TEMPLATE_LIST = [
             "partially_correct": "[Partially Correct] Question: {question}.",
             "correct": "[Correct] Question: {question}.",
         },
-        families=_QA_ONLY,
+        families=_QA_AND_CUSTOM,
     ),
     Template(
         "zero-shot-target-aware-soft",
         "soft",
         _binary(_QA_CORRECT, _QA_INCORRECT),
         instruction="extended",
-        families=_QA_ONLY,
+        families=_QA_AND_CUSTOM,
+        marker_classes=_MARKED,
     ),
     Template(
         "zero-shot-target-aware-inverse",
         "binary",
         _binary(_QA_INCORRECT, _QA_CORRECT),
         instruction="extended",
-        families=_QA_ONLY,
+        families=_QA_AND_CUSTOM,
+        marker_classes={"correct": "incorrect", "incorrect": "correct"},
     ),
     # Chain-of-thought variants (Table 7): no instruction turns, no tools.
     Template(
@@ -237,8 +299,8 @@ INFERENCE_DEFAULT = "zero-shot-target-aware"
 
 def get_template(family: str, name: str) -> Template:
     """The template ``name`` for a task family; a clear ConfigError lists the valid names."""
-    if family not in FAMILIES:
-        raise ConfigError(f"unknown task family {family!r}; expected one of {FAMILIES}")
+    if family not in ALL_FAMILIES:
+        raise ConfigError(f"unknown task family {family!r}; expected one of {ALL_FAMILIES}")
     try:
         return TEMPLATES[(family, name)]
     except KeyError:
@@ -308,30 +370,60 @@ def build_messages(
     template: str = INFERENCE_DEFAULT,
     klass: str | None = None,
     shots: int = 0,
+    *,
+    instruction: str | None = None,
+    demo: Demo | None = None,
+    markers: Markers | None = None,
 ) -> list[Message]:
     """The prompt turns of one episode, before the agent's first action.
 
     Args:
-        family: ``"math"``, ``"hotpotqa"`` or ``"strategyqa"``.
+        family: ``"math"``, ``"hotpotqa"``, ``"strategyqa"`` or ``"custom"`` (a user's task file:
+            then ``instruction`` is required and ``demo`` / ``markers`` are the task's).
         question: the raw question, inserted verbatim.
         template: a :data:`TEMPLATES` name; it picks the instruction and the question wording.
         klass: the trajectory class whose marker to use (training); ``None`` = inference ("correct").
-        shots: 0 (the paper's zero-shot NAT format) or 1 (adds our demonstration, for untuned models).
+        shots: 0 (the paper's zero-shot NAT format) or 1 (adds the demonstration, for untuned models).
+        instruction: custom tasks: the instruction turn, verbatim.
+        demo: custom tasks: the one-shot demonstration (``None``: the task has none, so ``shots``
+            must be 0).
+        markers: custom tasks: the question turns of correct / incorrect trajectories
+            (``None``: :data:`DEFAULT_MARKERS`, the paper's QA markers).
 
     Returns:
         OpenAI-style messages: instruction, acknowledgement, [demonstration], question prompt.
+
+    Raises:
+        ConfigError: unknown family, template or class; ``shots`` not 0 or 1; a custom task without
+            an instruction, or asked for a demonstration it does not have; custom parts given for a
+            built-in family.
     """
     tmpl = get_template(family, template)
     if shots not in (0, 1):
         raise ConfigError(f"shots must be 0 or 1, got {shots}")
+    if family == CUSTOM:
+        if instruction is None:
+            raise ConfigError("a custom task needs its instruction to build a prompt")
+        if shots and demo is None:
+            raise ConfigError(
+                "agent.shots=1 needs a demonstration, but this task has none: add a `demonstrations` "
+                "file to the task file or set agent.shots=0"
+            )
+        tmpl = tmpl.with_markers(markers or DEFAULT_MARKERS)
+    else:
+        if instruction is not None or demo is not None or markers is not None:
+            raise ConfigError(
+                f"the {family} family has the paper's own instruction, demonstration and markers"
+            )
+        instruction = INSTRUCTIONS[family][tmpl.instruction] if tmpl.instruction is not None else None
+        demo = DEMOS[family]
     messages: list[Message] = []
     if tmpl.instruction is not None:
         messages += [
-            {"role": "user", "content": INSTRUCTIONS[family][tmpl.instruction]},
+            {"role": "user", "content": instruction},
             {"role": "assistant", "content": ACK},
         ]
     if shots:
-        demo = DEMOS[family]
         messages.append({"role": "user", "content": tmpl.question_prompt(demo.question)})
         for action, observation in demo.turns:
             messages.append({"role": "assistant", "content": action})

@@ -19,8 +19,9 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from nat_ray.errors import ActionParseError, ToolError
+from nat_ray.errors import ActionParseError
 from nat_ray.tools import FINISH, REGISTRY, ToolFn
+from nat_ray.tools.guard import GuardedTool, default_limits
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +171,15 @@ class ToolRunner(Protocol):
 
 
 def call_tool(fn: ToolFn, call: ToolCall) -> ToolResult:
-    """Run one tool function, turning a backend failure into an observation the model can read."""
-    try:
-        return ToolResult(str(fn(call.argument)))
-    except ToolError as err:
-        return ToolResult(f"Error: the {call.name} tool failed ({err}); try again or answer.", error=str(err))
+    """Run one tool call under the tool contract (:mod:`nat_ray.tools.guard`).
+
+    A timeout, an exception, a non-string or a too-long answer becomes an ``Error:`` observation
+    (or a cut one) with ``error`` set; a too-long argument is refused before the call. ``fn`` is a
+    registry entry, or a bare function, held to this process's configured limits.
+    """
+    guarded = fn if isinstance(fn, GuardedTool) else GuardedTool(call.name, fn, default_limits())
+    observation, error = guarded.run(call.argument)
+    return ToolResult(observation, error=error)
 
 
 class _Done:
@@ -193,7 +198,12 @@ class LocalTools:
         self.registry = REGISTRY if registry is None else registry
 
     def submit(self, call: ToolCall) -> _Done:
-        return _Done(call_tool(self.registry[call.name], call))
+        fn = self.registry.get(call.name)
+        if fn is None:  # a task names a tool this process was not configured with
+            return _Done(
+                ToolResult(f"Error: no {call.name} tool here.", error=f"{call.name} is not registered")
+            )
+        return _Done(call_tool(fn, call))
 
     def collect(self, handles: Sequence[object], block: bool) -> list[tuple[object, ToolResult]]:
         return [(h, h.result) for h in handles]  # type: ignore[attr-defined]

@@ -3,6 +3,11 @@
 Column names are the constants of :mod:`nat_ray.nat_data`. Messages are stored as Arrow lists of
 ``{role, content}`` structs, gold answers as strings (StrategyQA's booleans as ``yes``/``no``), so
 one schema holds every task.
+
+Schema versions (the file's ``nat_ray_schema`` metadata): 1, the first; 2 adds the lineage columns
+``task_source`` (the task file's path), ``task_hash`` (its sha256, 16 hex digits) and
+``tool_versions`` (JSON text of ``{tool name: version}``). :func:`read_rows` reads both, giving a
+version-1 row ``None`` in the columns it lacks.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from nat_ray import nat_data as columns
 from nat_ray.react import Episode
 from nat_ray.scoring import Score, nat_class
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def trajectory_id(
@@ -75,8 +80,15 @@ def trajectory_row(
     config_hash: str,
     started_at: str,
     ended_at: str | None = None,
+    task_source: str | None = None,
+    task_hash: str | None = None,
+    tool_versions: dict[str, str] | None = None,
 ) -> dict:
-    """The Parquet row of one trajectory, every column of :func:`arrow_schema` named once."""
+    """The Parquet row of one trajectory, every column of :func:`arrow_schema` named once.
+
+    The lineage fields (``task_source``, ``task_hash``, ``tool_versions``) are what
+    :meth:`nat_ray.tasks.Task.lineage` returns; ``tool_versions`` is stored as JSON text.
+    """
     return {
         columns.TRAJECTORY_ID: trajectory_id,
         columns.TASK: task,
@@ -104,6 +116,9 @@ def trajectory_row(
         columns.CONFIG_HASH: config_hash,
         columns.STARTED_AT: started_at,
         columns.ENDED_AT: ended_at or now_iso(),
+        columns.TASK_SOURCE: task_source,
+        columns.TASK_HASH: task_hash,
+        columns.TOOL_VERSIONS: None if tool_versions is None else json.dumps(tool_versions, sort_keys=True),
     }
 
 
@@ -156,6 +171,9 @@ def arrow_schema():
             (columns.CONFIG_HASH, pa.string()),
             (columns.STARTED_AT, pa.string()),
             (columns.ENDED_AT, pa.string()),
+            (columns.TASK_SOURCE, pa.string()),
+            (columns.TASK_HASH, pa.string()),
+            (columns.TOOL_VERSIONS, pa.string()),
         ],
         metadata={"nat_ray_schema": str(SCHEMA_VERSION)},
     )
@@ -184,11 +202,13 @@ def read_rows(path) -> list[dict]:
 
     path = Path(path)
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    names = arrow_schema().names
     seen: set[str] = set()
     rows = []
     for file in files:
         for row in pq.read_table(file).to_pylist():
             if row[columns.TRAJECTORY_ID] not in seen:
                 seen.add(row[columns.TRAJECTORY_ID])
-                rows.append(row)
+                # Older schema versions lack the newer columns: every row gets every column.
+                rows.append({name: row.get(name) for name in names} | row)
     return rows

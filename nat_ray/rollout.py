@@ -31,7 +31,7 @@ from nat_ray.config import NatRayConfig, from_dict
 from nat_ray.errors import ConfigError
 from nat_ray.paths import PARTS_DIR
 from nat_ray.ray_runtime import init_ray
-from nat_ray.results_table import format_rollout_summary, summarize_rollout
+from nat_ray.results_table import format_rollout_summary, is_smoke_test, summarize_rollout
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,10 @@ log = logging.getLogger(__name__)
 
 def plan_rows(cfg: NatRayConfig, model_id: str) -> list[dict]:
     """One work item per (task, question, temperature, sample), each with its trajectory id."""
-    from nat_ray.tasks import get_task
+    from nat_ray.agent import prepare_tasks
 
     items = []
-    for name in cfg.rollout.tasks:
-        task = get_task(name)
+    for task in prepare_tasks(cfg.rollout.tasks, cfg)[0]:
         for q in task.load(cfg.rollout.split, limit=cfg.rollout.limit):
             for temperature in cfg.rollout.temperatures:
                 for sample in range(cfg.rollout.samples):
@@ -102,19 +101,29 @@ def done_ids(output_dir: Path) -> set[str]:
 class RolloutWorker:
     """Owns one engine for its lifetime; turns a batch of work items into scored trajectory rows."""
 
-    def __init__(self, config: dict, tool_pools: dict | None, model_id: str, config_hash: str) -> None:
+    def __init__(
+        self,
+        config: dict,
+        tool_pools: dict | None,
+        model_id: str,
+        config_hash: str,
+        tool_versions: dict[str, str],
+    ) -> None:
+        from nat_ray.agent import prepare_tasks
         from nat_ray.engines import build_engine
         from nat_ray.react import LocalTools
         from nat_ray.tools import configure_tools
 
         self.cfg = from_dict(NatRayConfig, config)
+        prepare_tasks(self.cfg.rollout.tasks, self.cfg)  # the task files the work items name
         self.model_id = model_id
         self.config_hash = config_hash
+        self.tool_versions = tool_versions
         self.engine = build_engine(self.cfg.engine)
         if tool_pools:
             from nat_ray.tool_actors import RayTools
 
-            self.tools = RayTools(tool_pools)
+            self.tools = RayTools(tool_pools, call_timeout_s=self.cfg.tools.call_timeout_s)
         else:
             configure_tools(self.cfg.tools)
             self.tools = LocalTools()
@@ -159,6 +168,7 @@ class RolloutWorker:
                     engine=self.cfg.engine.backend,
                     config_hash=self.config_hash,
                     started_at=started,
+                    **task.lineage(self.tool_versions),
                 )
             )
 
@@ -231,12 +241,14 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True) -> dict:
     Raises:
         ConfigError / DataError / ModelError: before any work starts, for bad settings or inputs.
     """
+    from nat_ray.agent import with_tasks_resolved
     from nat_ray.models import check_model
-    from nat_ray.tasks import get_task
 
     start = time.time()
     out = Path(cfg.rollout.output_dir)
-    tasks = [get_task(name) for name in cfg.rollout.tasks]  # unknown task: ConfigError now
+    tasks, cfg = with_tasks_resolved(cfg, "rollout")  # bad task files: ConfigError now
+    for task in tasks:  # a prompt the agent settings cannot build (no demonstration for shots=1)
+        task.build_messages("?", cfg.agent.template, None, cfg.agent.shots)
     check_output_dir(out)
     model_path = check_model(cfg.engine.model) if cfg.engine.backend != "openai" else cfg.engine.model
     engine_cfg = {**asdict(cfg.engine), "model": model_path}
@@ -302,6 +314,10 @@ def _generate(
     import ray
     from tqdm import tqdm
 
+    from nat_ray.tool_actors import actor_runtime_env
+    from nat_ray.tools import TOOL_VERSIONS
+    from nat_ray.tools.plugins import tool_versions
+
     num_cpus = engine_cpus(cfg)
     init_ray(cfg.rollout.num_engines * num_cpus)
     pools = None
@@ -310,6 +326,8 @@ def _generate(
 
         names = [t for task in tasks for t in task.tools]
         pools = start_tool_actors(cfg.tools, cfg.rollout.num_calculators, cfg.rollout.num_search, names)
+    versions = {**TOOL_VERSIONS, **tool_versions(cfg.tools.plugins)}  # what the tools run, for lineage
+    runtime_env = actor_runtime_env(cfg.tools.plugins)  # tool files, for engine actors' local tools
     worker_config = {**asdict(cfg), "engine": engine_cfg}
     bar = tqdm(total=len(todo), desc="trajectories", unit="traj", disable=not progress, file=sys.stderr)
     parts = PartWriter(out / PARTS_DIR, cfg.rollout.flush_rows, cfg.rollout.flush_seconds)
@@ -322,6 +340,7 @@ def _generate(
                 "tool_pools": pools,
                 "model_id": model_id,
                 "config_hash": config_hash,
+                "tool_versions": versions,
             },
             batch_size=cfg.rollout.batch_size,
             batch_format="pyarrow",
@@ -329,6 +348,7 @@ def _generate(
             num_cpus=num_cpus,
             num_gpus=cfg.rollout.engine_num_gpus,
             zero_copy_batch=True,
+            **({"runtime_env": runtime_env} if runtime_env else {}),
         )
         try:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -343,7 +363,8 @@ def _generate(
 def main_rollout(cfg: NatRayConfig) -> int:
     """``nat-ray rollout``: collect, then print the per-task table and where the rows went."""
     result = run_rollout(cfg)
-    print(format_rollout_summary(result["summary"]))
+    smoke_test = is_smoke_test(cfg.engine.model, cfg.engine.device)
+    print(format_rollout_summary(result["summary"], smoke_test=smoke_test))
     print(
         f"\n{result['total']} trajectories in {result['output_dir']}/{PARTS_DIR} "
         f"({result['generated']} generated now, {result['skipped']} kept from before) in {result['seconds']}s"

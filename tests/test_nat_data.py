@@ -140,3 +140,62 @@ def test_examples_tokenize_with_loss_on_the_agent_only(tokenizer):
     assert (
         "Observation" not in supervised and "incorrectly" not in supervised and "understood" not in supervised
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# A user's task: the prompt is rebuilt from its task file (tests/data/tasks/metric)
+
+
+@pytest.fixture
+def metric_rows():
+    from pathlib import Path
+
+    from nat_ray.tasks import TASKS, load_task_file
+
+    before = dict(TASKS)
+    task = load_task_file(Path(__file__).parent / "data" / "tasks" / "metric" / "metric.yaml")
+    lineage = {columns.TASK: "metric", columns.TASK_SOURCE: task.source, columns.TASK_HASH: task.source_hash}
+    rows = [
+        {**_row("p1", "m1", True, 1.0, family="custom"), **lineage},
+        {**_row("n1", "m1", False, 0.5, family="custom"), **lineage},
+        {**_row("n2", "m2", False, 0.0, family="custom"), **lineage},
+    ]
+    yield task, rows
+    TASKS.clear()
+    TASKS.update(before)
+
+
+def test_custom_task_variants_rebuild_the_task_files_prompt(metric_rows):
+    task, rows = metric_rows
+    examples, _ = columns.build_examples(rows, "nat")
+    by_id = {e.trajectory_id: e for e in examples}
+    assert by_id["p1"].messages[0] == {"role": "user", "content": task.instruction}
+    assert by_id["p1"].messages[2]["content"] == "Question: question m1?. Convert it to metres **correctly**."
+    assert (
+        by_id["n1"].messages[2]["content"]
+        == "Question: question m1?. Convert it to metres, but **incorrectly**."
+    )
+    assert by_id["n1"].prompt_messages == 3 and by_id["n1"].messages[3]["content"].startswith("Thought: tn1")
+    nut, _ = columns.build_examples(rows, "nut")
+    assert {e.messages[2]["content"] for e in nut} == {"Question: question m1?", "Question: question m2?"}
+    wo_neg, _ = columns.build_examples(rows, "wo_neg")
+    assert [e.trajectory_id for e in wo_neg] == ["p1"]
+    nat_k, _ = columns.build_examples(rows, "nat_k")  # the float scorer's F1 grades the negatives
+    assert {e.trajectory_id: e.klass for e in nat_k} == {
+        "p1": "correct",
+        "n1": "mostly_correct",
+        "n2": "totally_incorrect",
+    }
+    with pytest.raises(ConfigError, match="no template 'cot-zero-shot-target-aware' for custom tasks"):
+        columns.build_examples(rows, "cot_nat")
+
+
+def test_custom_rows_fall_back_to_the_registered_task(metric_rows, tmp_path):
+    from nat_ray.tasks import register_task
+
+    task, rows = metric_rows
+    moved = [{**r, columns.TASK_SOURCE: str(tmp_path / "gone.yaml")} for r in rows]
+    with pytest.raises(DataError, match="cannot rebuild the prompt of task 'metric'"):
+        columns.build_example(moved[0], "nat")
+    register_task(task)
+    assert columns.build_example(moved[0], "nat").messages[0]["content"] == task.instruction

@@ -76,3 +76,43 @@ def test_unknown_template_or_family_is_a_config_error(family, name):
 def test_unknown_class_is_a_config_error():
     with pytest.raises(ConfigError, match="no class"):
         build_messages("math", "q", "zero-shot-target-aware", "mostly_correct")
+
+
+def test_custom_family_uses_the_tasks_instruction_demo_and_markers():
+    from nat_ray.prompts import CUSTOM, DEFAULT_MARKERS, Demo, Markers, marker_prompt
+
+    markers = Markers(marker_prompt("Do it right."), "[Wrong] {question}")
+    msgs = build_messages(
+        CUSTOM, "Q?", "zero-shot-target-aware", "incorrect", instruction="Go.", markers=markers
+    )
+    assert msgs == [
+        {"role": "user", "content": "Go."},
+        {"role": "assistant", "content": ACK},
+        {"role": "user", "content": "[Wrong] Q?"},
+    ]
+    assert (
+        build_messages(CUSTOM, "Q?", instruction="Go.", markers=markers)[-1]["content"]
+        == "Question: Q?. Do it right."
+    )
+    default = build_messages(CUSTOM, "Q?", instruction="Go.")[-1]["content"]
+    assert default == DEFAULT_MARKERS.correct.replace("{question}", "Q?")
+    demo = Demo("D?", (("Action: finish[1]", None),))
+    one = build_messages(CUSTOM, "Q?", shots=1, instruction="Go.", demo=demo)
+    assert [m["content"] for m in one[2:]] == [
+        default.replace("Q?", "D?"),
+        "Action: finish[1]",
+        "Observation: Episode finished",
+        "Ready for the next question.",
+        default,
+    ]
+
+
+def test_custom_parts_belong_to_custom_tasks_only():
+    from nat_ray.prompts import CUSTOM
+
+    with pytest.raises(ConfigError, match="needs its instruction"):
+        build_messages(CUSTOM, "q")
+    with pytest.raises(ConfigError, match="agent.shots=1 needs a demonstration"):
+        build_messages(CUSTOM, "q", shots=1, instruction="Go.")
+    with pytest.raises(ConfigError, match="the math family has the paper's own"):
+        build_messages("math", "q", instruction="Go.")

@@ -220,3 +220,43 @@ def test_a_folder_of_parts_reads_in_file_order_first_of_each_id(tmp_path):
 
 def test_an_empty_folder_has_no_rows(tmp_path):
     assert records.read_rows(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lineage (schema version 2)
+
+
+def test_lineage_columns_default_to_null_and_take_a_tasks_lineage():
+    row = make_row()
+    assert (row[columns.TASK_SOURCE], row[columns.TASK_HASH], row[columns.TOOL_VERSIONS]) == (
+        None,
+        None,
+        None,
+    )
+    lineage = {
+        "task_source": "/t/metric.yaml",
+        "task_hash": "0123456789abcdef",
+        "tool_versions": {"z": "2", "a": "1"},
+    }
+    row = make_row(**lineage)
+    assert row[columns.TASK_SOURCE] == "/t/metric.yaml" and row[columns.TASK_HASH] == "0123456789abcdef"
+    assert row[columns.TOOL_VERSIONS] == '{"a": "1", "z": "2"}'  # JSON text, keys sorted
+    assert records.SCHEMA_VERSION == 2 and list(row)[-3:] == ["task_source", "task_hash", "tool_versions"]
+
+
+def test_version_1_files_without_lineage_columns_still_read(tmp_path):
+    import pyarrow as pa
+
+    lineage = {columns.TASK_SOURCE, columns.TASK_HASH, columns.TOOL_VERSIONS}
+    v1 = pa.schema(
+        [f for f in records.arrow_schema() if f.name not in lineage], metadata={"nat_ray_schema": "1"}
+    )
+    old = {k: v for k, v in make_row(0).items() if k not in lineage}
+    pq.write_table(pa.Table.from_pylist([old], schema=v1), tmp_path / "a-v1.parquet")
+    records.write_rows(
+        [make_row(1, task_source="/t.yaml", task_hash="h", tool_versions={})], tmp_path / "b.parquet"
+    )
+    first, second = records.read_rows(tmp_path)
+    assert list(first) == list(second) == [f.name for f in records.arrow_schema()]
+    assert first == {**old, columns.TASK_SOURCE: None, columns.TASK_HASH: None, columns.TOOL_VERSIONS: None}
+    assert second[columns.TASK_SOURCE] == "/t.yaml" and second[columns.TOOL_VERSIONS] == "{}"

@@ -6,7 +6,9 @@ Ray Serve itself runs in ``tests/integration/test_serve.py``.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -228,3 +230,32 @@ def test_a_lora_replica_loads_its_adapter_and_engine_extra_has_the_last_word():
     assert kwargs["lora_modules"] == [{"name": "m-lora", "path": "/adapters/a", "base_model_name": "m"}]
     assert kwargs["enable_lora"] and kwargs["max_lora_rank"] == 8 and kwargs["block_size"] == 16
     assert kwargs["enable_chunked_prefill"] is False and kwargs["dtype"] == "float32"  # CPU defaults
+
+
+EXAMPLE_TASK = str(Path(__file__).resolve().parents[1] / "examples" / "unit_convert" / "task.yaml")
+
+
+@pytest.fixture
+def example_task():
+    """The example task registered (as a server does at start), and unregistered after the test."""
+    from nat_ray.tasks import TASKS
+
+    task = get_task(EXAMPLE_TASK)
+    yield task
+    TASKS.pop(task.name, None)
+
+
+def test_a_request_names_only_the_tasks_the_server_was_started_with(example_task):
+    own = ServeConfig(tasks=["unit_convert"])
+    req = AgentRequest.model_validate_json(
+        '{"task": "unit_convert", "question": "3 km in m?", "gold": 3000}', context=own
+    )
+    episode = episode_for(AgentConfig(shots=1), req)
+    assert episode.prompt[0]["content"].startswith("Convert units") and "convert" in episode.tools
+    for task in ("gsm8k", EXAMPLE_TASK, "../unit_convert"):  # not started with it; never a path
+        body = '{"task": ' + json.dumps(task) + ', "question": "3 km in m?"}'
+        with pytest.raises(ValidationError) as info:
+            AgentRequest.model_validate_json(body, context=own)
+        status, payload = validation_error(info.value)
+        assert status == 422 and "this server answers: ['unit_convert']" in payload["error"]["message"]
+    assert "unit_convert" not in ServeConfig().tasks  # the default server answers the six benchmarks

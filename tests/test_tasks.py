@@ -453,3 +453,40 @@ def test_task_is_a_frozen_dataclass() -> None:
     with pytest.raises(AttributeError):
         TASKS["gsm8k"].family = "qa"  # type: ignore[misc]
     assert isinstance(TASKS["gsm8k"], Task)
+
+
+# ----------------------------------------------------------------------------------------------
+# CSV and Parquet question files, renamed fields
+# ----------------------------------------------------------------------------------------------
+
+
+def test_csv_questions_with_renamed_fields(tmp_path: Path) -> None:
+    path = tmp_path / "q.csv"
+    path.write_text('key,text,label,note\nk1,"Two, plus two?",4,easy\nk2,Three?,3,\n', encoding="utf-8")
+    fields = {"question": "text", "answer": "label", "id": "key"}
+    qs = loaders.load_questions([path], task="t", family="math", fields=fields)
+    assert [(q.id, q.question, q.gold) for q in qs] == [("k1", "Two, plus two?", "4"), ("k2", "Three?", "3")]
+    assert qs[0].meta == {"note": "easy", "raw_gold": "4"}
+
+
+def test_csv_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "q.csv"
+    path.write_text("question,answer\nfine,1\ntoo,many,cells\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"q.csv:3: more cells than the header"):
+        loaders.load_questions([path], task="t", family="math")
+    path.write_text("question,label\nq,1\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"q.csv:2: missing 'target', the task's answer field"):
+        loaders.load_questions([path], task="t", family="math", fields={"answer": "target"})
+
+
+def test_parquet_questions(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"question": "Is it?", "answer": True, "id": 1}, {"question": "Not?", "answer": False, "id": 2}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "q.parquet")
+    qs = loaders.load_questions([tmp_path / "q.parquet"], task="t", family="strategyqa")
+    assert [(q.id, q.gold) for q in qs] == [("1", True), ("2", False)]
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="bad.parquet: cannot read as Parquet"):
+        loaders.load_questions([tmp_path / "bad.parquet"], task="t", family="math")

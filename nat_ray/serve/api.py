@@ -18,7 +18,7 @@ from nat_ray.agent import new_episode, sampling_from
 from nat_ray.config import AgentConfig, ServeConfig
 from nat_ray.errors import DataError
 from nat_ray.react import GENERATION_ERROR, Episode
-from nat_ray.tasks import TASKS, get_task
+from nat_ray.tasks import registered_task
 from nat_ray.tasks.loaders import normalize_gold
 
 MAX_TEMPERATURE = 2.0  # the OpenAI API's range; higher only produces noise
@@ -36,7 +36,8 @@ class AgentRequest(BaseModel):
     """Body of ``POST /v1/agent``. Limits come from :class:`ServeConfig` (the validation context).
 
     Attributes:
-        task: a task name (``gsm8k``, ``hotpotqa``, ...): picks the prompt, the tools and the scorer.
+        task: the name of one of the server's tasks (``serve.tasks``: ``gsm8k``, ``hotpotqa``, a task
+            file's name, ...): picks the prompt, the tools and the scorer.
         question: the question, 1 to ``serve.max_question_chars`` characters.
         id: episode id; the per-turn sampling seeds derive from it (default: a hash of task,
             question and seed, so the same request gives the same episode).
@@ -65,9 +66,11 @@ class AgentRequest(BaseModel):
 
     @field_validator("task")
     @classmethod
-    def _known_task(cls, value: str) -> str:
-        if value.lower() not in TASKS:
-            raise ValueError(f"unknown task {value!r}; known tasks: {sorted(TASKS)}")
+    def _known_task(cls, value: str, info: ValidationInfo) -> str:
+        # Only the names the server was started with: a request never makes it read a file.
+        served = _limits(info).tasks
+        if value.lower() not in served:
+            raise ValueError(f"unknown task {value!r}; this server answers: {sorted(served)}")
         return value.lower()
 
     @field_validator("question")
@@ -104,7 +107,11 @@ class AgentRequest(BaseModel):
         task = info.data.get("task")
         if value is None or task is None:  # an unknown task is reported on its own field
             return value
-        family = TASKS[task].family
+        family = registered_task(task).family
+        if family not in GOLD_RULES:  # a task of the user's own: its scorer reads the gold as text
+            if isinstance(value, bool):
+                raise ValueError(f"a {task} answer must be text or a number, got {value!r}")
+            return value
         # A question file may give a HotpotQA answer as a JSON number; a client must send text.
         if family == "hotpotqa" and not isinstance(value, str):
             raise _wrong_gold(family, task, value)
@@ -181,7 +188,11 @@ def episode_for(base: AgentConfig, req: AgentRequest) -> Episode:
     """The episode a validated request asks for."""
     cfg = agent_config_for(base, req)
     return new_episode(
-        get_task(req.task), req.question, cfg, req.id or default_episode_id(req, cfg.seed), sampling_from(cfg)
+        registered_task(req.task),
+        req.question,
+        cfg,
+        req.id or default_episode_id(req, cfg.seed),
+        sampling_from(cfg),
     )
 
 
@@ -210,7 +221,7 @@ def agent_response(ep: Episode, task: str, model: str, gold: Any = None) -> dict
         },
     }
     if gold is not None:
-        score = get_task(task).score(ep.answer, gold if isinstance(gold, str | bool) else str(gold))
+        score = registered_task(task).score(ep.answer, gold if isinstance(gold, str | bool) else str(gold))
         body["correct"] = {"paper": score.correct_paper, "robust": score.correct_robust, "f1": score.f1}
     return body
 

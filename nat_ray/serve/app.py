@@ -45,6 +45,7 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 
+from nat_ray.agent import prepare_tasks, with_tasks_resolved
 from nat_ray.config import NatRayConfig, from_dict, load_config
 from nat_ray.engines.vllm_args import engine_kwargs, served_cpu_env
 from nat_ray.errors import ConfigError
@@ -59,7 +60,7 @@ from nat_ray.serve.api import (
     response_status,
     validation_error,
 )
-from nat_ray.tools import REGISTRY
+from nat_ray.tool_actors import actor_runtime_env
 from nat_ray.tools.host import ToolHost
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,9 @@ class AgentIngress:
 
     def __init__(self, llm, tools: dict, config: dict, models: list[dict], agent_model: str) -> None:
         self.cfg = from_dict(NatRayConfig, config)
+        tasks, _ = prepare_tasks(self.cfg.serve.tasks, self.cfg)
+        # Requests are validated against the names of the tasks the server was started with.
+        self.request_limits = dataclasses.replace(self.cfg.serve, tasks=[task.name for task in tasks])
         self.llm = llm
         self.tool_handles = tools
         self.models = models
@@ -181,7 +185,7 @@ class AgentIngress:
     @api.post("/v1/agent")
     async def agent(self, request: Request) -> JSONResponse:
         try:
-            req = AgentRequest.model_validate_json(await request.body(), context=self.cfg.serve)
+            req = AgentRequest.model_validate_json(await request.body(), context=self.request_limits)
             episode = episode_for(self.cfg.agent, req)
         except ValidationError as err:
             status, body = validation_error(err)
@@ -348,6 +352,7 @@ def build_app(cfg: NatRayConfig):
     from ray.serve.llm import build_llm_deployment
 
     check_limits(cfg)
+    tasks, cfg = with_tasks_resolved(cfg, "serve")  # the replicas read the task files by these paths
     model_path, lora_path = served_paths(cfg.engine.model, cfg.serve.lora)
     model_id, lora_id = served_model_ids(cfg, model_path)
     llm = build_llm_deployment(llm_config(cfg, model_path, model_id, lora_id, lora_path))
@@ -357,15 +362,17 @@ def build_app(cfg: NatRayConfig):
         "initial_replicas": max(1, cfg.serve.tool_min_replicas),
         "target_ongoing_requests": TOOL_TARGET_ONGOING_REQUESTS,
     }
+    names = list(dict.fromkeys(tool for task in tasks for tool in task.tools))
+    env = actor_runtime_env(cfg.tools.plugins)  # plug-in tool files, for replicas on any node
     tools = {
         name: serve.deployment(
             ToolHost,
             name=f"tool-{name}",
             autoscaling_config=autoscaling,
             max_ongoing_requests=TOOL_MAX_ONGOING_REQUESTS,
-            ray_actor_options={"num_cpus": 0},
-        ).bind(dataclasses.asdict(cfg.tools), preload=(name,))  # the search index loads at start
-        for name in REGISTRY
+            ray_actor_options={"num_cpus": 0, **({"runtime_env": env} if env else {})},
+        ).bind(dataclasses.asdict(cfg.tools), preload=(name,), only=(name,))  # heavy state loads at start
+        for name in names
     }
     models = [{"id": model_id, "root": model_path, "parent": None}]
     if lora_id is not None:
@@ -375,7 +382,7 @@ def build_app(cfg: NatRayConfig):
         name="AgentIngress",
         num_replicas=1,  # one replica = one stepper: every agent request shares its batches
         max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, **({"runtime_env": env} if env else {})},
     )
     resolved = {**dataclasses.asdict(cfg), "engine": {**dataclasses.asdict(cfg.engine), "model": model_path}}
     return ingress.bind(llm, tools, resolved, models, lora_id or model_id)
@@ -413,7 +420,8 @@ def run_serve(cfg: NatRayConfig) -> int:
     Returns:
         0, the exit status of ``nat-ray serve``.
     """
-    check_limits(cfg)  # settings and missing models fail before Ray starts
+    check_limits(cfg)  # settings, task files and missing models fail before Ray starts
+    prepare_tasks(cfg.serve.tasks, cfg)
     served_paths(cfg.engine.model, cfg.serve.lora)
     start_ray_for(cfg)
     application = build_app(cfg)  # ray.serve.llm reads the runtime context: Ray must be up

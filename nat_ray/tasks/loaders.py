@@ -3,10 +3,12 @@
 Three kinds of file load the same way: the normalized files of the shared data folder
 (``gsm8k/test.jsonl`` ...), the NAT repository's verbatim files (``nat/data/dataset/...``: golds like
 ``#### 39``, full GSM8K rationales, bare ASDiv digits, StrategyQA bools, integer ids) and a user's own
-file. A file is JSON Lines or one JSON array of objects, optionally gzip-compressed (``.gz``); each
-record needs ``question`` and ``answer``, and may have ``id`` (also read: ``qid``, ``_id``; else the
-record's 0-based position). Every other field goes to ``Question.meta``, along with the original answer
-as ``meta["raw_gold"]``, so NAT's exact-string scoring can see it.
+file. A file is JSON Lines or one JSON array of objects, optionally gzip-compressed (``.gz``), or a
+CSV file with a header row (``.csv``, ``.csv.gz``; every value is text) or a Parquet file
+(``.parquet``). Each record needs ``question`` and ``answer``, and may have ``id`` (also read:
+``qid``, ``_id``; else the record's 0-based position); a task file may name other columns for the
+three (``fields``). Every other field goes to ``Question.meta``, along with the original answer as
+``meta["raw_gold"]``, so NAT's exact-string scoring can see it.
 
 Golds are normalised by family: math → the canonical number string (``"#### 1,080"`` → ``"1080"``,
 ``"51.0"`` → ``"51"``); hotpotqa → the answer string; strategyqa → a bool (``true``/``"yes"``/...).
@@ -15,10 +17,11 @@ A path ``hf://datasets/<owner>/<name>[@revision]/<file>`` is fetched from the Hu
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +34,9 @@ log = logging.getLogger(__name__)
 HF_PREFIX = "hf://datasets/"
 _ID_KEYS = ("id", "qid", "_id")
 _CORE_KEYS = frozenset((*_ID_KEYS, "question", "answer"))
+
+# The record fields a task file may rename (``fields: {question: prompt, answer: target, id: qid}``).
+FIELD_KEYS = ("question", "answer", "id")
 
 # A split's record filter: takes the raw record, returns whether to keep it. It may raise KeyError
 # when the record lacks a field the split needs; the loader reports that as a DataError.
@@ -74,16 +80,45 @@ def _first_char(path: Path) -> str:
     return ""
 
 
-def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``(where, record)`` for each object in a JSON Lines or JSON array file (``.gz`` too).
+def _read_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        for record in reader:
+            # DictReader files surplus cells under None: a row longer than the header is malformed.
+            if None in record:
+                raise DataError(f"{path}:{reader.line_num}: more cells than the header has columns")
+            yield f"{path}:{reader.line_num}", record
 
-    ``where`` locates the record for error messages: ``"path:line"`` for JSON Lines (1-based line),
-    ``"path[i]"`` for a JSON array (0-based element). Blank lines are skipped.
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow as pa  # lazily: only Parquet question files need it
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read as Parquet: {e}") from e
+    for i, record in enumerate(rows):
+        yield f"{path}[{i}]", record
+
+
+def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(where, record)`` for each record of a question file (see the module docstring).
+
+    ``where`` locates the record for error messages: ``"path:line"`` for JSON Lines and CSV (1-based
+    line), ``"path[i]"`` for a JSON array or Parquet file (0-based). Blank lines are skipped.
 
     Raises:
         DataError: bad JSON, a record that is not an object, or an unreadable file.
     """
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        yield from _read_parquet(path)
+        return
     try:
+        if name.endswith((".csv", ".csv.gz")):
+            yield from _read_csv(path)
+            return
         if _first_char(path) == "[":
             with _open_text(path) as f:
                 try:
@@ -110,7 +145,7 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 if not isinstance(item, dict):
                     raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
                 yield where, item
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # missing, unreadable, truncated .gz, not UTF-8
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:  # missing, unreadable, bad .gz or CSV
         raise DataError(f"{path}: cannot read: {e}") from e
 
 
@@ -168,6 +203,27 @@ def record_to_question(
     return Question(id=str(raw_id), task=task, question=question, gold=gold, meta=meta)
 
 
+def rename_fields(record: dict[str, Any], fields: Mapping[str, str], where: str) -> dict[str, Any]:
+    """The record with the task's columns under the names ``question``, ``answer`` and ``id``.
+
+    Args:
+        record: the raw record.
+        fields: canonical name (:data:`FIELD_KEYS`) -> the file's column; names left out keep theirs.
+        where: ``"path:line"`` for error messages.
+
+    Raises:
+        DataError: a renamed column is missing from the record.
+    """
+    renamed = {k: v for k, v in record.items() if k not in fields.values()}
+    for canonical, column in fields.items():
+        if column not in record:
+            raise DataError(
+                f"{where}: missing {column!r}, the task's {canonical} field (record keys: {sorted(record)})"
+            )
+        renamed[canonical] = record[column]
+    return renamed
+
+
 def load_questions(
     paths: Sequence[Path],
     *,
@@ -175,15 +231,19 @@ def load_questions(
     family: str,
     keep: RecordFilter | None = None,
     limit: int | None = None,
+    fields: Mapping[str, str] | None = None,
 ) -> list[Question]:
     """Read and concatenate question files, in order.
 
     Args:
         paths: files to read one after another.
         task: task name stored on each question.
-        family: selects the gold normalisation.
+        family: selects the gold normalisation (``"math"``: a number string, ``"strategyqa"``: a
+            bool, anything else: the answer as a string).
         keep: optional record filter applied before conversion (e.g. NAT's subset of ASDiv).
         limit: keep only the first ``limit`` kept questions, in file order (None: all).
+        fields: the file's column for each renamed canonical field (see :func:`rename_fields`);
+            ``None``: the default names.
 
     Returns:
         The questions; ids are unique.
@@ -206,6 +266,8 @@ def load_questions(
                         continue
                 except KeyError as e:
                     raise DataError(f"{where}: this split needs the field {e} to select records") from e
+            if fields:
+                record = rename_fields(record, fields, where)
             q = record_to_question(record, task=task, family=family, where=where, position=position)
             if q.id in seen:
                 raise DataError(f"{where}: duplicate id {q.id!r} (first at {seen[q.id]})")
