@@ -267,4 +267,4 @@ def test_the_served_agent_answers_the_configured_task_and_only_it(trained, rollo
             assert refused.status_code == 422, refused.text
             assert "unknown task" in refused.json()["error"]["message"]
     finally:
-        serve.delete(APP_NAME)
+        serve.shutdown()  # the next module's serve.start binds its own port
