@@ -220,12 +220,11 @@ def run_endpoint(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: str)
     """
     from tqdm import tqdm
 
-    from nat_ray.tools import TOOL_VERSIONS
-    from nat_ray.tools.plugins import tool_versions
+    from nat_ray.tools import configured_versions
 
     url = cfg.eval.endpoint.rstrip("/")
     model = check_endpoint(url)
-    versions = {**TOOL_VERSIONS, **tool_versions(cfg.tools.plugins)}  # as configured here
+    versions = configured_versions(cfg.tools)  # the server's tools, as configured here
     temperature, top_p = decoding(cfg)
     concurrency = cfg.serve.max_concurrent_episodes
     session = retrying_session(

@@ -315,8 +315,7 @@ def _generate(
     from tqdm import tqdm
 
     from nat_ray.tool_actors import actor_runtime_env
-    from nat_ray.tools import TOOL_VERSIONS
-    from nat_ray.tools.plugins import tool_versions
+    from nat_ray.tools import configured_versions
 
     num_cpus = engine_cpus(cfg)
     init_ray(cfg.rollout.num_engines * num_cpus)
@@ -326,7 +325,7 @@ def _generate(
 
         names = [t for task in tasks for t in task.tools]
         pools = start_tool_actors(cfg.tools, cfg.rollout.num_calculators, cfg.rollout.num_search, names)
-    versions = {**TOOL_VERSIONS, **tool_versions(cfg.tools.plugins)}  # what the tools run, for lineage
+    versions = configured_versions(cfg.tools)  # what the tools run, for lineage
     runtime_env = actor_runtime_env(cfg.tools.plugins)  # tool files, for engine actors' local tools
     worker_config = {**asdict(cfg), "engine": engine_cfg}
     bar = tqdm(total=len(todo), desc="trajectories", unit="traj", disable=not progress, file=sys.stderr)

@@ -92,6 +92,19 @@ def configure_tools(config: ToolsConfig, only: Collection[str] | None = None) ->
         TOOL_VERSIONS[tool.name] = tool.version
 
 
+def configured_versions(config: ToolsConfig) -> dict[str, str]:
+    """``{tool name: version}`` of every tool ``config`` provides, for lineage where the tools run elsewhere.
+
+    The built-ins' from this process, the plug-ins' from their specs (imported, nothing constructed).
+
+    Raises:
+        ConfigError: a plug-in cannot be imported.
+    """
+    from nat_ray.tools.plugins import tool_versions
+
+    return {**TOOL_VERSIONS, **tool_versions(config.plugins)}
+
+
 def tool_names(config: ToolsConfig) -> list[str]:
     """Every tool ``config`` provides: the built-ins, then its plug-ins (no import)."""
     names = list(BUILTIN_TOOLS)
