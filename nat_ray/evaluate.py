@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -191,21 +192,32 @@ def _remote_episode(item: EvalItem, body: dict) -> Episode:
     )
 
 
-def check_endpoint(url: str, timeout_s: float = 30.0) -> str:
+def endpoint_headers(api_key_env: str | None) -> dict[str, str]:
+    """The ``Authorization`` header for a server started with a key (``serve.api_key_env`` set here too)."""
+    key = os.environ.get(api_key_env) if api_key_env else None
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def check_endpoint(url: str, timeout_s: float = 30.0, headers: dict[str, str] | None = None) -> str:
     """The agent model id a running server reports on ``/healthz``.
 
     Raises:
-        ModelError: the server cannot be reached or is not healthy.
+        ModelError: the server cannot be reached or is not healthy (a 401: the key is missing or wrong).
     """
     import requests
 
     try:
-        response = requests.get(f"{url}/healthz", timeout=timeout_s)
+        response = requests.get(f"{url}/healthz", timeout=timeout_s, headers=headers or {})
     except requests.RequestException as err:
         raise ModelError(
             f"cannot reach the server at {url} ({type(err).__name__}); is `nat-ray serve` running, "
             "and is eval.endpoint right (http://host:port)?"
         ) from None
+    if response.status_code == 401:
+        raise ModelError(
+            f"GET {url}/healthz answered HTTP 401: the server wants a key; set the variable "
+            "serve.api_key_env names (NAT_RAY_API_KEY by default) to the server's key"
+        )
     if response.status_code != 200:
         raise ModelError(f"GET {url}/healthz answered HTTP {response.status_code}: {response.text[:300]}")
     return response.json()["model"]
@@ -223,13 +235,15 @@ def run_endpoint(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: str)
     from nat_ray.tools import configured_versions
 
     url = cfg.eval.endpoint.rstrip("/")
-    model = check_endpoint(url)
+    headers = endpoint_headers(cfg.serve.api_key_env)
+    model = check_endpoint(url, headers=headers)
     versions = configured_versions(cfg.tools)  # the server's tools, as configured here
     temperature, top_p = decoding(cfg)
     concurrency = cfg.serve.max_concurrent_episodes
     session = retrying_session(
-        ENDPOINT_RETRIES, backoff_factor=0.5, statuses=(502, 503, 504), pool_size=concurrency
+        ENDPOINT_RETRIES, backoff_factor=0.5, statuses=(429, 502, 503, 504), pool_size=concurrency
     )
+    session.headers.update(headers)
     started = records.now_iso()
     failed = 0
 
@@ -246,7 +260,7 @@ def run_endpoint(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: str)
             "seed": item.seed,
         }
         response = session.post(f"{url}/v1/agent", json=body, timeout=cfg.serve.request_timeout_s + 30)
-        if 400 <= response.status_code < 500:
+        if 400 <= response.status_code < 500 and response.status_code != 429:
             raise ConfigError(
                 f"{url}/v1/agent refused a request (HTTP {response.status_code}): {response.text[:500]}"
             )

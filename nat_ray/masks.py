@@ -5,13 +5,47 @@ at inference (spec §4.4, §8 #13). Here the conversation is rendered once with 
 template, tokenized once with a fast tokenizer, and the mask comes from character offsets: a token
 carries loss when it overlaps an assistant turn's content or the end-of-turn marker after it.
 So the training ids of every prompt prefix equal the ids the engine sees at inference.
+
+A self-collected trajectory also carries the token ids the engine read and sampled at each turn
+(:mod:`nat_ray.records`, schema 3). :func:`tokenize_from_ids` builds its example from those ids, so
+the tokens a turn is trained on are the tokens it was sampled as, even where re-tokenising the
+model's text would split it differently (the drift between sampled and trained tokens). Only the
+prompt is rendered afresh, since the NAT marker changes it; every id after it is a stored one.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross-entropy default)
+
+# Where an example's ids came from (TokenizedExample.source): the stored engine ids, the text
+# (rows without ids: imported teachers, HTTP engines), or the text after the stored ids failed a check.
+FROM_IDS = "ids"
+FROM_TEXT = "text"
+FROM_TEXT_FALLBACK = "text_fallback"
+
+
+class TokenMismatch(ValueError):
+    """Stored token ids that do not fit the row's text or the chat template; ``reason`` says which check."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def chat_ids(tokenizer, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a rendered conversation: what the engine sends before the model's next turn."""
+    ids = tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=add_generation_prompt, tokenize=True
+    )
+    # transformers 5 returns a BatchEncoding here; 4.x a plain list.
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -53,6 +87,7 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    source: str = FROM_TEXT
 
     @property
     def num_loss_tokens(self) -> int:
@@ -88,3 +123,160 @@ def tokenize_example(
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
     return TokenizedExample(ids, labels, truncated)
+
+
+def tokenize_chat(
+    tokenizer,
+    messages: list[dict],
+    max_length: int | None = None,
+    prompt_messages: int = 0,
+    turn_prompt_ids: Sequence[Sequence[int]] | None = None,
+    turn_completion_ids: Sequence[Sequence[int]] | None = None,
+) -> TokenizedExample:
+    """From the stored ids when the row has them (:func:`tokenize_from_ids`), else from the text.
+
+    A row whose ids fail a check is tokenised from its text, marked ``FROM_TEXT_FALLBACK`` so the
+    caller can count and report it; it never fails training.
+    """
+    if turn_prompt_ids is not None and turn_completion_ids is not None:
+        try:
+            return tokenize_from_ids(
+                tokenizer, messages, prompt_messages, turn_prompt_ids, turn_completion_ids, max_length
+            )
+        except TokenMismatch as err:
+            log.debug("token-exact example falls back to its text: %s", err.reason)
+            ex = tokenize_example(tokenizer, messages, max_length, prompt_messages)
+            return TokenizedExample(ex.input_ids, ex.labels, ex.truncated, FROM_TEXT_FALLBACK)
+    return tokenize_example(tokenizer, messages, max_length, prompt_messages)
+
+
+def _decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+@lru_cache(maxsize=8)
+def end_of_turn_ids(tokenizer) -> tuple[int, ...]:
+    """The ids the chat template closes an assistant turn with (``<|im_end|>`` for ChatML).
+
+    They carry loss, as in :func:`tokenize_example`: the model learns to end its turn.
+
+    Raises:
+        TokenMismatch: the template does not render an assistant turn as generation prompt + content + end.
+    """
+    user = [{"role": "user", "content": "x"}]
+    head = render_text(tokenizer, user, add_generation_prompt=True) + "y"
+    whole = render_text(tokenizer, [*user, {"role": "assistant", "content": "y"}])
+    end = whole[len(head) :].rstrip() if whole.startswith(head) else ""
+    if not end:
+        raise TokenMismatch("the chat template has no end-of-turn marker after an assistant turn")
+    return tuple(tokenizer(end, add_special_tokens=False)["input_ids"])
+
+
+def sampled_content_length(tokenizer, completion_ids: Sequence[int], content: str) -> int:
+    """How many of a turn's sampled ids make up its stored text.
+
+    The engine's ids run past the text: through the stop string (``\nObservation:``, whose first
+    characters may share a token with the text) or the end-of-sequence token, and the stored text
+    is stripped. The answer is the shortest prefix that decodes to the text up to surrounding
+    whitespace, so the ids kept are exactly sampled ones and never a piece of the stop string
+    beyond whitespace.
+
+    Raises:
+        TokenMismatch: no prefix of the ids decodes to the text.
+    """
+    target = content.strip()
+    found = None
+    for k in range(len(completion_ids), -1, -1):
+        text = _decode(tokenizer, completion_ids[:k]).strip()
+        if text == target:
+            found = k
+        elif found is not None or len(text) < len(target):
+            break
+    if found is None:
+        raise TokenMismatch("the sampled completion ids do not decode to the stored turn text")
+    return found
+
+
+def tokenize_from_ids(
+    tokenizer,
+    messages: list[dict],
+    prompt_messages: int,
+    turn_prompt_ids: Sequence[Sequence[int]],
+    turn_completion_ids: Sequence[Sequence[int]],
+    max_length: int | None = None,
+) -> TokenizedExample:
+    """A training example built from the engine's stored ids instead of from the turns' text.
+
+    Layout: the training prompt ``messages[:prompt_messages]`` rendered afresh (it holds the NAT
+    marker, which the sampled prompt did not), then for each agent turn its sampled ids (labelled,
+    trimmed to the turn's text by :func:`sampled_content_length`) and the template's end-of-turn
+    ids (labelled), then the ids between this turn and the next taken from the next turn's stored
+    prompt (the observation and the next generation prompt, unlabelled). An observation after the
+    last turn is left out: nothing after the last labelled token teaches anything.
+
+    Checks, each a :class:`TokenMismatch` so the caller can fall back to the text: one id list per
+    agent turn; the ids after the marker (the generation prompt after the question) equal the
+    stored first prompt's; each stored prompt extends the previous one; the ids between a turn's
+    end and the next prompt decode to the stored text and hold the stored observation.
+    """
+    prompt, turns = messages[:prompt_messages], messages[prompt_messages:]
+    assistant = [i for i, m in enumerate(turns) if m["role"] == "assistant"]
+    if not assistant or len(assistant) != len(turn_completion_ids) or len(turn_prompt_ids) != len(assistant):
+        raise TokenMismatch("the stored ids do not have one entry per agent turn")
+    # A turn that overflowed the context has its prompt's ids but sampled none (its text is empty).
+    if any(not ids for ids in turn_prompt_ids):
+        raise TokenMismatch("a turn has no stored prompt ids")
+    ids = chat_ids(tokenizer, prompt)
+    after = _after_last_message(tokenizer, prompt)
+    if ids[len(ids) - len(after) :] != after or list(turn_prompt_ids[0][-len(after) :]) != after:
+        raise TokenMismatch("the stored first prompt does not end like the training prompt after its marker")
+    labels = [IGNORE_INDEX] * len(ids)
+    end = list(end_of_turn_ids(tokenizer))
+    for t, i in enumerate(assistant):
+        content = turns[i]["content"]
+        sampled = list(turn_completion_ids[t])
+        labelled = sampled[: sampled_content_length(tokenizer, sampled, content)] + end
+        ids += labelled
+        labels += labelled
+        if t + 1 == len(assistant):
+            break
+        between = _between_turns(tokenizer, turn_prompt_ids[t], turn_prompt_ids[t + 1], content, end)
+        observations = [m["content"] for m in turns[i + 1 : assistant[t + 1]]]
+        if not all(o in _decode(tokenizer, between) for o in observations):
+            raise TokenMismatch("the stored ids between two turns do not hold the observation")
+        ids += between
+        labels += [IGNORE_INDEX] * len(between)
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return TokenizedExample(ids, labels, truncated, FROM_IDS)
+
+
+def _after_last_message(tokenizer, prompt: list[dict]) -> list[int]:
+    """Ids the template renders after the last prompt message's content (its end, the generation prompt)."""
+    text = render_text(tokenizer, prompt, add_generation_prompt=True)
+    content = prompt[-1]["content"]
+    cut = text.rfind(content)
+    if not content or cut < 0:
+        raise TokenMismatch("the chat template does not render the question verbatim")
+    after = tokenizer(text[cut + len(content) :], add_special_tokens=False)["input_ids"]
+    if not after:
+        raise TokenMismatch("the chat template renders nothing after the question")
+    return list(after)
+
+
+def _between_turns(tokenizer, prompt_ids, next_prompt_ids, content: str, end: list[int]) -> list[int]:
+    """The stored ids after a turn's end-of-turn marker, up to the next turn's first sampled id.
+
+    The next prompt is the previous prompt, the turn's text as the template renders it, the
+    end-of-turn marker, the observation and the generation prompt.
+    """
+    prompt_ids, next_prompt_ids = list(prompt_ids), list(next_prompt_ids)
+    if next_prompt_ids[: len(prompt_ids)] != prompt_ids:
+        raise TokenMismatch("a stored prompt does not extend the previous turn's prompt")
+    for j in range(len(prompt_ids), len(next_prompt_ids) - len(end) + 1):
+        if next_prompt_ids[j : j + len(end)] == end:
+            if _decode(tokenizer, next_prompt_ids[len(prompt_ids) : j]).strip() != content.strip():
+                break
+            return next_prompt_ids[j + len(end) :]
+    raise TokenMismatch("a stored prompt does not render the previous turn's text before its end marker")

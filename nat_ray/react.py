@@ -107,13 +107,20 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Generation:
-    """One engine answer. ``finish_reason`` is ``stop``/``length``, or ``context_overflow``/``error``."""
+    """One engine answer. ``finish_reason`` is ``stop``/``length``, or ``context_overflow``/``error``.
+
+    ``prompt_ids`` / ``completion_ids`` are the token ids the engine actually read and sampled, kept
+    so training can learn the very tokens that were sampled instead of a re-tokenisation of ``text``
+    (see :mod:`nat_ray.masks`). Engines that only see text (HTTP, Serve) leave them empty.
+    """
 
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
     error: str | None = None
+    prompt_ids: tuple[int, ...] = ()
+    completion_ids: tuple[int, ...] = ()
 
 
 class ChatEngine(Protocol):
@@ -219,6 +226,8 @@ class Step:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_ids: list[int] = field(default_factory=list)  # empty: the engine gave no ids
+    completion_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -260,6 +269,12 @@ class Episode:
             if step.observation is not None:
                 turns.append({"role": "user", "content": f"Observation: {step.observation}"})
         return turns
+
+    def turn_token_ids(self) -> tuple[list[list[int]], list[list[int]]] | None:
+        """Each turn's prompt and completion token ids, or None when the engine gave none at all."""
+        if not any(step.completion_ids or step.prompt_ids for step in self.steps):
+            return None
+        return [list(s.prompt_ids) for s in self.steps], [list(s.completion_ids) for s in self.steps]
 
     def conversation(self) -> list[dict]:
         """Prompt plus trajectory: what the model sees before its next turn."""
@@ -395,11 +410,20 @@ class Stepper:
                 CONTEXT_OVERFLOW if gen.finish_reason == CONTEXT_OVERFLOW else GENERATION_ERROR
             )
             ep.steps.append(
-                Step(gen.text, error=gen.error or gen.finish_reason, prompt_tokens=gen.prompt_tokens)
+                Step(
+                    gen.text,
+                    error=gen.error or gen.finish_reason,
+                    prompt_tokens=gen.prompt_tokens,
+                    prompt_ids=list(gen.prompt_ids),
+                )
             )
             return None
         step = Step(
-            clean_output(gen.text), prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens
+            clean_output(gen.text),
+            prompt_tokens=gen.prompt_tokens,
+            completion_tokens=gen.completion_tokens,
+            prompt_ids=list(gen.prompt_ids),
+            completion_ids=list(gen.completion_ids),
         )
         ep.steps.append(step)
         try:

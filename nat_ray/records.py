@@ -6,8 +6,11 @@ one schema holds every task.
 
 Schema versions (the file's ``nat_ray_schema`` metadata): 1, the first; 2 adds the lineage columns
 ``task_source`` (the task file's path), ``task_hash`` (its sha256, 16 hex digits) and
-``tool_versions`` (JSON text of ``{tool name: version}``). :func:`read_rows` reads both, giving a
-version-1 row ``None`` in the columns it lacks.
+``tool_versions`` (JSON text of ``{tool name: version}``); 3 adds the token-exact turns
+``turn_prompt_ids`` and ``turn_completion_ids`` (one list of int32 token ids per agent turn: the
+prompt the engine read and the completion it sampled; ``None`` for engines that give no ids, such as
+HTTP teachers and imported text). :func:`read_rows` reads every version, giving an older row
+``None`` in the columns it lacks.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from nat_ray import nat_data as columns
 from nat_ray.react import Episode
 from nat_ray.scoring import Score, nat_class
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def trajectory_id(
@@ -83,12 +86,22 @@ def trajectory_row(
     task_source: str | None = None,
     task_hash: str | None = None,
     tool_versions: dict[str, str] | None = None,
+    turn_prompt_ids: list[list[int]] | None = None,
+    turn_completion_ids: list[list[int]] | None = None,
 ) -> dict:
     """The Parquet row of one trajectory, every column of :func:`arrow_schema` named once.
 
     The lineage fields (``task_source``, ``task_hash``, ``tool_versions``) are what
     :meth:`nat_ray.tasks.Task.lineage` returns; ``tool_versions`` is stored as JSON text.
+    ``turn_prompt_ids`` / ``turn_completion_ids`` hold one id list per agent turn, or ``None``.
+
+    Raises:
+        ValueError: only one of the id columns is given, or they differ in length.
     """
+    if (turn_prompt_ids is None) != (turn_completion_ids is None) or (
+        turn_prompt_ids is not None and len(turn_prompt_ids) != len(turn_completion_ids or [])
+    ):
+        raise ValueError("turn_prompt_ids and turn_completion_ids must both be given, one list per turn")
     return {
         columns.TRAJECTORY_ID: trajectory_id,
         columns.TASK: task,
@@ -119,11 +132,23 @@ def trajectory_row(
         columns.TASK_SOURCE: task_source,
         columns.TASK_HASH: task_hash,
         columns.TOOL_VERSIONS: None if tool_versions is None else json.dumps(tool_versions, sort_keys=True),
+        columns.TURN_PROMPT_IDS: _id_lists(turn_prompt_ids),
+        columns.TURN_COMPLETION_IDS: _id_lists(turn_completion_ids),
     }
+
+
+def _id_lists(lists: list[list[int]] | None) -> list[list[int]] | None:
+    return None if lists is None else [[int(i) for i in ids] for ids in lists]
 
 
 def episode_row(episode: Episode, **fields) -> dict:
     """The Parquet row of one finished (or failed) episode; ``fields`` as :func:`trajectory_row`'s."""
+    ids = episode.turn_token_ids()
+    fields = {
+        "turn_prompt_ids": None if ids is None else ids[0],
+        "turn_completion_ids": None if ids is None else ids[1],
+        **fields,
+    }
     return trajectory_row(
         trajectory_id=episode.id,
         prompt=episode.prompt,
@@ -143,6 +168,7 @@ def arrow_schema():
     import pyarrow as pa
 
     message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    id_lists = pa.list_(pa.list_(pa.int32()))
     return pa.schema(
         [
             (columns.TRAJECTORY_ID, pa.string()),
@@ -174,6 +200,8 @@ def arrow_schema():
             (columns.TASK_SOURCE, pa.string()),
             (columns.TASK_HASH, pa.string()),
             (columns.TOOL_VERSIONS, pa.string()),
+            (columns.TURN_PROMPT_IDS, id_lists),
+            (columns.TURN_COMPLETION_IDS, id_lists),
         ],
         metadata={"nat_ray_schema": str(SCHEMA_VERSION)},
     )

@@ -35,6 +35,10 @@ from nat_ray.results_table import format_rollout_summary, is_smoke_test, summari
 
 log = logging.getLogger(__name__)
 
+# Extra passes over planned trajectories that a run did not return (Ray Data retries a batch whose
+# actor died with its node, but a streamed batch's retry may not yield every row again).
+MISSING_PASSES = 2
+
 
 # --------------------------------------------------------------------------------------------
 # Plan: which trajectories this config asks for (pure; no Ray)
@@ -108,6 +112,7 @@ class RolloutWorker:
         model_id: str,
         config_hash: str,
         tool_versions: dict[str, str],
+        engine=None,
     ) -> None:
         from nat_ray.agent import prepare_tasks
         from nat_ray.engines import build_engine
@@ -119,7 +124,8 @@ class RolloutWorker:
         self.model_id = model_id
         self.config_hash = config_hash
         self.tool_versions = tool_versions
-        self.engine = build_engine(self.cfg.engine)
+        # An engine pool's actor lends its long-lived engine (nat_ray.engine_pool); else one of our own.
+        self.engine = engine if engine is not None else build_engine(self.cfg.engine)
         if tool_pools:
             from nat_ray.tool_actors import RayTools
 
@@ -211,6 +217,26 @@ class PartWriter:
         self.pending = []
 
 
+def unseen_rows(rows: list[dict], seen: set[str]) -> list[dict]:
+    """The rows whose trajectory id is not in ``seen`` (which they join); repeats are logged.
+
+    A batch that Ray Data retries after its engine actor died (a lost node) streams its rows again,
+    including those that already reached the driver before the death: they must not be written twice.
+    """
+    fresh = []
+    for row in rows:
+        tid = row[columns.TRAJECTORY_ID]
+        if tid in seen:
+            continue
+        seen.add(tid)
+        fresh.append(row)
+    if len(fresh) < len(rows):
+        log.info(
+            "rollout: dropped %d trajectories already received (a retried batch)", len(rows) - len(fresh)
+        )
+    return fresh
+
+
 def check_output_dir(path: Path) -> None:
     try:
         (path / PARTS_DIR).mkdir(parents=True, exist_ok=True)
@@ -232,8 +258,13 @@ def engine_cpus(cfg: NatRayConfig) -> float:
     return float(cpu_threads_per_engine(cfg.rollout.num_engines))
 
 
-def run_rollout(cfg: NatRayConfig, progress: bool = True) -> dict:
+def run_rollout(cfg: NatRayConfig, progress: bool = True, pool=None) -> dict:
     """Collect every trajectory ``cfg`` asks for that is not already in the output dir.
+
+    Args:
+        pool: a running :class:`nat_ray.engine_pool.EnginePool` to generate on (the closed loop's
+            rounds, see :func:`nat_ray.engine_pool.rollout_with_pool`); None: the stage starts its
+            own engines in Ray Data's actor pool.
 
     Returns:
         ``{"output_dir", "generated", "skipped", "total", "summary", "seconds"}``.
@@ -254,6 +285,8 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True) -> dict:
     engine_cfg = {**asdict(cfg.engine), "model": model_path}
     resolved = {**asdict(cfg), "engine": engine_cfg}
     model_id = cfg.engine.model if cfg.engine.model else model_path
+    if pool is not None:
+        model_id = pool.model_id(model_id)
     config_hash = records.config_hash(generation_config(cfg))
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
@@ -266,8 +299,21 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True) -> dict:
         len(items) - len(todo),
         len(todo),
     )
-    if todo:
-        _generate(cfg, engine_cfg, tasks, todo, out, model_id, config_hash, progress)
+    left = todo
+    for attempt in range(1 + MISSING_PASSES):
+        if not left:
+            break
+        if attempt:
+            log.warning(
+                "rollout: %d planned trajectories did not come back (a lost node?); generating them again",
+                len(left),
+            )
+        if pool is None:
+            _generate(cfg, engine_cfg, tasks, left, out, model_id, config_hash, progress)
+        else:
+            pool.generate(cfg, tasks, left, out, model_id, config_hash, progress)
+        written = done_ids(out)
+        left = [item for item in left if item[columns.TRAJECTORY_ID] not in written]
     rows = [
         r
         for r in records.read_rows(out / PARTS_DIR)
@@ -330,6 +376,7 @@ def _generate(
     worker_config = {**asdict(cfg), "engine": engine_cfg}
     bar = tqdm(total=len(todo), desc="trajectories", unit="traj", disable=not progress, file=sys.stderr)
     parts = PartWriter(out / PARTS_DIR, cfg.rollout.flush_rows, cfg.rollout.flush_seconds)
+    seen: set[str] = set()
     with streaming_data_context():
         ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // cfg.rollout.batch_size)))
         ds = ds.map_batches(
@@ -351,9 +398,10 @@ def _generate(
         )
         try:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                if block.num_rows:
-                    parts.add(block.to_pylist())
-                    bar.update(block.num_rows)
+                rows = unseen_rows(block.to_pylist(), seen)
+                if rows:
+                    parts.add(rows)
+                    bar.update(len(rows))
         finally:
             parts.flush()  # what reached the driver is written, even when the run is interrupted
             bar.close()

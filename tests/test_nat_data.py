@@ -199,3 +199,80 @@ def test_custom_rows_fall_back_to_the_registered_task(metric_rows, tmp_path):
         columns.build_example(moved[0], "nat")
     register_task(task)
     assert columns.build_example(moved[0], "nat").messages[0]["content"] == task.instruction
+
+
+# ---------------------------------------------------------------------------------------------------
+# Failure-aware NAT (beyond the paper)
+
+
+def _failed(tid, reason, finished=False, family="math"):
+    return {**_row(tid, "q", False, family=family, finished=finished), columns.FAILURE_REASON: reason}
+
+
+FAILURES = [
+    _row("ok", "q", True, family="math"),
+    _failed("wrong", None, finished=True),
+    _failed("cap", "turn_cap"),
+    _failed("overflow", "context_overflow"),
+    _failed("unparsed", "parse_error"),
+    _failed("tool", "tool_error"),
+    _failed("engine", "generation_error"),
+    _failed("imported", None),  # unfinished, no reason recorded
+]
+
+
+def test_failure_kind_follows_the_stored_reason_and_finish():
+    from nat_ray import react
+    from nat_ray.prompts import FAILURE_KINDS
+
+    kinds = {r[columns.TRAJECTORY_ID]: columns.failure_kind(r) for r in FAILURES[1:]}
+    assert kinds == {
+        "wrong": "wrong_answer",
+        "cap": "turn_cap",
+        "overflow": "turn_cap",
+        "unparsed": "unparseable",
+        "tool": "tool_error",
+        "engine": "incorrect",
+        "imported": "incorrect",
+    }
+    assert set(kinds.values()) == set(FAILURE_KINDS)
+    # The reasons are react's own (spelled out in nat_data to keep its imports light).
+    assert set(columns._KIND_OF_REASON) <= set(react.FAILURE_REASONS)
+
+
+@pytest.mark.parametrize("family", ["math", "hotpotqa", "strategyqa"])
+def test_nat_failure_gives_each_kind_its_own_marker_and_keeps_nat_positives(family):
+    from nat_ray.prompts import build_messages
+
+    rows = [{**r, columns.FAMILY: family} for r in FAILURES]
+    examples, sel = columns.build_examples(rows, "nat_failure")
+    assert len(sel.positives) == 1 and len(sel.negatives) == 7
+    klass = {ex.trajectory_id: ex.klass for ex in examples}
+    assert klass["ok"] == "correct" and klass["tool"] == "tool_error" and klass["wrong"] == "wrong_answer"
+    turns = _question_turns(examples)
+    # Five markers for five classes; the "incorrect" one is NAT's own.
+    assert len({turns[t] for t in ("ok", "wrong", "cap", "unparsed", "tool", "engine")}) == 6
+    assert turns["cap"] == turns["overflow"] and turns["engine"] == turns["imported"]
+    nat = _question_turns(columns.build_examples(rows, "nat")[0])
+    assert turns["ok"] == nat["ok"] and turns["engine"] == nat["engine"]
+    assert "wrong answer" in turns["wrong"] and "parsed" in turns["unparsed"] and "tool" in turns["tool"]
+    # The instruction turn is NAT's, and inference asks for "correct" exactly as NAT does.
+    nat_ex = next(ex for ex in columns.build_examples(rows, "nat")[0] if ex.trajectory_id == "ok")
+    failure_ex = next(ex for ex in examples if ex.trajectory_id == "ok")
+    assert failure_ex.messages == nat_ex.messages
+    variant = columns.get_variant("nat_failure")
+    assert build_messages(family, "q?", variant.template, shots=1) == build_messages(
+        family, "q?", columns.get_variant("nat").template, shots=1
+    )
+
+
+def test_nat_failure_on_a_custom_task_keeps_the_tasks_markers(metric_rows):
+    rows = [{**r, columns.FAILURE_REASON: "turn_cap", columns.FINISHED: False} for r in metric_rows[1]]
+    failure = {ex.trajectory_id: ex for ex in columns.build_examples(rows, "nat_failure")[0]}
+    nat = {ex.trajectory_id: ex for ex in columns.build_examples(rows, "nat")[0]}
+    assert failure.keys() == nat.keys()
+    for tid, ex in failure.items():
+        if ex.klass == "correct":
+            assert ex.messages == nat[tid].messages  # the task's own "correct" marker
+        else:
+            assert ex.klass == "turn_cap" and "never reach a final answer" in _question_turns([ex])[tid]

@@ -53,7 +53,7 @@ def test_a_new_manifest_is_written_at_once_with_provenance(path, cfg):
     assert data["stages"] == {} and data["name"] == "exp1"
     assert data["config"]["pipeline"]["name"] == "exp1"
     assert {"versions", "git_commit", "python", "machine"} <= set(data)
-    assert not path.with_suffix(".json.tmp").exists()
+    assert not list(path.parent.glob(".manifest.json.tmp*"))
 
 
 def test_run_stage_runs_once_and_records_outputs(path, cfg):
@@ -119,23 +119,62 @@ def test_resume_keeps_stages_and_refreshes_the_config(path, cfg):
     assert data["stages"]["rollout"]["status"] == "done"
 
 
-def test_a_corrupt_manifest_raises_and_is_left_alone(path, cfg):
-    # Today a manifest.json that is not JSON stops the run with json's own error (not a
-    # ConfigError naming the file), and the file is not overwritten, so nothing recorded is lost.
-    path.write_text('{"stages": {"rollout": {"status": "do')
-    with pytest.raises(json.JSONDecodeError):
+DAMAGE = {
+    "truncated": lambda text: text[: len(text) // 2],
+    "garbage": lambda text: "\x00\xff not json at all",
+    "not a manifest": lambda text: "[1, 2, 3]",
+    # Still valid JSON, but not what was written: only the kept sha256 tells.
+    "edited": lambda text: text.replace('"done"', '"failed"'),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_manifest_is_named_set_aside_and_the_stages_run_again(path, cfg, caplog, damage):
+    run_stage(Manifest(path, cfg), "rollout", Stage())
+    original = path.read_text()
+    path.write_text(DAMAGE[damage](original))
+    damaged_bytes = path.read_bytes()
+
+    with caplog.at_level("WARNING", logger="nat_ray.manifest"):
+        manifest = Manifest(path, cfg)  # no crash, no half-read stages
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert str(path) in warning.getMessage() and "manifest.json.damaged" in warning.getMessage()
+    kept = path.with_name("manifest.json.damaged")
+    assert kept.read_bytes() == damaged_bytes  # kept for a person, untouched
+    assert manifest.done("rollout") is None
+    rerun = Stage({"data": ["again"]})
+    assert run_stage(manifest, "rollout", rerun)["data"] == ["again"] and rerun.calls == 1
+    assert Manifest(path, cfg).done("rollout")["data"] == ["again"]  # the rebuilt one is sound
+
+
+def test_a_second_damage_does_not_overwrite_the_first_set_aside(path, cfg):
+    for _ in range(2):
         Manifest(path, cfg)
-    assert path.read_text() == '{"stages": {"rollout": {"status": "do'
+        path.write_text("{")
+    Manifest(path, cfg)
+    assert path.with_name("manifest.json.damaged").read_text() == "{"
+    assert path.with_name("manifest.json.damaged2").read_text() == "{"
+
+
+def test_a_manifest_written_before_checksums_is_still_read(path, cfg):
+    path.write_text(json.dumps({"stages": {"rollout": {"status": "done", "data": ["old"]}}}))
+    assert Manifest(path, cfg).done("rollout")["data"] == ["old"]
+    assert path.with_name("manifest.json.sha256").is_file()  # sealed from now on
 
 
 def test_a_half_written_temp_file_is_ignored(path, cfg):
-    # save() writes manifest.json.tmp and renames it, so a crash mid-write leaves only the temp file.
+    # save() writes a temporary file beside it and renames it, so a crash mid-write leaves only that.
     run_stage(Manifest(path, cfg), "rollout", Stage())
-    path.with_suffix(".json.tmp").write_text('{"stages": {')
+    path.with_name(".manifest.json.tmp999.1").write_text('{"stages": {')
     manifest = Manifest(path, cfg)
     assert manifest.done("rollout") is not None
     assert json.loads(path.read_text())["stages"]["rollout"]["status"] == "done"
-    assert not path.with_suffix(".json.tmp").exists()  # replaced by the next save
+
+
+def test_the_manifest_class_is_shared_not_copied():
+    from nat_ray import manifest, pipeline
+
+    assert issubclass(pipeline.Manifest, manifest.Manifest) and pipeline.run_stage is manifest.run_stage
 
 
 def test_with_sections_copies_and_leaves_the_original(cfg):

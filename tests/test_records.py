@@ -241,7 +241,7 @@ def test_lineage_columns_default_to_null_and_take_a_tasks_lineage():
     row = make_row(**lineage)
     assert row[columns.TASK_SOURCE] == "/t/metric.yaml" and row[columns.TASK_HASH] == "0123456789abcdef"
     assert row[columns.TOOL_VERSIONS] == '{"a": "1", "z": "2"}'  # JSON text, keys sorted
-    assert records.SCHEMA_VERSION == 2 and list(row)[-3:] == ["task_source", "task_hash", "tool_versions"]
+    assert list(row)[-5:-2] == ["task_source", "task_hash", "tool_versions"]
 
 
 def test_version_1_files_without_lineage_columns_still_read(tmp_path):
@@ -260,3 +260,73 @@ def test_version_1_files_without_lineage_columns_still_read(tmp_path):
     assert list(first) == list(second) == [f.name for f in records.arrow_schema()]
     assert first == {**old, columns.TASK_SOURCE: None, columns.TASK_HASH: None, columns.TOOL_VERSIONS: None}
     assert second[columns.TASK_SOURCE] == "/t.yaml" and second[columns.TOOL_VERSIONS] == "{}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token-exact turns (schema version 3)
+
+
+def _episode_with_ids() -> Episode:
+    return Episode(
+        id="ids",
+        prompt=[{"role": "user", "content": "Q?"}],
+        tools=("search",),
+        steps=[
+            Step("Action: search[x]", Action("search", "x"), "y", None, 3, 2, [1, 2, 3], [40, 41]),
+            Step(
+                "Action: finish[yes]", Action("finish", "yes"), None, None, 6, 2, [1, 2, 3, 9, 9, 9], [50, 2]
+            ),
+        ],
+        answer="yes",
+        finished=True,
+    )
+
+
+def test_token_ids_are_stored_per_turn_and_round_trip_as_int32(tmp_path):
+    row = records.episode_row(
+        _episode_with_ids(),
+        task="strategyqa",
+        family="strategyqa",
+        question_id="q",
+        question="Q?",
+        gold=True,
+        score=Score(True, True),
+        temperature=0.0,
+        sample_index=0,
+        seed=0,
+        model="m",
+        engine="vllm",
+        config_hash="c",
+        started_at="2025-01-01T00:00:00.000+00:00",
+    )
+    assert records.SCHEMA_VERSION == 3
+    assert row[columns.TURN_PROMPT_IDS] == [[1, 2, 3], [1, 2, 3, 9, 9, 9]]
+    assert row[columns.TURN_COMPLETION_IDS] == [[40, 41], [50, 2]]
+    records.write_rows([row, make_row(1)], tmp_path / "p.parquet")
+    schema = pq.read_schema(tmp_path / "p.parquet")
+    import pyarrow as pa
+
+    assert schema.field(columns.TURN_COMPLETION_IDS).type.equals(pa.list_(pa.list_(pa.int32())))
+    back, no_ids = records.read_rows(tmp_path / "p.parquet")
+    assert back == row
+    # An engine without ids (HTTP, imported text) stores nulls, not empty lists.
+    assert no_ids[columns.TURN_PROMPT_IDS] is None and no_ids[columns.TURN_COMPLETION_IDS] is None
+
+
+def test_id_columns_must_come_together_one_list_per_turn():
+    with pytest.raises(ValueError, match="one list per turn"):
+        make_row(turn_prompt_ids=[[1]], turn_completion_ids=None)
+    with pytest.raises(ValueError, match="one list per turn"):
+        make_row(turn_prompt_ids=[[1], [2]], turn_completion_ids=[[3]])
+
+
+def test_version_2_files_without_id_columns_still_read(tmp_path):
+    import pyarrow as pa
+
+    ids = {columns.TURN_PROMPT_IDS, columns.TURN_COMPLETION_IDS}
+    v2 = pa.schema([f for f in records.arrow_schema() if f.name not in ids], metadata={"nat_ray_schema": "2"})
+    old = {k: v for k, v in make_row(0).items() if k not in ids}
+    pq.write_table(pa.Table.from_pylist([old], schema=v2), tmp_path / "a-v2.parquet")
+    (row,) = records.read_rows(tmp_path)
+    assert list(row) == [f.name for f in records.arrow_schema()]
+    assert row == {**old, columns.TURN_PROMPT_IDS: None, columns.TURN_COMPLETION_IDS: None}

@@ -184,9 +184,10 @@ def test_observation_has_three_ranked_results(default_backend):
 def test_results_ranked_by_cosine(index, model):
     query = "Irish nationalist author and yacht"
     results = index.search(query, k=5)
-    # Recompute the ranking by hand from the cached (normalized) paragraph embeddings.
-    embeddings = np.load(index.cache_path)  # (16, 384)
-    assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-4)
+    # Recompute the ranking by hand from the paragraphs embedded afresh (float16 shards: close, same order).
+    embeddings = model.encode(
+        [f"{r['title']}: {r['text']}" for r in index._records], normalize_embeddings=True
+    )
     query_vec = model.encode([query], normalize_embeddings=True)[0]  # (384,)
     expected = np.argsort(-(embeddings @ query_vec))[:5]
     assert [r.title for r in results] == [TINY_TITLES[i] for i in expected]
@@ -199,11 +200,15 @@ def test_k_larger_than_corpus_returns_everything(index):
 def test_cache_is_written_then_reused_without_encoding(index, model, tiny_corpus, cache_root):
     assert index.num_encoded == len(TINY_TITLES)
     assert not index.loaded_from_cache
+    assert not index.approximate  # 16 paragraphs: exact search
     assert index.cache_path.parent == cache_root / "search"
-    assert index.cache_path.is_file()
-    ids_file = index.cache_path.with_name(index.cache_path.stem + ".ids.json")
-    assert json.loads(ids_file.read_text())["ids"] == [r["id"] for r in read_corpus(tiny_corpus)]
-    assert np.load(index.cache_path).shape == (len(TINY_TITLES), 384)
+    manifest = json.loads((index.cache_path / "manifest.json").read_text())
+    assert manifest["count"] == len(TINY_TITLES) and manifest["dim"] == 384
+    shard = np.load(index.cache_path / manifest["shards"][0]["file"], mmap_mode="r")
+    assert shard.dtype == np.float16 and shard.shape == (len(TINY_TITLES), 384)
+    assert np.allclose(np.linalg.norm(shard.astype(np.float32), axis=1), 1.0, atol=1e-2)
+    rows = np.load(index.cache_path / manifest["shards"][0]["rows_file"])
+    assert sorted(rows.tolist()) == list(range(len(TINY_TITLES)))
 
     again = LocalSearchIndex(tiny_corpus, cache_dir=cache_root, model=model).load()
     assert again.loaded_from_cache
@@ -212,7 +217,7 @@ def test_cache_is_written_then_reused_without_encoding(index, model, tiny_corpus
     assert again.search("Henry Roth") == index.search("Henry Roth")
 
 
-def test_changed_corpus_gets_a_new_cache_file(index, model, tiny_corpus, tmp_path, cache_root):
+def test_changed_corpus_gets_a_new_index(index, model, tiny_corpus, tmp_path, cache_root):
     records = read_corpus(tiny_corpus)[:2]
     other = LocalSearchIndex(write_jsonl(tmp_path / "two.jsonl", records), cache_dir=cache_root, model=model)
     other.load()
@@ -225,7 +230,7 @@ def test_cache_root_defaults_to_nat_ray_cache(monkeypatch, tmp_path, model):
     corpus = write_jsonl(tmp_path / "one.jsonl", read_sample()[:1])
     idx = LocalSearchIndex(corpus, model=model).load()
     assert idx.cache_path.parent == tmp_path / "env_cache" / "search"
-    assert idx.cache_path.is_file()
+    assert (idx.cache_path / "manifest.json").is_file()
 
 
 def test_concurrent_first_queries_load_once(model, tiny_corpus, cache_root, index):

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from fastapi import Request
 from pydantic import ValidationError
 
 from nat_ray.agent import new_episode
@@ -259,3 +260,164 @@ def test_a_request_names_only_the_tasks_the_server_was_started_with(example_task
         status, payload = validation_error(info.value)
         assert status == 422 and "this server answers: ['unit_convert']" in payload["error"]["message"]
     assert "unit_convert" not in ServeConfig().tasks  # the default server answers the six benchmarks
+
+
+# The door (nat_ray.serve.guards): key, body size, roles, token cap, admission. The middleware runs
+# on a small FastAPI app through starlette's in-process client: no Ray, no sockets.
+
+KEY = "s3cret-key-\N{GREEK SMALL LETTER ALPHA}"
+
+
+@pytest.fixture
+def door_client():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from nat_ray.serve.guards import DoorRules, GuardMiddleware, Secret
+
+    app = FastAPI()
+    rules = {"now": DoorRules(Secret(KEY), max_body_bytes=100)}
+    app.add_middleware(GuardMiddleware, rules=lambda: rules["now"])
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.post("/echo")
+    async def echo(request: Request):
+        return {"length": len(await request.body())}
+
+    with TestClient(app) as client:
+        client.rules = rules
+        yield client
+
+
+def _auth(key: str = KEY) -> dict:
+    return {"Authorization": b"Bearer " + key.encode("utf-8")}
+
+
+def test_without_the_key_every_path_is_a_401_with_an_openai_error(door_client):
+    for method, path in [("get", "/healthz"), ("post", "/echo"), ("get", "/no/such/path")]:
+        response = door_client.request(method, path)
+        assert response.status_code == 401, path
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert "Authorization: Bearer" in response.json()["error"]["message"]
+    assert door_client.get("/no/such/path", headers=_auth()).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "headers, params",
+    [
+        ({}, {"api_key": KEY}),  # the query string never counts
+        ({"Authorization": "Bearer wrong"}, {}),
+        ({"Authorization": "Bearer " + KEY[:-1].encode("utf-8").decode("latin-1")}, {}),  # a prefix
+        ({"Authorization": "Basic " + KEY.encode("utf-8").decode("latin-1")}, {}),
+        ({"Authorization": "Bearer"}, {}),
+    ],
+)
+def test_a_wrong_or_misplaced_key_is_refused(door_client, headers, params):
+    headers = {k: v.encode("latin-1") for k, v in headers.items()}
+    assert door_client.get("/healthz", headers=headers, params=params).status_code == 401
+
+
+def test_the_right_key_passes_whatever_the_scheme_case(door_client):
+    assert door_client.get("/healthz", headers=_auth()).json() == {"status": "ok"}
+    lower = {"authorization": b"bearer " + KEY.encode("utf-8")}
+    assert door_client.get("/healthz", headers=lower).status_code == 200
+
+
+def test_an_open_server_needs_no_key(door_client):
+    from nat_ray.serve.guards import DoorRules
+
+    door_client.rules["now"] = DoorRules(None, max_body_bytes=100)
+    assert door_client.get("/healthz").status_code == 200
+
+
+def test_a_body_over_the_limit_is_a_413_whether_declared_or_streamed(door_client):
+    assert door_client.post("/echo", content=b"x" * 100, headers=_auth()).json() == {"length": 100}
+    declared = door_client.post("/echo", content=b"x" * 101, headers=_auth())
+    assert declared.status_code == 413 and declared.json()["error"]["param"] == "body"
+    assert "serve.max_body_bytes" in declared.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: only the bytes read can tell
+        for _ in range(5):
+            yield b"y" * 40
+
+    streamed = door_client.post("/echo", content=chunks(), headers=_auth())
+    assert streamed.status_code == 413
+    lying = door_client.post("/echo", content=b"z" * 150, headers={**_auth(), "Content-Length": "10"})
+    assert lying.status_code in (400, 413)  # h11 itself may refuse the mismatch first
+
+
+def test_the_key_never_shows_in_a_repr_and_a_blank_one_is_refused():
+    from nat_ray.errors import ConfigError
+    from nat_ray.serve.guards import Secret, api_key_from_env
+
+    secret = api_key_from_env("NAT_KEY", {"NAT_KEY": f" {KEY} "})
+    assert KEY not in repr(secret) and KEY not in str(secret) and KEY not in repr([secret])
+    assert secret.matches(KEY.encode("utf-8")) and not secret.matches(None)
+    assert api_key_from_env("NAT_KEY", {}) is None and api_key_from_env(None, {"NAT_KEY": "k"}) is None
+    with pytest.raises(ConfigError, match=r"\$NAT_KEY is set but empty"):
+        api_key_from_env("NAT_KEY", {"NAT_KEY": "  "})
+    assert isinstance(secret, Secret)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, None),
+        (
+            {"messages": [{"role": r, "content": "x"} for r in ("system", "developer", "assistant", "tool")]},
+            None,
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}]},
+            "messages.1.role",
+        ),
+        ({"messages": [{"role": 5, "content": "a"}]}, "messages.0.role"),
+        ({"messages": "hi"}, None),  # the request model names this one itself
+        ({"messages": [{"content": "no role"}]}, None),
+    ],
+)
+def test_an_unknown_chat_role_is_named(data, expected):
+    from nat_ray.serve.guards import role_problem
+
+    problem = role_problem(data)
+    assert (problem[0] if problem else None) == expected
+    if problem:
+        assert problem[1].startswith(f"{expected}: unknown role") and "developer" in problem[1]
+
+
+def test_a_request_without_max_tokens_gets_the_servers_limit():
+    import types
+
+    from nat_ray.serve.guards import cap_max_tokens
+
+    fields = ("max_tokens", "max_completion_tokens")
+    unbounded = types.SimpleNamespace(max_tokens=None, max_completion_tokens=None)
+    assert cap_max_tokens(unbounded, 64, fields) and unbounded.max_tokens == 64
+    for given in (
+        {"max_tokens": 5, "max_completion_tokens": None},
+        {"max_tokens": None, "max_completion_tokens": 7},
+    ):
+        body = types.SimpleNamespace(**given)
+        assert not cap_max_tokens(body, 64, fields) and body.max_tokens == given["max_tokens"]
+    completion = types.SimpleNamespace(max_tokens=None)  # no max_completion_tokens field at all
+    assert cap_max_tokens(completion, 64, fields) and completion.max_tokens == 64
+
+
+def test_admission_holds_the_ceiling_and_estimates_when_to_come_back():
+    from nat_ray.serve.guards import MAX_RETRY_AFTER_S, Admission
+
+    door = Admission(limit=3, concurrency=2)
+    assert door.retry_after() == 1  # nothing measured yet
+    assert [door.try_enter() for _ in range(4)] == [True, True, True, False]
+    assert door.held == 3 and door.refused == 1
+    door.leave(30.0)
+    assert door.try_enter() and not door.try_enter()
+    assert door.retry_after() == 15  # one of 2 running 30 s episodes ends about every 15 s
+    door.leave(None)  # a request that never reached the loop frees its slot, measures nothing
+    assert door.held == 2 and door.retry_after() == 15
+    for _ in range(40):
+        door.leave(1000.0)
+    assert door.held == 0 and door.retry_after() == MAX_RETRY_AFTER_S

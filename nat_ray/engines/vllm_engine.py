@@ -19,16 +19,19 @@ from collections.abc import Sequence
 
 from nat_ray.config import EngineConfig
 from nat_ray.engines.vllm_args import CPU_IN_PROCESS_ENV, engine_kwargs, kv_cache_env, on_gpu
+from nat_ray.masks import chat_ids
 from nat_ray.react import CONTEXT_OVERFLOW, Generation, Sampling
 
 log = logging.getLogger(__name__)
 
 
 def render_prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
-    """Token ids the model sees before its next turn (chat template + generation prompt)."""
-    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-    # transformers 5 returns a BatchEncoding here; 4.x a plain list.
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    """Token ids the model sees before its next turn (chat template + generation prompt).
+
+    The one rendering training uses too (:func:`nat_ray.masks.chat_ids`), so a trained prompt
+    and a sampled one cannot drift apart.
+    """
+    return chat_ids(tokenizer, conversation)
 
 
 class VLLMEngine:
@@ -40,7 +43,8 @@ class VLLMEngine:
     Args:
         config: the ``engine`` section.
         lora_path: a peft adapter every request goes through (vLLM starts with LoRA enabled);
-            None: the base model.
+            None: the base model. With LoRA enabled (an adapter, or ``engine.lora``),
+            :meth:`load_adapter` switches to another adapter without restarting the engine.
     """
 
     def __init__(self, config: EngineConfig, lora_path: str | None = None) -> None:
@@ -55,6 +59,8 @@ class VLLMEngine:
         import vllm
 
         kwargs = {"model": self.model_path, **engine_kwargs(config, gpu, lora=lora_path is not None)}
+        self.lora_enabled = bool(kwargs.get("enable_lora"))
+        self._lora_ids = itertools.count(1)
         log.info("starting vLLM on %s (%s)", self.model_path, "GPU" if gpu else "CPU")
         with _environ({} if gpu else CPU_IN_PROCESS_ENV):
             self.llm = vllm.LLM(**kwargs)
@@ -67,9 +73,33 @@ class VLLMEngine:
         self._finished: list[tuple[str, Generation]] = []
         self.lora_request = None
         if lora_path is not None:
-            from vllm.lora.request import LoRARequest
+            self.load_adapter(lora_path)
 
-            self.lora_request = LoRARequest("nat-lora", 1, lora_path)
+    def load_adapter(self, path: str | None) -> None:
+        """Send every later generation through the peft adapter at ``path`` (None: the base model).
+
+        No restart: vLLM loads the adapter on the next request. Each call takes a fresh LoRA id,
+        because vLLM caches adapters by id: an adapter republished under the same folder (the next
+        round's) must be read again, not served from the cache.
+
+        Raises:
+            ModelError: the engine was started without LoRA, or ``path`` is not a peft adapter.
+        """
+        from nat_ray.errors import ModelError
+        from nat_ray.models import check_lora
+
+        if path is None:
+            self.lora_request = None
+            return
+        if not self.lora_enabled:
+            raise ModelError(
+                "this vLLM engine was started without LoRA; start it with engine.lora=true "
+                "(or an adapter) to load adapters later"
+            )
+        from vllm.lora.request import LoRARequest
+
+        lora_id = next(self._lora_ids)
+        self.lora_request = LoRARequest(f"nat-lora-{lora_id}", lora_id, check_lora(path))
 
     def submit(self, conversation: list[dict], sampling: Sampling) -> str:
         """Start one generation now (the stepper's streaming mode); see :meth:`poll`."""
@@ -104,6 +134,7 @@ class VLLMEngine:
             prompt_tokens=len(ids),
             finish_reason=CONTEXT_OVERFLOW,
             error=f"prompt of {len(ids)} tokens leaves no room in max_model_len={self.config.max_model_len}",
+            prompt_ids=tuple(ids),
         )
 
     def close(self) -> None:
@@ -157,10 +188,18 @@ def _environ(overrides: dict[str, str]):
 
 
 def _to_generation(out) -> Generation:
+    """The finished request as a :class:`Generation`, with the exact token ids it read and sampled.
+
+    vLLM's ``token_ids`` run up to and including the token that completed a stop string (or the
+    end-of-sequence token), while ``text`` stops before the stop string; training trims the ids
+    back to the text (:func:`nat_ray.masks.sampled_content_length`).
+    """
     completion = out.outputs[0]
     return Generation(
         completion.text,
         prompt_tokens=len(out.prompt_token_ids),
         completion_tokens=len(completion.token_ids),
         finish_reason=completion.finish_reason or "stop",
+        prompt_ids=tuple(out.prompt_token_ids),
+        completion_ids=tuple(completion.token_ids),
     )

@@ -17,7 +17,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from nat_ray.engines.openai_engine import is_context_overflow
 from nat_ray.react import CONTEXT_OVERFLOW, Episode, Generation, Sampling, Stepper, ToolCall, ToolResult
@@ -174,19 +174,34 @@ class AgentLoop:
     in arrival order), and resolves each future as its episode ends. (It keeps its own admission
     loop rather than :meth:`Stepper.run_refilling`: it must wait for requests when nothing is open,
     and a failed step must not end it.)
+
+    An episode may name another model than the default (an adapter, ``<model_id>:<adapter>``): it
+    then runs in a stepper of its own over ``engine_for(model)``, since an engine call carries no
+    episode to route by; all steppers step on the one thread, and every model's calls still meet
+    in the same vLLM batch.
     """
 
-    def __init__(self, engine, tools, *, max_open: int, stop_on_tool_error: bool) -> None:
+    def __init__(
+        self,
+        engine,
+        tools,
+        *,
+        max_open: int,
+        stop_on_tool_error: bool,
+        engine_for: Callable[[str], object] | None = None,
+    ) -> None:
         self.engine = engine
         self.tools = tools
         self.max_open = max_open
         self.stop_on_tool_error = stop_on_tool_error
+        self.engine_for = engine_for
         self.finished = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._queued: collections.deque = collections.deque()
         self._futures: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._stop = threading.Event()
         self._stepper = self._new_stepper()
+        self._others: dict[str, Stepper] = {}  # model -> the stepper of that model's episodes
         self._thread = threading.Thread(target=self._run, name="nat-ray-stepper", daemon=True)
         self._thread.start()
 
@@ -196,40 +211,52 @@ class AgentLoop:
 
     @property
     def open(self) -> int:
-        return self._stepper.open
+        return self._stepper.open + sum(stepper.open for stepper in self._others.values())
 
     @property
     def queued(self) -> int:
         return len(self._queued) + self._inbox.qsize()
 
-    def submit(self, episode: Episode) -> asyncio.Future:
-        """Queue ``episode``; the future resolves to it when it has ended."""
+    def submit(self, episode: Episode, model: str | None = None) -> asyncio.Future:
+        """Queue ``episode`` (on ``model``; None: the default engine's); the future resolves to it when it has ended."""
+        if model is not None and self.engine_for is None:
+            raise ValueError("this agent loop serves one model; it was built without engine_for")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._inbox.put((episode, loop, future))
+        self._inbox.put((episode, model, loop, future))
         return future
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _new_stepper(self) -> Stepper:
+    def _new_stepper(self, engine=None) -> Stepper:
         return Stepper(
-            self.engine, self.tools, stop_on_tool_error=self.stop_on_tool_error, on_done=self._done
+            engine if engine is not None else self.engine,
+            self.tools,
+            stop_on_tool_error=self.stop_on_tool_error,
+            on_done=self._done,
         )
+
+    def _stepper_for(self, model: str | None) -> Stepper:
+        if model is None:
+            return self._stepper
+        if model not in self._others:
+            self._others[model] = self._new_stepper(self.engine_for(model))
+        return self._others[model]
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._take(block=self._stepper.open == 0 and not self._queued)
-            while self._queued and self._stepper.open < self.max_open:
-                episode = self._queued.popleft()
+            self._take(block=self.open == 0 and not self._queued)
+            while self._queued and self.open < self.max_open:
+                episode, model = self._queued.popleft()
                 if episode.done:  # the stepper ignores ended episodes; answer it here
                     self._done(episode)
-                self._stepper.add(episode)
-            if not self._stepper.open:
-                continue
+                self._stepper_for(model).add(episode)
+            busy = [stepper for stepper in (self._stepper, *self._others.values()) if stepper.open]
             try:
-                self._stepper.step()
+                for stepper in busy:
+                    stepper.step()
             except Exception as err:  # noqa: BLE001 - a bug must fail its requests, not the server
                 log.exception("the agent loop failed; ending its open episodes")
                 self._fail_open(err)
@@ -240,9 +267,9 @@ class AgentLoop:
         except queue.Empty:
             return
         while True:
-            episode, loop, future = item
+            episode, model, loop, future = item
             self._futures[id(episode)] = (loop, future)
-            self._queued.append(episode)
+            self._queued.append((episode, model))
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -257,7 +284,8 @@ class AgentLoop:
         # The failed step may have taken its batch out of the stepper, so fail every admitted
         # episode (all but the queued ones) and start over with an empty stepper.
         self._stepper = self._new_stepper()
-        queued = {id(ep) for ep in self._queued}
+        self._others = {model: self._new_stepper(stepper.engine) for model, stepper in self._others.items()}
+        queued = {id(ep) for ep, _ in self._queued}
         for key in [k for k in self._futures if k not in queued]:
             loop, future = self._futures.pop(key)
             loop.call_soon_threadsafe(_resolve, future, None, err)

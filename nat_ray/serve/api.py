@@ -23,6 +23,7 @@ from nat_ray.tasks.loaders import normalize_gold
 
 MAX_TEMPERATURE = 2.0  # the OpenAI API's range; higher only produces noise
 MAX_ID_CHARS = 128
+MAX_MODEL_CHARS = 256
 
 # What a gold must be, per task family, in the words the client sees (``{task}``: the task name).
 GOLD_RULES = {
@@ -50,6 +51,10 @@ class AgentRequest(BaseModel):
         seed: sampling seed, >= 0 (default ``agent.seed``).
         gold: the right answer; the response then says whether the agent got it (paper and robust
             rules). Math: a number; StrategyQA: yes/no or a boolean; HotpotQA: text.
+        model: the model the whole episode runs on (default: the server's agent model), e.g.
+            ``<model_id>:<adapter>`` for an adapter in ``serve.lora_dir``, so two rounds' adapters
+            can be compared on one deployment. The ingress checks it (400 for a name that is not
+            plain, 404 for one not served) before anything is loaded.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -63,6 +68,7 @@ class AgentRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     gold: str | bool | int | float | None = None
+    model: str | None = Field(default=None, min_length=1, max_length=MAX_MODEL_CHARS)
 
     @field_validator("task")
     @classmethod

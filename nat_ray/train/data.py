@@ -22,7 +22,7 @@ from pathlib import Path
 from nat_ray import nat_data, records
 from nat_ray.config import TrainConfig
 from nat_ray.errors import DataError
-from nat_ray.masks import TokenizedExample
+from nat_ray.masks import FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK, TokenizedExample, tokenize_chat
 from nat_ray.packing import PackedSequence, collate, pack_examples, packing_efficiency, single_rows
 from nat_ray.train.step import gradient_accumulation_steps, warmup_steps
 
@@ -125,23 +125,26 @@ def tokenize_batch(batch, model_path: str, max_length: int):
     """Ray Data ``map_batches`` function: chat examples -> token ids and labels (truncated to max_length).
 
     Args:
-        batch: pyarrow table with ``index``, ``messages`` (JSON) and ``prompt_messages``.
+        batch: pyarrow table with ``index``, ``messages`` (JSON), ``prompt_messages`` and
+            ``token_ids`` (JSON ``[turn prompt ids, turn completion ids]``, or null without ids).
 
     Returns:
-        pyarrow table with ``index``, ``input_ids``, ``labels``, ``truncated``.
+        pyarrow table with ``index``, ``input_ids``, ``labels``, ``truncated``, ``source``.
     """
     import pyarrow as pa
 
-    from nat_ray.masks import tokenize_example
-
     tokenizer = load_tokenizer(model_path)  # once per worker process
-    out: dict[str, list] = {"index": [], "input_ids": [], "labels": [], "truncated": []}
+    out: dict[str, list] = {"index": [], "input_ids": [], "labels": [], "truncated": [], "source": []}
     for item in batch.to_pylist():
-        ex = tokenize_example(tokenizer, json.loads(item["messages"]), max_length, item["prompt_messages"])
+        turn_ids = json.loads(item["token_ids"]) if item.get("token_ids") else (None, None)
+        ex = tokenize_chat(
+            tokenizer, json.loads(item["messages"]), max_length, item["prompt_messages"], *turn_ids
+        )
         out["index"].append(item["index"])
         out["input_ids"].append(ex.input_ids)
         out["labels"].append(ex.labels)
         out["truncated"].append(ex.truncated)
+        out["source"].append(ex.source)
     return pa.table(out)
 
 
@@ -152,16 +155,37 @@ def tokenize_examples(
 
     Below :data:`RAY_DATA_MIN_EXAMPLES` examples, starting Ray Data tasks (a process that imports
     transformers and loads the tokenizer) costs more than tokenizing here (well under a second).
+
+    Examples with the engine's stored ids are built from them (token-exact, no re-tokenisation of
+    the model's text); those whose ids fail a check are tokenised from the text and counted in one
+    warning (see :func:`token_sources`).
     """
     if len(examples) < RAY_DATA_MIN_EXAMPLES:
-        from nat_ray.masks import tokenize_example
-
         tokenizer = load_tokenizer(model_path)
-        return [tokenize_example(tokenizer, ex.messages, max_length, ex.prompt_messages) for ex in examples]
+        out = [
+            tokenize_chat(
+                tokenizer,
+                ex.messages,
+                max_length,
+                ex.prompt_messages,
+                ex.turn_prompt_ids,
+                ex.turn_completion_ids,
+            )
+            for ex in examples
+        ]
+        _warn_fallbacks(out)
+        return out
     import ray
 
     items = [
-        {"index": i, "messages": json.dumps(ex.messages), "prompt_messages": ex.prompt_messages}
+        {
+            "index": i,
+            "messages": json.dumps(ex.messages),
+            "prompt_messages": ex.prompt_messages,
+            "token_ids": None
+            if ex.turn_completion_ids is None
+            else json.dumps([ex.turn_prompt_ids, ex.turn_completion_ids]),
+        }
         for i, ex in enumerate(examples)
     ]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(16, len(items) // 64)))
@@ -174,8 +198,31 @@ def tokenize_examples(
     out: list[TokenizedExample | None] = [None] * len(items)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.to_pylist():
-            out[row["index"]] = TokenizedExample(row["input_ids"], row["labels"], row["truncated"])
+            out[row["index"]] = TokenizedExample(
+                row["input_ids"], row["labels"], row["truncated"], row["source"]
+            )
+    _warn_fallbacks(out)
     return out
+
+
+def token_sources(tokenized: Sequence[TokenizedExample]) -> dict[str, int]:
+    """How many examples were built from stored ids, from text, and from text after an id check failed."""
+    counts = {FROM_IDS: 0, FROM_TEXT: 0, FROM_TEXT_FALLBACK: 0}
+    for ex in tokenized:
+        counts[ex.source] = counts.get(ex.source, 0) + 1
+    return counts
+
+
+def _warn_fallbacks(tokenized: Sequence[TokenizedExample | None]) -> None:
+    counts = token_sources([ex for ex in tokenized if ex is not None])
+    if counts[FROM_TEXT_FALLBACK]:
+        log.warning(
+            "%d of %d examples with stored token ids did not match their text or the chat template "
+            "(another tokenizer, or a template that renders turns differently); tokenised from text",
+            counts[FROM_TEXT_FALLBACK],
+            counts[FROM_TEXT_FALLBACK] + counts[FROM_IDS],
+        )
+    log.info("tokenised examples by source: %s", counts)
 
 
 def finalize_examples(
@@ -227,6 +274,7 @@ def prepare_rows(
         "selection_dropped": {k: v for k, v in selection.dropped.items() if v},
         **cut,
         "examples": len(kept),
+        "token_sources": token_sources(tokenized),
         "rows": len(rows),
         "tokens": sum(len(r) for r in rows),
         "loss_tokens": sum(r.num_loss_tokens for r in rows),

@@ -18,9 +18,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from nat_ray import safe_files
 from nat_ray.config import NatRayConfig, TrainConfig
 from nat_ray.errors import ConfigError
 from nat_ray.ray_runtime import init_ray
+from nat_ray.train.checkpoints import checkpoint_folders, set_aside_damaged
 from nat_ray.train.data import (
     load_tokenizer,
     make_schedule,
@@ -34,9 +36,16 @@ from nat_ray.train.data import (
 log = logging.getLogger(__name__)
 
 RUN_FILE = "nat_run.json"
-MAX_FAILURES = 2  # worker-group restarts (from the latest checkpoint) before the run fails
 # Settings a resumed run may change; any other difference from the saved run is refused.
-RESUMABLE_CHANGES = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "export_merged")
+RESUMABLE_CHANGES = (
+    "max_steps",
+    "epochs",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "export_merged",
+    "max_failures",
+    "placement_strategy",
+)
 # Logical CPUs a local Ray gets beyond one per worker: room for Ray Data's tokenize and read tasks.
 RAY_DATA_CPUS = 2
 
@@ -57,7 +66,7 @@ def run_fingerprint(cfg: TrainConfig, model_path: str, gpu: bool) -> dict:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return any(run_dir.glob("step_*"))
+    return bool(checkpoint_folders(run_dir))
 
 
 def check_resume(run_dir: Path, fingerprint: dict) -> bool:
@@ -72,21 +81,41 @@ def check_resume(run_dir: Path, fingerprint: dict) -> bool:
     file = run_dir / RUN_FILE
     if not (file.is_file() and has_checkpoint(run_dir)):
         return False
-    saved = json.loads(file.read_text())
-    changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
+    saved = _read_fingerprint(file)
+    changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v} if saved else {}
     if changed:
         listing = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise ConfigError(
             f"run {run_dir.name!r} exists in {run_dir.parent} with other settings ({listing}); a resumed "
             f"run may change only {list(RESUMABLE_CHANGES)}. Use a new train.run_name, or delete {run_dir}"
         )
+    for line in set_aside_damaged(run_dir):
+        log.warning("checkpoint damaged, the resume skips it: %s", line)
     return True
+
+
+def _read_fingerprint(file: Path) -> dict | None:
+    """The saved run's settings; None (warned, set aside) when the file is damaged."""
+    try:
+        saved = safe_files.read_json(file)
+        if not isinstance(saved, dict):
+            raise safe_files.DamagedFile(file, "not a mapping of settings")
+        return saved
+    except safe_files.DamagedFile as damaged:
+        kept = safe_files.set_aside(file)
+        log.warning(
+            "%s is damaged (%s); set aside as %s: resuming without checking the saved run's settings",
+            file,
+            damaged.why,
+            kept.name if kept else "nothing",
+        )
+        return None
 
 
 def write_fingerprint(run_dir: Path, fingerprint: dict) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_FILE).write_text(json.dumps(fingerprint, indent=2))
+        safe_files.write_json(run_dir / RUN_FILE, fingerprint)
     except OSError as err:
         raise ConfigError(f"train.storage_path: cannot write {run_dir}: {err}") from None
 
@@ -122,12 +151,14 @@ def build_trainer(config: dict, datasets: dict, cfg: TrainConfig, gpu: bool, sto
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=gpu, placement_strategy=cfg.placement_strategy
+        ),
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=MAX_FAILURES),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets=datasets,
         # Each rank reads only its own dataset (nat_ray.train.data): none is split.

@@ -3,7 +3,9 @@
 :func:`train_loop_per_worker` reads everything from its ``config`` (built by
 :func:`nat_ray.train.run.run_train`). Each rank reads its own dataset, ``rank<r>``, whose rows are
 already in step order (:mod:`nat_ray.train.data`), so resuming is skipping the steps taken.
-Checkpoints are DeepSpeed's shards plus a small trainer state, registered with ``ray.train.report``.
+Checkpoints are DeepSpeed's shards plus a small trainer state, sealed once every rank has written
+(:mod:`nat_ray.train.checkpoints`), then registered with ``ray.train.report``; a resume skips a
+damaged or partial checkpoint for the newest sound one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from nat_ray import safe_files
 from nat_ray.config import TrainConfig
+from nat_ray.train.checkpoints import STATE_FILE, choose_checkpoint, new_checkpoint_name
 from nat_ray.train.data import Schedule, step_batches
 from nat_ray.train.export import export_model
 from nat_ray.train.step import (
@@ -31,7 +35,6 @@ from nat_ray.train.step import (
 log = logging.getLogger(__name__)
 
 DS_TAG = "deepspeed"  # DeepSpeed checkpoint tag inside every Ray checkpoint
-STATE_FILE = "trainer_state.json"
 HISTORY_KEYS = ("step", "loss", "lr", "tokens_per_s")
 TENSORBOARD_KEYS = ("loss", "lr", "tokens_per_s")
 
@@ -55,7 +58,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = get_device() if gpu else torch.device("cpu")
 
     engine, scheduler = _build_engine(cfg, schedule, config["model_path"], gpu, device, rank)
-    state = _resume(engine, scheduler, schedule, cfg.run_name, rank)
+    state = _resume(engine, scheduler, schedule, cfg.run_name, rank, config)
     _train(engine, cfg, schedule, state, config, rank, device)
     _export(engine, cfg, config, rank, gpu)
 
@@ -97,8 +100,12 @@ def _build_engine(cfg: TrainConfig, schedule: Schedule, model_path: str, gpu: bo
     return engine, scheduler
 
 
-def _resume(engine, scheduler, schedule: Schedule, run_name: str, rank: int) -> dict:
+def _resume(engine, scheduler, schedule: Schedule, run_name: str, rank: int, config: dict) -> dict:
     """Load Ray Train's latest checkpoint into ``engine``, if there is one.
+
+    On a filesystem run folder a damaged or partial latest checkpoint is skipped for the newest
+    sound one before it (a fresh start when there is none); every rank makes the same choice from
+    the same folders, and rank 0 names each one skipped in a warning.
 
     Returns:
         the trainer state: ``{"step": steps taken, "history": [...]}`` (step 0 on a fresh start).
@@ -109,17 +116,32 @@ def _resume(engine, scheduler, schedule: Schedule, run_name: str, rank: int) -> 
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    if checkpoint is not None and config["local"]:
+        chosen, skipped = choose_checkpoint(config["run_dir"], checkpoint.path)
+        if rank == 0:
+            for line in skipped:
+                log.warning("checkpoint skipped, damaged: %s", line)
+            if skipped:
+                log.warning("resuming %s from %s", run_name, chosen or "the start (no sound checkpoint)")
+        if chosen is None:
+            return {"step": 0, "history": []}
+        state = _load(engine, str(chosen))
+    elif checkpoint is None:
         return {"step": 0, "history": []}
-    with checkpoint.as_directory() as path:
-        loaded, _ = engine.load_checkpoint(path, tag=DS_TAG)
-        if loaded is None:
-            raise RuntimeError(f"no DeepSpeed checkpoint {DS_TAG!r} in {path}")
-        state = json.loads((Path(path) / STATE_FILE).read_text())
+    else:
+        with checkpoint.as_directory() as path:
+            state = _load(engine, path)
     sync_schedule(scheduler, schedule.warmup_steps, schedule.total_steps)
     if rank == 0:
         log.info("resuming %s at step %d of %d", run_name, state["step"], schedule.total_steps)
     return state
+
+
+def _load(engine, path: str) -> dict:
+    loaded, _ = engine.load_checkpoint(path, tag=DS_TAG)
+    if loaded is None:
+        raise RuntimeError(f"no DeepSpeed checkpoint {DS_TAG!r} in {path}")
+    return json.loads((Path(path) / STATE_FILE).read_text())
 
 
 def _shard_rows(shard) -> Iterator[dict]:
@@ -224,15 +246,24 @@ def _report_checkpoint(engine, metrics: dict, state: dict, rank: int, run_dir: s
     temporary folder that Ray Train uploads, merging the ranks' files.
     """
     import ray.train
+    import torch.distributed as dist
     from ray.train import Checkpoint, CheckpointUploadMode
 
     name = f"step_{state['step']:06d}"
     started = time.perf_counter()
+    if local:
+        # Never reuse a folder an earlier (damaged or unfinished) save left: Ray Train may still
+        # list it and delete it later. Every rank names it before any rank creates it.
+        name = new_checkpoint_name(run_dir, state["step"])
+        if dist.is_initialized():
+            dist.barrier()
     target = Path(run_dir) / name if local else Path(tempfile.mkdtemp(prefix="nat-ckpt-"))
     try:
-        engine.save_checkpoint(str(target), tag=DS_TAG)
+        engine.save_checkpoint(str(target), tag=DS_TAG)  # returns once every rank has written
         if rank == 0:
-            (target / STATE_FILE).write_text(json.dumps(state))
+            safe_files.write_json(target / STATE_FILE, state, checksum=False)
+            if local:
+                safe_files.seal_dir(target)  # before Ray Train registers it: unsealed = unfinished
         if local:
             ray.train.report(
                 metrics,

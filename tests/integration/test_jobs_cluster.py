@@ -1,16 +1,19 @@
 """Jobs and cluster (issue #9), on real Ray processes started as a user would start them.
 
-1. ``ray job submit`` end to end: ``ray start --head`` with its own ports and temp dir, then the
-   README's command, ``ray job submit --working-dir <repo> -- python jobs/rollout.py ...``, run as a
-   CLI. The job is a real stage-1 rollout (Ray Data engine actor, calculator tool actor, Parquet
-   out) whose "teacher" is a tiny OpenAI-compatible server in this test, so no vLLM is started.
+1. ``ray job submit`` end to end, with token authentication on and the README's commands as a user
+   types them: ``export RAY_AUTH_MODE=token``, ``.venv/bin/ray get-auth-token --generate``,
+   ``.venv/bin/ray start --head`` (with its own ports and temp dir), then ``.venv/bin/ray job submit
+   --working-dir . -- "$PWD/.venv/bin/python" jobs/rollout.py ...``. ``PATH`` holds no venv, so a
+   bare ``python`` in the entrypoint would be the system's; a submit without the token is refused.
+   The job is a real stage-1 rollout (Ray Data engine actor, calculator tool actor, Parquet out)
+   whose "teacher" is a tiny OpenAI-compatible server in this test, so no vLLM is started.
 2. Autoscaling: a head with one CPU and the worker node types of the project's ``cluster.yaml``
    (names, resources, ``min_workers: 0``) on Ray's fake multi-node provider; work that the head
    cannot hold makes the autoscaler start worker nodes from zero, and the work runs on them.
 
 Both clusters are private: free ports, a temp dir of their own (short, because Ray's unix socket
-paths must fit in 107 bytes), token auth off (``RAY_AUTH_MODE=disabled``; Ray 2.60 turns it on by
-default and other clusters on the machine may have a token). They are stopped by killing the
+paths must fit in 107 bytes) holding their own token (``RAY_AUTH_TOKEN_PATH``, so the user's
+``~/.ray/auth_token`` is neither read nor written). They are stopped by killing the
 process group of ``ray start --block`` and then anything left whose command line or working dir
 is inside that temp dir -- never ``ray stop``, which would stop every Ray on the machine (this is
 also why Ray's ``AutoscalingCluster`` is not used: its start and shutdown run ``ray stop --force``,
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -39,14 +43,27 @@ from helpers import HttpRequest, free_port, free_ports, serve_http  # tests/help
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-# The environment the tests run in: `ray` and `python` resolve here, for the CLI and for the job.
+# The environment the tests run in (the README's `.venv/bin`): named by path, never found on PATH.
 BIN_DIR = Path(sys.executable).parent
+RAY = str(BIN_DIR / "ray")
+PYTHON = str(BIN_DIR / "python")
+# What the README has a user type; the test below runs these, with its own ports and teacher.
+README_COMMANDS = (
+    "export RAY_AUTH_MODE=token",
+    ".venv/bin/ray get-auth-token --generate > /dev/null",
+    ".venv/bin/ray start --head",
+    '.venv/bin/ray job submit --working-dir . -- "$PWD/.venv/bin/python" jobs/rollout.py',
+)
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_AUTH_MODE"] = "disabled"
+def _env(token_path: str | Path, **extra: str) -> dict[str, str]:
+    """A user's shell after the README's ``export RAY_AUTH_MODE=token``; no venv on ``PATH``."""
+    drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    path = [d for d in env.get("PATH", "/usr/bin:/bin").split(os.pathsep) if Path(d) != BIN_DIR]
+    env["PATH"] = os.pathsep.join(path)
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
     env.update(extra)
     return env
 
@@ -54,12 +71,15 @@ def _env(**extra: str) -> dict[str, str]:
 class RayHead:
     """``ray start --head --block`` in its own process group, with private ports and temp dir."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, **env: str) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="natray-", dir="/tmp")
+        self.token_path = Path(self.temp_dir) / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        self.token_path.chmod(0o600)
         self.gcs_port, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(6)
         self.log = Path(self.temp_dir) / "ray-start.log"
         self.cmd = [
-            "ray",
+            RAY,
             "start",
             "--head",
             "--block",
@@ -75,8 +95,14 @@ class RayHead:
             "--object-store-memory=200000000",
             *args,
         ]
-        self.env = env or _env()
+        self.env = _env(self.token_path, **env)
         self.proc: subprocess.Popen | None = None
+
+    def ray_cli(self, *args: str, timeout_s: float = 300, **env: str) -> subprocess.CompletedProcess:
+        """``.venv/bin/ray <args>`` from the repo, in this cluster's user shell."""
+        return subprocess.run(
+            [RAY, *args], env={**self.env, **env}, capture_output=True, text=True, timeout=timeout_s, cwd=REPO
+        )
 
     def __enter__(self) -> RayHead:
         with open(self.log, "wb") as log:
@@ -190,20 +216,15 @@ def teacher():
 
 def _wait_http(url: str, head: RayHead, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {head.token_path.read_text()}"})
     while time.monotonic() < deadline:
         assert head.proc.poll() is None, f"ray start exited:\n{head.output()}"
         with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 if response.status == 200:
                     return
         time.sleep(1)
     pytest.fail(f"{url} did not answer in {timeout_s:.0f} s:\n{head.output()}")
-
-
-def _ray_cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["ray", *args], env=_env(), capture_output=True, text=True, timeout=timeout_s, cwd=REPO
-    )
 
 
 def test_ray_job_submit_runs_a_rollout_job_end_to_end(tmp_path, teacher):
@@ -215,8 +236,10 @@ def test_ray_job_submit_runs_a_rollout_job_end_to_end(tmp_path, teacher):
     address = f"http://127.0.0.1:{dashboard_port}"
     out = tmp_path / "rollout"
     submission_id = f"nat-ray-test-{uuid.uuid4().hex[:8]}"
+    readme = (REPO / "README.md").read_text()
+    assert all(command in readme for command in README_COMMANDS), "the README's job commands changed"
     entrypoint = [
-        "python",
+        PYTHON,  # the README's "$PWD/.venv/bin/python", expanded by the user's shell
         "jobs/rollout.py",
         "--config",
         "configs/rollout.yaml",
@@ -243,13 +266,18 @@ def test_ray_job_submit_runs_a_rollout_job_end_to_end(tmp_path, teacher):
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
     ) as head:
+        # A fresh user has no token yet; the README makes one first (here: into the cluster's own
+        # file, which RayHead already filled, so this must keep it, not replace it).
+        token = head.token_path.read_text()
+        generate = head.ray_cli("get-auth-token", "--generate")
+        assert generate.returncode == 0 and generate.stdout == token, generate
         head.wait_started()
         _wait_http(f"{address}/api/version", head)
         # The dashboard answers before the head's job agent has registered; until then a
         # submission fails with "No available agent to submit job" and nothing is created.
         deadline = time.monotonic() + 120
         while True:
-            submit = _ray_cli(
+            submit = head.ray_cli(
                 "job",
                 "submit",
                 "--address",
@@ -266,14 +294,25 @@ def test_ray_job_submit_runs_a_rollout_job_end_to_end(tmp_path, teacher):
                 break
             time.sleep(2)
         assert submit.returncode == 0, output[-5000:]
-        # Through the CLI only: Ray reads RAY_AUTH_MODE once per process, so an SDK client
-        # here with auth off would break every later ray.init of this pytest process.
-        status = _ray_cli("job", "status", "--address", address, submission_id)
+        # Through the CLI only: Ray reads RAY_AUTH_MODE once per process, and this pytest
+        # process's own local clusters use another token.
+        status = head.ray_cli("job", "status", "--address", address, submission_id)
         assert f"Job '{submission_id}' succeeded" in status.stdout + status.stderr, status
-        job_logs = _ray_cli("job", "logs", "--address", address, submission_id)
+        job_logs = head.ray_cli("job", "logs", "--address", address, submission_id)
         logs = job_logs.stdout + job_logs.stderr
         # main_rollout's closing line, printed by the job's driver.
         assert "2 trajectories in" in logs and "2 generated now" in logs, logs[-3000:]
+
+        # The cluster's door: no token, or another one, and nothing is listed or submitted.
+        wrong = head.token_path.with_name("wrong_token")
+        wrong.write_text(secrets.token_hex(32))
+        for env, why in (
+            ({"RAY_AUTH_TOKEN_PATH": str(wrong)}, "Invalid authentication token"),
+            ({"RAY_AUTH_TOKEN_PATH": str(wrong.with_name("none"))}, ""),
+        ):
+            refused = head.ray_cli("job", "list", "--address", address, timeout_s=60, **env)
+            text = refused.stdout + refused.stderr
+            assert refused.returncode != 0 and "uthentication" in text and why in text, text[-3000:]
 
     rows = records.read_rows(out / PARTS_DIR)
     assert len(rows) == 2
@@ -343,8 +382,8 @@ def _fake_autoscaling_config(gcs_address: str) -> tuple[dict, dict]:
     return config, cluster
 
 
-# The driver runs in its own process: Ray reads RAY_AUTH_MODE once per process, and this
-# cluster has auth off while the other test modules' local clusters have it on.
+# The driver runs in its own process: Ray reads RAY_AUTH_MODE and the token once per process, and
+# this cluster's token is not the one the other test modules' local clusters use.
 _AUTOSCALE_DRIVER = """
 import json, sys
 import ray
@@ -381,7 +420,8 @@ def test_cluster_yaml_worker_types_autoscale_from_zero():
         "--num-cpus=1",
         "--num-gpus=0",
         "--include-dashboard=false",
-        env=_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1"),
+        RAY_FAKE_CLUSTER="1",
+        AUTOSCALER_UPDATE_INTERVAL_S="1",
     )
     gcs_address = f"{get_node_ip_address()}:{head.gcs_port}"
     config, cluster = _fake_autoscaling_config(gcs_address)
@@ -395,7 +435,7 @@ def test_cluster_yaml_worker_types_autoscale_from_zero():
         head.wait_started()
         run = subprocess.run(
             [sys.executable, "-c", _AUTOSCALE_DRIVER, gcs_address, str(cpu["resources"]["CPU"])],
-            env=_env(),
+            env=head.env,
             capture_output=True,
             text=True,
             timeout=400,

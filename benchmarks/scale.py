@@ -1,0 +1,293 @@
+"""Benchmark of how each stage's cost grows with its work (issue 19), one section per stage.
+
+Run from the repository root (about 15 minutes on the 2-core CPU machine)::
+
+    .venv/bin/python benchmarks/scale.py                   # every section
+    .venv/bin/python benchmarks/scale.py --only ann        # one section; the others' results are kept
+
+Writes ``benchmarks/results/scale.json`` (each section's figures under ``sections``, the headline
+figures at the top level) and ``benchmarks/results/scale.png`` (one panel per section). A section
+is a function in :data:`SECTIONS` returning its figures, plus a plot function; the rollout and
+data-preparation curves of the issue are further sections to add here.
+
+Sections:
+
+- ``index_build``: paragraphs/s of the Ray Data build (:func:`nat_ray.search_index.ensure_index`,
+  an actor pool over every core, float16 shards written) over the build before it: one Ray actor
+  with ``num_cpus=1`` loading the model and embedding the same paragraphs in one ``encode`` call,
+  as ``ToolActor.warm_up`` did. Same corpus (the first ``--paragraphs`` of the HotpotQA corpus in
+  ``shared/data`` when present, else the shipped sample), same machine, one run each, wall clock
+  from the start of each build (actor start and model load included) to its last vector.
+- ``ann``: recall@3 of the FAISS IVF index (:class:`nat_ray.index_store.AnnParams`) against exact
+  search, and single-query latency p50/p99, at 10k, 100k and 1M synthetic 384-d normalized vectors
+  in clusters (embedding 1M real paragraphs would take a day here), float16 as the shards store them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/scale.py` from the repo root
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from machine_info import machine  # noqa: E402 - beside this script
+
+from nat_ray import index_store  # noqa: E402
+from nat_ray.paths import find_data_file  # noqa: E402
+from nat_ray.tools.search import CORPUS_FILES, default_model_path  # noqa: E402
+
+log = logging.getLogger("benchmarks.scale")
+
+RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
+PLOT = RESULTS.with_suffix(".png")
+DIM = 384
+ANN_SIZES = (10_000, 100_000, 1_000_000)
+QUERIES = 200
+TARGETS = {"index_build_speedup": 1.7, "ann_recall_at_3": 0.95, "ann_p50_ms_at_1m": 20.0}
+
+
+# ---------------------------------------------------------------------------------------------------
+# index_build
+
+
+def _subset_corpus(paragraphs: int, folder: Path) -> tuple[Path, str]:
+    source = find_data_file(*CORPUS_FILES)
+    with gzip.open(source, "rt", encoding="utf-8") as f:
+        lines = [line for _, line in zip(range(paragraphs), f, strict=False)]
+    path = folder / "corpus.jsonl"
+    path.write_text("".join(lines), encoding="utf-8")
+    return path, str(source)
+
+
+def _one_actor_build(corpus: Path, model_path: Path) -> float:
+    """Seconds for the old way: one ``num_cpus=1`` actor loads the model and embeds everything."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class OldSearchActor:
+        def build(self, corpus_path: str, model: str) -> int:
+            from nat_ray.tools.search import load_model, read_corpus
+
+            records = read_corpus(Path(corpus_path))
+            vectors = load_model(Path(model)).encode(
+                [index_store.passage_text(r) for r in records],
+                batch_size=64,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+            )
+            return len(vectors)
+
+    started = time.perf_counter()
+    actor = OldSearchActor.remote()
+    ray.get(actor.build.remote(str(corpus), str(model_path)))
+    seconds = time.perf_counter() - started
+    ray.kill(actor)
+    return seconds
+
+
+def index_build(args: argparse.Namespace) -> dict:
+    import ray
+
+    from nat_ray.search_index import IndexOptions, ensure_index
+
+    model_path = default_model_path().resolve()
+    os.environ.setdefault(
+        "RAY_worker_niceness", "0"
+    )  # both arms' workers at the driver's priority, as init_ray does
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            corpus, source = _subset_corpus(args.paragraphs, Path(scratch))
+            n = sum(1 for _ in corpus.open(encoding="utf-8"))
+            log.info("index_build: %d paragraphs of %s; the one-actor build first", n, source)
+            old_s = _one_actor_build(corpus, model_path)
+            log.info("one actor: %.1f s (%.1f paragraphs/s)", old_s, n / old_s)
+            started = time.perf_counter()
+            info = ensure_index(corpus, model_path, Path(scratch) / "cache", IndexOptions(), use_ray=True)
+            new_s = time.perf_counter() - started
+            log.info("Ray Data: %.1f s (%.1f paragraphs/s)", new_s, n / new_s)
+            embed_rate = info.manifest["paragraphs_per_s"]
+    finally:
+        ray.shutdown()
+    return {
+        "corpus": source,
+        "paragraphs": n,
+        "one_actor_seconds": round(old_s, 2),
+        "one_actor_paragraphs_per_s": round(n / old_s, 2),
+        "ray_data_seconds": round(new_s, 2),
+        "ray_data_paragraphs_per_s": round(n / new_s, 2),
+        "ray_data_embedding_only_paragraphs_per_s": embed_rate,
+        "ray_data_actors": min(int(os.cpu_count() or 1), n),
+        "index_build_speedup": round(old_s / new_s, 3),
+    }
+
+
+def plot_index_build(ax, figures: dict) -> None:
+    labels = ["one actor\n(before)", "Ray Data\n(every core)"]
+    rates = [figures["one_actor_paragraphs_per_s"], figures["ray_data_paragraphs_per_s"]]
+    ax.bar(labels, rates, color=["#999999", "#1f77b4"])
+    ax.set_ylabel("paragraphs / s")
+    ax.set_title(
+        f"search index build: {figures['index_build_speedup']:.2f}x ({figures['paragraphs']} paragraphs)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# ann
+
+
+def clustered_vectors(
+    n: int, rng: np.random.Generator, centers: np.ndarray, chunk: int = 100_000
+) -> np.ndarray:
+    """``n`` normalized float16 vectors around ``centers`` (neighbours share a topic, as embeddings do)."""
+    parts = []
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        x = centers[rng.integers(0, len(centers), m)] + 0.7 * rng.standard_normal((m, DIM), dtype=np.float32)
+        parts.append((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
+    return np.concatenate(parts)
+
+
+def _latencies_ms(
+    searcher: index_store.ExactSearch | index_store.AnnSearch, queries: np.ndarray
+) -> tuple[list, list]:
+    """One query at a time, as the search tool asks: milliseconds each, and the rows found."""
+    times, found = [], []
+    for q in queries:
+        started = time.perf_counter()
+        found.append(searcher.search(q[None, :], 3)[1][0])
+        times.append((time.perf_counter() - started) * 1e3)
+    return times, found
+
+
+def ann(args: argparse.Namespace) -> dict:
+    rows = []
+    for n in args.sizes:
+        rng = np.random.default_rng(n)
+        centers = rng.standard_normal((max(10, n // 100), DIM)).astype(np.float32)
+        vectors = clustered_vectors(n, rng, centers)
+        queries = clustered_vectors(QUERIES, rng, centers).astype(np.float32)
+        shards = [(vectors, np.arange(n))]
+        exact = index_store.ExactSearch(shards)
+        exact_ms, _ = _latencies_ms(exact, queries[:50])
+        truth = exact.search(queries, 3)[1]
+        params = index_store.AnnParams.for_size(n)
+        started = time.perf_counter()
+        index, ids = index_store.build_ann(shards, params)
+        build_s = time.perf_counter() - started
+        approx = index_store.AnnSearch(index, ids)
+        ann_ms, found = _latencies_ms(approx, queries)
+        row = {
+            "paragraphs": n,
+            "index": f"IVF{params.nlist},SQfp16 nprobe={params.nprobe}",
+            "build_s": round(build_s, 1),
+            "recall_at_3": round(index_store.recall_at_k(np.array(found), truth), 4),
+            "p50_ms": round(float(np.percentile(ann_ms, 50)), 3),
+            "p99_ms": round(float(np.percentile(ann_ms, 99)), 3),
+            "exact_p50_ms": round(float(np.percentile(exact_ms, 50)), 3),
+            "shards_mb": round(vectors.nbytes / 2**20, 1),
+        }
+        log.info("ann at %d: %s", n, row)
+        rows.append(row)
+        del vectors, index, approx, exact, shards
+    return {"queries": QUERIES, "dim": DIM, "by_size": rows}
+
+
+def plot_ann(ax, figures: dict) -> None:
+    rows = figures["by_size"]
+    sizes = [r["paragraphs"] for r in rows]
+    ax.plot(sizes, [r["p50_ms"] for r in rows], "o-", label="FAISS p50 ms")
+    ax.plot(sizes, [r["p99_ms"] for r in rows], "o--", label="FAISS p99 ms")
+    ax.plot(sizes, [r["exact_p50_ms"] for r in rows], "s-", color="#999999", label="exact p50 ms")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("paragraphs")
+    ax.set_ylabel("query latency (ms)")
+    recalls = ", ".join(f"{r['recall_at_3']:.3f}" for r in rows)
+    ax.set_title(f"search latency; recall@3 = {recalls}")
+    ax.legend(fontsize=8)
+
+
+SECTIONS: dict[str, tuple[Callable[[argparse.Namespace], dict], Callable]] = {
+    "index_build": (index_build, plot_index_build),
+    "ann": (ann, plot_ann),
+}
+
+
+def headline(sections: dict) -> dict:
+    """The issue's figures at the top level, from whichever sections have run."""
+    top = {}
+    if "index_build" in sections:
+        top["index_build_speedup"] = sections["index_build"]["index_build_speedup"]
+    if "ann" in sections:
+        largest = max(sections["ann"]["by_size"], key=lambda r: r["paragraphs"])
+        top.update(
+            ann_recall_at_3=largest["recall_at_3"],
+            ann_p50_ms=largest["p50_ms"],
+            ann_at_paragraphs=largest["paragraphs"],
+        )
+    return top
+
+
+def plot(sections: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name in SECTIONS if name in sections]
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        SECTIONS[name][1](ax, sections[name])
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
+    parser.add_argument("--paragraphs", type=int, default=3_000, help="corpus paragraphs for index_build")
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, ANN_SIZES)), help="comma-separated corpus sizes for ann"
+    )
+    args = parser.parse_args()
+    args.sizes = [int(s) for s in args.sizes.split(",") if s]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    sections = dict(previous.get("sections", {}))
+    started = time.perf_counter()
+    for name in args.only.split(","):
+        if name not in SECTIONS:
+            parser.error(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
+        t0 = time.perf_counter()
+        sections[name] = SECTIONS[name][0](args)
+        sections[name]["seconds"] = round(time.perf_counter() - t0, 1)
+    result = {
+        **headline(sections),
+        "targets": TARGETS,
+        "sections": sections,
+        "seconds": round(time.perf_counter() - started, 1),
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(("torch", "ray", "faiss-cpu", "sentence-transformers")),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    plot(sections)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("sections", "machine")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

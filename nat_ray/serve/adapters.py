@@ -1,0 +1,145 @@
+"""Which adapter a request's ``model`` names, and whether it may be loaded: the rules, without Ray.
+
+With ``serve.lora_dir`` every sub-folder of that folder holding a peft ``adapter_config.json`` is
+served as ``<model_id>:<folder>``, including folders that appear after the server started. The
+model string comes from the client, so it must never steer a file read outside ``lora_dir``: an
+adapter name is one plain path component (letters, digits, ``.``, ``_``, ``-``; no ``..``, no
+leading dot), checked before anything looks at the disk. A leading dot is refused as well so that
+a publisher can copy into ``.name.tmp`` and rename it into place: a half-written folder is never
+served.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a peft adapter
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_NAME_CHARS = 128
+REMOTE_PREFIXES = ("s3://", "gs://", "abfss://", "azure://", "pyarrow-")  # what ray.serve.llm downloads from
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A served model a request named: the base model (``adapter`` None) or one of its adapters."""
+
+    model: str
+    adapter: str | None = None
+
+
+class ModelProblem(ValueError):
+    """A request's ``model`` is refused: ``status`` 400 (not a plain name) or 404 (not served)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def is_remote(path: str) -> bool:
+    """Whether ``lora_dir`` is object storage (ray.serve.llm downloads it) rather than a folder here."""
+    return path.startswith(REMOTE_PREFIXES)
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` is not a plain adapter name, or None when it is one."""
+    if "/" in name or "\\" in name or ".." in name:
+        return f"adapter name {name!r} must not hold '/', '\\\\' or '..'"
+    if len(name) > MAX_NAME_CHARS or not NAME.fullmatch(name):
+        return (
+            f"adapter name {name!r} must be 1 to {MAX_NAME_CHARS} of A-Z a-z 0-9 . _ - "
+            "and start with a letter or digit"
+        )
+    return None
+
+
+def parse_model(model: str, base_id: str, static_ids: set[str] | frozenset[str], dynamic: bool) -> ModelRef:
+    """The served model ``model`` names, checked by name only (nothing is read).
+
+    Args:
+        model: the request's ``model``.
+        base_id: the base model's id (``serve.model_id`` or derived).
+        static_ids: ids served without lookup (the base, a ``serve.lora`` adapter).
+        dynamic: whether ``serve.lora_dir`` is set.
+
+    Raises:
+        ModelProblem: 400 for a name that is not plain, 404 for a model not served here.
+    """
+    if model in static_ids:
+        return ModelRef(model)
+    prefix = f"{base_id}:"
+    if model.startswith(prefix):
+        adapter = model[len(prefix) :]
+        problem = name_problem(adapter)
+        if problem is not None:
+            raise ModelProblem(400, f"model: {problem}")
+        if not dynamic:
+            raise ModelProblem(404, f"model: {model!r} is not served here (no serve.lora_dir is set)")
+        return ModelRef(model, adapter)
+    if "/" in model or "\\" in model or ".." in model:
+        raise ModelProblem(400, f"model: {model!r} must not hold '/', '\\\\' or '..'")
+    served = sorted(static_ids) + ([f"{base_id}:<adapter>"] if dynamic else [])
+    raise ModelProblem(404, f"model: {model!r} is not served here; served models: {served}")
+
+
+def local_adapter_dir(lora_dir: str, name: str) -> Path | None:
+    """``lora_dir/name`` when it holds a peft adapter, else None (``name`` must already be plain)."""
+    if name_problem(name) is not None:  # never join an unchecked name onto a path
+        return None
+    folder = Path(lora_dir) / name
+    return folder if (folder / ADAPTER_CONFIG).is_file() else None
+
+
+def local_adapters(lora_dir: str) -> list[str]:
+    """Names of the adapters in ``lora_dir`` now (sorted; empty when the folder does not exist yet)."""
+    root = Path(lora_dir)
+    if not root.is_dir():
+        return []
+    return sorted(
+        child.name
+        for child in root.iterdir()
+        if name_problem(child.name) is None and (child / ADAPTER_CONFIG).is_file()
+    )
+
+
+def adapter_missing(model: str, name: str, lora_dir: str) -> ModelProblem:
+    """The 404 for an adapter name that is plain but has no folder in ``lora_dir``."""
+    return ModelProblem(
+        404, f"model: adapter {name!r} ({model!r}) is not in serve.lora_dir (no {name}/{ADAPTER_CONFIG})"
+    )
+
+
+def publish_adapter(source: str | os.PathLike, lora_dir: str | os.PathLike, name: str) -> Path:
+    """Copy the peft adapter folder ``source`` into ``lora_dir/name`` so a running server serves it.
+
+    The copy goes to a hidden folder first and is renamed into place, so a request never sees a
+    half-written adapter; an adapter already published under ``name`` is replaced (a server that
+    has loaded the old one keeps it until its replica drops it: publish under a new name, e.g.
+    ``round-<r>``, to be sure the new one is used).
+
+    Raises:
+        ValueError: ``name`` is not a plain name, or ``source`` is not a peft adapter folder.
+    """
+    problem = name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    src = Path(source)
+    if not (src / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{src} is not a peft adapter folder (no {ADAPTER_CONFIG})")
+    root = Path(lora_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    shutil.copytree(src, staging)
+    target = root / name
+    if target.exists():
+        old = root / f".{name}.{uuid.uuid4().hex[:8]}.old"
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)
+    return target

@@ -1,0 +1,471 @@
+"""The fault scenarios on a :class:`two_node.TwoNodeCluster`: one function each, returning its figures.
+
+Each runs a stage the way a user does (``python -m nat_ray.cli ...`` as a driver joined to the
+cluster through ``RAY_ADDRESS``), kills the worker node (or a replica) mid-run, lets the stage
+finish by itself, and measures what was lost, repeated and how long recovery took. The test
+module asserts on the figures; ``benchmarks/faults.py`` writes them to
+``benchmarks/results/faults.json``. A scenario leaves the cluster with two nodes again (a fresh
+worker node joins after a kill), so the next one starts from the same shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from integration.two_node import TwoNodeCluster
+from nat_ray import nat_data as columns
+from nat_ray import records
+from nat_ray.paths import PARTS_DIR
+
+SAMPLE_CORPUS = str(Path(columns.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz")
+ENGINE_ACTOR = "RolloutWorker"  # in the process title of a rollout engine actor
+TRAIN_WORKER = "RayTrainWorker"  # in the process title of a Ray Train worker
+
+
+class ScenarioError(RuntimeError):
+    """A scenario could not run to its kill (the stage failed or stalled before it)."""
+
+
+def _driver(cluster: TwoNodeCluster, args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "nat_ray.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # Ray folds log lines that differ only in numbers ("step 3/6 ...") into "[repeated]":
+            # the scenarios read every step line.
+            env=cluster.driver_env(PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0"),
+            start_new_session=True,
+        )
+
+
+def _stop_driver(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _tail(log: Path, chars: int = 4000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else ""
+
+
+def _wait(what: str, check, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc.poll() is not None:
+            raise ScenarioError(f"the driver exited ({proc.returncode}) before {what}:\n{_tail(log)}")
+        time.sleep(0.5)
+    raise ScenarioError(f"no {what} within {timeout_s:.0f} s:\n{_tail(log)}")
+
+
+def _runs_on(node, marker: str) -> bool:
+    return any(marker in line for line in node.cmdlines())
+
+
+def _rejoin(cluster: TwoNodeCluster) -> None:
+    """After a kill: wait until the head has let the dead node go, then start a fresh worker node."""
+    cluster.wait_node_dead()
+    cluster.start_worker()
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Rollout
+
+
+def rollout_config(out: Path, model: str, limit: int = 12) -> dict:
+    """Two engine actors of one CPU each (Ray Data spreads them over the nodes); a part per trajectory."""
+    return {
+        "engine": {"model": model, "max_model_len": 2048, "kv_cache_gb": 1},
+        "agent": {"max_turns": 2, "max_new_tokens": 48},
+        "tools": {"search_corpus": SAMPLE_CORPUS},
+        "rollout": {
+            "output_dir": str(out),
+            "tasks": ["gsm8k"],
+            "limit": limit,
+            "temperatures": [0.5, 0.9],
+            "batch_size": 4,
+            "max_in_flight": 4,
+            "num_engines": 2,
+            "engine_num_cpus": 1,
+            "flush_rows": 1,
+        },
+    }
+
+
+def rollout_node_kill(cluster: TwoNodeCluster, work: Path, model: str, kill_after_rows: int = 4) -> dict:
+    """Rollout with an engine on each node; the worker node killed once ``kill_after_rows`` are written.
+
+    Returns:
+        ``planned``, ``written``, ``lost``, ``duplicated``, ``rows_before_kill``, ``engine_on_both_nodes``,
+        ``worker_node_processes_killed`` / ``_process_groups`` / ``_survivors``, ``repeats_dropped``
+        (rows of retried batches the driver had already written), ``regenerated_passes``,
+        ``seconds_to_node_dead`` (kill until the head marks the node dead), ``seconds_kill_to_done``
+        (kill until the driver exits), ``exit_code``, ``seconds``, ``log`` (the driver's output tail).
+    """
+    out = work / "rollout"
+    cfg = rollout_config(out, model)
+    cfg_path = work / "rollout.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    planned = len(range(cfg["rollout"]["limit"])) * len(cfg["rollout"]["temperatures"])
+    log = work / "rollout.log"
+    began = time.monotonic()
+    proc = _driver(cluster, ["rollout", "--config", str(cfg_path)], log)
+
+    def rows_written() -> int:
+        try:
+            return len(records.read_rows(out / PARTS_DIR))
+        except Exception:  # noqa: BLE001 - a part being renamed into place
+            return 0
+
+    try:
+        _wait(
+            "engine actor on both nodes",
+            lambda: _runs_on(cluster.worker, ENGINE_ACTOR) and _runs_on(cluster.head, ENGINE_ACTOR),
+            proc,
+            log,
+            600,
+        )
+        _wait(f"{kill_after_rows} rows written", lambda: rows_written() >= kill_after_rows, proc, log, 600)
+        rows_before = rows_written()
+        both = _runs_on(cluster.worker, ENGINE_ACTOR) and _runs_on(cluster.head, ENGINE_ACTOR)
+        groups = {os.getpgid(p.pid) for p in cluster.worker.processes()}
+        killed_at = time.monotonic()
+        killed = cluster.kill_worker_node()
+        survivors = cluster.worker.survivors()
+        dead_after = cluster.wait_node_dead()
+        try:
+            code = proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            code = None
+        done_after = time.monotonic() - killed_at
+    finally:
+        _stop_driver(proc)
+    ids = Counter(r[columns.TRAJECTORY_ID] for r in records.read_rows(out / PARTS_DIR))
+    text = log.read_text(errors="replace")
+    _rejoin(cluster)
+    return {
+        "planned": planned,
+        "written": sum(ids.values()),
+        "lost": max(0, planned - len(ids)),
+        "duplicated": sum(n - 1 for n in ids.values()),
+        "rows_before_kill": rows_before,
+        "engine_on_both_nodes": both,
+        "worker_node_processes_killed": len(killed),
+        "worker_node_process_groups": len(groups),
+        "worker_node_survivors": len(survivors),
+        "repeats_dropped": sum(
+            int(n) for n in re.findall(r"dropped (\d+) trajectories already received", text)
+        ),
+        "regenerated_passes": text.count("did not come back"),
+        "seconds_to_node_dead": round(dead_after, 1),
+        "seconds_kill_to_done": round(done_after, 1),
+        "exit_code": code,
+        "seconds": round(time.monotonic() - began, 1),
+        "log": _tail(log, 2500),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Training
+
+
+def train_config(data: Path, storage: Path, model: str, steps: int, checkpoint_every: int) -> dict:
+    """LoRA on the tiny model, one worker per node (``placement_strategy: SPREAD``), restarts allowed."""
+    return {
+        "train": {
+            "base_model": model,
+            "data": [str(data)],
+            "variant": "nat",
+            "mode": "lora",
+            "zero_stage": 2,
+            "lora_rank": 8,
+            "lora_target_modules": ["q_proj", "v_proj"],
+            "max_length": 512,
+            "packing": True,
+            "epochs": 100,
+            "max_steps": steps,
+            "global_batch_size": 2,
+            "micro_batch_size": 1,
+            "num_workers": 2,
+            "use_gpu": False,
+            "learning_rate": 1e-3,
+            "warmup_ratio": 0.0,
+            "checkpoint_every": checkpoint_every,
+            "keep_checkpoints": 2,
+            "storage_path": str(storage),
+            "run_name": "faults",
+            "placement_strategy": "SPREAD",
+            "max_failures": 2,
+        }
+    }
+
+
+STEP_LINE = re.compile(r"step (\d+)/(\d+) .*?loss ([0-9.]+)")
+CKPT_LINE = re.compile(r"checkpoint (step_\S+) saved")
+RESUME_LINE = re.compile(r"resuming \S+ at step (\d+) of (\d+)")
+
+
+def train_node_kill(
+    cluster: TwoNodeCluster, work: Path, model: str, steps: int = 6, checkpoint_every: int = 2
+) -> dict:
+    """Training with a worker on each node; the worker node killed after the first checkpoint and one more step.
+
+    Returns:
+        ``planned_steps``, ``final_step``, ``history_steps`` (the result's loss curve, by step),
+        ``checkpoint_step`` (where the restarted group resumed), ``last_step_before_kill``,
+        ``steps_redone`` (steps taken before the kill and again after it: those after the checkpoint),
+        ``loss_redone`` (per redone step: loss before and after), ``restarted_by_itself``,
+        ``workers_on_both_nodes``, ``seconds_kill_to_resumed``, ``seconds_kill_to_done``,
+        ``exit_code``, ``seconds``, ``log``.
+    """
+    from rows import math_row  # tests/rows.py
+
+    data = work / "train-data"
+    data.mkdir(parents=True, exist_ok=True)
+    records.write_rows([math_row(i, c) for i in range(2) for c in (True, False)], data / "part-0.parquet")
+    cfg_path = work / "train.yaml"
+    cfg_path.write_text(yaml.safe_dump(train_config(data, work / "runs", model, steps, checkpoint_every)))
+    result_path = work / "train-result.json"
+    log = work / "train.log"
+    began = time.monotonic()
+    proc = _driver(cluster, ["train", "--config", str(cfg_path), "--json", str(result_path)], log)
+
+    def steps_logged(text: str) -> list[tuple[int, float]]:
+        return [(int(m.group(1)), float(m.group(3))) for m in STEP_LINE.finditer(text)]
+
+    try:
+        _wait(
+            "train worker on both nodes",
+            lambda: _runs_on(cluster.worker, TRAIN_WORKER) and _runs_on(cluster.head, TRAIN_WORKER),
+            proc,
+            log,
+            600,
+        )
+        both = True
+        _wait(
+            f"a step after the checkpoint of step {checkpoint_every}",
+            lambda: (
+                CKPT_LINE.search(_tail(log, 20000))
+                and any(s > checkpoint_every for s, _ in steps_logged(_tail(log, 20000)))
+            ),
+            proc,
+            log,
+            600,
+        )
+        killed_at = time.monotonic()
+        cluster.kill_worker_node()
+        text_before = log.read_text(errors="replace")
+        mark = len(text_before)
+        resumed_after = None
+        code = None
+        while time.monotonic() - killed_at < 900:
+            if resumed_after is None and RESUME_LINE.search(log.read_text(errors="replace")[mark:]):
+                resumed_after = time.monotonic() - killed_at
+            if proc.poll() is not None:
+                code = proc.returncode
+                break
+            time.sleep(0.5)
+        done_after = time.monotonic() - killed_at
+    finally:
+        _stop_driver(proc)
+    text_after = log.read_text(errors="replace")[mark:]
+    before = steps_logged(text_before)
+    after = steps_logged(text_after)
+    resume = RESUME_LINE.search(text_after)
+    checkpoint_step = int(resume.group(1)) if resume else None
+    last_before = max((s for s, _ in before), default=0)
+    loss_before = dict(before)
+    result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    history = result.get("history", [])
+    _rejoin(cluster)
+    redone = sorted({s for s, _ in after} & set(loss_before))
+    return {
+        "planned_steps": steps,
+        "final_step": result.get("step"),
+        "history_steps": [h["step"] for h in history],
+        "checkpoint_step": checkpoint_step,
+        "last_step_before_kill": last_before,
+        "steps_redone": len(redone),
+        "loss_redone": {s: [loss_before[s], dict(after)[s]] for s in redone},
+        "restarted_by_itself": resume is not None and code == 0,
+        "workers_on_both_nodes": both,
+        "seconds_kill_to_resumed": round(resumed_after, 1) if resumed_after is not None else None,
+        "seconds_kill_to_done": round(done_after, 1),
+        "exit_code": code,
+        "seconds": round(time.monotonic() - began, 1),
+        "log": _tail(log, 2500),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Serving
+
+
+LLM_REPLICA = "ServeReplica"  # with "LLM" in the same title: the vLLM replica's process
+
+
+def serve_config(model: str, port: int) -> dict:
+    return {
+        "engine": {"model": model, "max_model_len": 2048, "kv_cache_gb": 1, "max_num_seqs": 16},
+        "agent": {"max_turns": 2, "max_new_tokens": 32},
+        "tools": {"search_corpus": SAMPLE_CORPUS},
+        "serve": {
+            "port": port,
+            "tasks": ["gsm8k"],
+            "tool_min_replicas": 1,
+            "tool_max_replicas": 1,
+            "request_timeout_s": 300,
+        },
+    }
+
+
+def _llm_replicas(cluster: TwoNodeCluster) -> list[tuple[int, str]]:
+    found = []
+    for node in (cluster.head, cluster.worker):
+        for proc in node.processes():
+            with contextlib.suppress(Exception):
+                title = " ".join(proc.cmdline())
+                if LLM_REPLICA in title and "LLM" in title.split(LLM_REPLICA, 1)[1]:
+                    found.append((proc.pid, title[:160]))
+    return found
+
+
+class _Load:
+    """``clients`` threads sending short chat completions back to back; every answer is kept."""
+
+    def __init__(self, url: str, model: str, clients: int) -> None:
+        import threading
+
+        self.url = url
+        self.model = model
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.results: list[tuple[float, float, int]] = []  # (sent, answered, status); 0 = no answer
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        import requests
+
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            body = {
+                "model": self.model,
+                "messages": [{"role": "user", "content": f"Count to {3 + (i + n) % 5}."}],
+                "max_tokens": 12,
+                "temperature": 0.0,
+            }
+            sent = time.monotonic()
+            try:
+                status = requests.post(f"{self.url}/v1/chat/completions", json=body, timeout=300).status_code
+            except requests.RequestException:
+                status = 0
+            with self.lock:
+                self.results.append((sent, time.monotonic(), status))
+            if status != 200:
+                time.sleep(0.5)  # a client that backs off, as the 503 asks
+
+    def ok_count(self) -> int:
+        with self.lock:
+            return sum(1 for _, _, s in self.results if s == 200)
+
+    def __enter__(self) -> _Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=310)
+
+
+def serve_replica_kill(
+    cluster: TwoNodeCluster, work: Path, model: str, port: int, clients: int = 4, after_s: float = 20.0
+) -> dict:
+    """``nat-ray serve`` on the cluster, ``clients`` chat clients; the vLLM replica's process SIGKILLed.
+
+    Recovery is the first request sent after the kill that is answered 200; requests sent before it
+    (in flight at the kill or during the restart) count as "during", those sent after it as "after".
+    Load goes on ``after_s`` seconds past recovery.
+
+    Returns:
+        ``replica`` (the killed process), ``requests``, ``failed_during``, ``failed_after``,
+        ``failure_statuses`` (status -> count; 0 = no answer), ``seconds_to_recover``,
+        ``ok_after``, ``exit_code`` (of the stopped server), ``seconds``, ``log``.
+    """
+    import requests
+
+    cfg_path = work / "serve.yaml"
+    cfg_path.write_text(yaml.safe_dump(serve_config(model, port)))
+    log = work / "serve.log"
+    began = time.monotonic()
+    env_key = os.environ.pop("NAT_RAY_API_KEY", None)  # an open endpoint: the key is another test's
+    try:
+        proc = _driver(cluster, ["serve", "--config", str(cfg_path)], log)
+    finally:
+        if env_key is not None:
+            os.environ["NAT_RAY_API_KEY"] = env_key
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait("server up", lambda: "nat-ray is serving" in _tail(log), proc, log, 600)
+        served = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+        with _Load(url, served, clients) as load:
+            _wait("answers before the kill", lambda: load.ok_count() >= 2 * clients, proc, log, 300)
+            replicas = _llm_replicas(cluster)
+            if len(replicas) != 1:
+                raise ScenarioError(f"expected one LLM replica process, found {replicas}")
+            pid, title = replicas[0]
+            killed_at = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            recovered_at = None
+            deadline = killed_at + 600
+            while time.monotonic() < deadline:
+                with load.lock:
+                    oks = [answered for sent, answered, s in load.results if s == 200 and sent > killed_at]
+                if oks:
+                    recovered_at = min(oks)
+                    break
+                time.sleep(0.5)
+            if recovered_at is not None:
+                time.sleep(after_s)
+        results = list(load.results)
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the server shuts Serve down
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                pass
+        code = proc.returncode
+        _stop_driver(proc)
+    first_ok_sent = min((sent for sent, _, s in results if s == 200 and sent > killed_at), default=None)
+    during = [s for sent, _, s in results if s != 200 and (first_ok_sent is None or sent < first_ok_sent)]
+    after = [s for sent, _, s in results if s != 200 and first_ok_sent is not None and sent >= first_ok_sent]
+    return {
+        "replica": title,
+        "requests": len(results),
+        "failed_during": len(during),
+        "failed_after": len(after),
+        "failure_statuses": dict(Counter(during + after)),
+        "seconds_to_recover": round(recovered_at - killed_at, 1) if recovered_at is not None else None,
+        "ok_after": sum(1 for sent, _, s in results if s == 200 and first_ok_sent and sent >= first_ok_sent),
+        "exit_code": code,
+        "seconds": round(time.monotonic() - began, 1),
+        "log": _tail(log, 2500),
+    }

@@ -1,0 +1,74 @@
+"""The closed loop's rollout engines (issue 17): two rounds on one engine actor, the second with an adapter."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from nat_ray import nat_data as columns
+from nat_ray import records
+from nat_ray.config import NatRayConfig, from_dict
+from nat_ray.paths import PARTS_DIR
+
+pytestmark = pytest.mark.integration
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "hotload.py"
+
+
+def _config(out: Path, embedded_path: str) -> NatRayConfig:
+    return from_dict(
+        NatRayConfig,
+        {
+            "engine": {"model": embedded_path, "max_model_len": 1024, "kv_cache_gb": 1, "max_num_seqs": 8},
+            "agent": {"max_turns": 2, "max_new_tokens": 32},
+            "rollout": {
+                "output_dir": str(out),
+                "tasks": ["gsm8k"],
+                "limit": 3,
+                "temperatures": [0.0],
+                "batch_size": 2,
+                "max_in_flight": 4,
+                "num_engines": 1,
+                "tool_actors": False,
+            },
+        },
+    )
+
+
+def test_the_next_round_loads_its_adapter_into_the_running_engine(tmp_path, embedded_path, local_ray):
+    import ray
+
+    from nat_ray.engine_pool import rollout_with_pool, start_pool
+
+    spec = importlib.util.spec_from_file_location("bench_hotload", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    adapter = bench.make_adapter(embedded_path, tmp_path / "adapter")
+
+    pool = start_pool(_config(tmp_path / "round-0", embedded_path))
+    try:
+        pid = ray.get(pool.actors[0].ready.remote())
+        first = rollout_with_pool(_config(tmp_path / "round-0", embedded_path), pool, None, progress=False)
+        second = rollout_with_pool(
+            _config(tmp_path / "round-1", embedded_path), pool, str(adapter), progress=False
+        )
+        assert ray.get(pool.actors[0].ready.remote()) == pid  # the same engine process served both rounds
+        again = rollout_with_pool(
+            _config(tmp_path / "round-1", embedded_path), pool, str(adapter), progress=False
+        )
+    finally:
+        pool.close()
+    assert (
+        first["generated"] == second["generated"] == 3 and again["skipped"] == 3
+    )  # resumes as run_rollout does
+    base = {r[columns.QUESTION_ID]: r for r in records.read_rows(tmp_path / "round-0" / PARTS_DIR)}
+    tuned = {r[columns.QUESTION_ID]: r for r in records.read_rows(tmp_path / "round-1" / PARTS_DIR)}
+    assert set(base) == set(tuned)
+    assert all(r[columns.MODEL].endswith(f"+lora:{adapter.resolve()}") for r in tuned.values())
+    assert not set(r[columns.TRAJECTORY_ID] for r in base.values()) & set(
+        r[columns.TRAJECTORY_ID] for r in tuned.values()
+    )
+    # greedy decoding: only the adapter can make a round-1 trajectory differ from round 0's
+    assert any(base[q][columns.TRAJECTORY] != tuned[q][columns.TRAJECTORY] for q in base)

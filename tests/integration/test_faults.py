@@ -1,0 +1,66 @@
+"""Faults on a real two-node Ray cluster (issue #18): a node lost mid-rollout, mid-training, a replica lost under load.
+
+One :class:`two_node.TwoNodeCluster` (head and worker node as two ``ray start`` processes, token
+auth on) serves the module; each scenario (``fault_scenarios.py``, shared with
+``benchmarks/faults.py``) runs a stage as a driver joined to it, SIGKILLs the worker node's raylet
+and workers mid-run, and a fresh worker node joins before the next one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from helpers import free_port  # tests/helpers.py
+
+from integration.fault_scenarios import rollout_node_kill, serve_replica_kill, train_node_kill
+from integration.two_node import TwoNodeCluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with TwoNodeCluster() as two_nodes:
+        yield two_nodes
+    assert not two_nodes.stop(), "processes of the test cluster survived"
+
+
+def test_the_worker_node_is_a_node_of_its_own_and_its_kill_takes_all_its_processes(cluster):
+    worker = cluster.worker
+    processes = worker.processes()
+    titles = " ".join(" ".join(p.cmdline()) for p in processes)
+    assert "raylet" in titles, titles
+    # The raylet and its agents are in the `ray start` process group, so the group kill reaches them.
+    assert all(os.getpgid(p.pid) == worker.proc.pid for p in processes)
+    assert cluster.alive_nodes() == 2
+
+
+def test_rollout_survives_losing_a_node_with_no_trajectory_lost_or_twice(cluster, tmp_path, embedded_path):
+    got = rollout_node_kill(cluster, tmp_path, embedded_path)
+    assert got["engine_on_both_nodes"], got["log"]
+    assert got["worker_node_processes_killed"] > 3 and got["worker_node_survivors"] == 0, got
+    assert got["exit_code"] == 0, got["log"]
+    assert 0 < got["rows_before_kill"] < got["planned"]
+    assert got["lost"] == 0 and got["duplicated"] == 0, got
+    assert got["written"] == got["planned"]
+    assert cluster.alive_nodes() == 2  # a fresh worker node joined for the next scenario
+
+
+def test_training_restarts_from_its_checkpoint_after_losing_a_node(cluster, tmp_path, embedded_path):
+    got = train_node_kill(cluster, tmp_path, embedded_path, steps=6, checkpoint_every=2)
+    assert got["workers_on_both_nodes"], got["log"]
+    assert got["restarted_by_itself"] and got["exit_code"] == 0, got["log"]
+    assert got["final_step"] == got["planned_steps"] == 6
+    # The loss curve continues from the checkpoint: every step once, the redone ones replaced.
+    assert got["history_steps"] == list(range(1, 7)), got
+    assert got["checkpoint_step"] is not None and got["checkpoint_step"] % 2 == 0
+    assert got["checkpoint_step"] < got["last_step_before_kill"]
+    assert got["steps_redone"] == got["last_step_before_kill"] - got["checkpoint_step"]
+
+
+def test_a_killed_llm_replica_costs_at_most_503s_and_none_after_recovery(cluster, tmp_path, embedded_path):
+    got = serve_replica_kill(cluster, tmp_path, embedded_path, free_port())
+    assert got["seconds_to_recover"] is not None, got["log"]
+    assert set(got["failure_statuses"]) <= {503}, got  # retryable, never a 500 or a dropped connection
+    assert got["failed_after"] == 0 and got["ok_after"] > 0, got

@@ -1,0 +1,145 @@
+"""The closed loop end to end on the embedded model: two rounds of real rollout (Ray Data + vLLM),
+LoRA training (Ray Train + DeepSpeed) and evaluation, then a re-run that must resume, not redo.
+
+Sized to the smallest that still trains: StrategyQA (yes/no, so a round has positives and
+negatives), 3 questions x 2 samples per round, one optimizer step, 3 test questions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from nat_ray.config import NatRayConfig, from_dict
+from nat_ray.loop import PLOT_FILE, run_loop
+from nat_ray.paths import PACKAGE_DATA_DIR, PARTS_DIR
+
+pytestmark = pytest.mark.integration
+
+TINY = {
+    "engine": {"model": "embedded", "max_model_len": 1024, "kv_cache_gb": 0.5, "max_num_seqs": 16},
+    "agent": {"max_turns": 3, "max_new_tokens": 64},
+    "rollout": {
+        "tasks": ["strategyqa"],
+        "limit": 3,
+        "temperatures": [0.7],
+        "samples": 2,
+        "num_calculators": 1,
+    },
+    "train": {
+        "mode": "lora",
+        "variant": "nat",
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "max_length": 384,
+        "epochs": 1,
+        "global_batch_size": 2,
+        "micro_batch_size": 1,
+        "num_workers": 2,
+        "learning_rate": 2.0e-4,
+        "warmup_ratio": 0.0,
+        "zero_stage": 2,
+        "max_steps": 1,
+        "checkpoint_every": 1,
+    },
+    "eval": {"tasks": ["strategyqa"], "split": "test", "limit": 3, "seeds": [0]},
+    # The shipped 592-paragraph corpus: the full one (when ../shared is there) takes minutes to index.
+    "tools": {"search_corpus": str(PACKAGE_DATA_DIR / "hotpotqa" / "corpus_sample.jsonl.gz")},
+    "loop": {"name": "tiny-loop", "rounds": 2, "evaluate_base": False, "carry_rounds": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def loop_run(local_ray, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = from_dict(NatRayConfig, {**TINY, "loop": {**TINY["loop"], "runs_dir": str(runs)}})
+    started = time.time()
+    first = run_loop(cfg)
+    first_seconds = time.time() - started
+    started = time.time()
+    second = run_loop(cfg)
+    return cfg, Path(first["run_dir"]), first, first_seconds, second, time.time() - started
+
+
+def test_two_rounds_publish_adapters_and_write_the_table_and_plot(loop_run):
+    _, run_dir, first, seconds, _, _ = loop_run
+    print(f"two rounds took {seconds:.0f}s")
+    assert [r["round"] for r in first["rounds"]] == [0, 1]
+    assert first["stopped"].startswith("ran loop.rounds = 2")
+    for r in (0, 1):
+        adapter = run_dir / "adapters" / f"round-{r}"
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["r"] == 8 and (adapter / "adapter_model.safetensors").stat().st_size > 0
+        assert (adapter / "CHECKSUMS.sha256").is_file()
+        manifest = json.loads((run_dir / "rounds" / str(r) / "manifest.json").read_text())
+        assert all(manifest["stages"][s]["status"] == "done" for s in ("rollout", "train", "eval", "publish"))
+    # Round 1 collected with round 0's agent and, with carry_rounds=1, trained on both rounds' data.
+    round1 = first["rounds"][1]
+    assert round1["collected_with"] == "round-0"
+    assert round1["trained_on"] == first["rounds"][0]["trajectories"] + round1["trajectories"] == 12
+    # Round 1's rollout ran on the engines round 0 started, with round 0's adapter hot-loaded.
+    import pyarrow.parquet as pq
+
+    models = {
+        r: set(
+            pq.read_table(run_dir / "rounds" / str(r) / "rollout" / PARTS_DIR, columns=["model"])[
+                "model"
+            ].to_pylist()
+        )
+        for r in (0, 1)
+    }
+    assert not any("+lora:" in m for m in models[0])
+    (tuned,) = models[1]
+    base, _, adapter = tuned.partition("+lora:")
+    assert models[0] == {base} and Path(adapter) == Path(first["rounds"][0]["adapter"]).resolve()
+    text = (run_dir / "results.md").read_text()
+    assert "Smoke test, not a measurement" in text
+    assert "| round-0 |" in text and "| round-1 |" in text and "n=3" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
+    assert len(rows) == 2
+    assert (run_dir / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [0, 1]
+
+
+def test_mlflow_holds_the_loop_and_its_stages_with_metrics(loop_run):
+    from mlflow.tracking import MlflowClient
+
+    _, run_dir, first, _, _, _ = loop_run
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    experiment = client.get_experiment_by_name("tiny-loop")
+    runs = client.search_runs([experiment.experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    parent = by_name["tiny-loop"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["loop.rounds"] == "2"
+    scores = client.get_metric_history(parent.info.run_id, "score")
+    assert [m.step for m in scores] == [0, 1]
+    assert [m.value for m in scores] == [r["score"] for r in first["rounds"]]
+    for r in (0, 1):
+        for stage in ("rollout", "train", "eval", "publish"):
+            run = by_name[f"round-{r}/{stage}"]
+            assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            assert run.info.status == "FINISHED"
+    assert by_name["round-1/train"].data.metrics["examples"] > 0
+    assert client.get_metric_history(by_name["round-0/train"].info.run_id, "loss")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.md", "results.json", PLOT_FILE} <= artifacts
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_rerun_resumes_without_redoing_finished_rounds(loop_run):
+    from mlflow.tracking import MlflowClient
+
+    _, run_dir, first, seconds, second, rerun_seconds = loop_run
+    assert rerun_seconds < 30 < seconds
+    assert [r["score"] for r in second["rounds"]] == [r["score"] for r in first["rounds"]]
+    assert second["rounds"][1]["adapter"] == first["rounds"][1]["adapter"]
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("tiny-loop").experiment_id])
+    # The re-run logged into the same parent and opened no stage run of its own.
+    assert sum(r.info.run_name == "tiny-loop" for r in runs) == 1
+    assert len(runs) == 1 + 2 * 4
