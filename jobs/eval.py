@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/eval.py --config configs/eval.yaml [--set key=value ...]`
+"""`ray job submit --working-dir . -- "$PWD/.venv/bin/python" jobs/eval.py --config configs/eval.yaml [--set key=value ...]`
 
 A thin entry point: the same code path as `nat-ray eval`.
 """

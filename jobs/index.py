@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/index.py [--set key=value ...]`
+"""`ray job submit --working-dir . -- "$PWD/.venv/bin/python" jobs/index.py [--set key=value ...]`
 
 A thin entry point: the same code path as `nat-ray index`.
 """

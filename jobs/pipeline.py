@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/pipeline.py --config configs/pipeline.yaml [--set key=value ...]`
+"""`ray job submit --working-dir . -- "$PWD/.venv/bin/python" jobs/pipeline.py --config configs/default.yaml [--set key=value ...]`
 
 A thin entry point: the same code path as `nat-ray pipeline`.
 """
