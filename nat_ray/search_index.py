@@ -138,7 +138,7 @@ def ensure_index(
     with _build_lock(folder):
         if rebuild and folder.exists():
             log.warning("rebuilding the search index %s; the old one is set aside", folder)
-            _set_aside_folder(folder)
+            safe_files.set_aside(folder)
         info = _check(folder, full_check)
         if info is not None and not info.repaired:
             return info
@@ -169,16 +169,6 @@ def _in_ray_driver() -> bool:
     return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is None
 
 
-def _set_aside_folder(folder: Path) -> Path:
-    target = folder.with_name(folder.name + ".damaged")
-    n = 1
-    while target.exists():
-        n += 1
-        target = folder.with_name(f"{folder.name}.damaged{n}")
-    os.replace(folder, target)
-    return target
-
-
 def _check(folder: Path, full_check: bool = False) -> IndexInfo | None:
     """The index as found (its damaged files still in place, listed in ``repaired``), or None: build it."""
     try:
@@ -189,7 +179,7 @@ def _check(folder: Path, full_check: bool = False) -> IndexInfo | None:
         log.warning(
             "search index manifest is damaged (%s); set aside as %s, rebuilding",
             err.why,
-            _set_aside_folder(folder),
+            safe_files.set_aside(folder),
         )
         return None
     if manifest.get("version") != index_store.FORMAT_VERSION:
@@ -199,7 +189,7 @@ def _check(folder: Path, full_check: bool = False) -> IndexInfo | None:
             manifest.get("version"),
             index_store.FORMAT_VERSION,
         )
-        _set_aside_folder(folder)
+        safe_files.set_aside(folder)
         return None
     # Hashing a multi-GB index in every search process would take seconds each: above HASH_ALL_BYTES
     # only sizes and .npy headers are checked (a truncated copy is still caught); `nat-ray index` hashes all.
@@ -211,7 +201,7 @@ def _check(folder: Path, full_check: bool = False) -> IndexInfo | None:
         )
     if any(name.endswith(".rows.npy") for name in damaged):
         log.warning("a rows file of %s is damaged: the whole index is rebuilt", folder)
-        _set_aside_folder(folder)
+        safe_files.set_aside(folder)
         return None
     return IndexInfo(folder, manifest, repaired=tuple(damaged))
 

@@ -120,3 +120,42 @@ def serve_http(handler: type[BaseHTTPRequestHandler] | Responder) -> Iterator[st
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=10)
+
+
+def processes_under(temp_dir: str) -> list:
+    """Processes (not this one) started with ``temp_dir`` on their command line or as their cwd.
+
+    A local Ray cluster started with ``--temp-dir`` owns exactly these, so a test can stop its own
+    cluster without ``ray stop`` (which would stop every Ray on the machine).
+    """
+    import os
+
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        if p.pid == os.getpid():
+            continue
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if temp_dir in cmdline or (p.info["cwd"] or "").startswith(temp_dir):
+            found.append(p)
+    return found
+
+
+def kill_processes_under(temp_dir: str) -> list[str]:
+    """Kill :func:`processes_under` ``temp_dir`` (three tries), remove the folder; return survivors' command lines."""
+    import shutil
+
+    import psutil
+
+    for _ in range(3):
+        left = processes_under(temp_dir)
+        if not left:
+            break
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(left, timeout=10)
+    left = [f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}" for p in processes_under(temp_dir)]
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return left

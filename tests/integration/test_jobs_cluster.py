@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import HttpRequest, free_port, free_ports, serve_http  # tests/helpers.py
+from helpers import HttpRequest, free_port, free_ports, kill_processes_under, serve_http  # tests/helpers.py
 
 pytestmark = pytest.mark.integration
 
@@ -128,27 +127,12 @@ class RayHead:
             time.sleep(0.5)
         pytest.fail(f"ray start --head did not come up in {timeout_s:.0f} s:\n{self.output()}")
 
-    def _leftovers(self) -> list:
-        import psutil
-
-        found = []
-        for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
-            if p.pid == os.getpid():
-                continue
-            cmdline = " ".join(p.info["cmdline"] or [])
-            cwd = p.info["cwd"] or ""
-            if self.temp_dir in cmdline or cwd.startswith(self.temp_dir):
-                found.append(p)
-        return found
-
     def stop(self) -> list[str]:
         """Stop every process of this cluster (and only those), then remove its temp dir.
 
         Returns:
             the command lines of processes that survived (none, normally).
         """
-        import psutil
-
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -161,17 +145,7 @@ class RayHead:
             self.proc.wait()
         # Job drivers start their own sessions, and raylets may move workers to new groups:
         # whatever still runs from this temp dir is this cluster's.
-        for _ in range(3):
-            left = self._leftovers()
-            if not left:
-                break
-            for p in left:
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
-            psutil.wait_procs(left, timeout=10)
-        left = [f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}" for p in self._leftovers()]
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        return left
+        return kill_processes_under(self.temp_dir)
 
 
 # --------------------------------------------------------------------------------------------

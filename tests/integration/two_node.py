@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 import psutil
-from helpers import SHARED_MACHINE_ENV, free_ports  # tests/helpers.py
+from helpers import SHARED_MACHINE_ENV, free_ports, kill_processes_under  # tests/helpers.py
 
 # The environment the tests run in: `ray` and `python` resolve here, for the nodes and the drivers.
 BIN_DIR = Path(sys.executable).parent
@@ -263,34 +262,12 @@ class TwoNodeCluster:
             return []
         return self.worker.kill()
 
-    def _leftovers(self) -> list[psutil.Process]:
-        found = []
-        mine = {os.getpid()}
-        for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
-            if p.pid in mine:
-                continue
-            cmdline = " ".join(p.info["cmdline"] or [])
-            cwd = p.info["cwd"] or ""
-            if self.temp_dir in cmdline or cwd.startswith(self.temp_dir):
-                found.append(p)
-        return found
-
     def stop(self) -> list[str]:
         """Kill this cluster's processes (and only those), remove its temp dir; returns survivors."""
         for node in (self.worker, self.head):
             if node is not None:
                 node.kill()
-        for _ in range(3):
-            left = self._leftovers()
-            if not left:
-                break
-            for p in left:
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
-            psutil.wait_procs(left, timeout=10)
-        left = [f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}" for p in self._leftovers()]
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        return left
+        return kill_processes_under(self.temp_dir)
 
     def __enter__(self) -> TwoNodeCluster:
         try:
