@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 
 from nat_ray.config import EngineConfig
@@ -23,6 +24,8 @@ from nat_ray.masks import chat_ids
 from nat_ray.react import CONTEXT_OVERFLOW, Generation, Sampling
 
 log = logging.getLogger(__name__)
+
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # in-process engines not yet closed
 
 
 def render_prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
@@ -64,6 +67,7 @@ class VLLMEngine:
         log.info("starting vLLM on %s (%s)", self.model_path, "GPU" if gpu else "CPU")
         with _environ({} if gpu else CPU_IN_PROCESS_ENV):
             self.llm = vllm.LLM(**kwargs)
+        _OPEN.add(self)
         self.tokenizer = self.llm.get_tokenizer()
         self._vllm = vllm
         from vllm.sampling_params import RequestOutputKind
@@ -138,10 +142,24 @@ class VLLMEngine:
         )
 
     def close(self) -> None:
-        """Stop vLLM's engine process now rather than at interpreter exit."""
+        """Stop vLLM's engine now rather than at interpreter exit.
+
+        On the CPU build the engine runs in this process, and vLLM's shutdown tears down its
+        process-wide distributed state: another in-process engine that is still open cannot
+        generate after that. Give each engine a process of its own (a Ray actor or task) when
+        several must live and end independently.
+        """
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
+        _OPEN.discard(self)
+        if llm is None:
+            return
+        if len(_OPEN):
+            log.warning(
+                "closing one of %d in-process vLLM engines: vLLM's shutdown ends its process-wide state, "
+                "so the others in this process can no longer generate",
+                len(_OPEN) + 1,
+            )
+        llm.llm_engine.engine_core.shutdown()
 
     def _params(self, s: Sampling, max_tokens: int):
         return self._vllm.SamplingParams(

@@ -39,8 +39,14 @@ def local_ray(_ray_session):
     return ray
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_engine(embedded_path):
+    """An in-process vLLM engine, one per module.
+
+    Not per session: closing an in-process vLLM engine tears down vLLM's process-wide distributed
+    state, so a module that builds and closes its own in-process engine (``nat-ray agent`` and
+    ``nat-ray eval`` run in the test process) would leave a session-wide one unable to step.
+    """
     from nat_ray.engines.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(
