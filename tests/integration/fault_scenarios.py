@@ -37,7 +37,7 @@ class ScenarioError(RuntimeError):
     """A scenario could not run to its kill (the stage failed or stalled before it)."""
 
 
-def _driver(cluster: TwoNodeCluster, args: list[str], log: Path) -> subprocess.Popen:
+def _driver(cluster: TwoNodeCluster, args: list[str], log: Path, **env: str) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "nat_ray.cli", *args],
@@ -45,7 +45,7 @@ def _driver(cluster: TwoNodeCluster, args: list[str], log: Path) -> subprocess.P
             stderr=subprocess.STDOUT,
             # Ray folds log lines that differ only in numbers ("step 3/6 ...") into "[repeated]":
             # the scenarios read every step line.
-            env=cluster.driver_env(PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0"),
+            env=cluster.driver_env(PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0", **env),
             start_new_session=True,
         )
 
@@ -347,11 +347,12 @@ def _llm_replicas(cluster: TwoNodeCluster) -> list[tuple[int, str]]:
 class _Load:
     """``clients`` threads sending short chat completions back to back; every answer is kept."""
 
-    def __init__(self, url: str, model: str, clients: int) -> None:
+    def __init__(self, url: str, model: str, clients: int, headers: dict | None = None) -> None:
         import threading
 
         self.url = url
         self.model = model
+        self.headers = headers or {}
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.results: list[tuple[float, float, int]] = []  # (sent, answered, status); 0 = no answer
@@ -371,7 +372,9 @@ class _Load:
             }
             sent = time.monotonic()
             try:
-                status = requests.post(f"{self.url}/v1/chat/completions", json=body, timeout=300).status_code
+                status = requests.post(
+                    f"{self.url}/v1/chat/completions", json=body, headers=self.headers, timeout=300
+                ).status_code
             except requests.RequestException:
                 status = 0
             with self.lock:
@@ -394,10 +397,106 @@ class _Load:
             thread.join(timeout=310)
 
 
+# Every route of the app, the body it needs (``model`` is filled in), and its answer with the key.
+DOOR_ROUTES = (
+    ("GET", "/healthz", None, 200),
+    ("GET", "/v1/models", None, 200),
+    (
+        "POST",
+        "/v1/agent",
+        {"task": "gsm8k", "question": "What is 2 + 3?", "max_turns": 1, "max_tokens": 8},
+        200,
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4},
+        200,
+    ),
+    ("POST", "/v1/completions", {"prompt": "One, two,", "max_tokens": 4}, 200),
+    ("GET", "/no/such/route", None, 404),
+)
+WRONG_KEYS = ("no key", "wrong key", "key in the query string", "key without Bearer")
+
+
+def _wrong(what: str, key: str) -> tuple[dict, dict]:
+    """The headers and query parameters of one call that lacks the key."""
+    return {
+        "no key": ({}, {}),
+        "wrong key": ({"Authorization": f"Bearer not-{key}"}, {}),
+        "key in the query string": ({}, {"api_key": key}),
+        "key without Bearer": ({"Authorization": key}, {}),
+    }[what]
+
+
+def knock(url: str, key: str, model: str) -> dict:
+    """Every route of the app without the key (:data:`WRONG_KEYS`) and through the OpenAI client with
+    another key; then every route with the key.
+
+    Returns:
+        ``calls_without_key``, ``answered_401`` and ``not_401`` (the calls that were not, with their
+        status), ``with_key`` (route -> status, and whether it is the route's answer),
+        ``openai_client`` (the error a stranger's client gets; whether the right key answers).
+    """
+    import openai
+    import requests
+
+    calls, refused, not_401, with_key = 0, 0, [], {}
+    for method, path, body, ok in DOOR_ROUTES:
+        if body is not None and path != "/v1/agent":
+            body = {**body, "model": model}
+        for what in WRONG_KEYS:
+            headers, params = _wrong(what, key)
+            calls += 1
+            try:
+                status = requests.request(
+                    method, url + path, json=body, headers=headers, params=params, timeout=60
+                ).status_code
+            except requests.RequestException as err:
+                status = f"no answer: {type(err).__name__}"
+            if status == 401:
+                refused += 1
+            else:
+                not_401.append({"route": f"{method} {path}", "call": what, "status": status})
+        status = requests.request(
+            method, url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=300
+        ).status_code
+        with_key[f"{method} {path}"] = {"status": status, "as_expected": status == ok}
+    calls += 1
+    stranger = openai.OpenAI(base_url=f"{url}/v1", api_key=f"not-{key}", max_retries=0, timeout=60)
+    try:
+        stranger.models.list()
+        stranger_error = "none: answered"
+        not_401.append({"route": "openai client", "call": "another key", "status": 200})
+    except openai.AuthenticationError as err:
+        stranger_error, refused = f"AuthenticationError {err.status_code}", refused + 1
+    except openai.OpenAIError as err:
+        stranger_error = type(err).__name__
+        not_401.append({"route": "openai client", "call": "another key", "status": stranger_error})
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=300)
+    answer = client.completions.create(model=model, prompt="One, two,", max_tokens=4, temperature=0)
+    return {
+        "calls_without_key": calls,
+        "answered_401": refused,
+        "not_401": not_401,
+        "with_key": with_key,
+        "openai_client": {"another_key": stranger_error, "its_key_answers": bool(answer.choices[0].text)},
+    }
+
+
 def serve_replica_kill(
-    cluster: TwoNodeCluster, work: Path, model: str, port: int, clients: int = 4, after_s: float = 20.0
+    cluster: TwoNodeCluster,
+    work: Path,
+    model: str,
+    port: int,
+    clients: int = 4,
+    after_s: float = 20.0,
+    api_key: str | None = None,
 ) -> dict:
     """``nat-ray serve`` on the cluster, ``clients`` chat clients; the vLLM replica's process SIGKILLed.
+
+    With ``api_key``, the server starts with it as ``$NAT_RAY_API_KEY``, the clients send it, and
+    after recovery :func:`knock` tries every route without it (``door`` in the figures).
 
     Recovery is the first request sent after the kill that is answered 200; requests sent before it
     (in flight at the kill or during the restart) count as "during", those sent after it as "after".
@@ -406,7 +505,8 @@ def serve_replica_kill(
     Returns:
         ``replica`` (the killed process), ``requests``, ``failed_during``, ``failed_after``,
         ``failure_statuses`` (status -> count; 0 = no answer), ``seconds_to_recover``,
-        ``ok_after``, ``exit_code`` (of the stopped server), ``seconds``, ``log``.
+        ``ok_after``, ``exit_code`` (of the stopped server), ``seconds``, ``log``; ``door``
+        with ``api_key``.
     """
     import requests
 
@@ -414,17 +514,20 @@ def serve_replica_kill(
     cfg_path.write_text(yaml.safe_dump(serve_config(model, port)))
     log = work / "serve.log"
     began = time.monotonic()
-    env_key = os.environ.pop("NAT_RAY_API_KEY", None)  # an open endpoint: the key is another test's
+    env_key = os.environ.pop("NAT_RAY_API_KEY", None)  # the key of this call only, or none
     try:
-        proc = _driver(cluster, ["serve", "--config", str(cfg_path)], log)
+        extra = {"NAT_RAY_API_KEY": api_key} if api_key else {}
+        proc = _driver(cluster, ["serve", "--config", str(cfg_path)], log, **extra)
     finally:
         if env_key is not None:
             os.environ["NAT_RAY_API_KEY"] = env_key
     url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    door = None
     try:
         _wait("server up", lambda: "nat-ray is serving" in _tail(log), proc, log, 600)
-        served = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-        with _Load(url, served, clients) as load:
+        served = requests.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+        with _Load(url, served, clients, headers) as load:
             _wait("answers before the kill", lambda: load.ok_count() >= 2 * clients, proc, log, 300)
             replicas = _llm_replicas(cluster)
             if len(replicas) != 1:
@@ -444,6 +547,8 @@ def serve_replica_kill(
             if recovered_at is not None:
                 time.sleep(after_s)
         results = list(load.results)
+        if api_key and recovered_at is not None:
+            door = knock(url, api_key, served)
     finally:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -467,5 +572,6 @@ def serve_replica_kill(
         "ok_after": sum(1 for sent, _, s in results if s == 200 and first_ok_sent and sent >= first_ok_sent),
         "exit_code": code,
         "seconds": round(time.monotonic() - began, 1),
+        **({"door": door} if api_key else {}),
         "log": _tail(log, 2500),
     }

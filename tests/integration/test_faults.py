@@ -9,6 +9,7 @@ and workers mid-run, and a fresh worker node joins before the next one.
 from __future__ import annotations
 
 import os
+import secrets
 
 import pytest
 from helpers import free_port  # tests/helpers.py
@@ -60,7 +61,12 @@ def test_training_restarts_from_its_checkpoint_after_losing_a_node(cluster, tmp_
 
 
 def test_a_killed_llm_replica_costs_at_most_503s_and_none_after_recovery(cluster, tmp_path, embedded_path):
-    got = serve_replica_kill(cluster, tmp_path, embedded_path, free_port())
+    got = serve_replica_kill(cluster, tmp_path, embedded_path, free_port(), api_key=secrets.token_urlsafe(24))
     assert got["seconds_to_recover"] is not None, got["log"]
     assert set(got["failure_statuses"]) <= {503}, got  # retryable, never a 500 or a dropped connection
     assert got["failed_after"] == 0 and got["ok_after"] > 0, got
+    # The restarted server still wants the key: every call without it is a 401, every route answers with it.
+    door = got["door"]
+    assert door["calls_without_key"] > 20 and door["answered_401"] == door["calls_without_key"], door
+    assert all(r["as_expected"] for r in door["with_key"].values()), door
+    assert door["openai_client"]["its_key_answers"], door
