@@ -360,6 +360,33 @@ def bench_sequential(cfg, questions) -> dict:
 # Phase 3: agent loop vs raw vLLM in one engine
 
 
+def raw_generate(llm, prompts: list[list[int]], seeds: list[int], per_seq: int) -> tuple[int, float]:
+    """Raw ``llm.generate`` of ``per_seq`` tokens for each prompt (token ids), prefix cache reset first.
+
+    Phase 3b's measurement (also used by ``benchmarks/scale_stages.py``): ``ignore_eos`` with
+    ``min_tokens = max_tokens = per_seq``, the agent's temperature and top-p, one seed per request.
+    Returns ``(generated tokens, seconds)``.
+    """
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(
+            temperature=TEMPERATURE,
+            top_p=1.0,
+            max_tokens=per_seq,
+            min_tokens=per_seq,
+            ignore_eos=True,
+            seed=seed,
+        )
+        for seed in seeds
+    ]
+    llm.reset_prefix_cache()
+    started = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    return sum(len(o.outputs[0].token_ids) for o in outputs), seconds
+
+
 def bench_agent_vs_raw(cfg, questions) -> dict:
     from vllm import SamplingParams
 
@@ -419,22 +446,7 @@ def bench_agent_vs_raw(cfg, questions) -> dict:
 
         # (b) raw offline generation: same N sequences, same total tokens, same engine
         per_seq = max(1, round(agent_tokens / n))
-        params = [
-            SamplingParams(
-                temperature=TEMPERATURE,
-                top_p=1.0,
-                max_tokens=per_seq,
-                min_tokens=per_seq,
-                ignore_eos=True,
-                seed=seed,
-            )
-            for seed in first_seeds
-        ]
-        llm.reset_prefix_cache()
-        t2 = time.perf_counter()
-        outputs = llm.generate([{"prompt_token_ids": ids} for ids in first_prompts], params, use_tqdm=False)
-        raw_s = time.perf_counter() - t2
-        raw_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        raw_tokens, raw_s = raw_generate(llm, first_prompts, first_seeds, per_seq)
         log.info(
             "phase 3b: raw vLLM: %d sequences x %d tokens = %d tokens in %.1fs (%.1f tok/s)",
             n,

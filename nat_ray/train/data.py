@@ -6,6 +6,11 @@ optional packing (:mod:`nat_ray.packing`) -> a fixed, seeded :class:`Schedule`: 
 worker trains on at each step. Every rank gets its own table of rows in step order, so the rows a
 rank sees at step k are the same in every attempt and a resumed run continues with exactly the
 data it had not seen yet. :func:`step_batches` turns a rank's rows back into micro-batches.
+
+``nat-ray train`` streams these steps on Ray Data (:mod:`nat_ray.train.prepare`), which calls the
+per-example functions here (:func:`tokenize_example`, :func:`apply_overlong`); the in-memory
+versions (:func:`read_trajectories` ... :func:`prepare_rows`, :func:`rank_table`) hold everything
+in one list and serve small data, benchmarks and the tests that check the streamed path against them.
 """
 
 from __future__ import annotations
@@ -44,15 +49,18 @@ REQUIRED_COLUMNS = (
 # Trajectories -> examples
 
 
-def read_trajectories(paths: Sequence[str]) -> list[dict]:
-    """All trajectory rows of ``train.data`` (files or folders of ``*.parquet``).
+def trajectory_files(paths: Sequence[str]) -> list[str]:
+    """The trajectory Parquet files of ``train.data`` (files or folders of ``*.parquet``), checked.
+
+    Reads only the files' footers: their schemas and row counts.
 
     Raises:
         DataError: a path is missing, holds no Parquet, lacks trajectory columns, or all are empty.
     """
     import pyarrow.parquet as pq
 
-    rows: list[dict] = []
+    out: list[str] = []
+    num_rows = 0
     for raw in paths:
         path = Path(raw).expanduser()
         if not path.exists():
@@ -65,19 +73,32 @@ def read_trajectories(paths: Sequence[str]) -> list[dict]:
             raise DataError(f"train.data: folder {raw} holds no .parquet files")
         for file in files:
             try:
-                names = set(pq.read_schema(file).names)
+                meta = pq.read_metadata(file)
             except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
                 raise DataError(f"train.data: {file} is not a readable Parquet file: {err}") from None
-            missing = [c for c in REQUIRED_COLUMNS if c not in names]
+            missing = [c for c in REQUIRED_COLUMNS if c not in meta.schema.to_arrow_schema().names]
             if missing:
                 raise DataError(
                     f"train.data: {file} is not a trajectory file: it lacks columns {missing} "
                     "(expected the schema of nat_ray.records)"
                 )
-        rows.extend(records.read_rows(path))
-    if not rows:
+            num_rows += meta.num_rows
+            out.append(str(file))
+    if not num_rows:
         raise DataError(f"train.data: {list(paths)} hold no trajectories")
-    return rows
+    return out
+
+
+def read_trajectories(paths: Sequence[str]) -> list[dict]:
+    """All trajectory rows of ``train.data`` in one list: for small data and tests.
+
+    Training streams them instead (:func:`nat_ray.train.prepare.prepare_data`).
+
+    Raises:
+        DataError: as :func:`trajectory_files`.
+    """
+    trajectory_files(paths)
+    return [row for raw in paths for row in records.read_rows(Path(raw).expanduser())]
 
 
 def select_examples(
@@ -121,6 +142,13 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def tokenize_example(tokenizer, ex: nat_data.ChatExample, max_length: int | None) -> TokenizedExample:
+    """One example's token ids and labels: from the engine's stored ids when it has them, else its text."""
+    return tokenize_chat(
+        tokenizer, ex.messages, max_length, ex.prompt_messages, ex.turn_prompt_ids, ex.turn_completion_ids
+    )
+
+
 def tokenize_batch(batch, model_path: str, max_length: int):
     """Ray Data ``map_batches`` function: chat examples -> token ids and labels (truncated to max_length).
 
@@ -162,17 +190,7 @@ def tokenize_examples(
     """
     if len(examples) < RAY_DATA_MIN_EXAMPLES:
         tokenizer = load_tokenizer(model_path)
-        out = [
-            tokenize_chat(
-                tokenizer,
-                ex.messages,
-                max_length,
-                ex.prompt_messages,
-                ex.turn_prompt_ids,
-                ex.turn_completion_ids,
-            )
-            for ex in examples
-        ]
+        out = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
         _warn_fallbacks(out)
         return out
     import ray
@@ -225,6 +243,29 @@ def _warn_fallbacks(tokenized: Sequence[TokenizedExample | None]) -> None:
     log.info("tokenised examples by source: %s", counts)
 
 
+def apply_overlong(
+    tokenized: Sequence[TokenizedExample], names: Sequence[str], overlong: str
+) -> tuple[list[int], dict]:
+    """Positions of the examples kept under ``train.overlong`` (and with a loss token), and counts.
+
+    Args:
+        names: each example's trajectory id, for the debug log.
+    """
+    kept, stats = [], {"truncated": 0, "dropped_overlong": 0, "dropped_no_loss": 0}
+    for i, (ex, name) in enumerate(zip(tokenized, names)):
+        if ex.truncated:
+            if overlong == "drop":
+                stats["dropped_overlong"] += 1
+                log.debug("dropping over-long example %s", name)
+                continue
+            stats["truncated"] += 1
+        if ex.num_loss_tokens == 0:  # e.g. truncation cut off every agent turn
+            stats["dropped_no_loss"] += 1
+            continue
+        kept.append(i)
+    return kept, stats
+
+
 def finalize_examples(
     tokenized: Sequence[TokenizedExample], examples: Sequence[nat_data.ChatExample], overlong: str
 ) -> tuple[list[TokenizedExample], dict]:
@@ -233,21 +274,10 @@ def finalize_examples(
     Raises:
         DataError: nothing is left to train on.
     """
-    kept, stats = [], {"truncated": 0, "dropped_overlong": 0, "dropped_no_loss": 0}
-    for ex, chat in zip(tokenized, examples):
-        if ex.truncated:
-            if overlong == "drop":
-                stats["dropped_overlong"] += 1
-                log.debug("dropping over-long example %s", chat.trajectory_id)
-                continue
-            stats["truncated"] += 1
-        if ex.num_loss_tokens == 0:  # e.g. truncation cut off every agent turn
-            stats["dropped_no_loss"] += 1
-            continue
-        kept.append(ex)
+    kept, stats = apply_overlong(tokenized, [ex.trajectory_id for ex in examples], overlong)
     if not kept:
         raise DataError(f"no example is left to train on after the max_length check: {stats}")
-    return kept, stats
+    return [tokenized[i] for i in kept], stats
 
 
 def prepare_rows(

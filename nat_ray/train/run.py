@@ -21,17 +21,11 @@ from pathlib import Path
 from nat_ray import safe_files
 from nat_ray.config import NatRayConfig, TrainConfig
 from nat_ray.errors import ConfigError
+from nat_ray.nat_data import get_variant
 from nat_ray.ray_runtime import init_ray
 from nat_ray.train.checkpoints import checkpoint_folders, set_aside_damaged
-from nat_ray.train.data import (
-    load_tokenizer,
-    make_schedule,
-    pad_token_id,
-    prepare_rows,
-    rank_table,
-    read_trajectories,
-    select_examples,
-)
+from nat_ray.train.data import load_tokenizer, make_schedule, pad_token_id, trajectory_files
+from nat_ray.train.prepare import prepare_data, rank_dataset
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +184,9 @@ def run_train(cfg: NatRayConfig) -> dict:
     model_path = resolve_model(t.base_model)
     if t.mode == "lora":
         check_lora_targets_for(model_path, t.lora_target_modules)
-    trajectories = read_trajectories(t.data)
-    examples, selection = select_examples(t, trajectories)
+    # Bad input fails here, before Ray starts; the rows are read on Ray Data below.
+    files = trajectory_files(t.data)
+    get_variant(t.variant)
     storage = storage_root(t.storage_path)
     local = "://" not in storage
     run_dir = Path(storage) / t.run_name
@@ -202,8 +197,9 @@ def run_train(cfg: NatRayConfig) -> dict:
     fingerprint = run_fingerprint(t, model_path, gpu)
     resumed = check_resume(run_dir, fingerprint) if local else False
     ray.data.DataContext.get_current().enable_progress_bars = False
-    rows, data_stats = prepare_rows(t, examples, selection, model_path)
-    schedule = make_schedule(len(rows), t)
+    prepared = prepare_data(t, model_path, files)
+    data_stats = prepared.stats
+    schedule = make_schedule(prepared.num_rows, t)
     log.info(
         "train %s: %d examples -> %d rows (%d tokens, %d with loss; %d truncated, %d dropped), "
         "%d steps (%d per epoch, %d micro-batches per worker per step), %s",
@@ -222,8 +218,7 @@ def run_train(cfg: NatRayConfig) -> dict:
     if local:
         write_fingerprint(run_dir, fingerprint)
     datasets = {
-        f"rank{r}": ray.data.from_arrow(rank_table(rows, schedule.rank_stream(r, t.seed)))
-        for r in range(t.num_workers)
+        f"rank{r}": rank_dataset(prepared, schedule.rank_stream(r, t.seed)) for r in range(t.num_workers)
     }
     config = {
         "train": asdict(t),

@@ -1,0 +1,504 @@
+"""Training data, streamed: trajectory Parquet -> selection -> token ids -> packed rows, on Ray Data.
+
+Nothing here holds the trajectories in one Python list. Two passes over ``train.data``:
+
+1. **Selection** (light): ``read_parquet`` -> per row a few features (:func:`trajectory_features`:
+   verdict, empty, unfinished, F1 = 0, a hash of the agent's turns) -> ``groupby(question_id)``
+   -> :func:`select_in_question` marks each trajectory positive, negative or why it is dropped
+   (empty, duplicate, unfinished, F1 = 0), exactly as :func:`nat_ray.nat_data.select_trajectories`
+   does. The driver gathers only ``(question_id, trajectory_id, status)`` and draws the seeded
+   sample (:func:`sample_selection`). The draw is the one of ``select_trajectories`` (one
+   ``random.Random(sample_seed)``, positives then negatives, over the rows sorted by question and
+   trajectory id), because ``num_positives`` / ``num_negatives`` are totals over all questions:
+   a per-question draw could not honour them. The draw needs only indices, so it stays cheap.
+2. **Examples** (heavy): ``read_parquet`` again -> keep the selected rows and give each its index
+   in the selection (positives first, as NAT) and a chunk (``index // CHUNK_EXAMPLES``) ->
+   ``groupby(chunk)`` -> :func:`prepare_chunk` builds, tokenises, applies ``train.overlong`` and
+   packs each chunk's examples (in index order) -> a materialized dataset of packed rows.
+
+Row ``i`` of the run is the i-th row in (chunk, position) order, fixed by the data and the config
+whatever Ray's block layout, so every attempt (and a resume) sees the same rows at step k. Each
+rank's dataset (:func:`rank_dataset`) is gathered from those blocks by Ray tasks in the order of
+its :meth:`~nat_ray.train.data.Schedule.rank_stream`. The driver keeps per-row lengths only.
+
+The pure functions (features, per-question selection, the draw, a chunk's rows) need no Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nat_ray import nat_data
+from nat_ray.config import TrainConfig
+from nat_ray.errors import DataError
+from nat_ray.masks import FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK, IGNORE_INDEX
+from nat_ray.packing import PackedSequence, pack_examples, single_rows
+from nat_ray.train.data import apply_overlong, load_tokenizer, tokenize_example, trajectory_files
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_PARTITION = 5000  # trajectories per hash-shuffle partition (groupby)
+MAX_PARTITIONS = 32
+CHUNK_EXAMPLES = 512  # examples packed together; more packs tighter, fewer keeps each task small
+STATUS = "status"
+POSITIVE, NEGATIVE = "positive", "negative"
+DROP_REASONS = ("empty", "duplicate_positive", "duplicate_negative", "unfinished", "zero_f1")
+SELECTION_COLUMNS = (
+    nat_data.TRAJECTORY_ID,
+    nat_data.QUESTION_ID,
+    nat_data.TRAJECTORY,
+    nat_data.CORRECT_PAPER,
+    nat_data.CORRECT_ROBUST,
+    nat_data.FINISHED,
+    nat_data.F1,
+)
+EXAMPLE_COLUMNS = (
+    nat_data.TRAJECTORY_ID,
+    nat_data.TASK,
+    nat_data.FAMILY,
+    nat_data.QUESTION_ID,
+    nat_data.QUESTION,
+    nat_data.TRAJECTORY,
+    nat_data.FINISHED,
+    nat_data.CORRECT_PAPER,
+    nat_data.CORRECT_ROBUST,
+    nat_data.F1,
+    nat_data.FAILURE_REASON,
+    nat_data.TASK_SOURCE,
+    nat_data.TASK_HASH,
+    nat_data.TURN_PROMPT_IDS,
+    nat_data.TURN_COMPLETION_IDS,
+)
+COUNTS = ("truncated", "dropped_overlong", "dropped_no_loss", FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK)
+ROW_COLUMNS = ("input_ids", "labels", "position_ids", "example_ids", "lengths")
+
+
+# --------------------------------------------------------------------------------------------
+# Pass 1: selection (pure functions, then their Ray Data wrappers)
+
+
+def trajectory_features(row: dict, label_mode: str) -> dict:
+    """What selection needs of one trajectory row: ids, verdict, drop flags, a key of its turns."""
+    turns = nat_data.agent_turns(row)
+    f1 = row.get(nat_data.F1)
+    return {
+        nat_data.TRAJECTORY_ID: str(row[nat_data.TRAJECTORY_ID]),
+        nat_data.QUESTION_ID: str(row[nat_data.QUESTION_ID]),
+        "positive": nat_data.is_positive(row, label_mode),
+        "empty": not any(t["role"] == "assistant" for t in turns),
+        # As select_trajectories: a null `finished` counts as unfinished.
+        "unfinished": not row.get(nat_data.FINISHED, True),
+        "zero_f1": f1 is not None and float(f1) == 0.0,
+        # Exact duplicates of a question's negatives share this key (sha256 of the turns).
+        "turns_key": hashlib.sha256(
+            json.dumps([(t["role"], t["content"]) for t in turns]).encode()
+        ).hexdigest(),
+    }
+
+
+def select_in_question(
+    features: Sequence[dict], drop_unfinished_negatives: bool, drop_zero_f1_negatives: bool
+) -> list[str]:
+    """Each trajectory's status within its question: positive, negative, or a drop reason.
+
+    The rules of :func:`nat_ray.nat_data.select_trajectories`, one question at a time: in
+    trajectory-id order, empty ones are dropped, the first positive is kept, and negatives are
+    cleaned (optionally unfinished and F1 = 0 ones) and deduplicated by their turns.
+
+    Args:
+        features: :func:`trajectory_features` of one question's trajectories, any order.
+
+    Returns:
+        One status per input, in input order.
+    """
+    status = [""] * len(features)
+    seen_positive, seen_turns = False, set()
+    for i in sorted(range(len(features)), key=lambda i: features[i][nat_data.TRAJECTORY_ID]):
+        f = features[i]
+        if f["empty"]:
+            status[i] = "empty"
+        elif f["positive"]:
+            status[i] = "duplicate_positive" if seen_positive else POSITIVE
+            seen_positive = True
+        elif drop_unfinished_negatives and f["unfinished"]:
+            status[i] = "unfinished"
+        elif drop_zero_f1_negatives and f["zero_f1"]:
+            status[i] = "zero_f1"
+        elif f["turns_key"] in seen_turns:
+            status[i] = "duplicate_negative"
+        else:
+            seen_turns.add(f["turns_key"])
+            status[i] = NEGATIVE
+    return status
+
+
+def features_batch(batch, label_mode: str):
+    """``map_batches``: trajectory rows -> :func:`trajectory_features` (drops the text)."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([trajectory_features(r, label_mode) for r in batch.to_pylist()])
+
+
+def select_group(group, drop_unfinished_negatives: bool, drop_zero_f1_negatives: bool):
+    """``map_groups`` over one question: ``(question_id, trajectory_id, status)``.
+
+    A trajectory id seen twice (the same trajectory in two files) counts once.
+    """
+    import pyarrow as pa
+
+    features = list({f[nat_data.TRAJECTORY_ID]: f for f in group.to_pylist()}.values())
+    status = select_in_question(features, drop_unfinished_negatives, drop_zero_f1_negatives)
+    return pa.table(
+        {
+            nat_data.QUESTION_ID: pa.array([f[nat_data.QUESTION_ID] for f in features], pa.string()),
+            nat_data.TRAJECTORY_ID: pa.array([f[nat_data.TRAJECTORY_ID] for f in features], pa.string()),
+            STATUS: pa.array(status, pa.string()),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Selected:
+    """The draw: trajectory ids in example order (positives first), and what was dropped."""
+
+    trajectory_ids: list[str]
+    positives: int
+    negatives: int
+    dropped: dict[str, int]
+
+
+def sample_selection(
+    statuses,
+    variant: nat_data.Variant,
+    num_positives: int | None,
+    num_negatives: int | None,
+    seed: int,
+) -> Selected:
+    """The seeded draw of :func:`nat_ray.nat_data.build_examples` over per-question statuses.
+
+    Args:
+        statuses: pyarrow table ``(question_id, trajectory_id, status)`` of every trajectory.
+
+    Raises:
+        DataError: more positives or negatives asked for than exist; no positive; a variant that
+            needs negatives finds none.
+    """
+    import pyarrow.compute as pc
+
+    ordered = statuses.sort_by([(nat_data.QUESTION_ID, "ascending"), (nat_data.TRAJECTORY_ID, "ascending")])
+    status = ordered[STATUS]
+    counts = {r: pc.sum(pc.equal(status, r)).as_py() or 0 for r in DROP_REASONS}
+    ids = {
+        kind: ordered.filter(pc.equal(status, kind))[nat_data.TRAJECTORY_ID].to_pylist()
+        for kind in (POSITIVE, NEGATIVE)
+    }
+    rng = random.Random(seed)
+    # Indices, not rows: random.sample picks the same positions from any sequence of a length.
+    pos = nat_data._sample(range(len(ids[POSITIVE])), num_positives, rng, "positives")
+    neg = nat_data._sample(
+        range(len(ids[NEGATIVE])), num_negatives if variant.negatives else 0, rng, "negatives"
+    )
+    if not pos:
+        raise DataError(f"variant {variant.name!r} found no positive trajectories to train on")
+    if variant.negatives and not neg:
+        raise DataError(f"variant {variant.name!r} needs negative trajectories, but the data has none")
+    chosen = [ids[POSITIVE][i] for i in pos] + [ids[NEGATIVE][i] for i in neg]
+    log.info(
+        "%s: %d positives + %d negatives (dropped %s)",
+        variant.name,
+        len(pos),
+        len(neg),
+        {k: v for k, v in counts.items() if v},
+    )
+    return Selected(chosen, len(pos), len(neg), counts)
+
+
+# --------------------------------------------------------------------------------------------
+# Pass 2: examples -> packed rows (pure functions, then their Ray Data wrappers)
+
+
+def chunk_rows(
+    rows: Sequence[dict],
+    indices: Sequence[int],
+    variant: str,
+    label_mode: str,
+    tokenizer,
+    max_length: int | None,
+    overlong: str,
+    packing: bool,
+) -> tuple[list, dict]:
+    """One chunk's trajectory rows -> packed rows, and counts of what ``train.overlong`` did.
+
+    Args:
+        rows: trajectory rows of the chunk, in selection order.
+        indices: their indices in the selection (the rows' ``example_ids``).
+
+    Returns:
+        ``([PackedSequence], {"truncated", "dropped_overlong", "dropped_no_loss", <token sources>})``.
+    """
+    tokenized = [
+        tokenize_example(tokenizer, nat_data.build_example(r, variant, label_mode), max_length) for r in rows
+    ]
+    kept, counts = apply_overlong(tokenized, [r[nat_data.TRAJECTORY_ID] for r in rows], overlong)
+    for ex in tokenized:
+        counts[ex.source] = counts.get(ex.source, 0) + 1
+    examples = [tokenized[k] for k in kept]
+    packed = pack_examples(examples, max_length) if packing else single_rows(examples)
+    # example_ids: the examples' indices in the whole selection, not in this chunk.
+    return [
+        PackedSequence(
+            r.input_ids, r.labels, r.position_ids, tuple(indices[kept[i]] for i in r.example_ids), r.lengths
+        )
+        for r in packed
+    ], counts
+
+
+def index_batch(batch, selected, chunk_examples: int):
+    """``map_batches``: keep the selected rows, with their selection ``index`` and ``chunk``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    position = pc.index_in(batch[nat_data.TRAJECTORY_ID], value_set=selected)
+    keep = pc.is_valid(position)
+    batch = batch.filter(keep)
+    index = position.filter(keep).cast(pa.int64())
+    return batch.append_column("index", index).append_column(
+        "chunk", pc.divide(index, pa.scalar(chunk_examples, pa.int64()))
+    )
+
+
+def pack_group(
+    group,
+    model_path: str,
+    variant: str,
+    label_mode: str,
+    max_length: int | None,
+    overlong: str,
+    packing: bool,
+):
+    """``map_groups`` over one chunk: packed rows with ``chunk``, ``pos``, their token counts,
+    and the chunk's counts on its first record (a chunk with no row left gives one non-row record)."""
+    import pyarrow as pa
+
+    rows, indices, seen = [], [], set()
+    for r in sorted(group.to_pylist(), key=lambda r: (r["index"], r.get("path") or "")):
+        if r["index"] not in seen:  # the same trajectory in two files: the first file's copy
+            seen.add(r["index"])
+            rows.append(r)
+            indices.append(r["index"])
+    chunk = rows[0]["chunk"]
+    packed, counts = chunk_rows(
+        rows, indices, variant, label_mode, load_tokenizer(model_path), max_length, overlong, packing
+    )
+    n = max(1, len(packed))
+    ints = pa.list_(pa.int32())
+    out = {
+        "chunk": pa.array([chunk] * n, pa.int64()),
+        "pos": pa.array(range(n), pa.int64()),
+        "is_row": pa.array([True] * len(packed) or [False]),
+        "input_ids": pa.array([r.input_ids for r in packed] or [[]], ints),
+        "labels": pa.array([r.labels for r in packed] or [[]], ints),
+        "position_ids": pa.array([r.position_ids for r in packed] or [[]], ints),
+        "example_ids": pa.array([list(r.example_ids) for r in packed] or [[]], pa.list_(pa.int64())),
+        "lengths": pa.array([list(r.lengths) for r in packed] or [[]], ints),
+        "tokens": pa.array([len(r) for r in packed] or [0], pa.int64()),
+        "loss_tokens": pa.array(
+            [sum(1 for x in r.labels if x != IGNORE_INDEX) for r in packed] or [0], pa.int64()
+        ),
+    }
+    for key in COUNTS:
+        out[key] = pa.array([counts.get(key, 0)] + [0] * (n - 1), pa.int64())
+    return pa.table(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass(frozen=True)
+class PreparedRows:
+    """The run's training rows, in the object store, and where each one is.
+
+    Attributes:
+        blocks: ObjectRefs of the packed-row Arrow blocks.
+        block_of: (rows,) int64, the block of row i.
+        offset_of: (rows,) int64, its offset in that block.
+        stats: the counts of :func:`nat_ray.train.data.prepare_rows`.
+    """
+
+    blocks: list
+    block_of: object
+    offset_of: object
+    stats: dict
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.block_of)
+
+
+def _summary(block):
+    """A block's light columns (no token ids)."""
+    return block.drop_columns(list(ROW_COLUMNS))
+
+
+def prepare_data(cfg: TrainConfig, model_path: str, files: Sequence[str] | None = None) -> PreparedRows:
+    """Stream ``cfg.data`` into packed training rows on Ray Data (Ray must be up).
+
+    Args:
+        files: :func:`~nat_ray.train.data.trajectory_files` of ``cfg.data`` when already checked.
+
+    Raises:
+        DataError: bad or empty files, a selection the data cannot give, nothing left to train on.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import ray
+
+    variant = nat_data.get_variant(cfg.variant)
+    files = list(files) if files is not None else trajectory_files(cfg.data)
+    common = set.intersection(*(set(pq.read_schema(f).names) for f in files))
+    # Hash-shuffle partitions: each is an actor, costly for small data; 2 keep both CPUs busy.
+    total = sum(pq.read_metadata(f).num_rows for f in files)
+    partitions = max(2, min(MAX_PARTITIONS, total // ROWS_PER_PARTITION))
+
+    def read(columns, paths: bool):
+        # select_columns after the read, not read_parquet(columns=...) (deprecated in Ray 2.60):
+        # Ray Data pushes the projection down into the Parquet read either way.
+        keep = [c for c in columns if c in common] + (["path"] if paths else [])
+        return ray.data.read_parquet(files, include_paths=paths).select_columns(keep)
+
+    selection = (
+        read(SELECTION_COLUMNS, paths=False)
+        .map_batches(features_batch, fn_kwargs={"label_mode": cfg.label_mode}, batch_format="pyarrow")
+        .groupby(nat_data.QUESTION_ID, num_partitions=partitions)
+        .map_groups(
+            select_group,
+            fn_kwargs={
+                "drop_unfinished_negatives": cfg.drop_unfinished_negatives,
+                "drop_zero_f1_negatives": cfg.drop_zero_f1_negatives,
+            },
+            batch_format="pyarrow",
+        )
+    )
+    statuses = pa.concat_tables(ray.get(selection.to_arrow_refs()))
+    if statuses.num_rows == 0:
+        raise DataError(f"train.data: {list(cfg.data)} hold no trajectories")
+    chosen = sample_selection(statuses, variant, cfg.num_positives, cfg.num_negatives, cfg.sample_seed)
+    rows = (
+        read(EXAMPLE_COLUMNS, paths=True)
+        .map_batches(
+            index_batch,
+            fn_kwargs={
+                "selected": pa.array(chosen.trajectory_ids, pa.string()),
+                "chunk_examples": CHUNK_EXAMPLES,
+            },
+            batch_format="pyarrow",
+        )
+        .groupby("chunk", num_partitions=partitions)
+        .map_groups(
+            pack_group,
+            fn_kwargs={
+                "model_path": model_path,
+                "variant": variant.name,
+                "label_mode": cfg.label_mode,
+                "max_length": cfg.max_length,
+                "overlong": cfg.overlong,
+                "packing": cfg.packing,
+            },
+            batch_format="pyarrow",
+        )
+        .materialize()
+    )
+    blocks = rows.to_arrow_refs()
+    summarize = ray.remote(_summary)
+    parts = ray.get([summarize.remote(b) for b in blocks])
+    light = pa.concat_tables(
+        [
+            p.append_column("block", pa.array([k] * p.num_rows, pa.int64())).append_column(
+                "offset", pa.array(range(p.num_rows), pa.int64())
+            )
+            for k, p in enumerate(parts)
+        ]
+    )
+    counts = {key: pc.sum(light[key]).as_py() or 0 for key in COUNTS}
+    order = light.filter(light["is_row"]).sort_by([("chunk", "ascending"), ("pos", "ascending")])
+    tokens = order["tokens"].to_numpy()
+    examples = chosen.positives + chosen.negatives - counts["dropped_overlong"] - counts["dropped_no_loss"]
+    cut = {k: counts[k] for k in ("truncated", "dropped_overlong", "dropped_no_loss")}
+    if examples == 0:
+        raise DataError(f"no example is left to train on after the max_length check: {cut}")
+    sources = {k: counts[k] for k in (FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK)}
+    if sources[FROM_TEXT_FALLBACK]:
+        log.warning(
+            "%d of %d examples with stored token ids did not match their text or the chat template "
+            "(another tokenizer, or a template that renders turns differently); tokenised from text",
+            sources[FROM_TEXT_FALLBACK],
+            sources[FROM_TEXT_FALLBACK] + sources[FROM_IDS],
+        )
+    stats = {
+        "positives": chosen.positives,
+        "negatives": chosen.negatives,
+        "selection_dropped": {k: v for k, v in chosen.dropped.items() if v},
+        **cut,
+        "examples": examples,
+        "token_sources": sources,
+        "rows": order.num_rows,
+        "tokens": int(tokens.sum()),
+        "loss_tokens": pc.sum(order["loss_tokens"]).as_py() or 0,
+        "packing_efficiency": round(int(tokens.sum()) / (order.num_rows * cfg.max_length), 4)
+        if cfg.packing and order.num_rows
+        else None,
+    }
+    return PreparedRows(blocks, order["block"].to_numpy(), order["offset"].to_numpy(), stats)
+
+
+def gather_rows(steps, micros, block_ids, offsets, *blocks):
+    """Ray task: one piece of a rank's stream as a table, rows taken from the packed blocks.
+
+    Args:
+        steps, micros: (n,) the stream's step and micro-batch of each entry.
+        block_ids: (n,) index into ``blocks`` of each entry's row; offsets: (n,) its offset there.
+        blocks: the packed-row blocks the piece needs.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    columns = list(ROW_COLUMNS)
+    starts = np.cumsum([0] + [b.num_rows for b in blocks])
+    table = pa.concat_tables([b.select(columns) for b in blocks]).take(pa.array(starts[block_ids] + offsets))
+    return table.add_column(0, "micro", pa.array(micros, pa.int64())).add_column(
+        0, "step", pa.array(steps, pa.int64())
+    )
+
+
+GATHER_ROWS = 2048  # stream entries per gather task
+
+
+def rank_dataset(prepared: PreparedRows, stream: Sequence[tuple[int, int, int]]):
+    """One rank's Ray dataset: its rows in stream order (``step``, ``micro``, then the row columns)."""
+    import numpy as np
+    import ray
+
+    gather = ray.remote(gather_rows)
+    entries = np.asarray(stream, dtype=np.int64).reshape(-1, 3)
+    refs = []
+    for start in range(0, len(entries), GATHER_ROWS):
+        part = entries[start : start + GATHER_ROWS]
+        rows = part[:, 2]
+        needed, local = np.unique(prepared.block_of[rows], return_inverse=True)
+        refs.append(
+            gather.remote(
+                part[:, 0],
+                part[:, 1],
+                local,
+                prepared.offset_of[rows],
+                *[prepared.blocks[k] for k in needed],
+            )
+        )
+    return ray.data.from_arrow_refs(refs)
