@@ -1,14 +1,16 @@
 """Benchmark of how each stage's cost grows with its work (issue 19), one section per stage.
 
-Run from the repository root (about 15 minutes on the 2-core CPU machine)::
+Run from the repository root (about 35 minutes on the 2-core CPU machine; it starts Ray and vLLM,
+so on a shared machine under the integration lock)::
 
     .venv/bin/python benchmarks/scale.py                   # every section
     .venv/bin/python benchmarks/scale.py --only ann        # one section; the others' results are kept
+    .venv/bin/python benchmarks/scale.py --quick           # small sizes: a smoke run of the machinery
 
-Writes ``benchmarks/results/scale.json`` (each section's figures under ``sections``, the headline
-figures at the top level) and ``benchmarks/results/scale.png`` (one panel per section). A section
-is a function in :data:`SECTIONS` returning its figures, plus a plot function; the rollout and
-data-preparation curves of the issue are further sections to add here.
+Writes ``benchmarks/results/scale.json`` (each section's figures under ``sections``, with its own
+``seconds`` and ``date``; the headline figures at the top level; ``seconds`` = the sum of the
+sections' wall clocks, the whole benchmark) and ``benchmarks/results/scale.png`` (a panel per
+section). A section is a function in :data:`SECTIONS` returning its figures, plus a plot function.
 
 Sections:
 
@@ -21,6 +23,14 @@ Sections:
 - ``ann``: recall@3 of the FAISS IVF index (:class:`nat_ray.index_store.AnnParams`) against exact
   search, and single-query latency p50/p99, at 10k, 100k and 1M synthetic 384-d normalized vectors
   in clusters (embedding 1M real paragraphs would take a day here), float16 as the shards store them.
+- ``data_prep`` (``scale_data.py``): the streamed training-data preparation at 1k, 10k and 100k
+  synthetic trajectories, seconds per row and the driver's peak RSS; ``data_prep_flatness``.
+- ``rollout_curve`` (``scale_stages.py``): the rollout stage on 32, 128 and 512 trajectories on one
+  engine actor kept up across sizes, seconds per trajectory and the driver's peak RSS;
+  ``rollout_time_flatness``, ``rollout_rss_flatness``.
+- ``headline_fractions`` (``scale_stages.py``): each stage as a fraction of this machine's limit,
+  measured side by side: rollout tokens/s / raw vLLM on the same prompts, the served agent at 32
+  clients / the engine's own batch-32 ceiling, Ray Train + DeepSpeed tokens/s / the bare step.
 """
 
 from __future__ import annotations

@@ -241,13 +241,19 @@ def select_trajectories(
             negatives[key] = row
     rng = random.Random(seed)
     return Selection(
-        _sample(list(positives.values()), num_positives, rng, "positives"),
-        _sample(list(negatives.values()), num_negatives, rng, "negatives"),
+        sample_rows(list(positives.values()), num_positives, rng, "positives"),
+        sample_rows(list(negatives.values()), num_negatives, rng, "negatives"),
         dropped,
     )
 
 
-def _sample(rows: list[dict], n: int | None, rng: random.Random, what: str) -> list[dict]:
+def sample_rows(rows: Sequence, n: int | None, rng: random.Random, what: str) -> list:
+    """``n`` of ``rows`` drawn with ``rng`` (all when ``n`` is None): the one seeded draw of the
+    selection, which the streamed preparation repeats on row positions.
+
+    Raises:
+        DataError: fewer rows than ``n``.
+    """
     if n is None:
         return rows
     if n > len(rows):

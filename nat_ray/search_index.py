@@ -264,19 +264,37 @@ def _write_ann(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 class Progress:
-    """Log lines with paragraphs/s and an ETA every :data:`PROGRESS_EVERY_S` seconds."""
+    """Log lines with paragraphs/s and an ETA: at the first vectors, then every :data:`PROGRESS_EVERY_S` seconds.
 
-    def __init__(self, total: int, what: str) -> None:
+    The ETA is priced in characters when ``chars`` are given: the corpus is embedded longest
+    first, so paragraphs/s early on would overstate what is left. With ``workers``, updates say
+    how many seconds the workers spent encoding (``busy_s``), so the first line's ETA is the
+    workers' own rate, not one that counts their start-up and model load.
+    """
+
+    def __init__(self, total: int, what: str, chars: int | None = None, workers: int = 0) -> None:
         self.total, self.what, self.done = total, what, 0
+        self.total_chars, self.done_chars = chars, 0
+        self.workers, self.busy_s = workers, 0.0
         self.started = self.last = time.perf_counter()
+        self.logged = False
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, chars: int | None = None, busy_s: float | None = None) -> None:
         self.done += n
+        self.done_chars += chars or 0
+        self.busy_s += busy_s or 0.0
         now = time.perf_counter()
-        if now - self.last >= PROGRESS_EVERY_S or self.done >= self.total:
-            self.last = now
+        if not self.logged or now - self.last >= PROGRESS_EVERY_S or self.done >= self.total:
+            self.last, self.logged = now, True
             rate = self.done / max(now - self.started, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            if self.total_chars and self.done_chars:
+                left = (self.total_chars - self.done_chars) / self.done_chars
+            else:
+                left = (self.total - self.done) / self.done if self.done else float("inf")
+            if self.workers and self.busy_s > 0:  # the work left at the workers' measured pace
+                eta = left * self.busy_s / self.workers
+            else:
+                eta = left * (now - self.started)
             log.info(
                 "%s: %d/%d paragraphs (%.0f%%), %.1f paragraphs/s, ETA %s",
                 self.what, self.done, self.total, 100 * self.done / self.total, rate, _duration(eta),
@@ -348,25 +366,30 @@ def _build(
     folder.mkdir(parents=True, exist_ok=True)
     order = index_store.length_order(texts)
     if use_ray:
+        # No estimate measured here: it would load the model into the driver (imports, weights and
+        # a sample batch: ~10 s of a 2-core machine's build) for a figure the actors' first vectors
+        # give anyway; the first progress line carries the ETA.
         actors, cpus, gpus = _workers(options)
         where = f"{actors} Ray Data actor(s) ({'1 GPU' if gpus else f'{cpus} CPU'} each)"
-        per_worker, sample = _estimate(texts, order, model_path, max(cpus, 1))
-        per_worker *= 10 if gpus else 1  # a guess: the sample ran on a CPU
-        workers = actors
+        log.info(
+            "building the search index of %d paragraphs (%s) with %s on %s, written to %s; "
+            "the ETA follows once the actors' first vectors are back",
+            len(texts), manifest["corpus"], model_path.name, where, folder,
+        )  # fmt: skip
     else:
         model = model or _load_local_model(model_path)
         threads = os.cpu_count() or 1  # a tool actor has 1 (Ray's OMP_NUM_THREADS for num_cpus=0)
-        where = f"this process ({threads} threads)"
         per_worker, sample = _estimate(texts, order, model_path, threads, model)
-        workers = 1
-    log.info(
-        "building the search index of %d paragraphs (%s) with %s on %s: about %s "
-        "(measured %.1f paragraphs/s per worker on %d paragraphs); written to %s",
-        len(texts), manifest["corpus"], model_path.name, where,
-        _duration(len(texts) / (per_worker * workers)), per_worker, sample, folder,
-    )  # fmt: skip
+        log.info(
+            "building the search index of %d paragraphs (%s) with %s in this process (%d threads): about %s "
+            "(measured %.1f paragraphs/s on %d paragraphs); written to %s",
+            len(texts), manifest["corpus"], model_path.name, threads,
+            _duration(len(texts) / per_worker), per_worker, sample, folder,
+        )  # fmt: skip
     writer = index_store.ShardWriter(folder, options.shard_rows)
-    progress = Progress(len(texts), "embedding the search corpus")
+    progress = Progress(
+        len(texts), "embedding the search corpus", sum(len(t) for t in texts), actors if use_ray else 0
+    )
     if use_ray:
         _embed_with_ray(texts, order, model_path, options, (actors, cpus, gpus), writer, progress)
     else:
@@ -374,7 +397,7 @@ def _build(
             for start in range(0, len(order), options.batch_size):
                 rows = order[start : start + options.batch_size]
                 writer.add(_encode(model, [texts[r] for r in rows], options.batch_size), rows)
-                progress.update(len(rows))
+                progress.update(len(rows), sum(len(texts[r]) for r in rows))
     shards = writer.close()
     dim = int(np.load(folder / shards[0]["file"], mmap_mode="r").shape[1])
     manifest.update(count=writer.count, dim=dim, shards=shards, ann=None)
@@ -405,8 +428,14 @@ class _Embedder:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         vectors = _encode(self.model, [str(t) for t in batch["text"]], self.batch_size)
-        return {"row": batch["row"], "embedding": vectors}
+        seconds = time.perf_counter() - started  # spread over the rows: a block's rows sum to it
+        return {
+            "row": batch["row"],
+            "embedding": vectors,
+            "encode_s": np.full(len(vectors), seconds / len(vectors)),
+        }
 
 
 def _embed_with_ray(
@@ -429,23 +458,31 @@ def _embed_with_ray(
         pa.table({"row": order[s : s + per_task], "text": [texts[r] for r in order[s : s + per_task]]})
         for s in range(0, len(order), per_task)
     ]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        _Embedder,
-        fn_constructor_kwargs={
-            "model_path": str(model_path),
-            "threads": cpus,
-            "batch_size": options.batch_size,
-            "device": "cuda" if gpus else "cpu",
-        },
-        batch_size=per_task,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus,
-        num_gpus=gpus,
-    )
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        writer.add(batch["embedding"], batch["row"])
-        progress.update(len(batch["row"]))
+    # A dataset keeps the context it was made in: Ray Data's own progress off before it is made
+    # (the driver logs its own progress lines).
+    ctx = ray.data.DataContext.get_current()
+    shown, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        ds = ray.data.from_arrow(blocks).map_batches(
+            _Embedder,
+            fn_constructor_kwargs={
+                "model_path": str(model_path),
+                "threads": cpus,
+                "batch_size": options.batch_size,
+                "device": "cuda" if gpus else "cpu",
+            },
+            batch_size=per_task,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus,
+            num_gpus=gpus,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            writer.add(batch["embedding"], batch["row"])
+            chars = sum(len(texts[r]) for r in batch["row"])
+            progress.update(len(batch["row"]), chars, float(batch["encode_s"].sum()))
+    finally:
+        ctx.enable_progress_bars = shown
 
 
 def ensure_index_for(

@@ -218,3 +218,30 @@ def test_damaged_manifest_means_a_full_rebuild(corpus, tmp_path, model, caplog):
     assert "manifest" in caplog.text
     assert again.encoded == 24
     assert info.folder.with_name(info.folder.name + ".damaged").is_dir()
+
+
+def test_progress_logs_at_the_first_vectors_and_prices_the_eta_in_characters(monkeypatch, caplog):
+    import nat_ray.search_index as search_index
+
+    clock = iter([100.0, 110.0, 111.0])  # start, the first batch 10 s later, the second 1 s after it
+    monkeypatch.setattr(search_index.time, "perf_counter", lambda: next(clock))
+    progress = search_index.Progress(total=4, what="embedding", chars=1000)
+    with caplog.at_level(logging.INFO, logger="nat_ray.search_index"):
+        progress.update(1, 500)  # the longest paragraph first: half of the characters in 10 s
+        progress.update(1, 250)  # within PROGRESS_EVERY_S of the first line: not logged
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    # By paragraphs, 3 of 4 left at 10 s each would be 30 s; by characters half is left: 10 s.
+    assert "1/4 paragraphs" in lines[0] and lines[0].endswith("ETA 10s"), lines
+
+
+def test_progress_prices_the_first_eta_at_the_workers_pace_not_their_start_up(monkeypatch, caplog):
+    import nat_ray.search_index as search_index
+
+    clock = iter([100.0, 140.0])  # the first vectors 40 s after the start: 30 s of it start-up
+    monkeypatch.setattr(search_index.time, "perf_counter", lambda: next(clock))
+    progress = search_index.Progress(total=4, what="embedding", chars=1000, workers=2)
+    with caplog.at_level(logging.INFO, logger="nat_ray.search_index"):
+        progress.update(1, 250, busy_s=10.0)  # one worker's 10 s of encoding: a quarter of the corpus
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.endswith("ETA 15s"), line  # 3 quarters left, 10 s each, 2 workers

@@ -233,6 +233,12 @@ def token_sources(tokenized: Sequence[TokenizedExample]) -> dict[str, int]:
 
 def _warn_fallbacks(tokenized: Sequence[TokenizedExample | None]) -> None:
     counts = token_sources([ex for ex in tokenized if ex is not None])
+    warn_fallbacks(counts)
+    log.info("tokenised examples by source: %s", counts)
+
+
+def warn_fallbacks(counts: dict[str, int]) -> None:
+    """Warn when examples with stored token ids had to be tokenised from their text instead."""
     if counts[FROM_TEXT_FALLBACK]:
         log.warning(
             "%d of %d examples with stored token ids did not match their text or the chat template "
@@ -240,7 +246,6 @@ def _warn_fallbacks(tokenized: Sequence[TokenizedExample | None]) -> None:
             counts[FROM_TEXT_FALLBACK],
             counts[FROM_TEXT_FALLBACK] + counts[FROM_IDS],
         )
-    log.info("tokenised examples by source: %s", counts)
 
 
 def apply_overlong(

@@ -38,7 +38,13 @@ from nat_ray.config import TrainConfig
 from nat_ray.errors import DataError
 from nat_ray.masks import FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK, IGNORE_INDEX
 from nat_ray.packing import PackedSequence, pack_examples, single_rows
-from nat_ray.train.data import apply_overlong, load_tokenizer, tokenize_example, trajectory_files
+from nat_ray.train.data import (
+    apply_overlong,
+    load_tokenizer,
+    tokenize_example,
+    trajectory_files,
+    warn_fallbacks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +205,8 @@ def sample_selection(
     }
     rng = random.Random(seed)
     # Indices, not rows: random.sample picks the same positions from any sequence of a length.
-    pos = nat_data._sample(range(len(ids[POSITIVE])), num_positives, rng, "positives")
-    neg = nat_data._sample(
+    pos = nat_data.sample_rows(range(len(ids[POSITIVE])), num_positives, rng, "positives")
+    neg = nat_data.sample_rows(
         range(len(ids[NEGATIVE])), num_negatives if variant.negatives else 0, rng, "negatives"
     )
     if not pos:
@@ -434,13 +440,7 @@ def prepare_data(cfg: TrainConfig, model_path: str, files: Sequence[str] | None 
     if examples == 0:
         raise DataError(f"no example is left to train on after the max_length check: {cut}")
     sources = {k: counts[k] for k in (FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK)}
-    if sources[FROM_TEXT_FALLBACK]:
-        log.warning(
-            "%d of %d examples with stored token ids did not match their text or the chat template "
-            "(another tokenizer, or a template that renders turns differently); tokenised from text",
-            sources[FROM_TEXT_FALLBACK],
-            sources[FROM_TEXT_FALLBACK] + sources[FROM_IDS],
-        )
+    warn_fallbacks(sources)
     stats = {
         "positives": chosen.positives,
         "negatives": chosen.negatives,
