@@ -52,10 +52,15 @@ def test_peak_rss_sampler_sees_a_transient_peak_and_resets(stages):
 
 
 def test_peak_rss_sampler_reads_this_process(stages):
+    import mmap
+
     sampler = stages.PeakRSS(interval=0.005).start()
-    block = bytearray(64 * 2**20)  # 64 MiB, touched
-    block[::4096] = b"x" * len(block[::4096])
+    # A fresh anonymous mapping, every page touched: new resident memory. (A bytearray may reuse
+    # pages that malloc already holds resident in a process that has run a long suite.)
+    block = mmap.mmap(-1, 64 * 2**20)
+    for offset in range(0, len(block), mmap.PAGESIZE):
+        block[offset] = 1
     time.sleep(0.05)
     peak = sampler.stop()
-    del block
+    block.close()
     assert peak - sampler.start_rss >= 32 * 2**20
