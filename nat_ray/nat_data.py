@@ -23,6 +23,9 @@ the constants below, so rollout, import and training agree on them.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import logging
 import random
 from collections.abc import Iterable, Sequence
@@ -186,6 +189,10 @@ def agent_turns(row: dict) -> list[dict]:
     return turns
 
 
+POSITIVE, NEGATIVE = "positive", "negative"  # a trajectory's status when it is kept
+DROP_REASONS = ("empty", "duplicate_positive", "duplicate_negative", "unfinished", "zero_f1")
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which trajectories a variant trains on, and what was dropped and why (for the run log)."""
@@ -214,37 +221,84 @@ def select_trajectories(
     Raises:
         DataError: more positives or negatives asked for than exist.
     """
-    dropped = {"empty": 0, "duplicate_positive": 0, "duplicate_negative": 0, "unfinished": 0, "zero_f1": 0}
-    positives: dict[str, dict] = {}
-    negatives: dict[tuple, dict] = {}
-    for row in sorted(rows, key=lambda r: (str(r[QUESTION_ID]), str(r[TRAJECTORY_ID]))):
-        turns = agent_turns(row)
-        if not any(t["role"] == "assistant" for t in turns):
-            dropped["empty"] += 1
-            continue
-        if is_positive(row, label_mode):
-            if row[QUESTION_ID] in positives:
-                dropped["duplicate_positive"] += 1
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    positives: list[dict] = []
+    negatives: list[dict] = []
+    ordered = sorted(rows, key=lambda r: (str(r[QUESTION_ID]), str(r[TRAJECTORY_ID])))
+    for _, group in itertools.groupby(ordered, key=lambda r: str(r[QUESTION_ID])):
+        group = list(group)
+        features = [trajectory_features(r, label_mode) for r in group]
+        for row, status in zip(
+            group, select_in_question(features, drop_unfinished_negatives, drop_zero_f1_negatives)
+        ):
+            if status == POSITIVE:
+                positives.append(row)
+            elif status == NEGATIVE:
+                negatives.append(row)
             else:
-                positives[row[QUESTION_ID]] = row
-            continue
-        if drop_unfinished_negatives and not row.get(FINISHED, True):
-            dropped["unfinished"] += 1
-            continue
-        if drop_zero_f1_negatives and row.get(F1) is not None and float(row[F1]) == 0.0:
-            dropped["zero_f1"] += 1
-            continue
-        key = (row[QUESTION_ID], tuple((t["role"], t["content"]) for t in turns))
-        if key in negatives:
-            dropped["duplicate_negative"] += 1
-        else:
-            negatives[key] = row
+                dropped[status] += 1
     rng = random.Random(seed)
     return Selection(
-        sample_rows(list(positives.values()), num_positives, rng, "positives"),
-        sample_rows(list(negatives.values()), num_negatives, rng, "negatives"),
+        sample_rows(positives, num_positives, rng, "positives"),
+        sample_rows(negatives, num_negatives, rng, "negatives"),
         dropped,
     )
+
+
+def trajectory_features(row: dict, label_mode: str) -> dict:
+    """What selection needs of one trajectory row: ids, verdict, drop flags, a key of its turns."""
+    turns = agent_turns(row)
+    f1 = row.get(F1)
+    return {
+        TRAJECTORY_ID: str(row[TRAJECTORY_ID]),
+        QUESTION_ID: str(row[QUESTION_ID]),
+        "positive": is_positive(row, label_mode),
+        "empty": not any(t["role"] == "assistant" for t in turns),
+        # A null `finished` counts as unfinished.
+        "unfinished": not row.get(FINISHED, True),
+        "zero_f1": f1 is not None and float(f1) == 0.0,
+        # Exact duplicates of a question's negatives share this key (sha256 of the turns).
+        "turns_key": hashlib.sha256(
+            json.dumps([(t["role"], t["content"]) for t in turns]).encode()
+        ).hexdigest(),
+    }
+
+
+def select_in_question(
+    features: Sequence[dict], drop_unfinished_negatives: bool, drop_zero_f1_negatives: bool
+) -> list[str]:
+    """Each trajectory's status within its question: positive, negative, or a drop reason.
+
+    The rules of :func:`select_trajectories`, one question at a time (and the streamed
+    preparation's, :mod:`nat_ray.train.prepare`): in trajectory-id order, empty ones are dropped,
+    the first positive is kept, and negatives are cleaned (optionally unfinished and F1 = 0 ones)
+    and deduplicated by their turns.
+
+    Args:
+        features: :func:`trajectory_features` of one question's trajectories, any order.
+
+    Returns:
+        One status per input, in input order.
+    """
+    status = [""] * len(features)
+    seen_positive, seen_turns = False, set()
+    for i in sorted(range(len(features)), key=lambda i: features[i][TRAJECTORY_ID]):
+        f = features[i]
+        if f["empty"]:
+            status[i] = "empty"
+        elif f["positive"]:
+            status[i] = "duplicate_positive" if seen_positive else POSITIVE
+            seen_positive = True
+        elif drop_unfinished_negatives and f["unfinished"]:
+            status[i] = "unfinished"
+        elif drop_zero_f1_negatives and f["zero_f1"]:
+            status[i] = "zero_f1"
+        elif f["turns_key"] in seen_turns:
+            status[i] = "duplicate_negative"
+        else:
+            seen_turns.add(f["turns_key"])
+            status[i] = NEGATIVE
+    return status
 
 
 def sample_rows(rows: Sequence, n: int | None, rng: random.Random, what: str) -> list:

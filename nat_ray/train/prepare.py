@@ -26,8 +26,6 @@ The pure functions (features, per-question selection, the draw, a chunk's rows) 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 from collections.abc import Sequence
@@ -37,6 +35,13 @@ from nat_ray import nat_data
 from nat_ray.config import TrainConfig
 from nat_ray.errors import DataError
 from nat_ray.masks import FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK, IGNORE_INDEX
+from nat_ray.nat_data import (  # the per-question rules, shared with the in-memory selection
+    DROP_REASONS,
+    NEGATIVE,
+    POSITIVE,
+    select_in_question,
+    trajectory_features,
+)
 from nat_ray.packing import PackedSequence, pack_examples, single_rows
 from nat_ray.train.data import (
     apply_overlong,
@@ -52,8 +57,6 @@ ROWS_PER_PARTITION = 5000  # trajectories per hash-shuffle partition (groupby)
 MAX_PARTITIONS = 32
 CHUNK_EXAMPLES = 512  # examples packed together; more packs tighter, fewer keeps each task small
 STATUS = "status"
-POSITIVE, NEGATIVE = "positive", "negative"
-DROP_REASONS = ("empty", "duplicate_positive", "duplicate_negative", "unfinished", "zero_f1")
 SELECTION_COLUMNS = (
     nat_data.TRAJECTORY_ID,
     nat_data.QUESTION_ID,
@@ -86,61 +89,6 @@ ROW_COLUMNS = ("input_ids", "labels", "position_ids", "example_ids", "lengths")
 
 # --------------------------------------------------------------------------------------------
 # Pass 1: selection (pure functions, then their Ray Data wrappers)
-
-
-def trajectory_features(row: dict, label_mode: str) -> dict:
-    """What selection needs of one trajectory row: ids, verdict, drop flags, a key of its turns."""
-    turns = nat_data.agent_turns(row)
-    f1 = row.get(nat_data.F1)
-    return {
-        nat_data.TRAJECTORY_ID: str(row[nat_data.TRAJECTORY_ID]),
-        nat_data.QUESTION_ID: str(row[nat_data.QUESTION_ID]),
-        "positive": nat_data.is_positive(row, label_mode),
-        "empty": not any(t["role"] == "assistant" for t in turns),
-        # As select_trajectories: a null `finished` counts as unfinished.
-        "unfinished": not row.get(nat_data.FINISHED, True),
-        "zero_f1": f1 is not None and float(f1) == 0.0,
-        # Exact duplicates of a question's negatives share this key (sha256 of the turns).
-        "turns_key": hashlib.sha256(
-            json.dumps([(t["role"], t["content"]) for t in turns]).encode()
-        ).hexdigest(),
-    }
-
-
-def select_in_question(
-    features: Sequence[dict], drop_unfinished_negatives: bool, drop_zero_f1_negatives: bool
-) -> list[str]:
-    """Each trajectory's status within its question: positive, negative, or a drop reason.
-
-    The rules of :func:`nat_ray.nat_data.select_trajectories`, one question at a time: in
-    trajectory-id order, empty ones are dropped, the first positive is kept, and negatives are
-    cleaned (optionally unfinished and F1 = 0 ones) and deduplicated by their turns.
-
-    Args:
-        features: :func:`trajectory_features` of one question's trajectories, any order.
-
-    Returns:
-        One status per input, in input order.
-    """
-    status = [""] * len(features)
-    seen_positive, seen_turns = False, set()
-    for i in sorted(range(len(features)), key=lambda i: features[i][nat_data.TRAJECTORY_ID]):
-        f = features[i]
-        if f["empty"]:
-            status[i] = "empty"
-        elif f["positive"]:
-            status[i] = "duplicate_positive" if seen_positive else POSITIVE
-            seen_positive = True
-        elif drop_unfinished_negatives and f["unfinished"]:
-            status[i] = "unfinished"
-        elif drop_zero_f1_negatives and f["zero_f1"]:
-            status[i] = "zero_f1"
-        elif f["turns_key"] in seen_turns:
-            status[i] = "duplicate_negative"
-        else:
-            seen_turns.add(f["turns_key"])
-            status[i] = NEGATIVE
-    return status
 
 
 def features_batch(batch, label_mode: str):
