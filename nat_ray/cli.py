@@ -419,7 +419,34 @@ def run_command(command: Command, args: argparse.Namespace) -> int:
         return function(**own)
     from nat_ray.config import NatRayConfig, load_config
 
-    return function(load_config(NatRayConfig, args.config, config_overrides(command, args)), **own)
+    overrides = config_overrides(command, args)
+    cfg = load_config(NatRayConfig, args.config, overrides)
+    if command.name in CARD_COMMANDS:
+        cfg = with_agent_card(cfg, args.config, overrides)
+    return function(cfg, **own)
+
+
+# Commands that ask a model and so read its agent card (nat_ray.agent_card).
+CARD_COMMANDS = ("agent", "eval", "serve")
+
+
+def with_agent_card(cfg, config_path: str | None, overrides: list[str]):
+    """``cfg`` with the model's agent card applied under the user's flags and ``--set`` items."""
+    from nat_ray.agent_card import model_card, overridden
+    from nat_ray.config import NatRayConfig, load_config
+
+    card, where = model_card(cfg)
+    if card is None:
+        return cfg
+    clashes = overridden(card, overrides)
+    if clashes:
+        log.warning(
+            "%s was trained to be asked otherwise; its agent card is overridden by: %s",
+            where,
+            ", ".join(clashes),
+        )
+    log.info("asking %s as its agent card says (%s)", where, ", ".join(card.overrides()))
+    return load_config(NatRayConfig, config_path, [*card.overrides(), *overrides])
 
 
 def _setup_logging(verbose: bool) -> None:

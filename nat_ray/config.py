@@ -545,20 +545,31 @@ class PipelineConfig:
             nat_failure adds failure-aware NAT.
         trajectories: Parquet trajectories to train on instead of running the rollout stage (e.g.
             ``nat-ray import-nat`` output of the NAT repo's GPT-3.5 StrategyQA trajectories).
+        extra_trajectories: Parquet files or folders trained on *beside* the rollout's (or
+            ``trajectories``): a teacher's trajectories, the source of positives a small model
+            cannot find alone (the default task ships one). ``results.md`` counts each source's
+            positives and negatives.
         evaluate_base: also evaluate the untuned base model.
+        base_shots: how the base model is asked, one evaluation each: ``0`` is the prompt a tuned
+            model gets (no demonstration), ``1`` adds the task's demonstration (the base at its best),
+            so the table tells "learned the format" from "learned the task".
     """
 
     name: str = "default"
     runs_dir: str = "runs"
     variants: list[str] = field(default_factory=lambda: ["wo_neg", "nut", "nat"])
     trajectories: str | None = None
+    extra_trajectories: list[str] = field(default_factory=list)
     evaluate_base: bool = True
+    base_shots: list[int] = field(default_factory=lambda: [0, 1])
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"pipeline.name must be a plain folder name, got {self.name!r}")
         if not self.variants:
             raise ConfigError("pipeline.variants must name at least one data variant")
+        if not self.base_shots or any(shots not in (0, 1) for shots in self.base_shots):
+            raise ConfigError(f"pipeline.base_shots must list 0 and/or 1, got {self.base_shots}")
 
 
 @dataclass(frozen=True)

@@ -95,11 +95,13 @@ def _row(
     config_hash: str,
     started: str,
     tool_versions: dict[str, str] | None = None,
+    tokenizer=None,
 ):
     task = get_task(item.task)
     temperature, _ = decoding(cfg)
     return records.episode_row(
         ep,
+        tokenizer,
         task=task.name,
         family=task.family,
         question_id=item.question.id,
@@ -152,11 +154,14 @@ def run_in_process(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: st
     versions = dict(TOOL_VERSIONS)
     model, started = model_label(cfg), records.now_iso()
     by_id = {item.trajectory_id: item for item in items}
+    tokenizer = getattr(engine, "tokenizer", None)  # counts each episode's token drift
     rows: list[dict] = []
     bar = tqdm(total=len(items), desc="episodes", unit="ep", file=sys.stderr)
 
     def finish(ep: Episode) -> None:
-        rows.append(_row(cfg, by_id[ep.id], ep, model, cfg.engine.backend, config_hash, started, versions))
+        rows.append(
+            _row(cfg, by_id[ep.id], ep, model, cfg.engine.backend, config_hash, started, versions, tokenizer)
+        )
         bar.update(1)
 
     stepper = Stepper(engine, LocalTools(), stop_on_tool_error=cfg.agent.stop_on_tool_error, on_done=finish)

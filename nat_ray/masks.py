@@ -280,3 +280,48 @@ def _between_turns(tokenizer, prompt_ids, next_prompt_ids, content: str, end: li
                 break
             return next_prompt_ids[j + len(end) :]
     raise TokenMismatch("a stored prompt does not render the previous turn's text before its end marker")
+
+
+def turn_drift(
+    tokenizer,
+    turn_prompt_ids: Sequence[Sequence[int]],
+    turn_completion_ids: Sequence[Sequence[int]],
+    texts: Sequence[str],
+) -> int:
+    """How many turns the engine did not see again as it sampled them (re-tokenisation drift).
+
+    Turn t+1's prompt should begin with turn t's prompt and then the ids turn t sampled, cut where
+    the engine cut the turn (:func:`sampled_content_length`: the stop string and the end of sequence
+    dropped, the stored text kept). When it does not, the next turn was conditioned on other tokens
+    than the model wrote (the agent loop re-renders each turn's text), and training on the sampled
+    ids would teach a context inference never shows. A turn whose ids do not decode to its text
+    counts as drift too.
+    """
+    drift = 0
+    for t in range(len(turn_prompt_ids) - 1):
+        prompt, sampled, following = (
+            list(turn_prompt_ids[t]),
+            list(turn_completion_ids[t]),
+            turn_prompt_ids[t + 1],
+        )
+        try:
+            kept = sampled[: sampled_content_length(tokenizer, sampled, texts[t])]
+        except TokenMismatch:
+            drift += 1
+            continue
+        expected = prompt + kept
+        drift += list(following[: len(expected)]) != expected
+    return drift
+
+
+def prompt_divergence(sequence_ids: Sequence[int], prompt_ids: Sequence[int]) -> int | None:
+    """Where an inference prompt leaves the training sequence: the first differing position, or
+    ``None`` when the prompt is a prefix of it (the model is asked exactly as it was trained).
+
+    One changed marker word or template line moves the model off the sequences it learned; this is
+    the check that catches it without retraining anything.
+    """
+    for i, token in enumerate(prompt_ids):
+        if i >= len(sequence_ids) or sequence_ids[i] != token:
+            return i
+    return None

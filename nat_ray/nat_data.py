@@ -73,6 +73,7 @@ TOOL_VERSIONS = "tool_versions"  # JSON text of {tool name: version}
 # Token-exact turns (schema version 3): per agent turn, the ids the engine read and sampled.
 TURN_PROMPT_IDS = "turn_prompt_ids"  # list<list<int32>>; None without engine ids (HTTP, imported)
 TURN_COMPLETION_IDS = "turn_completion_ids"  # list<list<int32>>, parallel to TURN_PROMPT_IDS
+TOKEN_DRIFT = "token_drift"  # int: turns the next prompt did not continue token for token; None: unchecked
 
 LABEL_MODES = ("paper", "robust")
 EPISODE_FINISHED = "Observation: Episode finished"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 # The folder of Parquet parts inside a rollout or evaluation output dir.
 PARTS_DIR = "trajectories"
+PROGRESS_FILE = "progress.txt"  # a training run's latest step line (nat_ray.train.worker.write_progress)
 
 PACKAGE_DATA_DIR = Path(__file__).resolve().parent / "data"
 

@@ -38,6 +38,58 @@ def file_hashes(paths: list[str]) -> dict[str, str]:
     return hashes
 
 
+def data_sources(paths: list[str]) -> list[dict]:
+    """Where the training data came from: per file or folder, trajectories, positives and negatives by model.
+
+    A tiny model rarely solves a question alone, so whether its positives came from itself or from a
+    teacher is part of what a results table means.
+    """
+    import pyarrow.dataset as ds
+
+    from nat_ray import nat_data
+
+    sources = []
+    for path in paths:
+        table = ds.dataset(path, format="parquet").to_table(columns=[nat_data.MODEL, nat_data.CORRECT_ROBUST])
+        by_model: dict[str, dict[str, int]] = {}
+        for model, correct in zip(
+            table.column(nat_data.MODEL).to_pylist(), table.column(nat_data.CORRECT_ROBUST).to_pylist()
+        ):
+            counts = by_model.setdefault(str(model), {"trajectories": 0, "positives": 0, "negatives": 0})
+            counts["trajectories"] += 1
+            counts["positives" if correct else "negatives"] += 1
+        sources.append({"path": path, "models": by_model})
+    return sources
+
+
+def format_sources(sources: list[dict]) -> str:
+    """``results.md``'s account of the training data: the source of every positive and negative."""
+    lines = [
+        "",
+        "## Training data",
+        "",
+        "| Source | Model | Trajectories | Positives | Negatives |",
+        "|---|---|---|---|---|",
+    ]
+    for source in sources:
+        for model, counts in source["models"].items():
+            lines.append(
+                f"| {source['path']} | {model} | {counts['trajectories']} | {counts['positives']} | "
+                f"{counts['negatives']} |"
+            )
+    lines += [
+        "",
+        "Positives and negatives by the robust verdict, before each variant's selection (w/o-Neg trains "
+        "on the positives only).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def base_label(shots: int, all_shots: list[int]) -> str:
+    """The base model's row: ``base``, or ``base-0shot`` / ``base-1shot`` when it is asked both ways."""
+    return "base" if len(all_shots) == 1 else f"base-{shots}shot"
+
+
 class Manifest(StageManifest):
     """``runs/<name>/manifest.json``: the pipeline's stages, headed by its name, resolved config and provenance.
 
@@ -89,12 +141,19 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
             return {"data": [str(run_dir / "rollout" / "trajectories")], "summary": result["summary"]}
 
         data = run_stage(manifest, "rollout", tracker.stage("rollout", rollout))["data"]
+    for extra in cfg.pipeline.extra_trajectories:
+        if not Path(extra).exists():
+            raise ConfigError(f"pipeline.extra_trajectories: {extra!r} does not exist")
+    data = [*data, *cfg.pipeline.extra_trajectories]
     manifest.data["data_files"] = file_hashes(data)
+    manifest.data["data_sources"] = data_sources(data)
     manifest.save()
 
     models = {}
     if cfg.pipeline.evaluate_base:
-        models["base"] = {"model": cfg.engine.model, "template": cfg.agent.template, "shots": cfg.agent.shots}
+        for shots in cfg.pipeline.base_shots:
+            label = base_label(shots, cfg.pipeline.base_shots)
+            models[label] = {"model": cfg.engine.model, "template": cfg.agent.template, "shots": shots}
     for variant in cfg.pipeline.variants:
         train_cfg = with_sections(
             cfg,
@@ -139,6 +198,7 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
             "summary"
         ]
     table = format_comparison(results, smoke_test=smoke_test)
+    table += format_sources(manifest.data["data_sources"])
     (run_dir / "results.json").write_text(json.dumps({"models": models, "results": results}, indent=2))
     (run_dir / "results.md").write_text(table)
     tracker.log_artifacts([run_dir / "results.md", run_dir / "results.json"])

@@ -9,8 +9,9 @@ Schema versions (the file's ``nat_ray_schema`` metadata): 1, the first; 2 adds t
 ``tool_versions`` (JSON text of ``{tool name: version}``); 3 adds the token-exact turns
 ``turn_prompt_ids`` and ``turn_completion_ids`` (one list of int32 token ids per agent turn: the
 prompt the engine read and the completion it sampled; ``None`` for engines that give no ids, such as
-HTTP teachers and imported text). :func:`read_rows` reads every version, giving an older row
-``None`` in the columns it lacks.
+HTTP teachers and imported text); 4 adds ``token_drift``, the turns whose next prompt did not
+continue with the ids they sampled (:func:`nat_ray.masks.turn_drift`; ``None`` where unchecked).
+:func:`read_rows` reads every version, giving an older row ``None`` in the columns it lacks.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import json
 from datetime import UTC, datetime
 
 from nat_ray import nat_data as columns
+from nat_ray.masks import turn_drift
 from nat_ray.react import Episode
 from nat_ray.scoring import Score, nat_class
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def trajectory_id(
@@ -88,6 +90,7 @@ def trajectory_row(
     tool_versions: dict[str, str] | None = None,
     turn_prompt_ids: list[list[int]] | None = None,
     turn_completion_ids: list[list[int]] | None = None,
+    token_drift: int | None = None,
 ) -> dict:
     """The Parquet row of one trajectory, every column of :func:`arrow_schema` named once.
 
@@ -134,6 +137,7 @@ def trajectory_row(
         columns.TOOL_VERSIONS: None if tool_versions is None else json.dumps(tool_versions, sort_keys=True),
         columns.TURN_PROMPT_IDS: _id_lists(turn_prompt_ids),
         columns.TURN_COMPLETION_IDS: _id_lists(turn_completion_ids),
+        columns.TOKEN_DRIFT: token_drift,
     }
 
 
@@ -141,12 +145,19 @@ def _id_lists(lists: list[list[int]] | None) -> list[list[int]] | None:
     return None if lists is None else [[int(i) for i in ids] for ids in lists]
 
 
-def episode_row(episode: Episode, **fields) -> dict:
-    """The Parquet row of one finished (or failed) episode; ``fields`` as :func:`trajectory_row`'s."""
+def episode_row(episode: Episode, tokenizer=None, **fields) -> dict:
+    """The Parquet row of one finished (or failed) episode; ``fields`` as :func:`trajectory_row`'s.
+
+    With the engine's ``tokenizer`` and stored ids, the row also counts the episode's token drift.
+    """
     ids = episode.turn_token_ids()
+    drift = None
+    if ids is not None and tokenizer is not None:
+        drift = turn_drift(tokenizer, ids[0], ids[1], [step.text for step in episode.steps])
     fields = {
         "turn_prompt_ids": None if ids is None else ids[0],
         "turn_completion_ids": None if ids is None else ids[1],
+        "token_drift": drift,
         **fields,
     }
     return trajectory_row(
@@ -202,6 +213,7 @@ def arrow_schema():
             (columns.TOOL_VERSIONS, pa.string()),
             (columns.TURN_PROMPT_IDS, id_lists),
             (columns.TURN_COMPLETION_IDS, id_lists),
+            (columns.TOKEN_DRIFT, pa.int64()),
         ],
         metadata={"nat_ray_schema": str(SCHEMA_VERSION)},
     )

@@ -126,6 +126,13 @@ def task_title(name: str) -> str:
     return TASKS[name].title if name in TASKS else name
 
 
+def drift_counts(rows: Sequence[dict]) -> dict[str, int]:
+    """``token_drift``: turns whose next prompt did not continue with their sampled ids, summed over
+    ``drift_checked`` episodes (those with engine ids; see :func:`nat_ray.masks.turn_drift`)."""
+    checked = [r[columns.TOKEN_DRIFT] for r in rows if r.get(columns.TOKEN_DRIFT) is not None]
+    return {"token_drift": int(sum(checked)), "drift_checked": len(checked)}
+
+
 def seed_metrics(rows: Sequence[dict]) -> list[dict]:
     """One record per (task, seed): accuracy in percent (paper and robust), HotpotQA EM/F1, finish rate.
 
@@ -158,6 +165,7 @@ def seed_metrics(rows: Sequence[dict]) -> list[dict]:
                     r[columns.FAILURE_REASON] for r in group if r[columns.FAILURE_REASON]
                 ).most_common()
             ),
+            **drift_counts(group),
         }
         if record["family"] == "hotpotqa":
             # EM is already normalised, so it is the paper's and the robust verdict at once.
@@ -238,6 +246,8 @@ def summarize(rows: Sequence[dict]) -> dict:
             "correct_paper": sum(r["correct_paper"] for r in recs),
             "correct_robust": sum(r["correct_robust"] for r in recs),
             "failures": dict(failures.most_common()),
+            "token_drift": sum(r.get("token_drift", 0) for r in recs),
+            "drift_checked": sum(r.get("drift_checked", 0) for r in recs),
             **stats,
         }
     math_tasks = [t for t in in_table_order(tasks) if tasks[t]["family"] == "math"]
@@ -380,11 +390,39 @@ def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
 
 
+def _format_table(results: dict[str, dict], tasks: list[str]) -> list[str]:
+    """Did each model write actions the agent could run? Parsed % separates learning the ReAct format
+    from learning the task: a base asked without a demonstration may fail on format alone."""
+    lines = [
+        "",
+        "## Format: episodes whose every action parsed, %",
+        "",
+        "| Model | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for label, summary in results.items():
+        cells = []
+        for task in tasks:
+            stat = summary["tasks"].get(task)
+            if stat is None or not stat.get("n") or "mean_turns" not in stat:  # absent, or stored before
+                cells.append("-")
+                continue
+            n = stat["n"]
+            parsed = n - stat.get("failures", {}).get("parse_error", 0)
+            lo, hi = wilson_interval(parsed, n)
+            turns = stat["mean_turns"]["mean"]
+            cells.append(f"{100 * parsed / n:.0f} [{100 * lo:.1f}, {100 * hi:.1f}] n={n}, {turns:.2f} turns")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Cell: parsed % [95% Wilson interval] and mean turns per episode."]
+    return lines
+
+
 def format_comparison(results: dict[str, dict], smoke_test: bool = False) -> str:
     """One Markdown table: a row per model, a column per task (robust accuracy, the paper's after it).
 
-    A cell is ``mean ± std [Wilson 95%] n=N (paper P)``. ``~`` marks a difference from the first
-    row (the base) that lies within noise: the two robust Wilson intervals overlap. That check is
+    A cell is ``mean ± std [Wilson 95%] n=N (paper P)``. ``~`` marks a tuned model's difference from
+    a base row (``base``, or ``base-0shot`` and ``base-1shot``; else the first row) that lies within
+    noise: the robust Wilson intervals overlap. That check is
     conservative (non-overlapping 95% intervals differ at about p < 0.01), so an unmarked cell is a
     difference worth a second look, and a marked one is none. With two or more seeds a second table
     gives the t interval of the mean over seeds.
@@ -413,7 +451,8 @@ def format_comparison(results: dict[str, dict], smoke_test: bool = False) -> str
         ]
         for label, summary in results.items()
     }
-    base_label = next(iter(results), None)
+    # The base model's rows (``base``, or ``base-0shot`` and ``base-1shot``); else the first row.
+    base_labels = [label for label in results if label.split("-")[0] == "base"] or list(results)[:1]
     lines = [SMOKE_TEST_BANNER, ""] if smoke_test else []
     lines += [
         "# NAT pipeline results",
@@ -434,19 +473,22 @@ def format_comparison(results: dict[str, dict], smoke_test: bool = False) -> str
             cell = f"{stat['mean']:.1f} ± {stat['std']:.1f}"
             cell += f" {_interval(wilson)} n={stat['n']}" if wilson else ""
             cell += f" (paper {paper['mean']:.1f})"
-            base = rows[base_label][i]
-            if label != base_label and wilson and base is not None and base.get("wilson95"):
-                cell += " ~" if _overlap(wilson, base["wilson95"]) else ""
+            bases = [rows[b][i] for b in base_labels if b != label]
+            bases = [b["wilson95"] for b in bases if b is not None and b.get("wilson95")]
+            if label not in base_labels and wilson and bases:
+                cell += " ~" if any(_overlap(wilson, b) for b in bases) else ""
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Cell: mean ± std over seeds [95% Wilson interval of the robust accuracy pooled over all seeds] "
         "n = trajectories over all seeds (paper: the paper's rule, mean over seeds). "
-        f"~ : within noise of the first row ({base_label}), i.e. the two Wilson intervals overlap (a "
-        "conservative check: non-overlapping 95% intervals differ at about p < 0.01). Math avg: Wilson "
-        "at the effective n = k²/Σ(1/nᵢ) of its k datasets.",
+        f"~ : within noise of a base row ({', '.join(base_labels)}), i.e. the Wilson intervals overlap "
+        "(a conservative check: non-overlapping 95% intervals differ at about p < 0.01); an unmarked "
+        "tuned cell lies outside every base row's interval. Math avg: Wilson at the effective "
+        "n = k²/Σ(1/nᵢ) of its k datasets.",
     ]
+    lines += _format_table(results, tasks)
     seeded = any(s is not None and s.get("seed_ci95") is not None for stats in rows.values() for s in stats)
     if seeded:
         lines += ["", "## Mean over seeds, 95% t interval (robust accuracy %)", "", header, rule]
@@ -485,6 +527,7 @@ def summarize_rollout(rows: Sequence[dict]) -> list[dict]:
                 "finished": sum(r[columns.FINISHED] for r in group) / n,
                 "mean_turns": sum(r[columns.TURNS] for r in group) / n,
                 "failures": dict(reasons.most_common()),
+                **drift_counts(group),
             }
         )
     return table

@@ -161,6 +161,7 @@ class RolloutWorker:
             rows.append(
                 records.episode_row(
                     ep,
+                    getattr(self.engine, "tokenizer", None),
                     task=task.name,
                     family=task.family,
                     question_id=item[columns.QUESTION_ID],

@@ -9,7 +9,18 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "nat_ray"
 MAX_LINES = 800
 # Modules that must import neither Ray nor vLLM, anywhere in them (the core and its helpers).
-PURE = ("react", "prompts", "scoring", "nat_data", "masks", "packing", "records", "results_table", "agent")
+PURE = (
+    "react",
+    "prompts",
+    "scoring",
+    "nat_data",
+    "masks",
+    "packing",
+    "records",
+    "results_table",
+    "agent",
+    "agent_card",
+)
 
 
 def _module_name(path: Path) -> str:

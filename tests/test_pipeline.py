@@ -208,3 +208,34 @@ def test_file_hashes_of_files_and_folders(tmp_path):
     }
     assert list(hashes)[:2] == [str(folder / "a.parquet"), str(folder / "b.parquet")]  # sorted
     assert file_hashes([]) == {}
+
+
+def test_data_sources_count_each_sources_positives_and_negatives_by_model(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nat_ray.pipeline import data_sources, format_sources
+
+    rollout = tmp_path / "rollout"
+    rollout.mkdir()
+    pq.write_table(
+        pa.table({"model": ["base"] * 3, "correct_robust": [False, False, True]}), rollout / "p.parquet"
+    )
+    teacher = tmp_path / "teacher.parquet"
+    pq.write_table(pa.table({"model": ["teacher"] * 2, "correct_robust": [True, True]}), teacher)
+    sources = data_sources([str(rollout), str(teacher)])
+    assert sources == [
+        {"path": str(rollout), "models": {"base": {"trajectories": 3, "positives": 1, "negatives": 2}}},
+        {"path": str(teacher), "models": {"teacher": {"trajectories": 2, "positives": 2, "negatives": 0}}},
+    ]
+    text = format_sources(sources)
+    assert f"| {teacher} | teacher | 2 | 2 | 0 |" in text and "## Training data" in text
+
+
+def test_the_base_is_one_row_or_one_per_way_of_asking():
+    from nat_ray.pipeline import base_label
+
+    assert base_label(1, [1]) == "base"
+    assert [base_label(s, [0, 1]) for s in (0, 1)] == ["base-0shot", "base-1shot"]
+    with pytest.raises(ConfigError, match="base_shots"):
+        PipelineConfig(base_shots=[2])

@@ -241,7 +241,7 @@ def test_lineage_columns_default_to_null_and_take_a_tasks_lineage():
     row = make_row(**lineage)
     assert row[columns.TASK_SOURCE] == "/t/metric.yaml" and row[columns.TASK_HASH] == "0123456789abcdef"
     assert row[columns.TOOL_VERSIONS] == '{"a": "1", "z": "2"}'  # JSON text, keys sorted
-    assert list(row)[-5:-2] == ["task_source", "task_hash", "tool_versions"]
+    assert list(row)[-6:-3] == ["task_source", "task_hash", "tool_versions"]
 
 
 def test_version_1_files_without_lineage_columns_still_read(tmp_path):
@@ -299,7 +299,7 @@ def test_token_ids_are_stored_per_turn_and_round_trip_as_int32(tmp_path):
         config_hash="c",
         started_at="2025-01-01T00:00:00.000+00:00",
     )
-    assert records.SCHEMA_VERSION == 3
+    assert records.SCHEMA_VERSION == 4
     assert row[columns.TURN_PROMPT_IDS] == [[1, 2, 3], [1, 2, 3, 9, 9, 9]]
     assert row[columns.TURN_COMPLETION_IDS] == [[40, 41], [50, 2]]
     records.write_rows([row, make_row(1)], tmp_path / "p.parquet")

@@ -330,7 +330,7 @@ def test_comparison_marks_only_differences_within_noise_and_notes_the_test():
         in text
     )
     assert "| nut | 10.0 ± 0.0 [2.8, 30.1] n=20 (paper 10.0) ~ |" in text
-    assert "~ : within noise of the first row (base), i.e. the two Wilson intervals overlap" in text
+    assert "~ : within noise of a base row (base), i.e. the Wilson intervals overlap" in text
     assert "## Mean over seeds" not in text  # one seed everywhere
     assert SMOKE_TEST_BANNER not in text
     assert format_comparison({"base": weak}, smoke_test=True).startswith(
@@ -380,3 +380,26 @@ def test_the_embedded_model_is_a_smoke_test_on_any_device(model):
 )
 def test_other_models_are_measurements(model):
     assert not is_smoke_test(model, "cpu") and not is_smoke_test(model, "cuda")
+
+
+def test_a_tuned_row_is_outside_noise_only_when_it_clears_every_base_row():
+    """The base asked two ways (0-shot like the tuned model, 1-shot at its best): a tuned cell is
+    unmarked only when its interval lies outside both, so a win over the weaker base is not enough."""
+    zero = summarize(_rows("gsm8k", "math", 0, [F] * 20, [F] * 20))  # [0.0, 16.1]
+    one = summarize(_rows("gsm8k", "math", 0, [T] * 8 + [F] * 12, [T] * 8 + [F] * 12))  # [21.9, 61.3]
+    tuned = summarize(_rows("gsm8k", "math", 0, [T] * 12 + [F] * 8, [T] * 12 + [F] * 8))  # [38.7, 78.1]
+    best = summarize(_rows("gsm8k", "math", 0, [T] * 20, [T] * 20))  # [83.9, 100.0]
+    text = format_comparison({"base-0shot": zero, "base-1shot": one, "nat": tuned, "nat_failure": best})
+    assert "| nat | 60.0 ± 0.0 [38.7, 78.1] n=20 (paper 60.0) ~ |" in text  # clears base-0shot only
+    assert "| nat_failure | 100.0 ± 0.0 [83.9, 100.0] n=20 (paper 100.0) |" in text
+    assert "| base-1shot | 40.0 ± 0.0 [21.9, 61.3] n=20 (paper 40.0) |" in text  # bases are not marked
+    assert "within noise of a base row (base-0shot, base-1shot)" in text
+
+
+def test_the_format_table_separates_unparseable_episodes_from_wrong_answers():
+    rows = _rows("gsm8k", "math", 0, [T, F, F, F], [T, F, F, F])
+    for row in rows[2:]:
+        row[columns.FAILURE_REASON] = "parse_error"
+    text = format_comparison({"base": summarize(rows)})
+    assert "## Format: episodes whose every action parsed, %" in text
+    assert "| base | 50 [15.0, 85.0] n=4, 2.00 turns |" in text

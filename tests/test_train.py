@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -255,3 +256,25 @@ def test_shipped_train_configs_load(name):
     cfg = load_config(NatRayConfig, CONFIGS / name)
     assert cfg.train.num_workers == 2 and cfg.train.use_gpu is not True
     assert cfg.train.mode == ("lora" if "lora" in name else "full")
+
+
+def test_a_pipeline_driver_echoes_the_workers_step_lines(tmp_path, caplog):
+    """Ray started by the rollout hides the workers' output: the driver logs their step lines instead."""
+    import logging
+
+    from nat_ray.train.run import ProgressEcho
+    from nat_ray.train.worker import write_progress
+
+    with caplog.at_level(logging.INFO, logger="nat_ray.train.run"):
+        with ProgressEcho(tmp_path, enabled=True, every_s=0.05):
+            write_progress(str(tmp_path), "step 1/4  loss 1.0")
+            deadline = time.time() + 5
+            while "step 1/4" not in caplog.text and time.time() < deadline:
+                time.sleep(0.02)
+            write_progress(str(tmp_path), "step 2/4  loss 0.5")
+            while "step 2/4" not in caplog.text and time.time() < deadline:
+                time.sleep(0.02)
+    lines = [r.getMessage() for r in caplog.records if "step" in r.getMessage()]
+    assert lines == [f"{tmp_path.name}: step 1/4  loss 1.0", f"{tmp_path.name}: step 2/4  loss 0.5"]
+    with ProgressEcho(tmp_path, enabled=False) as off:
+        assert not off.thread.is_alive()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 from rows import math_row  # tests/rows.py
@@ -113,3 +115,31 @@ def test_gather_rows_takes_rows_in_stream_order():
     assert out.column_names[:3] == ["step", "micro", "input_ids"]
     assert out["input_ids"].to_pylist() == [[20], [11], [21]]
     assert out["step"].to_pylist() == [0, 0, 1] and out["micro"].to_pylist() == [0, 1, 0]
+
+
+def test_custom_rows_made_elsewhere_are_rebuilt_from_the_task_file_found_here(tmp_path):
+    """A teacher set shipped with a task names the author's checkout; the driver finds the file here
+    (the task registered in this process, else a row's path that exists) and tells the workers."""
+    import pyarrow.parquet as pq
+
+    from nat_ray.tasks import TASKS, register_task_file
+    from nat_ray.train.prepare import custom_task_files
+
+    here = Path(__file__).resolve().parent.parent / "examples" / "word_math" / "task.yaml"
+    rows = pa.table(
+        {
+            "family": ["custom", "custom", "math"],
+            "task": ["word_math", "word_math", "gsm8k"],
+            "task_source": ["/elsewhere/word_math/task.yaml", str(here), None],
+        }
+    )
+    pq.write_table(rows, tmp_path / "rows.parquet")
+    TASKS.pop("word_math", None)
+    assert custom_task_files([str(tmp_path / "rows.parquet")]) == [str(here)]  # the row path that exists
+    pq.write_table(rows.slice(0, 1), tmp_path / "rows.parquet")
+    assert custom_task_files([str(tmp_path / "rows.parquet")]) == []  # none here: row_task will say so
+    register_task_file(here)
+    try:
+        assert custom_task_files([str(tmp_path / "rows.parquet")]) == [str(here)]  # the registered one
+    finally:
+        TASKS.pop("word_math", None)

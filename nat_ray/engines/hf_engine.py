@@ -140,4 +140,6 @@ class HFEngine:
             prompt_tokens=len(ids),
             completion_tokens=len(new_tokens),
             finish_reason="length" if hit_length and not stopped else "stop",
+            prompt_ids=tuple(ids),
+            completion_ids=tuple(new_tokens),  # through the stop string, as vLLM's ids are
         )

@@ -98,6 +98,7 @@ class ServeChatEngine:
             max_tokens=s.max_tokens,
             seed=s.seed,
             stop=list(s.stop),
+            return_token_ids=True,  # the ids the engine read and sampled: token-exact served episodes
         )
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -123,6 +124,8 @@ class ServeChatEngine:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=(usage.completion_tokens or 0) if usage else 0,
             finish_reason="length" if choice.finish_reason == "length" else "stop",
+            prompt_ids=tuple(getattr(item, "prompt_token_ids", None) or ()),
+            completion_ids=tuple(getattr(choice, "token_ids", None) or ()),
         )
 
 

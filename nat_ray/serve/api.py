@@ -226,6 +226,9 @@ def agent_response(ep: Episode, task: str, model: str, gold: Any = None) -> dict
             "total_tokens": ep.prompt_tokens + ep.completion_tokens,
         },
     }
+    ids = ep.turn_token_ids()
+    if ids is not None:  # per agent turn: the ids the engine read and the ids it sampled
+        body["turn_prompt_ids"], body["turn_completion_ids"] = ids
     if gold is not None:
         score = registered_task(task).score(ep.answer, gold if isinstance(gold, str | bool) else str(gold))
         body["correct"] = {"paper": score.correct_paper, "robust": score.correct_robust, "f1": score.f1}

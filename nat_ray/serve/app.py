@@ -52,6 +52,7 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 
 from nat_ray.agent import prepare_tasks, with_tasks_resolved
+from nat_ray.agent_card import read_card
 from nat_ray.config import NatRayConfig, from_dict, load_config
 from nat_ray.engines.vllm_args import engine_kwargs, served_cpu_env
 from nat_ray.errors import ConfigError
@@ -219,6 +220,17 @@ class AgentIngress:
             raise adapter_missing(model, ref.adapter, self.lora_dir)
         return ref
 
+    def _agent_settings(self, ref: ModelRef):
+        """The agent settings an episode of ``ref`` starts from: an adapter with an agent card is asked
+        as its card says (template, shots, turns, tokens); the request's own fields still win."""
+        if ref.adapter is None or is_remote(self.lora_dir):
+            return self.cfg.agent
+        folder = local_adapter_dir(self.lora_dir, ref.adapter)
+        card = read_card(str(folder)) if folder is not None else None
+        return (
+            self.cfg.agent if card is None else dataclasses.replace(self.cfg.agent, **card.agent_settings())
+        )
+
     def _llm_for(self, model: str, stream: bool = False):
         """The LLM handle for ``model``: an adapter's requests go through Serve's model multiplexing,
         so ray.serve.llm loads the adapter on the replica that serves them (and keeps it there)."""
@@ -272,17 +284,17 @@ class AgentIngress:
     async def agent(self, request: Request) -> JSONResponse:
         try:
             req = AgentRequest.model_validate_json(await request.body(), context=self.request_limits)
-            episode = episode_for(self.cfg.agent, req)
         except ValidationError as err:
             status, body = validation_error(err)
             return JSONResponse(body, status_code=status)
-        except ConfigError as err:  # a value pydantic let through but AgentConfig refuses
-            return JSONResponse(error_body(422, str(err), None), status_code=422)
         model = req.model or self.agent_model
         try:
-            self._model_ref(model)  # before anything is loaded: a plain name, an adapter that exists
+            ref = self._model_ref(model)  # before anything is loaded: a plain name, an adapter that exists
+            episode = episode_for(await asyncio.to_thread(self._agent_settings, ref), req)
         except ModelProblem as err:
             return JSONResponse(error_body(err.status, str(err), "model"), status_code=err.status)
+        except ConfigError as err:  # a value pydantic let through but AgentConfig refuses, a bad card
+            return JSONResponse(error_body(422, str(err), None), status_code=422)
         if not self.admission.try_enter():
             return self._busy()
         admitted = time.monotonic()

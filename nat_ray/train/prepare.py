@@ -30,6 +30,7 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from nat_ray import nat_data
 from nat_ray.config import TrainConfig
@@ -226,6 +227,43 @@ def index_batch(batch, selected, chunk_examples: int):
     )
 
 
+def custom_task_files(files: Sequence[str]) -> list[str]:
+    """The task files that the custom-task rows of ``files`` are rebuilt from, found in the driver.
+
+    A row names the task file it was made with, as a path on the machine that made it (a teacher set
+    shipped with a task names the author's checkout). Per task name: the task this process has
+    registered (the stage's configured tasks), else the first row's file that exists here. Workers
+    register these before building examples, so :func:`nat_ray.nat_data.row_task` finds them.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from nat_ray.prompts import CUSTOM
+    from nat_ray.tasks import TASKS
+
+    dataset = ds.dataset(list(files), format="parquet")
+    if nat_data.TASK_SOURCE not in dataset.schema.names:
+        return []
+    table = dataset.to_table(
+        columns=[nat_data.TASK, nat_data.TASK_SOURCE], filter=pc.field(nat_data.FAMILY) == CUSTOM
+    )
+    found: dict[str, str] = {}
+    for name, source in sorted(set(zip(*(table.column(c).to_pylist() for c in table.column_names)))):
+        registered = TASKS.get(str(name).lower())
+        if registered is not None and registered.source:
+            found[name] = registered.source
+        elif name not in found and source and Path(source).is_file():
+            found[name] = source
+    return sorted(set(found.values()))
+
+
+def register_task_files(task_files: Sequence[str]) -> None:
+    from nat_ray.tasks import register_task_file
+
+    for path in task_files:
+        register_task_file(path)
+
+
 def pack_group(
     group,
     model_path: str,
@@ -234,10 +272,13 @@ def pack_group(
     max_length: int | None,
     overlong: str,
     packing: bool,
+    task_files: Sequence[str] = (),
 ):
     """``map_groups`` over one chunk: packed rows with ``chunk``, ``pos``, their token counts,
     and the chunk's counts on its first record (a chunk with no row left gives one non-row record)."""
     import pyarrow as pa
+
+    register_task_files(task_files)
 
     rows, indices, seen = [], [], set()
     for r in sorted(group.to_pylist(), key=lambda r: (r["index"], r.get("path") or "")):
@@ -364,6 +405,7 @@ def prepare_data(cfg: TrainConfig, model_path: str, files: Sequence[str] | None 
                 "max_length": cfg.max_length,
                 "overlong": cfg.overlong,
                 "packing": cfg.packing,
+                "task_files": custom_task_files(files),
             },
             batch_format="pyarrow",
         )

@@ -18,14 +18,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from nat_ray import safe_files
+from nat_ray import nat_data, safe_files
+from nat_ray.agent_card import AgentCard, write_card
 from nat_ray.config import NatRayConfig, TrainConfig
 from nat_ray.errors import ConfigError
 from nat_ray.nat_data import get_variant
+from nat_ray.paths import PROGRESS_FILE
 from nat_ray.ray_runtime import init_ray
 from nat_ray.train.checkpoints import checkpoint_folders, set_aside_damaged
 from nat_ray.train.data import load_tokenizer, make_schedule, pad_token_id, trajectory_files
-from nat_ray.train.prepare import prepare_data, rank_dataset
+from nat_ray.train.prepare import custom_task_files, prepare_data, rank_dataset, register_task_files
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,92 @@ def build_trainer(config: dict, datasets: dict, cfg: TrainConfig, gpu: bool, sto
 # The run
 
 
+class ProgressEcho:
+    """Logs the workers' step lines in the driver when Ray hides their output (see ``write_progress``)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, every_s: float = 5.0) -> None:
+        import threading
+
+        self.path = run_dir / PROGRESS_FILE
+        self.enabled, self.every_s = enabled, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="train-progress", daemon=True)
+
+    def __enter__(self) -> ProgressEcho:
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=self.every_s * 2)
+
+    def _run(self) -> None:
+        last = ""
+        while not self.stop.wait(self.every_s):
+            try:
+                line = self.path.read_text().strip()
+            except OSError:
+                continue
+            if line and line != last:
+                log.info("%s: %s", self.path.parent.name, line)
+                last = line
+
+
+def agent_card_for(cfg: NatRayConfig, files: list[str]) -> AgentCard:
+    """The card of a model trained on ``files`` with ``cfg``: asked zero-shot with its variant's template."""
+    import pyarrow.dataset as ds
+
+    from nat_ray.tasks import get_task
+
+    register_task_files(custom_task_files(files))
+    names = sorted(
+        set(ds.dataset(files, format="parquet").to_table(columns=[nat_data.TASK]).column(0).to_pylist())
+    )
+    tasks = []
+    for name in names:
+        try:
+            tasks.append(get_task(name))
+        except ConfigError as err:  # the card still names it; its tools and marker come from the others
+            log.warning("agent card: task %r is not known here (%s)", name, err)
+    template = get_variant(cfg.train.variant).template
+    marker = tasks[0].build_messages("{question}", template, None, 0)[-1]["content"] if tasks else ""
+    return AgentCard(
+        base_model=cfg.train.base_model,
+        variant=cfg.train.variant,
+        objective="sft",
+        template=template,
+        shots=0,
+        marker=marker,
+        tools=sorted({tool for task in tasks for tool in task.tools} | {"finish"}),
+        max_turns=cfg.agent.max_turns,
+        max_new_tokens=cfg.agent.max_new_tokens,
+        tasks=names,
+    )
+
+
+def register_configured_tasks(cfg: NatRayConfig) -> None:
+    """Register the config's own tasks (rollout and eval) in this process: rows of a custom task made
+    elsewhere (a teacher set shipped with the task) are rebuilt from the task file configured here."""
+    from nat_ray.tasks import register_tasks
+
+    for ref in dict.fromkeys([*cfg.rollout.tasks, *cfg.eval.tasks]):
+        try:
+            register_tasks([ref], cfg.tasks_dir)
+        except ConfigError as err:  # not needed to train; the rows' own task files may still be found
+            log.debug("not registering task %s: %s", ref, err)
+
+
+def write_agent_cards(cfg: NatRayConfig, files: list[str], export: dict) -> None:
+    """``agent_card.json`` beside every exported model and adapter (see :mod:`nat_ray.agent_card`)."""
+    card = agent_card_for(cfg, files)
+    for key in ("model", "adapter"):
+        if export.get(key):
+            write_card(card, export[key])
+
+
 def run_train(cfg: NatRayConfig) -> dict:
     """Fine-tune ``cfg.train.base_model`` on NAT data; resume the run if it exists; export the model.
 
@@ -186,11 +274,13 @@ def run_train(cfg: NatRayConfig) -> dict:
         check_lora_targets_for(model_path, t.lora_target_modules)
     # Bad input fails here, before Ray starts; the rows are read on Ray Data below.
     files = trajectory_files(t.data)
+    register_configured_tasks(cfg)
     get_variant(t.variant)
     storage = storage_root(t.storage_path)
     local = "://" not in storage
     run_dir = Path(storage) / t.run_name
     export_dir = f"{storage}/{t.run_name}/export"
+    workers_visible = not ray.is_initialized()  # a Ray started before (the rollout's) hides worker logs
     init_ray(t.num_workers + RAY_DATA_CPUS, worker_logs=True)
     gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= t.num_workers
     check_resources(t, gpu)
@@ -231,9 +321,13 @@ def run_train(cfg: NatRayConfig) -> dict:
         "export_dir": export_dir,
         "tensorboard_dir": str(run_dir / "tensorboard") if local else None,
     }
-    result = build_trainer(config, datasets, t, gpu, storage).fit()
+    log.info("train %s: starting %d workers (model load, then one line per step)", t.run_name, t.num_workers)
+    with ProgressEcho(run_dir, enabled=local and not workers_visible):
+        result = build_trainer(config, datasets, t, gpu, storage).fit()
     metrics = result.metrics or {}
     export_file = run_dir / "export" / "export.json"
+    if local and export_file.is_file():
+        write_agent_cards(cfg, files, json.loads(export_file.read_text()))
     history = metrics.get("history", [])
     return {
         "run_dir": str(run_dir),

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from nat_ray import safe_files
+from nat_ray import paths, safe_files
 from nat_ray.config import TrainConfig
 from nat_ray.train.checkpoints import STATE_FILE, choose_checkpoint, new_checkpoint_name
 from nat_ray.train.data import Schedule, step_batches
@@ -170,7 +170,9 @@ def _train(
         metrics = _step_metrics(step, stats, schedule, start_step)
         history.append({k: metrics[k] for k in HISTORY_KEYS})
         if rank == 0:
-            _log_step(metrics, schedule, elapsed, writer)
+            line = _log_step(metrics, schedule, elapsed, writer)
+            if config["local"]:
+                write_progress(config["run_dir"], line)
         done = metrics["step"]
         if done == schedule.total_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             trainer_state = {
@@ -218,24 +220,31 @@ def _open_tensorboard(tensorboard_dir: str | None):
     return SummaryWriter(tensorboard_dir)
 
 
-def _log_step(metrics: dict, schedule: Schedule, elapsed: float, writer) -> None:
-    """Rank 0's progress line and TensorBoard scalars for one step."""
+def _log_step(metrics: dict, schedule: Schedule, elapsed: float, writer) -> str:
+    """Rank 0's progress line (returned too) and TensorBoard scalars for one step."""
     done, start_step = metrics["step"], metrics["start_step"]
     eta = elapsed / (done - start_step) * (schedule.total_steps - done)
-    log.info(
-        "step %d/%d  epoch %d  loss %.4f  tok/s %.1f  lr %.2e  elapsed %.0fs  eta %.0fs",
-        done,
-        schedule.total_steps,
-        metrics["epoch"],
-        metrics["loss"],
-        metrics["tokens_per_s"],
-        metrics["lr"],
-        elapsed,
-        eta,
+    line = (
+        f"step {done}/{schedule.total_steps}  epoch {metrics['epoch']}  loss {metrics['loss']:.4f}  "
+        f"tok/s {metrics['tokens_per_s']:.1f}  lr {metrics['lr']:.2e}  elapsed {elapsed:.0f}s  eta {eta:.0f}s"
     )
+    log.info("%s", line)
     if writer is not None:
         for key in TENSORBOARD_KEYS:
             writer.add_scalar(f"train/{key}", metrics[key], done)
+    return line
+
+
+def write_progress(run_dir: str, line: str) -> None:
+    """The latest step line in ``<run>/progress.txt``: a driver that cannot see the workers' logs (a
+    pipeline whose Ray was started by the rollout, which keeps them off) reads it to show progress."""
+    path = Path(run_dir) / paths.PROGRESS_FILE
+    tmp = path.with_name(f".{paths.PROGRESS_FILE}.tmp")
+    try:
+        tmp.write_text(line + "\n")
+        tmp.replace(path)
+    except OSError as err:  # progress is a courtesy: never fail a step for it
+        log.debug("could not write %s: %s", path, err)
 
 
 def _report_checkpoint(engine, metrics: dict, state: dict, rank: int, run_dir: str, local: bool) -> None:

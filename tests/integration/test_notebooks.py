@@ -92,7 +92,7 @@ def test_quickstart_runs_agent_pipeline_and_serve(run_dir):
     assert summary["quick"] is True
     assert summary["agent"]["turns"] >= 1
     assert summary["stages"] == dict.fromkeys(["rollout", "train:nat", "eval:base", "eval:nat"], "done")
-    assert summary["trajectories"] == 24  # 2 tasks x 6 questions x 2 temperatures
+    assert summary["trajectories"] == 12  # word math: 6 questions x 2 temperatures
     assert summary["served"]["status"] == 200 and summary["served"]["model"] == "nat"
     assert 1 <= summary["served"]["turns"] <= 2
 
@@ -102,11 +102,30 @@ def test_quickstart_runs_agent_pipeline_and_serve(run_dir):
     assert (run_dir / "train" / "nat" / "export" / "model" / "model.safetensors").is_file()
     for model in ("base", "nat"):
         parts = {p.name for p in (run_dir / "eval" / model / "trajectories").glob("*.parquet")}
-        assert parts == {"gsm8k.parquet", "strategyqa.parquet"}
+        assert parts == {"word_math.parquet"}
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results["results"]) == {"base", "nat"}
+    # The default trains on the shipped teacher's trajectories beside the rollout's, and says so.
+    sources = {Path(s["path"]).name: s["models"] for s in manifest["data_sources"]}
+    assert sources["teacher.parquet"]["scripted-teacher"]["positives"] > 0
+    assert "## Training data" in (run_dir / "results.md").read_text()
+    card = json.loads((run_dir / "train" / "nat" / "export" / "model" / "agent_card.json").read_text())
+    assert card["shots"] == 0 and card["variant"] == "nat" and card["tasks"] == ["word_math"]
     text = _text(nbformat.read(run_dir.parent / "quickstart.executed.ipynb", as_version=4))
     assert "# NAT pipeline results" in text and "POST /v1/agent -> 200" in text
+
+
+def test_eval_of_the_nat_export_asks_it_as_its_agent_card_says(run_dir, tmp_path):
+    """`nat-ray eval --model <export>` with no prompt flags: zero shots and the NAT template, from the
+    card, though the config defaults (and configs/default.yaml) say one shot."""
+    from nat_ray.cli import main
+
+    export = run_dir / "train" / "nat" / "export"
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(export), "--tasks", "examples/word_math/task.yaml", "--limit", "2"]
+    assert main([*argv, "--output-dir", str(out), "--config", "configs/default.yaml"]) == 0
+    header = (out / "results.md").read_text()
+    assert "- **prompt**: zero-shot-target-aware (0-shot)" in header
 
 
 def test_results_reads_the_run_and_plots(run_dir):
@@ -122,9 +141,9 @@ def test_results_reads_the_run_and_plots(run_dir):
     }
     assert {(r["model"], r["task"]): r["acc_robust"] for r in report["accuracy"]} == expected
     for model in ("base", "nat"):
-        assert sum(report["outcomes"][model].values()) == 4  # 2 tasks x 2 questions x 1 seed
-        assert sum(report["turns"][model].values()) == 4
-    assert sum(r["trajectories"] for r in report["rollout"]) == 24
+        assert sum(report["outcomes"][model].values()) == 2  # 1 task x 2 questions x 1 seed
+        assert sum(report["turns"][model].values()) == 2
+    assert sum(r["trajectories"] for r in report["rollout"]) == 12
     plots = {Path(p).name for p in report["plots"]}
     assert {"accuracy.png", "outcomes.png", "turns.png", "rollout.png"} <= plots
     for plot in report["plots"]:

@@ -155,7 +155,7 @@ def answers(server) -> dict:
     return responses
 
 
-def test_agent_answers_a_math_question_and_scores_it_with_gold(server, answers):
+def test_agent_answers_a_math_question_and_scores_it_with_gold(server, answers, tokenizer):
     assert answers["math"].status_code == 200, answers["math"].text
     answer = answers["math"].json()
     assert answer["model"] == server.lora and answer["task"] == "gsm8k"
@@ -166,6 +166,12 @@ def test_agent_answers_a_math_question_and_scores_it_with_gold(server, answers):
         answer["correct"]["robust"], bool
     )
     assert answer["usage"]["completion_tokens"] > 0
+    # Token-exact served turns: per agent turn the ids vLLM read and sampled (the traffic issue's base).
+    assert len(answer["turn_prompt_ids"]) == len(answer["turn_completion_ids"]) == answer["turns"]
+    for turn, ids in zip(
+        (t for t in answer["trajectory"] if t["role"] == "assistant"), answer["turn_completion_ids"]
+    ):
+        assert tokenizer.decode(ids, skip_special_tokens=True).strip().startswith(turn["content"].strip())
 
 
 def test_the_same_request_samples_the_same_episode(answers):
