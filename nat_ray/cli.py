@@ -92,10 +92,14 @@ COMMANDS: tuple[Command, ...] = (
             Flag("question", "the question text"),
             Flag("--task", "task whose tools, prompt and scorer to use (default gsm8k)", "agent.task"),
             MODEL,
-            Flag("--template", "NAT prompt template (default zero-shot-target-aware)", "agent.template"),
+            Flag(
+                "--template",
+                "NAT prompt template (default zero-shot-target-aware, or the model's agent card)",
+                "agent.template",
+            ),
             Flag(
                 "--shots",
-                "1 = add a demonstration (default), 0 = paper format",
+                "1 = add a demonstration (default), 0 = paper format (a trained model's agent card: 0)",
                 "agent.shots",
                 options={"type": int, "choices": (0, 1)},
             ),
