@@ -62,14 +62,17 @@ def write_card(card: AgentCard, folder: str | Path) -> Path:
 
 def card_path(model: str | None) -> Path | None:
     """``model``'s card file, if ``model`` is a local folder that has one."""
+    from nat_ray.errors import ModelError
+    from nat_ray.models import resolve_export
+
     if not model or "://" in model:
         return None
-    folder = Path(model).expanduser()
-    # A training export folder stands for its model/ (as in nat_ray.models.resolve_export).
-    for path in (folder / CARD_FILE, folder / "model" / CARD_FILE):
-        if path.is_file():
-            return path
-    return None
+    try:  # a training export folder stands for its model/
+        folder = Path(resolve_export(model, "model")).expanduser()
+    except ModelError:  # an export without a full model: no card to read here
+        return None
+    path = folder / CARD_FILE
+    return path if path.is_file() else None
 
 
 def read_card(model: str | None) -> AgentCard | None:
