@@ -6,6 +6,7 @@ Plain helpers (free ports, a loopback HTTP server) live in ``tests/helpers.py``.
 from __future__ import annotations
 
 import os
+import shutil
 
 import helpers  # tests/helpers.py
 import pytest
@@ -32,3 +33,34 @@ def tokenizer(embedded_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(embedded_path)
+
+
+_FAILED_MODULES: set[str] = set()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        _FAILED_MODULES.add(item.module.__name__)
+    return report
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_module_folders(request, tmp_path_factory):
+    """Remove the folders a module's fixtures made once the module passed.
+
+    Module fixtures train and export models (a full fine-tune's checkpoints are over a gigabyte); kept
+    to the end of the session, the suite's folders outgrew a CI machine's disk. A module with a failure
+    keeps its folders for reading.
+    """
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    if request.module.__name__ in _FAILED_MODULES:
+        return
+    for path in set(base.iterdir()) - before:
+        if path.is_symlink():  # pytest's "<name>current" link to the numbered folder
+            path.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)

@@ -72,10 +72,10 @@ log = logging.getLogger(__name__)
 
 # In the paper's column order (Table 2: GSM8K, ASDiv, SVAMP, MultiArith; then HotpotQA, StrategyQA):
 # tables list tasks in this order.
-_BUILTIN_FILES = ("gsm8k", "asdiv", "svamp", "multiarith", "hotpotqa", "strategyqa")
+BUILTIN_NAMES: tuple[str, ...] = ("gsm8k", "asdiv", "svamp", "multiarith", "hotpotqa", "strategyqa")
 
 TASKS: dict[str, Task] = {
-    t.name: t for t in (load_task_file(BUILTIN_DIR / f"{n}.yaml") for n in _BUILTIN_FILES)
+    t.name: t for t in (load_task_file(BUILTIN_DIR / f"{n}.yaml") for n in BUILTIN_NAMES)
 }
 
 
@@ -194,6 +194,7 @@ def register_tasks(refs: Iterable[str], tasks_dir: str | None = None) -> list[Ta
 
 
 __all__ = [
+    "BUILTIN_NAMES",
     "TASKS",
     "Question",
     "Task",
