@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from nat_ray.agent import new_episode, sampling_from
 from nat_ray.config import AgentConfig, ServeConfig
+from nat_ray.core.react import GENERATION_ERROR, Episode
 from nat_ray.errors import DataError
-from nat_ray.react import GENERATION_ERROR, Episode
 from nat_ray.tasks import registered_task
 from nat_ray.tasks.loaders import normalize_gold
 

@@ -52,11 +52,12 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 
 from nat_ray.agent import prepare_tasks, with_tasks_resolved
-from nat_ray.agent_card import read_card
 from nat_ray.config import NatRayConfig, from_dict, load_config
+from nat_ray.core.agent_card import read_card
 from nat_ray.engines.vllm_args import engine_kwargs, served_cpu_env
 from nat_ray.errors import ConfigError
 from nat_ray.models import served_paths
+from nat_ray.ray_runtime import init_ray
 from nat_ray.serve.adapters import (
     ADAPTER_CONFIG,
     ModelProblem,
@@ -87,7 +88,7 @@ from nat_ray.serve.guards import (
     cap_max_tokens,
     role_problem,
 )
-from nat_ray.tool_actors import actor_runtime_env
+from nat_ray.tools.actors import actor_runtime_env
 from nat_ray.tools.host import ToolHost
 
 log = logging.getLogger(__name__)
@@ -616,7 +617,6 @@ def build_app_from_args(args: dict):
 
 def start_ray_for(cfg: NatRayConfig) -> None:
     """Join ``RAY_ADDRESS``'s cluster, or start a local Ray with enough logical CPUs for the replicas."""
-    from nat_ray.ray_runtime import init_ray
 
     # Each vLLM replica holds its CPU bundle plus one CPU for the replica actor.
     init_ray(cfg.serve.llm_replicas * (cfg.serve.llm_num_cpus + 1) + 2)
@@ -634,7 +634,7 @@ def run_serve(cfg: NatRayConfig) -> int:
     served_paths(cfg.engine.model, cfg.serve.lora)
     start_ray_for(cfg)
     if any("search" in task.tools for task in tasks):
-        from nat_ray.search_index import ensure_index_for
+        from nat_ray.tools.search.index_build import ensure_index_for
 
         # Here, with a logged estimate and progress, not silently inside the search replica.
         ensure_index_for(cfg.tools)

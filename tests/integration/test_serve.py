@@ -21,9 +21,9 @@ import pytest
 import requests
 from helpers import free_port  # tests/helpers.py
 
-from nat_ray import nat_data as columns
-from nat_ray import records
 from nat_ray.config import NatRayConfig, from_dict
+from nat_ray.core import nat_data as columns
+from nat_ray.core import records
 from nat_ray.tasks import get_task
 
 pytestmark = pytest.mark.integration
