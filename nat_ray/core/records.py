@@ -146,15 +146,22 @@ def _id_lists(lists: list[list[int]] | None) -> list[list[int]] | None:
     return None if lists is None else [[int(i) for i in ids] for ids in lists]
 
 
+def episode_drift(episode: Episode, tokenizer=None) -> int | None:
+    """The episode's turns whose next prompt did not continue with the ids they sampled
+    (:func:`nat_ray.core.masks.turn_drift`); ``None`` without a tokenizer or engine ids."""
+    ids = episode.turn_token_ids()
+    if ids is None or tokenizer is None:
+        return None
+    return turn_drift(tokenizer, ids[0], ids[1], [step.text for step in episode.steps])
+
+
 def episode_row(episode: Episode, tokenizer=None, **fields) -> dict:
     """The Parquet row of one finished (or failed) episode; ``fields`` as :func:`trajectory_row`'s.
 
     With the engine's ``tokenizer`` and stored ids, the row also counts the episode's token drift.
     """
     ids = episode.turn_token_ids()
-    drift = None
-    if ids is not None and tokenizer is not None:
-        drift = turn_drift(tokenizer, ids[0], ids[1], [step.text for step in episode.steps])
+    drift = episode_drift(episode, tokenizer)
     fields = {
         "turn_prompt_ids": None if ids is None else ids[0],
         "turn_completion_ids": None if ids is None else ids[1],

@@ -56,7 +56,7 @@ from nat_ray.config import NatRayConfig, from_dict, load_config
 from nat_ray.core.agent_card import read_card
 from nat_ray.engines.vllm_args import engine_kwargs, served_cpu_env
 from nat_ray.errors import ConfigError
-from nat_ray.models import served_paths
+from nat_ray.models import resolve_model, served_paths
 from nat_ray.ray_runtime import init_ray
 from nat_ray.serve.adapters import (
     ADAPTER_CONFIG,
@@ -194,7 +194,21 @@ class AgentIngress:
         self.lora_dir = self.cfg.serve.lora_dir  # adapters on demand: "<base>:<folder in lora_dir>"
         self.base_model = models[0]["id"]
         self._adapter_handles: dict[tuple[str, bool], object] = {}
+        self._tok = None
         import ray.serve.llm.openai_api_models  # noqa: F401 - imports vLLM (tens of seconds): now, not on a request
+
+    def _tokenizer(self):
+        """The served model's tokenizer, to count each episode's token drift; None (drift not
+        counted) where this replica cannot load it (a model whose files are on another node)."""
+        if self._tok is None:
+            try:
+                from transformers import AutoTokenizer
+
+                self._tok = AutoTokenizer.from_pretrained(resolve_model(self.cfg.engine.model))
+            except Exception as err:  # drift is a check, never a reason to fail a request
+                log.warning("token drift is not counted: the tokenizer did not load (%s)", err)
+                self._tok = False
+        return self._tok or None
 
     def _agent_loop(self) -> AgentLoop:
         # Built on the first request, on the event loop every handler runs on (the handles' loop).
@@ -314,7 +328,13 @@ class AgentIngress:
                 f"the episode took longer than serve.request_timeout_s={self.cfg.serve.request_timeout_s:g} s"
             )
             return JSONResponse(error_body(504, message, None), status_code=504)
-        body = agent_response(episode, req.task, model, req.gold)
+        body = agent_response(episode, req.task, model, req.gold, self._tokenizer())
+        if body.get("token_drift"):
+            log.warning(
+                "/v1/agent %s: %d turn(s) drifted: the next prompt did not continue with the ids sampled",
+                episode.id,
+                body["token_drift"],
+            )
         status = response_status(episode)
         if status != 200:
             body.update(error_body(status, f"the LLM deployment failed: {body['error']}", None))
