@@ -70,9 +70,9 @@ def make_adapter(base_path: str, out_dir: str | Path, seed: int = 0) -> Path:
 def engine_part(adapter: str) -> dict:
     """The rollout engine's figures (run in a child process: vLLM's in-process engine)."""
     from nat_ray.config import EngineConfig
+    from nat_ray.core.react import Sampling
     from nat_ray.engines.vllm_engine import VLLMEngine
     from nat_ray.models import resolve_model
-    from nat_ray.react import Sampling
 
     cfg = EngineConfig(model=resolve_model("embedded"), lora=True, **ENGINE)
     greedy = [Sampling(temperature=0.0, max_tokens=8, seed=0)]

@@ -5,7 +5,7 @@ Run from the repository root (about 80 minutes on the 2-core CPU machine)::
     .venv/bin/python benchmarks/learning.py      # writes benchmarks/results/learning.json + learning.png
 
 On the default task (word math, ``configs/default.yaml``): one rollout of the base model, then the
-pipeline (:func:`nat_ray.pipeline.run_pipeline`, each piece resumable) trains and evaluates
+pipeline (:func:`nat_ray.experiment.pipeline.run_pipeline`, each piece resumable) trains and evaluates
 
 - the base model asked two ways: 0 shots with the "correctly" marker (the prompt every tuned model
   gets) and 1 shot (its best), so the table separates learning the format from learning the task;
@@ -41,10 +41,14 @@ if str(ROOT) not in sys.path:  # `python benchmarks/learning.py` from the repo r
 
 from machine_info import machine  # noqa: E402 - beside this script
 
-from nat_ray.config import NatRayConfig, load_config  # noqa: E402
-from nat_ray.evaluate import run_eval  # noqa: E402
-from nat_ray.pipeline import run_pipeline, with_sections  # noqa: E402
-from nat_ray.results_table import wilson_interval  # noqa: E402
+from nat_ray.config import (  # noqa: E402
+    NatRayConfig,
+    load_config,
+    with_sections,  # noqa: E402
+)
+from nat_ray.evaluation.results_table import wilson_interval  # noqa: E402
+from nat_ray.evaluation.run import run_eval  # noqa: E402
+from nat_ray.experiment.pipeline import run_pipeline  # noqa: E402
 
 log = logging.getLogger("benchmarks.learning")
 

@@ -12,7 +12,7 @@ limits (7 turns, 128 new tokens per turn, ``max_model_len`` 2048) and the same s
 
 Three phases, one after the other, each shut down before the next starts:
 
-1. **Rollout stage** -- :func:`nat_ray.rollout.run_rollout` exactly as ``nat-ray rollout`` runs it
+1. **Rollout stage** -- :func:`nat_ray.rollout.run.run_rollout` exactly as ``nat-ray rollout`` runs it
    (local Ray, one engine actor owning a vLLM engine, calculator tool actors, Parquet output in a
    temporary folder). Its trajectories/s are measured over the *generation window*: from the
    earliest ``started_at`` (the time the actor began its batch, after its engine was built) to the
@@ -142,8 +142,8 @@ def make_config(n_questions: int, output_dir: str):
 
 def make_episodes(cfg, questions):
     """The same episodes the rollout stage makes: same ids (so same per-turn seeds), same prompt."""
-    from nat_ray import records
     from nat_ray.agent import new_episode, sampling_from
+    from nat_ray.core import records
     from nat_ray.tasks import get_task
 
     task = get_task(TASK)
@@ -202,9 +202,9 @@ def occupancy(trace: list[tuple[int, int, float]]) -> dict:
 def bench_rollout_stage(cfg) -> dict:
     import ray
 
-    from nat_ray import nat_data as columns
-    from nat_ray import records
-    from nat_ray.rollout import PARTS_DIR, run_rollout
+    from nat_ray.core import nat_data as columns
+    from nat_ray.core import records
+    from nat_ray.rollout.run import PARTS_DIR, run_rollout
 
     log.info(
         "phase 1: rollout stage on %d questions (Ray Data, %d engine actor, max_in_flight=%d)",
@@ -291,8 +291,8 @@ def cost_model(seconds: list[float], episodes) -> dict | None:
 def bench_sequential(cfg, questions) -> dict:
     from dataclasses import replace
 
+    from nat_ray.core.react import LocalTools, Stepper
     from nat_ray.engines.hf_engine import HFEngine
-    from nat_ray.react import LocalTools, Stepper
 
     log.info("phase 2: sequential baseline (transformers generate, batch 1) on %d episodes", len(questions))
     t0 = time.perf_counter()
@@ -390,8 +390,8 @@ def raw_generate(llm, prompts: list[list[int]], seeds: list[int], per_seq: int) 
 def bench_agent_vs_raw(cfg, questions) -> dict:
     from vllm import SamplingParams
 
+    from nat_ray.core.react import LocalTools, Stepper
     from nat_ray.engines.vllm_engine import VLLMEngine, render_prompt_ids
-    from nat_ray.react import LocalTools, Stepper
 
     log.info("phase 3: in-process vLLM engine; agent loop then raw generate on %d episodes", len(questions))
     t0 = time.perf_counter()
@@ -503,7 +503,7 @@ def main(argv=None) -> int:
     )
     for noisy in ("vllm", "ray", "transformers", "nat_ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("nat_ray.rollout").setLevel(logging.INFO)
+    logging.getLogger("nat_ray.rollout.run").setLevel(logging.INFO)
 
     counts = QUICK if args.quick else FULL
     phases = {int(p) for p in args.phases.split(",") if p.strip()}

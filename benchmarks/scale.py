@@ -14,13 +14,13 @@ section). A section is a function in :data:`SECTIONS` returning its figures, plu
 
 Sections:
 
-- ``index_build``: paragraphs/s of the Ray Data build (:func:`nat_ray.search_index.ensure_index`,
+- ``index_build``: paragraphs/s of the Ray Data build (:func:`nat_ray.tools.search.index_build.ensure_index`,
   an actor pool over every core, float16 shards written) over the build before it: one Ray actor
   with ``num_cpus=1`` loading the model and embedding the same paragraphs in one ``encode`` call,
   as ``ToolActor.warm_up`` did. Same corpus (the first ``--paragraphs`` of the HotpotQA corpus in
   ``shared/data`` when present, else the shipped sample), same machine, one run each, wall clock
   from the start of each build (actor start and model load included) to its last vector.
-- ``ann``: recall@3 of the FAISS IVF index (:class:`nat_ray.index_store.AnnParams`) against exact
+- ``ann``: recall@3 of the FAISS IVF index (:class:`nat_ray.tools.search.index_store.AnnParams`) against exact
   search, and single-query latency p50/p99, at 10k, 100k and 1M synthetic 384-d normalized vectors
   in clusters (embedding 1M real paragraphs would take a day here), float16 as the shards store them.
 - ``data_prep`` (``scale_data.py``): the streamed training-data preparation at 1k, 10k and 100k
@@ -56,9 +56,9 @@ import scale_data  # noqa: E402 - beside this script: training data preparation 
 import scale_stages  # noqa: E402 - beside this script: the rollout curve and the fractions of the limit
 from machine_info import machine  # noqa: E402 - beside this script
 
-from nat_ray import index_store  # noqa: E402
 from nat_ray.paths import find_data_file  # noqa: E402
-from nat_ray.tools.search import CORPUS_FILES, default_model_path  # noqa: E402
+from nat_ray.tools.search import index_store  # noqa: E402
+from nat_ray.tools.search.tool import CORPUS_FILES, default_model_path  # noqa: E402
 
 log = logging.getLogger("benchmarks.scale")
 
@@ -98,7 +98,7 @@ def _one_actor_build(corpus: Path, model_path: Path) -> float:
     @ray.remote(num_cpus=1)
     class OldSearchActor:
         def build(self, corpus_path: str, model: str) -> int:
-            from nat_ray.tools.search import load_model, read_corpus
+            from nat_ray.tools.search.tool import load_model, read_corpus
 
             records = read_corpus(Path(corpus_path))
             vectors = load_model(Path(model)).encode(
@@ -120,7 +120,7 @@ def _one_actor_build(corpus: Path, model_path: Path) -> float:
 def index_build(args: argparse.Namespace) -> dict:
     import ray
 
-    from nat_ray.search_index import IndexOptions, ensure_index
+    from nat_ray.tools.search.index_build import IndexOptions, ensure_index
 
     model_path = default_model_path().resolve()
     os.environ.setdefault(

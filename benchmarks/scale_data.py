@@ -1,6 +1,6 @@
 """Benchmark section ``data_prep`` (issue 19): streamed training-data preparation from 1k to 100k rows.
 
-Synthetic trajectory Parquet (the schema of :mod:`nat_ray.records`: GSM8K-style questions, four
+Synthetic trajectory Parquet (the schema of :mod:`nat_ray.core.records`: GSM8K-style questions, four
 trajectories each: one or two positives, negatives with a wrong final answer, some of them exact
 duplicates, every few one unfinished), written in files of 5,000 rows, then the real preparation of
 ``nat-ray train`` (:func:`nat_ray.train.prepare.prepare_data`: selection, the embedded model's
@@ -40,7 +40,7 @@ ROWS_LOOK_LIKE = (
 
 def synthetic_row(q: int, k: int) -> dict:
     """Trajectory ``k`` of question ``q``: a short realistic ReAct episode (the rest of the schema null)."""
-    from nat_ray import nat_data as c
+    from nat_ray.core import nat_data as c
 
     a, b, d = 2 + q % 17, 3 + q % 13, 1 + q % 5
     product, total = a * b, a * b + d
@@ -85,7 +85,7 @@ def synthetic_row(q: int, k: int) -> dict:
 
 def write_data(folder: Path, rows: int) -> None:
     """``rows`` synthetic trajectories as Parquet files of :data:`FILE_ROWS` rows."""
-    from nat_ray import records
+    from nat_ray.core import records
 
     folder.mkdir(parents=True, exist_ok=True)
     for part, start in enumerate(range(0, rows, FILE_ROWS)):

@@ -4,8 +4,8 @@ Each section is ``fn(args) -> dict`` plus ``plot_fn(ax, figures)``, as in ``scal
 read with ``getattr`` only: ``quick`` (small sizes, for a smoke run of a few minutes),
 ``rollout_sizes`` (default ``(32, 128, 512)``; quick ``(8, 16, 32)``) and ``rollout_lora``.
 
-- ``rollout_curve``: the rollout stage (:func:`nat_ray.rollout.run_rollout`, through
-  :func:`nat_ray.engine_pool.rollout_with_pool` so that one engine stays up across the sizes and
+- ``rollout_curve``: the rollout stage (:func:`nat_ray.rollout.run.run_rollout`, through
+  :func:`nat_ray.rollout.engine_pool.rollout_with_pool` so that one engine stays up across the sizes and
   each size measures rollout, not engine start-up; the engine actor is the pool's
   ``EngineHolder`` with the engine ``nat-ray rollout`` builds, no LoRA, unless ``args.rollout_lora``
   asks for ``start_pool``'s LoRA-enabled one) on 32, 128 and 512 GSM8K training questions
@@ -157,7 +157,7 @@ def _rows_stats(parts_dir: Path) -> dict:
     import pyarrow.parquet as pq
     import rollout as rollout_bench
 
-    from nat_ray import nat_data as columns
+    from nat_ray.core import nat_data as columns
 
     cols = [columns.STARTED_AT, columns.ENDED_AT, columns.COMPLETION_TOKENS, columns.TURNS, columns.FINISHED]
     tables = [pq.read_table(p, columns=cols).to_pydict() for p in sorted(parts_dir.glob("*.parquet"))]
@@ -213,9 +213,9 @@ def _make_raw_in_holder(bench_dir: str):
 def _start_engines(cfg, lora: bool):
     """The rollout's engine actor(s), started once for every size.
 
-    ``lora=True``: :func:`nat_ray.engine_pool.start_pool` as the closed loop runs it (LoRA enabled,
+    ``lora=True``: :func:`nat_ray.rollout.engine_pool.start_pool` as the closed loop runs it (LoRA enabled,
     which on this CPU build makes every vLLM step slower). ``lora=False``: the same
-    :class:`nat_ray.engine_pool.EngineHolder` actors and :class:`~nat_ray.engine_pool.EnginePool`,
+    :class:`nat_ray.rollout.engine_pool.EngineHolder` actors and :class:`~nat_ray.rollout.engine_pool.EnginePool`,
     placed as ``start_pool`` places them, with the engine exactly as ``nat-ray rollout`` builds it
     (``cfg.engine``, no LoRA), so each size measures the stage's own engine without its start-up.
     """
@@ -223,11 +223,11 @@ def _start_engines(cfg, lora: bool):
 
     import ray
 
-    from nat_ray.engine_pool import POOL_NAME, EngineHolder, EnginePool, start_pool
     from nat_ray.models import check_model
     from nat_ray.ray_runtime import init_ray
-    from nat_ray.rollout import engine_cpus
-    from nat_ray.tool_actors import actor_runtime_env
+    from nat_ray.rollout.engine_pool import POOL_NAME, EngineHolder, EnginePool, start_pool
+    from nat_ray.rollout.run import engine_cpus
+    from nat_ray.tools.actors import actor_runtime_env
 
     if lora:
         return start_pool(cfg)
@@ -256,9 +256,9 @@ def _run_curve(sizes: tuple[int, ...], raw_sequences: int, lora: bool = False) -
     import ray
     import rollout as rollout_bench
 
-    from nat_ray.engine_pool import rollout_with_pool
     from nat_ray.models import ensure_embedded
     from nat_ray.paths import PARTS_DIR
+    from nat_ray.rollout.engine_pool import rollout_with_pool
 
     def reset_prefix_cache(holder) -> None:  # nested: Ray pickles it by value for the engine actor
         holder.engine.llm.reset_prefix_cache()
@@ -327,7 +327,7 @@ def _run_curve(sizes: tuple[int, ...], raw_sequences: int, lora: bool = False) -
         "by_size": by_size,
         "raw_vllm": raw,
         "engine_pool_start_s": round(pool_start_s, 2),
-        "engines": "kept up across sizes: one nat_ray.engine_pool EngineHolder actor "
+        "engines": "kept up across sizes: one nat_ray.rollout.engine_pool EngineHolder actor "
         + (
             "from start_pool (vLLM with LoRA enabled, as the closed loop runs it; no adapter)"
             if lora
@@ -475,12 +475,12 @@ def _train_fraction(steps: int) -> dict:
     import yaml
     from train_step import micro_batches_of, time_training
 
-    from nat_ray import records
     from nat_ray.config import NatRayConfig, TrainConfig, from_dict
+    from nat_ray.core import records
     from nat_ray.import_nat import import_nat, resolve_inputs
     from nat_ray.models import resolve_model
-    from nat_ray.packing import pack_examples
     from nat_ray.train.data import pad_token_id
+    from nat_ray.train.packing import pack_examples
     from nat_ray.train.run import run_train
     from nat_ray.train.step import build_model
 
@@ -506,7 +506,7 @@ def _train_fraction(steps: int) -> dict:
             if ray.is_initialized():
                 ray.shutdown()
         stage_s = time.perf_counter() - t1
-        history = result["history"]
+        history = result.history
         # deepspeed_step's tokens are summed over the ranks: each step's tokens/s is the stage's.
         timed = [h["tokens_per_s"] for h in history[1:]] or [h["tokens_per_s"] for h in history]
         workers = cfg.train.num_workers
@@ -544,7 +544,7 @@ def _train_fraction(steps: int) -> dict:
             "workers": workers,
             "steps": len(history),
             "tokens_per_s_by_step": [round(h["tokens_per_s"], 2) for h in history],
-            "data": result["data"],
+            "data": result.data,
             "seconds": round(stage_s, 1),
             "how": "nat_ray.train.run.run_train with configs/train.yaml (2 gloo workers, DeepSpeed ZeRO-3, "
             f"fp32, packed 1024-token rows, micro-batch 1) on the imported NAT StrategyQA trajectories, "

@@ -9,13 +9,13 @@ or DeepSpeed: the question is what packing buys, not what Ray costs. Both arms u
 
 - the same data: NAT examples (``nat`` variant) of the GPT-3.5 StrategyQA trajectories the NAT
   repo ships (``shared/data``, converted with :mod:`nat_ray.import_nat`), tokenized with the loss
-  masks of :mod:`nat_ray.masks`, ``max_length`` 1024; the same examples in both arms;
+  masks of :mod:`nat_ray.core.masks`, ``max_length`` 1024; the same examples in both arms;
 - the same model and precision (the embedded SmolLM2-135M; fp32 on CPU, bf16 on GPU), a fresh
   copy per arm, AdamW at the paper's 5e-5, one micro-batch per optimizer step;
 - the same ``micro_batch_size`` = 2: two *examples* right-padded to the longer one with a 2D
   attention mask (transformers' SDPA, as the NAT repo / HF Trainer batch them), against two
   *packed rows* of up to 1024 tokens (best-fit decreasing) with per-example attention
-  (:data:`nat_ray.packing.VARLEN_ATTENTION`). This is ``train.packing`` on vs off with every
+  (:data:`nat_ray.train.packing.VARLEN_ATTENTION`). This is ``train.packing`` on vs off with every
   other setting equal.
 
 The two arms run interleaved in one process -- after each optimizer step the arm that is behind
@@ -49,9 +49,9 @@ from machine_info import cpu_model, memory_gib  # noqa: E402 - beside this scrip
 from train_step import mfu, micro_batches_of, peak_flops_of, synthetic_examples  # noqa: E402 - beside this script
 
 from nat_ray.config import TrainConfig  # noqa: E402
-from nat_ray.masks import tokenize_example  # noqa: E402
-from nat_ray.packing import pack_examples, packing_efficiency, single_rows  # noqa: E402
+from nat_ray.core.masks import tokenize_example  # noqa: E402
 from nat_ray.train.data import pad_token_id  # noqa: E402
+from nat_ray.train.packing import pack_examples, packing_efficiency, single_rows  # noqa: E402
 from nat_ray.train.step import build_model, cosine_schedule, count_parameters, train_step  # noqa: E402
 
 log = logging.getLogger("benchmarks.train")
@@ -96,7 +96,7 @@ def machine(gpu: bool) -> dict:
 
 def nat_examples(tokenizer, n: int) -> tuple[list, str]:
     """Tokenized NAT examples from the NAT repo's StrategyQA trajectories (or a rollout's, or synthetic)."""
-    from nat_ray import nat_data
+    from nat_ray.core import nat_data
     from nat_ray.import_nat import import_nat, resolve_inputs
 
     try:
@@ -214,7 +214,7 @@ def main() -> int:
     from nat_ray.models import resolve_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "nat_ray.import_nat", "nat_ray.nat_data"):
+    for noisy in ("transformers", "nat_ray.import_nat", "nat_ray.core.nat_data"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")

@@ -31,9 +31,9 @@ if str(ROOT) not in sys.path:  # `python benchmarks/train_step.py` from the repo
     sys.path.insert(0, str(ROOT))
 
 from nat_ray.config import TrainConfig  # noqa: E402
+from nat_ray.core.masks import IGNORE_INDEX, TokenizedExample  # noqa: E402
 from nat_ray.errors import ConfigError  # noqa: E402
-from nat_ray.masks import IGNORE_INDEX, TokenizedExample  # noqa: E402
-from nat_ray.packing import PackedSequence, collate, pack_examples, single_rows  # noqa: E402
+from nat_ray.train.packing import PackedSequence, collate, pack_examples, single_rows  # noqa: E402
 from nat_ray.train.step import (  # noqa: E402
     StepStats,
     build_model,
@@ -175,8 +175,8 @@ def load_examples(
     paths: Sequence[str], variant: str, tokenizer, max_length: int, limit: int | None, seed: int
 ) -> list[TokenizedExample]:
     """Tokenized NAT examples from trajectory Parquet (over-long ones truncated)."""
-    from nat_ray import nat_data, records
-    from nat_ray.masks import tokenize_example
+    from nat_ray.core import nat_data, records
+    from nat_ray.core.masks import tokenize_example
 
     rows = [row for path in paths for row in records.read_rows(path)]
     examples, _ = nat_data.build_examples(rows, variant, seed=seed)

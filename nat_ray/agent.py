@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nat_ray.config import AgentConfig, NatRayConfig, ToolsConfig
-from nat_ray.react import Episode, Sampling
-from nat_ray.scoring import Score
+from nat_ray.core.react import Episode, Sampling
+from nat_ray.core.scoring import Score
+from nat_ray.engines import build_engine
 from nat_ray.tasks import Task, register_tasks
 from nat_ray.tasks.task_file import is_task_path
 
@@ -115,8 +116,7 @@ def run_agent(cfg: NatRayConfig, question: str, gold: str | None = None, as_json
         gold: the right answer; the output then says whether the agent got it (both scoring rules).
         as_json: print the episode as JSON instead of a transcript.
     """
-    from nat_ray.engines import build_engine
-    from nat_ray.react import LocalTools, Stepper
+    from nat_ray.core.react import LocalTools, Stepper
     from nat_ray.tools import configure_tools
 
     (task,), tools = prepare_tasks([cfg.agent.task], cfg)

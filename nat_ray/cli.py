@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nat_ray.config import NatRayConfig, load_config
+from nat_ray.core.agent_card import model_card, overridden
 from nat_ray.errors import NatRayError
 
 log = logging.getLogger("nat_ray")
@@ -130,7 +132,7 @@ COMMANDS: tuple[Command, ...] = (
         "(paper and robust rules) and write Parquet to <rollout.output_dir>/trajectories. Re-running the "
         "same config resumes: finished trajectories are kept and none is generated twice. Set RAY_ADDRESS "
         "to use a running cluster; otherwise a local Ray starts.",
-        run="nat_ray.rollout:main_rollout",
+        run="nat_ray.rollout.run:main_rollout",
         flags=(
             Flag(
                 "--tasks",
@@ -203,7 +205,7 @@ COMMANDS: tuple[Command, ...] = (
         "tasks and seeds, in-process on vLLM (one batched ReAct loop) or against a running `nat-ray serve` "
         "(--endpoint, concurrent /v1/agent requests). Writes trajectory Parquet, summary.json and "
         "results.md (the paper's table layout, paper and robust scoring, mean ± std over seeds).",
-        run="nat_ray.evaluate:main_eval",
+        run="nat_ray.evaluation.run:main_eval",
         flags=(
             MODEL,
             Flag("--lora", "peft adapter directory to evaluate on top of --model", "serve.lora"),
@@ -278,7 +280,7 @@ COMMANDS: tuple[Command, ...] = (
         description="rollout -> NAT data -> train the w/o-Neg, NUT and NAT variants -> evaluate the base "
         "model and each tuned one -> runs/<name>/results.md. Every stage is recorded in "
         "runs/<name>/manifest.json; running the same name again resumes and skips finished stages.",
-        run="nat_ray.pipeline:main_pipeline",
+        run="nat_ray.experiment.pipeline:main_pipeline",
         flags=(Flag("--name", "run name (default: pipeline.name = default)", "pipeline.name"),),
         epilog="example:\n  nat-ray pipeline --config configs/default.yaml --name first-try",
     ),
@@ -293,7 +295,7 @@ COMMANDS: tuple[Command, ...] = (
         "runs/<name>/results.md, results.json and accuracy_by_round.png, and logs every stage to MLflow "
         "(runs/<name>/mlruns) and TensorBoard (runs/<name>/tensorboard). Running the same name again "
         "resumes by round and stage.",
-        run="nat_ray.loop:main_loop",
+        run="nat_ray.experiment.loop:main_loop",
         flags=(
             Flag("--name", "run name (default: loop.name = loop)", "loop.name"),
             Flag("--rounds", "most rounds, round 0 included", "loop.rounds", options={"type": int}),
@@ -312,7 +314,7 @@ COMMANDS: tuple[Command, ...] = (
         "more also get a FAISS index. Logs progress and an ETA. An existing sound index is kept; a "
         "damaged file is set aside and rebuilt. Rollouts run the same build by themselves when no "
         "index exists. Set RAY_ADDRESS to use a running cluster; otherwise a local Ray starts.",
-        run="nat_ray.search_index:main_index",
+        run="nat_ray.tools.search.index_build:main_index",
         flags=(
             Flag("--corpus", "corpus .jsonl[.gz] of {id, title, text} paragraphs", "tools.search_corpus"),
             Flag("--search-model", "sentence-transformers model folder", "tools.search_model"),
@@ -421,7 +423,6 @@ def run_command(command: Command, args: argparse.Namespace) -> int:
     own = {flag.key: getattr(args, flag.key) for flag in command.flags if flag.field is None}
     if not command.config:
         return function(**own)
-    from nat_ray.config import NatRayConfig, load_config
 
     overrides = config_overrides(command, args)
     cfg = load_config(NatRayConfig, args.config, overrides)
@@ -430,14 +431,12 @@ def run_command(command: Command, args: argparse.Namespace) -> int:
     return function(cfg, **own)
 
 
-# Commands that ask a model and so read its agent card (nat_ray.agent_card).
+# Commands that ask a model and so read its agent card (nat_ray.core.agent_card).
 CARD_COMMANDS = ("agent", "eval", "serve")
 
 
 def with_agent_card(cfg, config_path: str | None, overrides: list[str]):
     """``cfg`` with the model's agent card applied under the user's flags and ``--set`` items."""
-    from nat_ray.agent_card import model_card, overridden
-    from nat_ray.config import NatRayConfig, load_config
 
     card, where = model_card(cfg)
     if card is None:

@@ -7,6 +7,7 @@ expected. Validation of value ranges sits in ``__post_init__`` so every entry po
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -109,7 +110,7 @@ class AgentConfig:
     Attributes:
         task: a task name of :data:`nat_ray.tasks.TASKS` (gsm8k, svamp, asdiv, multiarith, hotpotqa,
             strategyqa, or a task of ``tasks_dir``) or the path of a task file.
-        template: NAT prompt template (:data:`nat_ray.prompts.TEMPLATES`); inference uses its "correct" prompt.
+        template: NAT prompt template (:data:`nat_ray.core.prompts.TEMPLATES`); inference uses its "correct" prompt.
         shots: 1 adds a worked demonstration (needed by untuned models such as the embedded one);
             0 is the paper's zero-shot format, which NAT-tuned models were trained on.
         max_turns: model calls per episode before it ends as ``turn_cap`` (paper: 7).
@@ -288,7 +289,7 @@ class TrainConfig:
     Attributes:
         base_model: ``"embedded"``, a local HF checkpoint or a hub id.
         data: trajectory Parquet files or folders (rollout output, or ``nat-ray import-nat`` output).
-        variant: NAT data variant of :data:`nat_ray.nat_data.VARIANTS` (wo_neg, nut, nat, nat_k,
+        variant: NAT data variant of :data:`nat_ray.core.nat_data.VARIANTS` (wo_neg, nut, nat, nat_k,
             nat_failure: one marker per kind of failure, ...).
         num_positives: positives to sample (one per question first); ``None`` = all.
         num_negatives: negatives to sample; ``None`` = all; ignored by variants without negatives.
@@ -541,7 +542,7 @@ class PipelineConfig:
         name: run name; everything goes to ``<runs_dir>/<name>/`` and re-running the name resumes,
             skipping finished stages.
         runs_dir: parent folder of runs.
-        variants: data variants to train (:data:`nat_ray.nat_data.VARIANTS`); paper: wo_neg, nut, nat;
+        variants: data variants to train (:data:`nat_ray.core.nat_data.VARIANTS`); paper: wo_neg, nut, nat;
             nat_failure adds failure-aware NAT.
         trajectories: Parquet trajectories to train on instead of running the rollout stage (e.g.
             ``nat-ray import-nat`` output of the NAT repo's GPT-3.5 StrategyQA trajectories).
@@ -663,6 +664,31 @@ class NatRayConfig:
         # nat_ray.tasks.register_tasks_dir reports a missing folder before any stage starts.
         if self.tasks_dir is not None and not self.tasks_dir.strip():
             raise ConfigError("tasks_dir must be a folder of task files (*.yaml) or null, got ''")
+
+
+def with_sections(cfg: NatRayConfig, **sections: dict[str, Any]) -> NatRayConfig:
+    """A copy of ``cfg`` with fields of some sections replaced: ``with_sections(cfg, train={"variant": "nut"})``.
+
+    What the pipeline and the loop use to derive each stage's config; the copy is validated like a
+    loaded one.
+
+    Raises:
+        ConfigError: an unknown section or field (a misspelt key in code is a config problem, not a
+            ``TypeError``), or a value the section refuses.
+    """
+    replaced = {}
+    for name, fields in sections.items():
+        section = getattr(cfg, name, None)
+        if not dataclasses.is_dataclass(section):
+            raise ConfigError(
+                f"no config section {name!r}; sections: {[f.name for f in dataclasses.fields(cfg)]}"
+            )
+        known = {f.name for f in dataclasses.fields(section)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(f"unknown {name} field(s) {unknown}; {name} has {sorted(known)}")
+        replaced[name] = dataclasses.replace(section, **fields)
+    return dataclasses.replace(cfg, **replaced)
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

@@ -31,7 +31,7 @@ class ToolError(NatRayError):
 class ActionParseError(NatRayError, ValueError):
     """Model output holds no well-formed ``Action: name[argument]`` line.
 
-    Raised by :func:`nat_ray.react.parse_action`; the stepper records it as data
+    Raised by :func:`nat_ray.core.react.parse_action`; the stepper records it as data
     (a failed step), never lets it crash a batch.
     """
 

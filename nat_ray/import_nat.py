@@ -4,7 +4,7 @@ The NAT repo ships the trajectories its teacher (``gpt-3.5-turbo-1106``) collect
 ``strategyqa_gpt-3.5_positive.json`` and ``..._negative.json`` (also gzipped), each one JSON array of
 ``{conversations: [{role, content, loss}], info: {reward, acc, gt, pred}, id, source}``
 (``shared/data/README.md``, "Trajectory files"). This module turns them into rows of the project's
-trajectory schema (:mod:`nat_ray.records`), so training can use them without running a teacher.
+trajectory schema (:mod:`nat_ray.core.records`), so training can use them without running a teacher.
 
 The files store only the agent's turns; the question is looked up by ``id`` in NAT's
 ``strategyqa/train.jsonl`` (the task's ``nat_train`` split), and each row's prompt is the zero-shot
@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nat_ray import paths, records
+from nat_ray import paths
+from nat_ray.core import records
+from nat_ray.core.prompts import build_messages
+from nat_ray.core.react import MAX_TURNS, PARSE_ERROR, TURN_CAP, parse_action
+from nat_ray.core.scoring import score_answer
 from nat_ray.errors import ActionParseError, DataError
-from nat_ray.prompts import build_messages
-from nat_ray.react import MAX_TURNS, PARSE_ERROR, TURN_CAP, parse_action
-from nat_ray.scoring import score_answer
 from nat_ray.tasks import Question, get_task
 from nat_ray.tools import FINISH
 
@@ -146,7 +147,7 @@ def _messages(conversations: Any) -> list[dict]:
 def _last_action(turns: list[dict]) -> tuple[str | None, bool]:
     r"""The last assistant turn's action name (None: no turn, or unparseable), and whether NAT's split found it.
 
-    :func:`~nat_ray.react.parse_action` reads the first ``Action:`` line. NAT split the output on
+    :func:`~nat_ray.core.react.parse_action` reads the first ``Action:`` line. NAT split the output on
     ``"\nAction: "`` instead, so a turn like ``"Action: Based on ...\n\nAction: finish[Yes]"`` (one in
     the positive file) finished there. When our parser rejects a turn, the text after its last
     ``"\nAction: "`` is tried too, so such a row is not marked unfinished while it holds a scored answer.
@@ -225,7 +226,7 @@ def import_nat(
         task: a registered task name; its family picks the scorer and the prompt.
 
     Returns:
-        The rows (schema :func:`nat_ray.records.arrow_schema`) and what was read, kept and skipped.
+        The rows (schema :func:`nat_ray.core.records.arrow_schema`) and what was read, kept and skipped.
 
     Raises:
         DataError: a missing or malformed trajectory or questions file (message names the file).

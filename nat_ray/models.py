@@ -17,12 +17,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from nat_ray import safe_files
 from nat_ray.errors import ModelError
 from nat_ray.paths import cache_dir
 
@@ -94,15 +94,12 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
         raise ModelError(f"converting {gguf_file} lost weights: missing={missing} unexpected={unexpected}")
     fresh.tie_weights()
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(tmp, safe_serialization=True)
-    if fresh.generation_config is not None:
-        fresh.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / _DONE_MARKER).write_text(f"converted from {gguf_file} in {time.time() - start:.1f}s\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with safe_files.staged_dir(out_dir) as tmp:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        if fresh.generation_config is not None:
+            fresh.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _DONE_MARKER).write_text(f"converted from {gguf_file} in {time.time() - start:.1f}s\n")
     log.info("converted %s to %s in %.1fs", gguf_file.name, out_dir, time.time() - start)
     return out_dir
 

@@ -9,11 +9,15 @@ hand edit) is detected and named instead of being read half or crashing a resume
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +51,97 @@ def checksum_path(path: str | Path) -> Path:
 
 
 def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    """A dot-name beside ``path`` (readers of a folder skip it) that keeps its suffix (writers that
+    pick a format by suffix, a plot's ``.png``, still work)."""
+    return path.with_name(f".{path.stem}.tmp{os.getpid()}.{threading.get_ident()}{path.suffix}")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (best effort where the OS refuses a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def staged_file(path: str | Path) -> Iterator[Path]:
+    """Write a file whole or not at all: yields a temporary path beside ``path`` to write; when the
+    block ends it is flushed to disk and renamed over ``path``; when the block raises it is removed
+    and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where
+    the OS or file system has no such call."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(staged: str | Path, target: str | Path) -> Path:
+    """Put the folder ``staged`` in place of ``target``, never leaving a moment with no ``target``.
+
+    Where the OS can swap two paths in one step, the new folder and the old change places and the old
+    is removed; elsewhere the old is renamed aside first (a moment a reader may miss) and removed
+    after. ``staged`` must be on the same file system as ``target`` (beside it).
+    """
+    staged, target = Path(staged), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        os.replace(staged, target)
+    elif _exchange(staged, target):
+        shutil.rmtree(staged, ignore_errors=True)  # it now holds the old folder
+    else:
+        aside = target.with_name(f".{target.name}.old{os.getpid()}.{threading.get_ident()}")
+        shutil.rmtree(aside, ignore_errors=True)
+        target.rename(aside)
+        staged.rename(target)
+        shutil.rmtree(aside, ignore_errors=True)
+    _fsync(target.parent)
+    return target
+
+
+@contextmanager
+def staged_dir(target: str | Path) -> Iterator[Path]:
+    """Build a folder whole or not at all: yields a path beside ``target`` that does not exist yet (the
+    block creates it: ``save_pretrained``, ``copytree``); when the block ends, its files are flushed
+    and it replaces ``target`` (:func:`replace_dir`); when the block raises, it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(target).with_suffix("") if target.suffix else _temp_name(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        for file in _dir_files(tmp):
+            _fsync(file)
+        replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes(path: str | Path, data: bytes, checksum: bool = True) -> Path:
@@ -58,28 +152,16 @@ def write_bytes(path: str | Path, data: bytes, checksum: bool = True) -> Path:
     caller rebuilds it), never a file that is silently half-new.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with staged_file(path) as tmp:
+        tmp.write_bytes(data)
     if checksum:
         _write_text_plain(checksum_path(path), f"{sha256_bytes(data)}  {path.name}\n")
     return path
 
 
 def _write_text_plain(path: Path, text: str) -> None:
-    tmp = _temp_name(path)
-    try:
+    with staged_file(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, obj: Any, checksum: bool = True) -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nat_ray import nat_data as columns
+from nat_ray.core import nat_data as columns
 
 
 def math_row(i: int, correct: bool) -> dict:

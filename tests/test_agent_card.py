@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from nat_ray.agent_card import CARD_FILE, AgentCard, model_card, read_card, write_card
 from nat_ray.cli import CARD_COMMANDS, build_parser, config_overrides, with_agent_card
 from nat_ray.config import NatRayConfig, load_config
+from nat_ray.core.agent_card import CARD_FILE, AgentCard, model_card, read_card, write_card
 from nat_ray.errors import ConfigError
 
 CARD = AgentCard(

@@ -89,7 +89,7 @@ def test_engine_config_is_frozen():
 def test_engine_actor_cpus(monkeypatch, rollout, engine, expected):
     import os
 
-    from nat_ray.rollout import engine_cpus
+    from nat_ray.rollout.run import engine_cpus
 
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     cfg = from_dict(NatRayConfig, {"rollout": rollout, "engine": engine})

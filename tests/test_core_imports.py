@@ -6,15 +6,17 @@ import subprocess
 import sys
 
 CORE = [
-    "nat_ray.react",
+    "nat_ray.core.agent_card",
+    "nat_ray.evaluation.results_table",
+    "nat_ray.core.react",
     "nat_ray.tools",
-    "nat_ray.scoring",
-    "nat_ray.nat_data",
-    "nat_ray.masks",
-    "nat_ray.prompts",
+    "nat_ray.core.scoring",
+    "nat_ray.core.nat_data",
+    "nat_ray.core.masks",
+    "nat_ray.core.prompts",
     "nat_ray.tasks",
     "nat_ray.config",
-    "nat_ray.records",
+    "nat_ray.core.records",
     "nat_ray.agent",
     "nat_ray.models",
     "nat_ray.engines.vllm_engine",
@@ -26,7 +28,7 @@ def test_core_modules_import_neither_ray_nor_vllm():
     code = (
         "import importlib, sys\n"
         f"for m in {CORE!r}: importlib.import_module(m)\n"
-        "heavy = sorted(m for m in ('ray', 'vllm', 'torch', 'deepspeed') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('ray', 'vllm', 'torch', 'deepspeed', 'requests') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

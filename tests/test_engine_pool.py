@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from nat_ray.config import NatRayConfig, from_dict
-from nat_ray.engine_pool import EnginePool, start_pool
 from nat_ray.errors import ConfigError, ModelError
+from nat_ray.rollout.engine_pool import EnginePool, start_pool
 
 
 def test_trajectories_of_an_adapter_record_a_model_of_their_own():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from nat_ray import nat_data as columns
 from nat_ray.config import NatRayConfig, from_dict, load_config
-from nat_ray.evaluate import EvalItem, _remote_episode, _row, decoding, plan_items
+from nat_ray.core import nat_data as columns
+from nat_ray.evaluation.run import EvalItem, _remote_episode, _row, decoding, plan_items
 from nat_ray.tasks import Question
 
 

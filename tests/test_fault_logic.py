@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from nat_ray import nat_data as columns
 from nat_ray.config import TrainConfig
+from nat_ray.core import nat_data as columns
 from nat_ray.errors import ConfigError
-from nat_ray.rollout import unseen_rows
+from nat_ray.rollout.run import unseen_rows
 from nat_ray.train.run import RESUMABLE_CHANGES
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from nat_ray import nat_data as columns
-from nat_ray import paths, records
+from nat_ray import paths
 from nat_ray.cli import main
+from nat_ray.core import nat_data as columns
+from nat_ray.core import records
+from nat_ray.core.prompts import build_messages
 from nat_ray.errors import DataError
 from nat_ray.import_nat import (
     DEFAULT_OUT,
@@ -23,7 +25,6 @@ from nat_ray.import_nat import (
     import_nat,
     resolve_inputs,
 )
-from nat_ray.prompts import build_messages
 
 QUESTIONS = [
     {"id": "q1", "question": "Is the sky blue?", "answer": True},

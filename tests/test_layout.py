@@ -1,5 +1,6 @@
-"""The package's shape: no import circles (imports inside functions count), argparse in the CLI
-alone, the pure core free of Ray and vLLM, and no module too long to read."""
+"""The package's shape: packages by concept with few modules left at the top, no import circles
+(imports inside functions count), argparse in the CLI alone, the pure core free of Ray, vLLM, torch,
+DeepSpeed and HTTP clients, and no module too long to read."""
 
 from __future__ import annotations
 
@@ -8,19 +9,21 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nat_ray"
 MAX_LINES = 800
-# Modules that must import neither Ray nor vLLM, anywhere in them (the core and its helpers).
-PURE = (
-    "react",
-    "prompts",
-    "scoring",
-    "nat_data",
-    "masks",
-    "packing",
-    "records",
-    "results_table",
-    "agent",
-    "agent_card",
+MAX_TOP_MODULES = 12
+# What a pure module may not import, anywhere in it (functions included).
+HEAVY = (
+    "ray",
+    "vllm",
+    "torch",
+    "deepspeed",
+    "transformers",
+    "peft",
+    "requests",
+    "httpx",
+    "aiohttp",
+    "urllib3",
 )
+PACKAGES = ("core", "engines", "evaluation", "experiment", "rollout", "serve", "tasks", "tools", "train")
 
 
 def _module_name(path: Path) -> str:
@@ -54,7 +57,7 @@ def _internal_graph() -> dict[str, set[str]]:
     for name in MODULES:
         targets = set()
         for imported in _imports(name):
-            # "nat_ray.tools.search" imports nat_ray.tools.search and, first, its package nat_ray.tools.
+            # "nat_ray.tools.search.tool" imports nat_ray.tools.search.tool and, first, its package nat_ray.tools.
             while imported and imported not in MODULES:
                 imported = imported.rpartition(".")[0]
             if imported and imported != name and not name.startswith(imported + "."):
@@ -108,10 +111,25 @@ def test_only_the_cli_parses_command_lines_and_nothing_imports_the_cli():
     assert [name for name, targets in _internal_graph().items() if "nat_ray.cli" in targets] == []
 
 
-def test_the_pure_core_imports_no_ray_or_vllm():
-    for short in PURE:
-        heavy = {i for i in _imports(f"nat_ray.{short}") if i.split(".")[0] in ("ray", "vllm", "deepspeed")}
-        assert heavy == set(), f"nat_ray.{short} imports {heavy}"
+def _pure_modules() -> list[str]:
+    """Every module of ``nat_ray.core``, and the results tables."""
+    core = [name for name in MODULES if name == "nat_ray.core" or name.startswith("nat_ray.core.")]
+    return [*core, "nat_ray.evaluation.results_table"]
+
+
+def test_the_pure_core_imports_nothing_heavy():
+    assert len(_pure_modules()) >= 8
+    for name in _pure_modules():
+        heavy = {i for i in _imports(name) if i.split(".")[0] in HEAVY or i.startswith("http.client")}
+        assert heavy == set(), f"{name} imports {heavy}"
+
+
+def test_modules_live_in_packages_by_concept():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= MAX_TOP_MODULES, top
+    for package in PACKAGES:
+        assert (PACKAGE / package / "__init__.py").is_file(), package
+        assert ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text())), package
 
 
 def test_no_module_is_too_long_to_read():
@@ -121,3 +139,20 @@ def test_no_module_is_too_long_to_read():
 
 def test_the_circle_finder_finds_a_circle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_package_hides_a_submodule_behind_another_name():
+    """``nat_ray.tools.search`` is the search package: a function bound under that name in
+    ``nat_ray/tools/__init__.py`` breaks ``import nat_ray.tools.search.tool``."""
+    for init in PACKAGE.rglob("__init__.py"):
+        package = _module_name(init)
+        children = {p.stem for p in init.parent.glob("*.py")} | {
+            p.name for p in init.parent.iterdir() if p.is_dir()
+        }
+        children -= {"__init__", "__pycache__"}
+        for node in ast.parse(init.read_text()).body:
+            if isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    bound = alias.asname or alias.name
+                    is_child = node.module == package and alias.name == bound
+                    assert bound not in children or is_child, f"{package} binds {bound!r} over its submodule"

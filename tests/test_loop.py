@@ -10,12 +10,12 @@ import pytest
 
 from nat_ray.config import LoopConfig, NatRayConfig, TrainConfig, load_config
 from nat_ray.errors import ConfigError
-from nat_ray.loop import (
+from nat_ray.evaluation.plots import plot_accuracy
+from nat_ray.experiment.loop import (
     best_round,
     check_loop_config,
     format_results,
     next_round,
-    plot_accuracy,
     publish_adapter,
     round_score,
     stages_to_run,
@@ -209,7 +209,7 @@ def test_stacked_adapters_apply_the_two_updates_one_after_the_other(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from nat_ray.loop import stack_adapters
+    from nat_ray.train.export import stack_adapters
 
     torch.manual_seed(0)
     a1, b1, a2, b2 = torch.randn(2, 6), torch.randn(5, 2), torch.randn(4, 6), torch.randn(5, 4)
@@ -230,7 +230,7 @@ def test_stacked_adapters_apply_the_two_updates_one_after_the_other(tmp_path):
 def test_adapters_on_different_layers_cannot_be_stacked(tmp_path):
     import torch
 
-    from nat_ray.loop import stack_adapters
+    from nat_ray.train.export import stack_adapters
 
     first = fake_adapter(tmp_path / "first", torch.ones(2, 3), torch.ones(3, 2), 2, 2)
     second = tmp_path / "second"
@@ -289,7 +289,7 @@ def test_shipped_loop_config_is_two_lora_rounds():
 
 
 def test_tracking_splits_outputs_into_metrics_and_params():
-    from nat_ray.tracking import split_values
+    from nat_ray.experiment.tracking import split_values
 
     metrics, params = split_values(
         {
@@ -308,8 +308,8 @@ def test_tracking_splits_outputs_into_metrics_and_params():
 def test_tracker_logs_a_parent_and_nested_stage_runs_and_resumes_the_parent(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from nat_ray.manifest import Manifest, run_stage
-    from nat_ray.tracking import tracked_run
+    from nat_ray.experiment.manifest import Manifest, run_stage
+    from nat_ray.experiment.tracking import tracked_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     manifest = Manifest(tmp_path / "manifest.json")
@@ -336,7 +336,7 @@ def test_tracker_logs_a_parent_and_nested_stage_runs_and_resumes_the_parent(tmp_
 def test_a_failing_stage_marks_its_run_failed_and_tracking_errors_never_raise(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from nat_ray.tracking import Tracker
+    from nat_ray.experiment.tracking import Tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracker = Tracker(tmp_path, "exp", "loop")
@@ -385,13 +385,21 @@ class Stages:
         (export / "adapter").mkdir(parents=True, exist_ok=True)
         (export / "adapter" / "adapter_config.json").write_text("{}")
         (export / "model").mkdir(exist_ok=True)
-        return {
-            "export": {"model": str(export / "model"), "adapter": str(export / "adapter")},
-            "data": {"examples": 3, "positives": 1, "negatives": 2},
-            "final_loss": 1.0,
-            "step": 1,
-            "history": [{"step": 1, "loss": 1.0}],
-        }
+        from nat_ray.train.run import TrainResult
+
+        return TrainResult(
+            run_dir=str(export.parent),
+            export={"model": str(export / "model"), "adapter": str(export / "adapter")},
+            data={"examples": 3, "positives": 1, "negatives": 2},
+            schedule={},
+            start_step=0,
+            step=1,
+            history=[{"step": 1, "loss": 1.0}],
+            final_loss=1.0,
+            seconds=0.0,
+            resumed=False,
+            checkpoint=None,
+        )
 
     def eval(self, cfg, smoke_test=None):
         evaluated = sum(c[0] == "eval" for c in self.calls)
@@ -407,15 +415,15 @@ class Stages:
 
 @pytest.fixture
 def stages(monkeypatch, tmp_path):
-    import nat_ray.evaluate
-    import nat_ray.rollout
+    import nat_ray.evaluation.run
+    import nat_ray.rollout.run
     import nat_ray.train.run
 
     def install(scores, fail_eval_of_round=None) -> Stages:
         fake = Stages(scores, fail_eval_of_round)
-        monkeypatch.setattr(nat_ray.rollout, "run_rollout", fake.rollout)
+        monkeypatch.setattr(nat_ray.rollout.run, "run_rollout", fake.rollout)
         monkeypatch.setattr(nat_ray.train.run, "run_train", fake.train)
-        monkeypatch.setattr(nat_ray.evaluate, "run_eval", fake.eval)
+        monkeypatch.setattr(nat_ray.evaluation.run, "run_eval", fake.eval)
         return fake
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -432,7 +440,7 @@ def loop_cfg(tmp_path, **loop) -> NatRayConfig:
 
 
 def test_each_round_collects_with_the_last_agent_and_carries_earlier_data(tmp_path, stages):
-    from nat_ray.loop import run_loop
+    from nat_ray.experiment.loop import run_loop
 
     fake = stages([10.0, 20.0, 30.0, 40.0])
     result = run_loop(loop_cfg(tmp_path, rounds=3, carry_rounds=1))
@@ -447,7 +455,7 @@ def test_each_round_collects_with_the_last_agent_and_carries_earlier_data(tmp_pa
 
 
 def test_patience_stops_the_loop_and_the_reason_is_in_the_results(tmp_path, stages):
-    from nat_ray.loop import run_loop
+    from nat_ray.experiment.loop import run_loop
 
     stages([30.0, 20.0, 25.0, 50.0])
     result = run_loop(loop_cfg(tmp_path, rounds=5, patience=2))
@@ -457,7 +465,7 @@ def test_patience_stops_the_loop_and_the_reason_is_in_the_results(tmp_path, stag
 
 
 def test_an_interrupted_round_resumes_at_the_stage_it_stopped_in(tmp_path, stages):
-    from nat_ray.loop import run_loop
+    from nat_ray.experiment.loop import run_loop
 
     fake = stages([10.0, 20.0, 30.0], fail_eval_of_round=1)
     with pytest.raises(RuntimeError, match="killed"):
@@ -473,13 +481,13 @@ def test_an_interrupted_round_resumes_at_the_stage_it_stopped_in(tmp_path, stage
 
 
 def test_continue_adapter_trains_on_the_last_agent(tmp_path, stages, monkeypatch):
-    import nat_ray.loop
-    from nat_ray.loop import run_loop
+    import nat_ray.train.export
+    from nat_ray.experiment.loop import run_loop
 
     fake = stages([10.0, 20.0, 30.0])
     stacked = []
     monkeypatch.setattr(
-        nat_ray.loop, "stack_adapters", lambda a, b, out, base: stacked.append((a, b)) or Path(b)
+        nat_ray.train.export, "stack_adapters", lambda a, b, out, base: stacked.append((a, b)) or Path(b)
     )
     run_loop(loop_cfg(tmp_path, rounds=2, continue_adapter=True))
     trains = [c for c in fake.calls if c[0] == "train"]

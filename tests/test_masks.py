@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from nat_ray.core.masks import IGNORE_INDEX, assistant_spans, tokenize_example
+from nat_ray.core.prompts import build_messages
 from nat_ray.engines.vllm_engine import render_prompt_ids
-from nat_ray.masks import IGNORE_INDEX, assistant_spans, tokenize_example
-from nat_ray.prompts import build_messages
 
 TURNS = [
     {"role": "assistant", "content": "Thought: 3 pens of 12.\nAction: calculate[3 * 12]"},
@@ -71,7 +71,7 @@ def test_truncation_keeps_the_head(tokenizer):
 def _engine_turns(tokenizer, sampled_texts: list[str]) -> tuple[list[list[int]], list[list[int]], list[str]]:
     """What the agent loop and engine store for a two-turn episode: each turn's prompt ids rendered
     from the stored (stripped) texts, and the ids the engine sampled, run through the stop string."""
-    from nat_ray.react import clean_output
+    from nat_ray.core.react import clean_output
 
     conversation = _prompt("zero-shot-target-aware", None)
     prompts, completions, texts = [], [], []
@@ -86,7 +86,7 @@ def _engine_turns(tokenizer, sampled_texts: list[str]) -> tuple[list[list[int]],
 
 
 def test_no_drift_when_every_prompt_continues_with_the_sampled_ids(tokenizer):
-    from nat_ray.masks import turn_drift
+    from nat_ray.core.masks import turn_drift
 
     prompts, completions, texts = _engine_turns(tokenizer, [TURNS[0]["content"], TURNS[2]["content"]])
     assert turn_drift(tokenizer, prompts, completions, texts) == 0
@@ -95,7 +95,7 @@ def test_no_drift_when_every_prompt_continues_with_the_sampled_ids(tokenizer):
 def test_drift_is_counted_where_the_rendered_text_is_not_what_was_sampled(tokenizer):
     """A turn sampled with a leading space is stored stripped: the next prompt no longer holds the
     ids the model wrote, which the check must catch (and a one-turn episode has nothing to drift)."""
-    from nat_ray.masks import turn_drift
+    from nat_ray.core.masks import turn_drift
 
     prompts, completions, texts = _engine_turns(
         tokenizer, [" " + TURNS[0]["content"], TURNS[2]["content"], "Action: finish[1]"]
@@ -111,7 +111,7 @@ def test_drift_is_counted_where_the_rendered_text_is_not_what_was_sampled(tokeni
 
 
 def test_the_prompt_check_catches_an_inference_prompt_that_is_not_the_training_sequence(tokenizer):
-    from nat_ray.masks import prompt_divergence
+    from nat_ray.core.masks import prompt_divergence
 
     trained = tokenize_example(tokenizer, _prompt(klass="correct") + TURNS, prompt_messages=3).input_ids
     # Asked as trained: the first turn's prompt and the second's (after the observation) are prefixes.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from nat_ray import nat_data as columns
+from nat_ray.core import nat_data as columns
+from nat_ray.core.masks import IGNORE_INDEX, tokenize_example
 from nat_ray.errors import ConfigError, DataError
-from nat_ray.masks import IGNORE_INDEX, tokenize_example
 
 
 def _row(tid, qid, correct, f1=None, family="hotpotqa", turns=None, finished=True):
@@ -222,8 +222,8 @@ FAILURES = [
 
 
 def test_failure_kind_follows_the_stored_reason_and_finish():
-    from nat_ray import react
-    from nat_ray.prompts import FAILURE_KINDS
+    from nat_ray.core import react
+    from nat_ray.core.prompts import FAILURE_KINDS
 
     kinds = {r[columns.TRAJECTORY_ID]: columns.failure_kind(r) for r in FAILURES[1:]}
     assert kinds == {
@@ -242,7 +242,7 @@ def test_failure_kind_follows_the_stored_reason_and_finish():
 
 @pytest.mark.parametrize("family", ["math", "hotpotqa", "strategyqa"])
 def test_nat_failure_gives_each_kind_its_own_marker_and_keeps_nat_positives(family):
-    from nat_ray.prompts import build_messages
+    from nat_ray.core.prompts import build_messages
 
     rows = [{**r, columns.FAMILY: family} for r in FAILURES]
     examples, sel = columns.build_examples(rows, "nat_failure")

@@ -17,9 +17,9 @@ import pytest
 from helpers import HttpRequest, serve_http  # tests/helpers.py
 
 from nat_ray.config import EngineConfig
+from nat_ray.core.react import CONTEXT_OVERFLOW, Generation, Sampling, Stepper
 from nat_ray.engines.openai_engine import OpenAIEngine, RateLimiter, parse_completion
 from nat_ray.errors import ModelError
-from nat_ray.react import CONTEXT_OVERFLOW, Generation, Sampling, Stepper
 
 KEY_ENV = "NAT_RAY_TEST_OPENAI_KEY"
 
@@ -205,7 +205,7 @@ def test_500_forever_becomes_an_error_generation(server, monkeypatch):
 
 
 def test_error_ends_only_its_episode_in_the_stepper(server):
-    from nat_ray.react import GENERATION_ERROR, Episode
+    from nat_ray.core.react import GENERATION_ERROR, Episode
 
     def script(i: int, req: Request):
         if "broken" in req.body["messages"][-1]["content"]:

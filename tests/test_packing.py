@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from nat_ray.masks import IGNORE_INDEX, TokenizedExample
-from nat_ray.packing import (
+from nat_ray.core.masks import IGNORE_INDEX, TokenizedExample
+from nat_ray.train.packing import (
     collate,
     collate_packed,
     collate_padded,
@@ -93,7 +93,7 @@ def test_collate_padded_masks_padding():
 
 
 def test_segments_split_where_positions_restart():
-    from nat_ray.packing import segments
+    from nat_ray.train.packing import segments
 
     assert segments(torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])) is None  # nothing packed
     assert segments(torch.tensor([[0, 1, 0, 1], [0, 1, 2, 0]])) == [[(0, 2), (2, 4)], [(0, 3), (3, 4)]]
@@ -113,7 +113,7 @@ def loaded(embedded_path):
 @pytest.fixture(params=["sdpa", "varlen"])
 def model(request, loaded):
     """The embedded model with transformers' SDPA (packed mask from position ids) or our varlen SDPA."""
-    from nat_ray.packing import register_varlen_attention
+    from nat_ray.train.packing import register_varlen_attention
 
     loaded.set_attn_implementation(register_varlen_attention() if request.param == "varlen" else "sdpa")
     return loaded
@@ -122,7 +122,7 @@ def model(request, loaded):
 @pytest.fixture(scope="module")
 def nat_examples(tokenizer):
     """Three real NAT-style chats, tokenized with loss masks from the core."""
-    from nat_ray.masks import tokenize_example
+    from nat_ray.core.masks import tokenize_example
 
     chats = []
     for k, question in enumerate(["Is a cat a mammal?", "Was Rome built in a day?", "Can fish fly?"]):

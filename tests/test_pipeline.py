@@ -1,4 +1,4 @@
-"""``nat_ray.pipeline``'s bookkeeping: the manifest, resuming stage by stage, config copies, data hashes.
+"""``nat_ray.experiment.pipeline``'s bookkeeping: the manifest, resuming stage by stage, config copies, data hashes.
 
 No stage runs here: each stage is a small function that counts its calls.
 """
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from nat_ray.config import NatRayConfig, PipelineConfig
+from nat_ray.config import NatRayConfig, PipelineConfig, with_sections
 from nat_ray.errors import ConfigError
-from nat_ray.pipeline import Manifest, file_hashes, run_stage, with_sections
+from nat_ray.experiment.pipeline import Manifest, file_hashes, run_stage
 
 SHA256_ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256(b"abc")
 SHA256_EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256(b"")
@@ -135,7 +135,7 @@ def test_a_damaged_manifest_is_named_set_aside_and_the_stages_run_again(path, cf
     path.write_text(DAMAGE[damage](original))
     damaged_bytes = path.read_bytes()
 
-    with caplog.at_level("WARNING", logger="nat_ray.manifest"):
+    with caplog.at_level("WARNING", logger="nat_ray.experiment.manifest"):
         manifest = Manifest(path, cfg)  # no crash, no half-read stages
     (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
     assert str(path) in warning.getMessage() and "manifest.json.damaged" in warning.getMessage()
@@ -172,7 +172,7 @@ def test_a_half_written_temp_file_is_ignored(path, cfg):
 
 
 def test_the_manifest_class_is_shared_not_copied():
-    from nat_ray import manifest, pipeline
+    from nat_ray.experiment import manifest, pipeline
 
     assert issubclass(pipeline.Manifest, manifest.Manifest) and pipeline.run_stage is manifest.run_stage
 
@@ -188,8 +188,10 @@ def test_with_sections_copies_and_leaves_the_original(cfg):
 def test_with_sections_validates_like_the_config(cfg):
     with pytest.raises(ConfigError, match="pipeline.name"):
         with_sections(cfg, pipeline={"name": "a/b"})
-    with pytest.raises(TypeError, match="no_such_field"):
+    with pytest.raises(ConfigError, match="unknown train field.*no_such_field"):
         with_sections(cfg, train={"no_such_field": 1})
+    with pytest.raises(ConfigError, match="no config section 'trian'"):
+        with_sections(cfg, trian={"variant": "nat"})
 
 
 def test_file_hashes_of_files_and_folders(tmp_path):
@@ -214,7 +216,7 @@ def test_data_sources_count_each_sources_positives_and_negatives_by_model(tmp_pa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from nat_ray.pipeline import data_sources, format_sources
+    from nat_ray.experiment.pipeline import data_sources, format_sources
 
     rollout = tmp_path / "rollout"
     rollout.mkdir()
@@ -233,9 +235,43 @@ def test_data_sources_count_each_sources_positives_and_negatives_by_model(tmp_pa
 
 
 def test_the_base_is_one_row_or_one_per_way_of_asking():
-    from nat_ray.pipeline import base_label
+    from nat_ray.experiment.pipeline import base_label
 
     assert base_label(1, [1]) == "base"
     assert [base_label(s, [0, 1]) for s in (0, 1)] == ["base-0shot", "base-1shot"]
     with pytest.raises(ConfigError, match="base_shots"):
         PipelineConfig(base_shots=[2])
+
+
+def test_a_failing_stage_ends_the_pipelines_parent_run_failed(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import nat_ray.rollout.run
+    from nat_ray.experiment.pipeline import run_pipeline
+
+    def broken_rollout(cfg, progress=True):
+        raise RuntimeError("the rollout died")
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(nat_ray.rollout.run, "run_rollout", broken_rollout)
+    cfg = NatRayConfig(pipeline=PipelineConfig(name="exp", runs_dir=str(tmp_path)))
+    with pytest.raises(RuntimeError, match="the rollout died"):
+        run_pipeline(cfg)
+    client = MlflowClient(tracking_uri=(tmp_path / "exp" / "mlruns").as_uri())
+    runs = {
+        r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    }
+    assert runs["exp"].info.status == "FAILED" and runs["rollout"].info.status == "FAILED"
+
+
+def test_missing_trajectories_are_refused_before_the_run_folder_is_made(tmp_path):
+    from nat_ray.experiment.pipeline import run_pipeline
+
+    cfg = NatRayConfig(
+        pipeline=PipelineConfig(
+            name="exp", runs_dir=str(tmp_path), extra_trajectories=[str(tmp_path / "none")]
+        )
+    )
+    with pytest.raises(ConfigError, match="extra_trajectories"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "exp").exists()

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from nat_ray.core.prompts import ACK, INSTRUCTIONS, TEMPLATES, build_messages, get_template
 from nat_ray.errors import ConfigError
-from nat_ray.prompts import ACK, INSTRUCTIONS, TEMPLATES, build_messages, get_template
 
 
 def test_math_nat_messages_follow_the_paper_layout():
@@ -79,7 +79,7 @@ def test_unknown_class_is_a_config_error():
 
 
 def test_custom_family_uses_the_tasks_instruction_demo_and_markers():
-    from nat_ray.prompts import CUSTOM, DEFAULT_MARKERS, Demo, Markers, marker_prompt
+    from nat_ray.core.prompts import CUSTOM, DEFAULT_MARKERS, Demo, Markers, marker_prompt
 
     markers = Markers(marker_prompt("Do it right."), "[Wrong] {question}")
     msgs = build_messages(
@@ -108,7 +108,7 @@ def test_custom_family_uses_the_tasks_instruction_demo_and_markers():
 
 
 def test_custom_parts_belong_to_custom_tasks_only():
-    from nat_ray.prompts import CUSTOM
+    from nat_ray.core.prompts import CUSTOM
 
     with pytest.raises(ConfigError, match="needs its instruction"):
         build_messages(CUSTOM, "q")

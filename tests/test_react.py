@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nat_ray.errors import ActionParseError, ToolError
-from nat_ray.react import (
+from nat_ray.core.react import (
     CONTEXT_OVERFLOW,
     PARSE_ERROR,
     TOOL_ERROR,
@@ -24,6 +23,7 @@ from nat_ray.react import (
     clean_output,
     parse_action,
 )
+from nat_ray.errors import ActionParseError, ToolError
 
 TOOLS = ("calculate", "search")
 
@@ -234,7 +234,7 @@ class SlowSearchTools:
 
 
 def ToolResultFor(call):  # noqa: N802 - reads like a constructor in the test
-    from nat_ray.react import ToolResult
+    from nat_ray.core.react import ToolResult
 
     return ToolResult(f"result of {call.argument}")
 
@@ -289,7 +289,7 @@ class StreamingScript:
 
 
 def test_streaming_engine_lets_short_turns_run_ahead_of_long_ones():
-    from nat_ray.react import StreamingEngine
+    from nat_ray.core.react import StreamingEngine
 
     engine = StreamingScript(
         {

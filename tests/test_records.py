@@ -1,4 +1,4 @@
-"""``nat_ray.records``: trajectory ids, config hashes, verdicts, and the Parquet row format."""
+"""``nat_ray.core.records``: trajectory ids, config hashes, verdicts, and the Parquet row format."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from nat_ray import nat_data as columns
-from nat_ray import records
-from nat_ray.react import Action, Episode, Step
-from nat_ray.scoring import Score
+from nat_ray.core import nat_data as columns
+from nat_ray.core import records
+from nat_ray.core.react import Action, Episode, Step
+from nat_ray.core.scoring import Score
 
 # ---------------------------------------------------------------------------------------------------
 # Ids and hashes

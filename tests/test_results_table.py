@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-from nat_ray import nat_data as columns
-from nat_ray.results_table import (
+from nat_ray.core import nat_data as columns
+from nat_ray.evaluation.results_table import (
     SMOKE_TEST_BANNER,
     format_comparison,
     format_eval_results,

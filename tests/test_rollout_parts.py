@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from rows import math_row  # tests/rows.py
 
-from nat_ray import nat_data as columns
-from nat_ray import records
 from nat_ray.config import NatRayConfig, from_dict
+from nat_ray.core import nat_data as columns
+from nat_ray.core import records
 from nat_ray.errors import ConfigError
-from nat_ray.rollout import PartWriter
+from nat_ray.rollout.run import PartWriter
 
 
 class _Clock:
@@ -66,7 +66,7 @@ def test_streaming_settings_are_put_back():
     """The pipeline tokenizes and streams training data with Ray Data in the same process next."""
     import ray.data
 
-    from nat_ray.rollout import streaming_data_context
+    from nat_ray.rollout.run import streaming_data_context
 
     ctx = ray.data.DataContext.get_current()
     before = ctx.target_max_block_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -92,3 +93,79 @@ def test_an_unsealed_folder_is_sound_only_when_no_seal_is_required(tmp_path):
     assert safe_files.check_dir(tmp_path / "f") == []
     assert "has no CHECKSUMS.sha256" in safe_files.check_dir(tmp_path / "f", require_checksum=True)[0]
     assert "is not a folder" in safe_files.check_dir(tmp_path / "missing")[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Staged files and folders: whole or not at all, never a moment without the target
+
+
+def test_staged_dir_replaces_a_folder_whole_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "adapter"
+    for version in ("1", "2"):
+        with safe_files.staged_dir(target) as staging:
+            staging.mkdir()
+            (staging / "weights").write_text(version)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert [p.name for p in target.iterdir()] == ["weights"] and (target / "weights").read_text() == "2"
+
+
+def test_a_failed_stage_leaves_the_old_folder_and_file_and_no_temp(tmp_path):
+    target, file = tmp_path / "adapter", tmp_path / "plot.png"
+    with safe_files.staged_dir(target) as staging:
+        staging.mkdir()
+        (staging / "weights").write_text("old")
+    file.write_text("old")
+    for stage, path in ((safe_files.staged_dir, target), (safe_files.staged_file, file)):
+        with pytest.raises(RuntimeError), stage(path) as tmp:
+            if stage is safe_files.staged_dir:
+                tmp.mkdir()
+            (tmp / "weights" if tmp.is_dir() else tmp).write_text("half")
+            raise RuntimeError("disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "plot.png"]
+    assert (target / "weights").read_text() == "old" and file.read_text() == "old"
+
+
+def test_staged_file_keeps_the_suffix_writers_choose_a_format_by(tmp_path):
+    with safe_files.staged_file(tmp_path / "curve.png") as tmp:
+        assert tmp.suffix == ".png" and tmp.name.startswith(".")
+        tmp.write_bytes(b"png")
+    assert (tmp_path / "curve.png").read_bytes() == b"png"
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replace_dir_with_and_without_an_atomic_swap(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(safe_files, "_exchange", lambda a, b: False)
+    target = tmp_path / "out"
+    for version in range(3):
+        staged = tmp_path / f".new{version}"
+        staged.mkdir()
+        (staged / "v").write_text(str(version))
+        safe_files.replace_dir(staged, target)
+        assert (target / "v").read_text() == str(version) and not staged.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_reader_never_finds_the_folder_missing_while_it_is_replaced(tmp_path):
+    if not safe_files._exchange(tmp_path, tmp_path):  # no renameat2 here: the fallback has a gap
+        pytest.skip("this OS cannot swap two paths in one step")
+    target = tmp_path / "adapter"
+    target.mkdir()
+    missing, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if not target.is_dir():
+                missing.append(1)
+
+    reader = threading.Thread(target=watch)
+    reader.start()
+    try:
+        for version in range(200):
+            with safe_files.staged_dir(target) as staging:
+                staging.mkdir()
+                (staging / "v").write_text(str(version))
+    finally:
+        stop.set()
+        reader.join()
+    assert missing == [] and (target / "v").read_text() == "199"

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nat_ray.errors import ConfigError
-from nat_ray.scoring import (
+from nat_ray.core.scoring import (
     NAT_CLASS_SCHEMES,
     Score,
     as_bool_gold,
@@ -26,6 +25,7 @@ from nat_ray.scoring import (
     score_answer,
     yes_no_correct,
 )
+from nat_ray.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------
 # Math

@@ -20,7 +20,7 @@ from helpers import HttpRequest, serve_http  # tests/helpers.py
 from nat_ray.errors import ConfigError, DataError, ToolError
 from nat_ray.paths import PACKAGE_DATA_DIR
 from nat_ray.tools import REGISTRY
-from nat_ray.tools.search import (
+from nat_ray.tools.search.tool import (
     MAX_QUERY_CHARS,
     HttpSearchBackend,
     LocalSearchIndex,

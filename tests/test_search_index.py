@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nat_ray import index_store, safe_files
+from nat_ray import safe_files
 from nat_ray.config import ToolsConfig
 from nat_ray.errors import ConfigError
 from nat_ray.paths import PACKAGE_DATA_DIR
-from nat_ray.search_index import IndexOptions, ensure_index
-from nat_ray.tools.search import LocalSearchIndex, default_model_path, load_model
+from nat_ray.tools.search import index_store
+from nat_ray.tools.search.index_build import IndexOptions, ensure_index
+from nat_ray.tools.search.tool import LocalSearchIndex, default_model_path, load_model
 
 SAMPLE = PACKAGE_DATA_DIR / "hotpotqa" / "corpus_sample.jsonl.gz"
 
@@ -169,7 +170,7 @@ def build(corpus: Path, cache: Path, model, **options) -> object:
 
 
 def test_build_logs_an_estimate_then_reuses_the_index(corpus, tmp_path, model, caplog):
-    with caplog.at_level(logging.INFO, logger="nat_ray.search_index"):
+    with caplog.at_level(logging.INFO, logger="nat_ray.tools.search.index_build"):
         info = build(corpus, tmp_path, model)
     assert info.encoded == 24 and [s["count"] for s in info.manifest["shards"]] == [10, 10, 4]
     text = caplog.text
@@ -184,7 +185,7 @@ def test_damaged_shard_is_named_set_aside_and_rebuilt(corpus, tmp_path, model, c
     before = index.search("Henry Roth", k=3)
     shard = info.folder / info.manifest["shards"][1]["file"]
     shard.write_bytes(shard.read_bytes()[:-64])  # truncated
-    with caplog.at_level(logging.WARNING, logger="nat_ray.search_index"):
+    with caplog.at_level(logging.WARNING, logger="nat_ray.tools.search.index_build"):
         again = LocalSearchIndex(corpus, cache_dir=tmp_path, model=model, shard_rows=10).load()
     assert shard.name in caplog.text and "damaged" in caplog.text
     assert (info.folder / (shard.name + ".damaged")).is_file()
@@ -200,7 +201,7 @@ def test_damaged_faiss_file_is_rebuilt_without_embedding(corpus, tmp_path, model
     data = bytearray(ann.read_bytes())
     data[len(data) // 2] ^= 0xFF
     ann.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="nat_ray.search_index"):
+    with caplog.at_level(logging.WARNING, logger="nat_ray.tools.search.index_build"):
         repaired = build(corpus, tmp_path, model, ann_min_paragraphs=1)
     assert index_store.ANN_FILE in caplog.text
     assert repaired.encoded == 0 and repaired.repaired == (index_store.ANN_FILE,)
@@ -213,7 +214,7 @@ def test_damaged_faiss_file_is_rebuilt_without_embedding(corpus, tmp_path, model
 def test_damaged_manifest_means_a_full_rebuild(corpus, tmp_path, model, caplog):
     info = build(corpus, tmp_path, model)
     (info.folder / index_store.MANIFEST).write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="nat_ray.search_index"):
+    with caplog.at_level(logging.WARNING, logger="nat_ray.tools.search.index_build"):
         again = build(corpus, tmp_path, model)
     assert "manifest" in caplog.text
     assert again.encoded == 24
@@ -221,12 +222,12 @@ def test_damaged_manifest_means_a_full_rebuild(corpus, tmp_path, model, caplog):
 
 
 def test_progress_logs_at_the_first_vectors_and_prices_the_eta_in_characters(monkeypatch, caplog):
-    import nat_ray.search_index as search_index
+    import nat_ray.tools.search.index_build as search_index
 
     clock = iter([100.0, 110.0, 111.0])  # start, the first batch 10 s later, the second 1 s after it
     monkeypatch.setattr(search_index.time, "perf_counter", lambda: next(clock))
     progress = search_index.Progress(total=4, what="embedding", chars=1000)
-    with caplog.at_level(logging.INFO, logger="nat_ray.search_index"):
+    with caplog.at_level(logging.INFO, logger="nat_ray.tools.search.index_build"):
         progress.update(1, 500)  # the longest paragraph first: half of the characters in 10 s
         progress.update(1, 250)  # within PROGRESS_EVERY_S of the first line: not logged
     lines = [r.getMessage() for r in caplog.records]
@@ -236,12 +237,12 @@ def test_progress_logs_at_the_first_vectors_and_prices_the_eta_in_characters(mon
 
 
 def test_progress_prices_the_first_eta_at_the_workers_pace_not_their_start_up(monkeypatch, caplog):
-    import nat_ray.search_index as search_index
+    import nat_ray.tools.search.index_build as search_index
 
     clock = iter([100.0, 140.0])  # the first vectors 40 s after the start: 30 s of it start-up
     monkeypatch.setattr(search_index.time, "perf_counter", lambda: next(clock))
     progress = search_index.Progress(total=4, what="embedding", chars=1000, workers=2)
-    with caplog.at_level(logging.INFO, logger="nat_ray.search_index"):
+    with caplog.at_level(logging.INFO, logger="nat_ray.tools.search.index_build"):
         progress.update(1, 250, busy_s=10.0)  # one worker's 10 s of encoding: a quarter of the corpus
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.endswith("ETA 15s"), line  # 3 quarters left, 10 s each, 2 workers

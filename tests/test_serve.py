@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from nat_ray.agent import new_episode
 from nat_ray.config import AgentConfig, ServeConfig
-from nat_ray.react import Generation, LocalTools
+from nat_ray.core.react import Generation, LocalTools
 from nat_ray.serve.agent_loop import AgentLoop
 from nat_ray.serve.api import AgentRequest, agent_response, episode_for, response_status, validation_error
 from nat_ray.tasks import get_task

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from nat_ray import prompts, tasks
+from nat_ray import tasks
+from nat_ray.core import prompts
+from nat_ray.core.scoring import Score
 from nat_ray.errors import ConfigError, DataError
-from nat_ray.scoring import Score
 from nat_ray.tasks import (
     BUILTIN_NAMES,
     TASKS,

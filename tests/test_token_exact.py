@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pytest
 
-from nat_ray import nat_data, records
-from nat_ray.masks import (
+from nat_ray.core import nat_data, records
+from nat_ray.core.masks import (
     FROM_IDS,
     FROM_TEXT,
     FROM_TEXT_FALLBACK,
@@ -28,9 +28,9 @@ from nat_ray.masks import (
     tokenize_chat,
     tokenize_example,
 )
-from nat_ray.prompts import build_messages
-from nat_ray.react import Episode, Generation, Sampling, Stepper
-from nat_ray.scoring import Score
+from nat_ray.core.prompts import build_messages
+from nat_ray.core.react import Episode, Generation, Sampling, Stepper
+from nat_ray.core.scoring import Score
 from nat_ray.train.data import token_sources, tokenize_batch, tokenize_examples
 
 QUESTION = "A farmer has 3 pens with 12 hens each. How many hens?"
@@ -39,7 +39,7 @@ QUESTION = "A farmer has 3 pens with 12 hens each. How many hens?"
 def check_token_exact(tokenizer, example: nat_data.ChatExample, tokenized, row: dict) -> int:
     """Assert that ``tokenized`` trains on the row's sampled ids and its stored context; return the turns.
 
-    Independent of how :mod:`nat_ray.masks` builds it: the example is cut into runs of labelled
+    Independent of how :mod:`nat_ray.core.masks` builds it: the example is cut into runs of labelled
     and unlabelled ids, and each run is compared with the ids stored in the row.
     """
     prompts = row[nat_data.TURN_PROMPT_IDS]
@@ -276,8 +276,8 @@ def test_the_vllm_engine_hands_over_the_ids_it_read_and_sampled():
     from types import SimpleNamespace
 
     from nat_ray.config import EngineConfig
+    from nat_ray.core.react import CONTEXT_OVERFLOW
     from nat_ray.engines.vllm_engine import VLLMEngine, _to_generation
-    from nat_ray.react import CONTEXT_OVERFLOW
 
     out = SimpleNamespace(
         prompt_token_ids=[1, 2, 3],

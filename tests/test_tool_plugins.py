@@ -16,8 +16,8 @@ import pytest
 
 from nat_ray import __version__
 from nat_ray.config import ToolsConfig, from_dict
+from nat_ray.core.react import Episode, Generation, LocalTools, Sampling, Stepper, ToolCall, call_tool
 from nat_ray.errors import ConfigError, DataError, ToolError
-from nat_ray.react import Episode, Generation, LocalTools, Sampling, Stepper, ToolCall, call_tool
 from nat_ray.tools import REGISTRY, TOOL_VERSIONS, configure_tools, tool_names
 from nat_ray.tools.calculator import calculate
 from nat_ray.tools.guard import MAX_HUNG_CALLS, GuardedTool, ToolLimits
@@ -30,7 +30,7 @@ from nat_ray.tools.plugins import (
     tool_name,
     tool_versions,
 )
-from nat_ray.tools.search import set_search_backend
+from nat_ray.tools.search.tool import set_search_backend
 
 PLUGINS = Path(__file__).parent / "data" / "plugins"
 HOSTILE = PLUGINS / "hostile_tools.py"

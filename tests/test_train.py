@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 from rows import math_row  # tests/rows.py
 
-from nat_ray import nat_data, records
 from nat_ray.config import NatRayConfig, TrainConfig, load_config
+from nat_ray.core import nat_data, records
+from nat_ray.core.masks import IGNORE_INDEX, TokenizedExample
 from nat_ray.errors import ConfigError, DataError
-from nat_ray.masks import IGNORE_INDEX, TokenizedExample
-from nat_ray.packing import single_rows
 from nat_ray.train.data import (
     finalize_examples,
     make_schedule,
@@ -27,7 +26,15 @@ from nat_ray.train.data import (
     step_batches,
     tokenize_examples,
 )
-from nat_ray.train.run import check_resume, format_result, run_fingerprint, run_train, write_fingerprint
+from nat_ray.train.packing import single_rows
+from nat_ray.train.run import (
+    TrainResult,
+    check_resume,
+    format_result,
+    run_fingerprint,
+    run_train,
+    write_fingerprint,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -218,20 +225,23 @@ def test_resume_refuses_changed_settings(tmp_path):
 
 
 def test_format_result_summarizes_a_resumed_lora_run():
-    result = {
-        "run_dir": "/runs/train/lora",
-        "export": {"model": "/runs/train/lora/export/model", "adapter": "/runs/train/lora/export/adapter"},
-        "data": {"positives": 3, "negatives": 3, "examples": 6, "truncated": 1, "dropped_overlong": 0,
-                 "dropped_no_loss": 0, "rows": 2, "tokens": 1300, "loss_tokens": 400,
-                 "packing_efficiency": 0.635},
-        "schedule": {"total_steps": 4, "steps_per_epoch": 1, "global_batch": 2, "micro_batch": 1,
-                     "workers": 2, "accum": 1},
-        "start_step": 2,
-        "step": 4,
-        "history": [{"step": 3, "loss": 2.5}, {"step": 4, "loss": 2.0}],
-        "final_loss": 2.0,
-        "seconds": 12.5,
-    }  # fmt: skip
+    result = TrainResult(
+        run_dir="/runs/train/lora",
+        export={"model": "/runs/train/lora/export/model", "adapter": "/runs/train/lora/export/adapter"},
+        data={"positives": 3, "negatives": 3, "examples": 6, "truncated": 1, "dropped_overlong": 0,
+              "dropped_no_loss": 0, "rows": 2, "tokens": 1300, "loss_tokens": 400,
+              "packing_efficiency": 0.635},
+        schedule={"total_steps": 4, "steps_per_epoch": 1, "global_batch": 2, "micro_batch": 1,
+                  "workers": 2, "accum": 1},
+        start_step=2,
+        step=4,
+        history=[{"step": 3, "loss": 2.5}, {"step": 4, "loss": 2.0}],
+        final_loss=2.0,
+        seconds=12.5,
+        resumed=True,
+        checkpoint=None,
+    )  # fmt: skip
+    assert json.loads(json.dumps(result.to_dict()))["start_step"] == 2  # what --json writes
     lines = format_result(result).splitlines()
     assert lines[0].endswith("-> 2 rows, 1300 tokens (400 with loss), packing efficiency 64%")
     assert (

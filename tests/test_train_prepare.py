@@ -8,11 +8,11 @@ import pyarrow as pa
 import pytest
 from rows import math_row  # tests/rows.py
 
-from nat_ray import nat_data
 from nat_ray.config import TrainConfig
+from nat_ray.core import nat_data
 from nat_ray.errors import DataError
-from nat_ray.packing import pack_examples
 from nat_ray.train.data import finalize_examples, select_examples, tokenize_examples
+from nat_ray.train.packing import pack_examples
 from nat_ray.train.prepare import (
     chunk_rows,
     gather_rows,

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from nat_ray.config import TrainConfig
+from nat_ray.core.masks import IGNORE_INDEX, TokenizedExample
 from nat_ray.errors import ConfigError
-from nat_ray.masks import IGNORE_INDEX, TokenizedExample
-from nat_ray.packing import collate, pack_examples, single_rows
+from nat_ray.train.packing import collate, pack_examples, single_rows
 from nat_ray.train.step import (
     build_model,
     check_lora_targets,

@@ -125,7 +125,7 @@ def teacher_turns(record: dict, rng: random.Random) -> tuple[list[str], str]:
 
 
 class ScriptedTeacher:
-    """A :class:`nat_ray.react.ChatEngine` that answers each question with its scripted turns."""
+    """A :class:`nat_ray.core.react.ChatEngine` that answers each question with its scripted turns."""
 
     def __init__(self, scripts: dict[str, list[str]]) -> None:
         self.scripts = scripts
@@ -135,7 +135,7 @@ class ScriptedTeacher:
         return next(turns for q, turns in self.scripts.items() if f"Question: {q}" in question_turn)
 
     def generate(self, conversations: Sequence[list[dict]], sampling: Sequence) -> list:
-        from nat_ray.react import Generation
+        from nat_ray.core.react import Generation
 
         out = []
         for conversation in conversations:
@@ -150,10 +150,10 @@ class ScriptedTeacher:
 
 def teacher_rows(records: list[dict], seed: int = SEED) -> tuple[list[dict], dict[str, int]]:
     """One teacher trajectory per record, run through the real agent loop, calculator and scorer."""
-    from nat_ray import records as rows_of
     from nat_ray.agent import new_episode
     from nat_ray.config import AgentConfig
-    from nat_ray.react import LocalTools, Stepper
+    from nat_ray.core import records as rows_of
+    from nat_ray.core.react import LocalTools, Stepper
     from nat_ray.tasks.task_file import load_task_file
     from nat_ray.tools import TOOL_VERSIONS
 
@@ -203,7 +203,7 @@ def write(out_dir: Path = HERE / "data", seed: int = SEED) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from nat_ray import records as rows_of
+    from nat_ray.core import records as rows_of
 
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = make_questions(seed)

@@ -1,4 +1,4 @@
-"""Inference engines behind :class:`nat_ray.react.ChatEngine`. Heavy imports happen on build, not import."""
+"""Inference engines behind :class:`nat_ray.core.react.ChatEngine`. Heavy imports happen on build, not import."""
 
 from __future__ import annotations
 

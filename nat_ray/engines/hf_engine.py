@@ -1,4 +1,4 @@
-"""transformers ``generate`` behind the :class:`nat_ray.react.ChatEngine` interface: the NAT repo's way.
+"""transformers ``generate`` behind the :class:`nat_ray.core.react.ChatEngine` interface: the NAT repo's way.
 
 One conversation after another, batch size 1, the whole prompt encoded anew each turn (spec §8 #1).
 This is the baseline the benchmarks measure the batched vLLM engine against, so it does what the
@@ -16,9 +16,10 @@ import logging
 from collections.abc import Sequence
 
 from nat_ray.config import EngineConfig
+from nat_ray.core.react import CONTEXT_OVERFLOW, Generation, Sampling
 from nat_ray.engines.vllm_args import on_gpu
 from nat_ray.engines.vllm_engine import render_prompt_ids
-from nat_ray.react import CONTEXT_OVERFLOW, Generation, Sampling
+from nat_ray.models import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ class HFEngine:
     def __init__(self, config: EngineConfig) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from nat_ray.models import resolve_model
 
         self.config = config
         self.model_path = resolve_model(config.model)

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible chat server behind the :class:`nat_ray.react.ChatEngine` interface.
+"""An OpenAI-compatible chat server behind the :class:`nat_ray.core.react.ChatEngine` interface.
 
 This is how a teacher answers (GPT-3.5 for the paper's trajectories, or any server that speaks
 ``POST /chat/completions``, such as ``vllm serve``). A batch becomes one request per conversation,
@@ -27,9 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from nat_ray.config import EngineConfig
+from nat_ray.core.react import CONTEXT_OVERFLOW, Generation, Sampling
 from nat_ray.errors import ConfigError, ModelError
 from nat_ray.http import retrying_session
-from nat_ray.react import CONTEXT_OVERFLOW, Generation, Sampling
 
 log = logging.getLogger(__name__)
 

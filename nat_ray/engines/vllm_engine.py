@@ -1,9 +1,9 @@
-"""vLLM behind the :class:`nat_ray.react.ChatEngine` interface: one batched call per agent turn.
+"""vLLM behind the :class:`nat_ray.core.react.ChatEngine` interface: one batched call per agent turn.
 
 The conversation is rendered with the model's own chat template and tokenized here, not by vLLM,
 so that (a) a prompt that no longer fits the context becomes a ``context_overflow`` generation for
 that one episode instead of an exception that kills the batch, and (b) training renders the same
-token ids (see :mod:`nat_ray.nat_data`). Prefix caching lets turn t+1 reuse turn t's KV cache.
+token ids (see :mod:`nat_ray.core.nat_data`). Prefix caching lets turn t+1 reuse turn t's KV cache.
 
 On a machine without CUDA this runs vLLM's CPU build, with the engine arguments of
 :mod:`nat_ray.engines.vllm_args` (float32, eager mode, a KV cache of ``engine.kv_cache_gb``).
@@ -19,9 +19,11 @@ import weakref
 from collections.abc import Sequence
 
 from nat_ray.config import EngineConfig
+from nat_ray.core.masks import chat_ids
+from nat_ray.core.react import CONTEXT_OVERFLOW, Generation, Sampling
 from nat_ray.engines.vllm_args import CPU_IN_PROCESS_ENV, engine_kwargs, kv_cache_env, on_gpu
-from nat_ray.masks import chat_ids
-from nat_ray.react import CONTEXT_OVERFLOW, Generation, Sampling
+from nat_ray.errors import ModelError
+from nat_ray.models import check_lora, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ _OPEN: weakref.WeakSet = weakref.WeakSet()  # in-process engines not yet closed
 def render_prompt_ids(tokenizer, conversation: list[dict]) -> list[int]:
     """Token ids the model sees before its next turn (chat template + generation prompt).
 
-    The one rendering training uses too (:func:`nat_ray.masks.chat_ids`), so a trained prompt
+    The one rendering training uses too (:func:`nat_ray.core.masks.chat_ids`), so a trained prompt
     and a sampled one cannot drift apart.
     """
     return chat_ids(tokenizer, conversation)
@@ -51,7 +53,6 @@ class VLLMEngine:
     """
 
     def __init__(self, config: EngineConfig, lora_path: str | None = None) -> None:
-        from nat_ray.models import resolve_model
 
         self.config = config
         self.model_path = resolve_model(config.model)
@@ -89,8 +90,6 @@ class VLLMEngine:
         Raises:
             ModelError: the engine was started without LoRA, or ``path`` is not a peft adapter.
         """
-        from nat_ray.errors import ModelError
-        from nat_ray.models import check_lora
 
         if path is None:
             self.lora_request = None
@@ -210,7 +209,7 @@ def _to_generation(out) -> Generation:
 
     vLLM's ``token_ids`` run up to and including the token that completed a stop string (or the
     end-of-sequence token), while ``text`` stops before the stop string; training trims the ids
-    back to the text (:func:`nat_ray.masks.sampled_content_length`).
+    back to the text (:func:`nat_ray.core.masks.sampled_content_length`).
     """
     completion = out.outputs[0]
     return Generation(

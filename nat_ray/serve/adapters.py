@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from nat_ray import safe_files
 
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a peft adapter
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -130,16 +131,7 @@ def publish_adapter(source: str | os.PathLike, lora_dir: str | os.PathLike, name
     src = Path(source)
     if not (src / ADAPTER_CONFIG).is_file():
         raise ValueError(f"{src} is not a peft adapter folder (no {ADAPTER_CONFIG})")
-    root = Path(lora_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-    shutil.copytree(src, staging)
-    target = root / name
-    if target.exists():
-        old = root / f".{name}.{uuid.uuid4().hex[:8]}.old"
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)
+    target = Path(lora_dir) / name
+    with safe_files.staged_dir(target) as staging:
+        shutil.copytree(src, staging)
     return target

@@ -1,4 +1,4 @@
-"""The served agent loop: one :class:`nat_ray.react.Stepper` shared by every agent request of the ingress.
+"""The served agent loop: one :class:`nat_ray.core.react.Stepper` shared by every agent request of the ingress.
 
 A single thread keeps stepping while episodes are open and admits newly arrived requests between
 steps, so concurrent requests share the model instead of queueing behind each other. The stepper's
@@ -19,8 +19,8 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 
+from nat_ray.core.react import CONTEXT_OVERFLOW, Episode, Generation, Sampling, Stepper, ToolCall, ToolResult
 from nat_ray.engines.openai_engine import is_context_overflow
-from nat_ray.react import CONTEXT_OVERFLOW, Episode, Generation, Sampling, Stepper, ToolCall, ToolResult
 from nat_ray.serve.api import llm_error
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def ray_errors() -> tuple[type[BaseException], ...]:
 
 
 class ServeChatEngine:
-    """The stepper's streaming engine (:class:`nat_ray.react.StreamingEngine`) over the LLM deployment.
+    """The stepper's streaming engine (:class:`nat_ray.core.react.StreamingEngine`) over the LLM deployment.
 
     ``submit`` and ``poll`` are called from the stepper thread: ``submit`` starts one chat call on
     the ingress's event loop (where the handle lives) and returns at once; ``poll`` hands back the
@@ -79,7 +79,7 @@ class ServeChatEngine:
         return [(rid, self._running.pop(rid).result()) for rid in done]
 
     def generate(self, conversations: Sequence[list[dict]], sampling: Sequence[Sampling]) -> list[Generation]:
-        """The batch form (:class:`nat_ray.react.ChatEngine`): all calls at once, answers in order."""
+        """The batch form (:class:`nat_ray.core.react.ChatEngine`): all calls at once, answers in order."""
         futures = [
             asyncio.run_coroutine_threadsafe(self._one(c, s), self.loop)
             for c, s in zip(conversations, sampling)

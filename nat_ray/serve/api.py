@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from nat_ray.agent import new_episode, sampling_from
 from nat_ray.config import AgentConfig, ServeConfig
+from nat_ray.core.react import GENERATION_ERROR, Episode
+from nat_ray.core.records import episode_drift
 from nat_ray.errors import DataError
-from nat_ray.react import GENERATION_ERROR, Episode
 from nat_ray.tasks import registered_task
 from nat_ray.tasks.loaders import normalize_gold
 
@@ -207,8 +208,9 @@ def response_status(ep: Episode) -> int:
     return 503 if ep.failure_reason == GENERATION_ERROR else 200
 
 
-def agent_response(ep: Episode, task: str, model: str, gold: Any = None) -> dict:
-    """JSON body of a finished episode; ``correct`` (paper and robust rules) only when ``gold`` is given."""
+def agent_response(ep: Episode, task: str, model: str, gold: Any = None, tokenizer=None) -> dict:
+    """JSON body of a finished episode; ``correct`` (paper and robust rules) only when ``gold`` is given;
+    ``token_drift`` (:func:`nat_ray.core.records.episode_drift`) when a ``tokenizer`` is given."""
     body = {
         "id": ep.id,
         "model": model,
@@ -229,6 +231,7 @@ def agent_response(ep: Episode, task: str, model: str, gold: Any = None) -> dict
     ids = ep.turn_token_ids()
     if ids is not None:  # per agent turn: the ids the engine read and the ids it sampled
         body["turn_prompt_ids"], body["turn_completion_ids"] = ids
+        body["token_drift"] = episode_drift(ep, tokenizer)
     if gold is not None:
         score = registered_task(task).score(ep.answer, gold if isinstance(gold, str | bool) else str(gold))
         body["correct"] = {"paper": score.correct_paper, "robust": score.correct_robust, "f1": score.f1}

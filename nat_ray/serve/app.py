@@ -52,11 +52,12 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 
 from nat_ray.agent import prepare_tasks, with_tasks_resolved
-from nat_ray.agent_card import read_card
 from nat_ray.config import NatRayConfig, from_dict, load_config
+from nat_ray.core.agent_card import read_card
 from nat_ray.engines.vllm_args import engine_kwargs, served_cpu_env
 from nat_ray.errors import ConfigError
-from nat_ray.models import served_paths
+from nat_ray.models import resolve_model, served_paths
+from nat_ray.ray_runtime import init_ray
 from nat_ray.serve.adapters import (
     ADAPTER_CONFIG,
     ModelProblem,
@@ -87,7 +88,7 @@ from nat_ray.serve.guards import (
     cap_max_tokens,
     role_problem,
 )
-from nat_ray.tool_actors import actor_runtime_env
+from nat_ray.tools.actors import actor_runtime_env
 from nat_ray.tools.host import ToolHost
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,21 @@ class AgentIngress:
         self.lora_dir = self.cfg.serve.lora_dir  # adapters on demand: "<base>:<folder in lora_dir>"
         self.base_model = models[0]["id"]
         self._adapter_handles: dict[tuple[str, bool], object] = {}
+        self._tok = None
         import ray.serve.llm.openai_api_models  # noqa: F401 - imports vLLM (tens of seconds): now, not on a request
+
+    def _tokenizer(self):
+        """The served model's tokenizer, to count each episode's token drift; None (drift not
+        counted) where this replica cannot load it (a model whose files are on another node)."""
+        if self._tok is None:
+            try:
+                from transformers import AutoTokenizer
+
+                self._tok = AutoTokenizer.from_pretrained(resolve_model(self.cfg.engine.model))
+            except Exception as err:  # drift is a check, never a reason to fail a request
+                log.warning("token drift is not counted: the tokenizer did not load (%s)", err)
+                self._tok = False
+        return self._tok or None
 
     def _agent_loop(self) -> AgentLoop:
         # Built on the first request, on the event loop every handler runs on (the handles' loop).
@@ -313,7 +328,13 @@ class AgentIngress:
                 f"the episode took longer than serve.request_timeout_s={self.cfg.serve.request_timeout_s:g} s"
             )
             return JSONResponse(error_body(504, message, None), status_code=504)
-        body = agent_response(episode, req.task, model, req.gold)
+        body = agent_response(episode, req.task, model, req.gold, self._tokenizer())
+        if body.get("token_drift"):
+            log.warning(
+                "/v1/agent %s: %d turn(s) drifted: the next prompt did not continue with the ids sampled",
+                episode.id,
+                body["token_drift"],
+            )
         status = response_status(episode)
         if status != 200:
             body.update(error_body(status, f"the LLM deployment failed: {body['error']}", None))
@@ -616,7 +637,6 @@ def build_app_from_args(args: dict):
 
 def start_ray_for(cfg: NatRayConfig) -> None:
     """Join ``RAY_ADDRESS``'s cluster, or start a local Ray with enough logical CPUs for the replicas."""
-    from nat_ray.ray_runtime import init_ray
 
     # Each vLLM replica holds its CPU bundle plus one CPU for the replica actor.
     init_ray(cfg.serve.llm_replicas * (cfg.serve.llm_num_cpus + 1) + 2)
@@ -634,7 +654,7 @@ def run_serve(cfg: NatRayConfig) -> int:
     served_paths(cfg.engine.model, cfg.serve.lora)
     start_ray_for(cfg)
     if any("search" in task.tools for task in tasks):
-        from nat_ray.search_index import ensure_index_for
+        from nat_ray.tools.search.index_build import ensure_index_for
 
         # Here, with a logged estimate and progress, not silently inside the search replica.
         ensure_index_for(cfg.tools)

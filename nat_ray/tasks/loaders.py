@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from nat_ray.core.scoring import as_bool_gold, canonical_math_gold
 from nat_ray.errors import ConfigError, DataError
-from nat_ray.scoring import as_bool_gold, canonical_math_gold
 
 log = logging.getLogger(__name__)
 

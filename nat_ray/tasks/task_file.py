@@ -34,7 +34,7 @@ else scores 0 (wrong, F1 0.0) and the reason is logged once per distinct message
 action the model may take, ``finish[answer]`` included. Then the acknowledgement, the demonstration
 (with ``agent.shots: 1``; a task without one needs ``agent.shots: 0``) and the question turn. A marker
 is a question turn with ``{question}``, or text without it that is appended to
-``"Question: {question}. "`` (see :mod:`nat_ray.prompts`).
+``"Question: {question}. "`` (see :mod:`nat_ray.core.prompts`).
 
 **Demonstrations file.** Plain text, one worked example, in the transcript's own words::
 
@@ -72,9 +72,10 @@ from typing import Any
 
 import yaml
 
-from nat_ray import paths, prompts
+from nat_ray import paths
+from nat_ray.core import prompts
+from nat_ray.core.scoring import Score, exact_match, score_answer
 from nat_ray.errors import ConfigError, DataError
-from nat_ray.scoring import Score, exact_match, score_answer
 from nat_ray.tasks.loaders import (
     FIELD_KEYS,
     HF_PREFIX,
@@ -83,6 +84,7 @@ from nat_ray.tasks.loaders import (
     download_hf,
     load_questions,
     read_records,
+    record_to_question,
     rename_fields,
 )
 
@@ -302,7 +304,7 @@ class Task:
         klass: str | None = None,
         shots: int = 0,
     ) -> list[prompts.Message]:
-        """The prompt turns of one episode of this task (see :func:`nat_ray.prompts.build_messages`).
+        """The prompt turns of one episode of this task (see :func:`nat_ray.core.prompts.build_messages`).
 
         Raises:
             ConfigError: unknown template or class, or ``shots=1`` for a task without a demonstration.
@@ -529,7 +531,6 @@ def _check_first_record(
     split: str, path: Path, fields: dict[str, str], gold_family: str, name: Any, problems: list[str]
 ) -> None:
     # Reading one record catches a wrong column name or format now, not hours into a run.
-    from nat_ray.tasks.loaders import record_to_question
 
     try:
         for position, (where, record) in enumerate(read_records(path)):
@@ -723,7 +724,7 @@ def _check_demonstrations(
 
 
 def parse_demonstration(text: str, tools: tuple[str, ...]) -> prompts.Demo:
-    """Parse a demonstrations file (format: the module docstring) into a one-shot :class:`~nat_ray.prompts.Demo`.
+    """Parse a demonstrations file (format: the module docstring) into a one-shot :class:`~nat_ray.core.prompts.Demo`.
 
     Raises:
         ValueError: naming the line and what is wrong.

@@ -24,7 +24,10 @@ from nat_ray.errors import ConfigError, DataError, ModelError
 from nat_ray.tools.calculator import calculate
 from nat_ray.tools.guard import GuardedTool, ToolLimits, set_default_limits
 from nat_ray.tools.plugins import BUILTIN_TOOLS, is_builtin, load_tool, tool_name
-from nat_ray.tools.search import configure_search, get_search_backend, search
+
+# The function is imported under another name: ``nat_ray.tools.search`` is the search package.
+from nat_ray.tools.search.tool import configure_search, get_search_backend
+from nat_ray.tools.search.tool import search as search_tool
 
 ToolFn = Callable[[str], str]
 
@@ -52,7 +55,7 @@ def _register_builtins(limits: ToolLimits) -> None:
     own = limits.own_caps()  # their own argument and observation caps: their observations stay as they are
     REGISTRY["calculate"] = GuardedTool("calculate", calculate, own)
     REGISTRY["search"] = GuardedTool(
-        "search", search, own, prepare=_load_search_index, reraise=_SEARCH_SETUP_ERRORS
+        "search", search_tool, own, prepare=_load_search_index, reraise=_SEARCH_SETUP_ERRORS
     )
     TOOL_VERSIONS.update(dict.fromkeys(BUILTIN_TOOLS, __version__))
 
@@ -126,6 +129,6 @@ __all__ = [
     "ToolFn",
     "calculate",
     "configure_tools",
-    "search",
+    "search_tool",
     "tool_names",
 ]

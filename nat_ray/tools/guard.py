@@ -16,7 +16,7 @@ The built-in tools keep their own argument and observation caps (``calculate``: 
 in, at most ``MAX_RESULT_DIGITS`` digits out; ``search``: a 300-character query, 3 snippets of
 60 words out), so their observations do not change; the timeout and the error handling apply to
 them too. A tool that kills its process is the tool runner's to handle: Ray restarts the tool
-actor and the call comes back as an ``Error:`` observation (:mod:`nat_ray.tool_actors`).
+actor and the call comes back as an ``Error:`` observation (:mod:`nat_ray.tools.actors`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ _default_limits = ToolLimits.from_config(ToolsConfig())
 
 
 def default_limits() -> ToolLimits:
-    """The limits for a bare function handed to :func:`nat_ray.react.call_tool` in this process."""
+    """The limits for a bare function handed to :func:`nat_ray.core.react.call_tool` in this process."""
     return _default_limits
 
 

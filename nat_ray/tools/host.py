@@ -1,6 +1,6 @@
 """A process that runs the agent's tools: the one class behind rollout's tool actors and serving's tool deployments.
 
-Plain Python, no Ray: :mod:`nat_ray.tool_actors` makes it a Ray actor and :mod:`nat_ray.serve.app`
+Plain Python, no Ray: :mod:`nat_ray.tools.actors` makes it a Ray actor and :mod:`nat_ray.serve.app`
 a Serve deployment. It sets the tools up once, when it starts: search's backend, the call limits,
 and the plug-ins of ``ToolsConfig.plugins`` (a plug-in class is constructed here, once per
 process). A plug-in given as a file needs the process started with
@@ -13,7 +13,7 @@ import os
 from collections.abc import Collection, Sequence
 
 from nat_ray.config import ToolsConfig, from_dict
-from nat_ray.react import ToolCall, ToolResult, call_tool
+from nat_ray.core.react import ToolCall, ToolResult, call_tool
 from nat_ray.tools import REGISTRY, TOOL_VERSIONS, configure_tools
 
 
@@ -47,7 +47,7 @@ class ToolHost:
         A plug-in class loaded its state when it was constructed, with the host.
         """
         if name == "search":
-            from nat_ray.tools.search import get_search_backend
+            from nat_ray.tools.search.tool import get_search_backend
 
             backend = get_search_backend()
             if hasattr(backend, "load"):

@@ -10,7 +10,7 @@ A ``tools:`` entry takes one of four forms:
   (``[project.entry-points."nat_ray.tools"] lookup = "my_pkg.tools:lookup"``).
 
 The tool the model calls is named by the function's (or class's) name, lowercased because
-:func:`nat_ray.react.parse_action` reads action names case-insensitively (``convert[...]``), or by
+:func:`nat_ray.core.react.parse_action` reads action names case-insensitively (``convert[...]``), or by
 the entry point's name. A tool is either
 
 - a function ``(argument: str) -> str``, or
@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from nat_ray import __version__
 from nat_ray.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -421,7 +422,6 @@ def tool_versions(specs: Sequence[str]) -> dict[str, str]:
     Raises:
         ConfigError: a plug-in cannot be imported.
     """
-    from nat_ray import __version__
 
     versions = {}
     for spec in specs:

@@ -1,8 +1,8 @@
 """Training data, driver side: trajectory Parquet -> NAT examples -> token ids -> rows -> per-rank streams.
 
-trajectory Parquet -> NAT examples (variant, seeded selection; :mod:`nat_ray.nat_data`) ->
-token ids and loss masks (Ray Data ``map_batches`` for many examples; :mod:`nat_ray.masks`) ->
-optional packing (:mod:`nat_ray.packing`) -> a fixed, seeded :class:`Schedule`: which rows each
+trajectory Parquet -> NAT examples (variant, seeded selection; :mod:`nat_ray.core.nat_data`) ->
+token ids and loss masks (Ray Data ``map_batches`` for many examples; :mod:`nat_ray.core.masks`) ->
+optional packing (:mod:`nat_ray.train.packing`) -> a fixed, seeded :class:`Schedule`: which rows each
 worker trains on at each step. Every rank gets its own table of rows in step order, so the rows a
 rank sees at step k are the same in every attempt and a resumed run continues with exactly the
 data it had not seen yet. :func:`step_batches` turns a rank's rows back into micro-batches.
@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from nat_ray import nat_data, records
 from nat_ray.config import TrainConfig
+from nat_ray.core import nat_data, records
+from nat_ray.core.masks import FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK, TokenizedExample, tokenize_chat
 from nat_ray.errors import DataError
-from nat_ray.masks import FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK, TokenizedExample, tokenize_chat
-from nat_ray.packing import PackedSequence, collate, pack_examples, packing_efficiency, single_rows
+from nat_ray.train.packing import PackedSequence, collate, pack_examples, packing_efficiency, single_rows
 from nat_ray.train.step import gradient_accumulation_steps, warmup_steps
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def trajectory_files(paths: Sequence[str]) -> list[str]:
             if missing:
                 raise DataError(
                     f"train.data: {file} is not a trajectory file: it lacks columns {missing} "
-                    "(expected the schema of nat_ray.records)"
+                    "(expected the schema of nat_ray.core.records)"
                 )
             num_rows += meta.num_rows
             out.append(str(file))

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 from pathlib import Path
 
+from nat_ray import safe_files
 from nat_ray.config import TrainConfig
+from nat_ray.errors import ConfigError
 from nat_ray.train.data import load_tokenizer
 from nat_ray.train.step import lora_config, resolve_precision, torch_dtype
 
@@ -106,3 +109,48 @@ def _save_full(model, tokenizer, out: Path) -> None:
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def stack_adapters(first: Path, second: Path, out: Path, base_model: str) -> Path:
+    """One peft adapter on the base equal to ``first`` followed by ``second`` (trained on base + first).
+
+    A LoRA update is ``scale * B @ A``; two of them on the same layer add up to one of rank
+    r1 + r2 with ``A = [A1; A2]`` and ``B = [s1*B1, s2*B2]`` at scale 1 (``lora_alpha = rank``).
+    So a continued adapter is published as an adapter of the base model, which a server can load.
+
+    Raises:
+        ConfigError: the two adapters wrap different layers, or use per-layer ranks.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    configs = [json.loads((p / "adapter_config.json").read_text()) for p in (first, second)]
+    for p, c in zip((first, second), configs):
+        if c.get("rank_pattern") or c.get("alpha_pattern"):
+            raise ConfigError(f"{p}: adapters with per-layer ranks cannot be stacked")
+    weights = [load_file(str(p / "adapter_model.safetensors")) for p in (first, second)]
+    if set(weights[0]) != set(weights[1]):
+        raise ConfigError(f"{first} and {second} wrap different layers; they cannot be stacked")
+    scales = [c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"]) for c in configs]
+    stacked = {}
+    for key in weights[0]:
+        if ".lora_A." in key:
+            stacked[key] = torch.cat([weights[0][key], weights[1][key]], dim=0).contiguous()
+        elif ".lora_B." in key:
+            parts = [w[key] * s for w, s in zip(weights, scales)]
+            stacked[key] = torch.cat(parts, dim=1).contiguous()
+        else:
+            raise ConfigError(f"{first}: unexpected adapter weight {key!r}; only LoRA A/B can be stacked")
+    rank = configs[0]["r"] + configs[1]["r"]
+    config = {
+        **configs[1],
+        "r": rank,
+        "lora_alpha": rank,
+        "use_rslora": False,
+        "base_model_name_or_path": base_model,
+    }
+    with safe_files.staged_dir(out) as tmp:
+        shutil.copytree(second, tmp)  # the tokenizer files travel with it
+        save_file(stacked, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out

@@ -5,7 +5,7 @@ Nothing here holds the trajectories in one Python list. Two passes over ``train.
 1. **Selection** (light): ``read_parquet`` -> per row a few features (:func:`trajectory_features`:
    verdict, empty, unfinished, F1 = 0, a hash of the agent's turns) -> ``groupby(question_id)``
    -> :func:`select_in_question` marks each trajectory positive, negative or why it is dropped
-   (empty, duplicate, unfinished, F1 = 0), exactly as :func:`nat_ray.nat_data.select_trajectories`
+   (empty, duplicate, unfinished, F1 = 0), exactly as :func:`nat_ray.core.nat_data.select_trajectories`
    does. The driver gathers only ``(question_id, trajectory_id, status)`` and draws the seeded
    sample (:func:`sample_selection`). The draw is the one of ``select_trajectories`` (one
    ``random.Random(sample_seed)``, positives then negatives, over the rows sorted by question and
@@ -21,7 +21,9 @@ whatever Ray's block layout, so every attempt (and a resume) sees the same rows 
 rank's dataset (:func:`rank_dataset`) is gathered from those blocks by Ray tasks in the order of
 its :meth:`~nat_ray.train.data.Schedule.rank_stream`. The driver keeps per-row lengths only.
 
-The pure functions (features, per-question selection, the draw, a chunk's rows) need no Ray.
+The pure functions (features, per-question selection, the draw, a chunk's rows) need no Ray. Small
+data (up to :data:`DRIVER_MAX_ROWS` trajectories) runs them in the driver instead, grouping in plain
+Python: the same rows in the same order, without the seconds a Ray Data shuffle costs to start.
 """
 
 from __future__ import annotations
@@ -32,18 +34,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nat_ray import nat_data
 from nat_ray.config import TrainConfig
-from nat_ray.errors import DataError
-from nat_ray.masks import FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK, IGNORE_INDEX
-from nat_ray.nat_data import (  # the per-question rules, shared with the in-memory selection
+from nat_ray.core import nat_data
+from nat_ray.core.masks import FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK, IGNORE_INDEX
+from nat_ray.core.nat_data import (  # the per-question rules, shared with the in-memory selection
     DROP_REASONS,
     NEGATIVE,
     POSITIVE,
     select_in_question,
     trajectory_features,
 )
-from nat_ray.packing import PackedSequence, pack_examples, single_rows
+from nat_ray.core.prompts import CUSTOM
+from nat_ray.errors import DataError
+from nat_ray.tasks import TASKS, register_task_file
 from nat_ray.train.data import (
     apply_overlong,
     load_tokenizer,
@@ -51,10 +54,12 @@ from nat_ray.train.data import (
     trajectory_files,
     warn_fallbacks,
 )
+from nat_ray.train.packing import PackedSequence, pack_examples, single_rows
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_PARTITION = 5000  # trajectories per hash-shuffle partition (groupby)
+DRIVER_MAX_ROWS = 5000  # up to this many trajectories are prepared in the driver, not on Ray Data
 MAX_PARTITIONS = 32
 CHUNK_EXAMPLES = 512  # examples packed together; more packs tighter, fewer keeps each task small
 STATUS = "status"
@@ -134,7 +139,7 @@ def sample_selection(
     num_negatives: int | None,
     seed: int,
 ) -> Selected:
-    """The seeded draw of :func:`nat_ray.nat_data.build_examples` over per-question statuses.
+    """The seeded draw of :func:`nat_ray.core.nat_data.build_examples` over per-question statuses.
 
     Args:
         statuses: pyarrow table ``(question_id, trajectory_id, status)`` of every trajectory.
@@ -233,13 +238,10 @@ def custom_task_files(files: Sequence[str]) -> list[str]:
     A row names the task file it was made with, as a path on the machine that made it (a teacher set
     shipped with a task names the author's checkout). Per task name: the task this process has
     registered (the stage's configured tasks), else the first row's file that exists here. Workers
-    register these before building examples, so :func:`nat_ray.nat_data.row_task` finds them.
+    register these before building examples, so :func:`nat_ray.core.nat_data.row_task` finds them.
     """
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
-
-    from nat_ray.prompts import CUSTOM
-    from nat_ray.tasks import TASKS
 
     dataset = ds.dataset(list(files), format="parquet")
     if nat_data.TASK_SOURCE not in dataset.schema.names:
@@ -258,7 +260,6 @@ def custom_task_files(files: Sequence[str]) -> list[str]:
 
 
 def register_task_files(task_files: Sequence[str]) -> None:
-    from nat_ray.tasks import register_task_file
 
     for path in task_files:
         register_task_file(path)
@@ -341,8 +342,42 @@ def _summary(block):
     return block.drop_columns(list(ROW_COLUMNS))
 
 
-def prepare_data(cfg: TrainConfig, model_path: str, files: Sequence[str] | None = None) -> PreparedRows:
-    """Stream ``cfg.data`` into packed training rows on Ray Data (Ray must be up).
+def _read_local(files: Sequence[str], columns: Sequence[str], common: set[str], paths: bool):
+    """The files' ``columns`` as one table, with a ``path`` column as Ray Data's ``include_paths`` gives."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keep = [c for c in columns if c in common]
+    tables = []
+    for f in files:
+        table = pq.read_table(f, columns=keep)
+        if paths:
+            table = table.append_column("path", pa.array([os.path.abspath(f)] * table.num_rows, pa.string()))
+        tables.append(table)
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _groups(table, key: str):
+    """The table split by ``key``'s values (first-seen order), as tables."""
+    positions: dict = {}
+    for i, value in enumerate(table[key].to_pylist()):
+        positions.setdefault(value, []).append(i)
+    return [table.take(idx) for idx in positions.values()]
+
+
+def prepare_data(
+    cfg: TrainConfig,
+    model_path: str,
+    files: Sequence[str] | None = None,
+    driver_max_rows: int = DRIVER_MAX_ROWS,
+) -> PreparedRows:
+    """Turn ``cfg.data`` into packed training rows in Ray's object store (Ray must be up).
+
+    Up to ``driver_max_rows`` trajectories are prepared in this process with the same functions, in
+    the same order (a Ray Data shuffle costs tens of seconds of start-up, more than small data takes);
+    more are streamed on Ray Data.
 
     Args:
         files: :func:`~nat_ray.train.data.trajectory_files` of ``cfg.data`` when already checked.
@@ -358,9 +393,23 @@ def prepare_data(cfg: TrainConfig, model_path: str, files: Sequence[str] | None 
     variant = nat_data.get_variant(cfg.variant)
     files = list(files) if files is not None else trajectory_files(cfg.data)
     common = set.intersection(*(set(pq.read_schema(f).names) for f in files))
-    # Hash-shuffle partitions: each is an actor, costly for small data; 2 keep both CPUs busy.
     total = sum(pq.read_metadata(f).num_rows for f in files)
+    in_driver = total <= driver_max_rows
+    # Hash-shuffle partitions: each is an actor, costly for small data; 2 keep both CPUs busy.
     partitions = max(2, min(MAX_PARTITIONS, total // ROWS_PER_PARTITION))
+    selection_kwargs = {
+        "drop_unfinished_negatives": cfg.drop_unfinished_negatives,
+        "drop_zero_f1_negatives": cfg.drop_zero_f1_negatives,
+    }
+    pack_kwargs = {
+        "model_path": model_path,
+        "variant": variant.name,
+        "label_mode": cfg.label_mode,
+        "max_length": cfg.max_length,
+        "overlong": cfg.overlong,
+        "packing": cfg.packing,
+        "task_files": custom_task_files(files),
+    }
 
     def read(columns, paths: bool):
         # select_columns after the read, not read_parquet(columns=...) (deprecated in Ray 2.60):
@@ -368,52 +417,42 @@ def prepare_data(cfg: TrainConfig, model_path: str, files: Sequence[str] | None 
         keep = [c for c in columns if c in common] + (["path"] if paths else [])
         return ray.data.read_parquet(files, include_paths=paths).select_columns(keep)
 
-    selection = (
-        read(SELECTION_COLUMNS, paths=False)
-        .map_batches(features_batch, fn_kwargs={"label_mode": cfg.label_mode}, batch_format="pyarrow")
-        .groupby(nat_data.QUESTION_ID, num_partitions=partitions)
-        .map_groups(
-            select_group,
-            fn_kwargs={
-                "drop_unfinished_negatives": cfg.drop_unfinished_negatives,
-                "drop_zero_f1_negatives": cfg.drop_zero_f1_negatives,
-            },
-            batch_format="pyarrow",
+    if in_driver:
+        features = features_batch(_read_local(files, SELECTION_COLUMNS, common, False), cfg.label_mode)
+        groups = _groups(features, nat_data.QUESTION_ID) if features.num_rows else []
+        statuses = pa.concat_tables([select_group(g, **selection_kwargs) for g in groups] or [features])
+    else:
+        selection = (
+            read(SELECTION_COLUMNS, paths=False)
+            .map_batches(features_batch, fn_kwargs={"label_mode": cfg.label_mode}, batch_format="pyarrow")
+            .groupby(nat_data.QUESTION_ID, num_partitions=partitions)
+            .map_groups(select_group, fn_kwargs=selection_kwargs, batch_format="pyarrow")
         )
-    )
-    statuses = pa.concat_tables(ray.get(selection.to_arrow_refs()))
+        statuses = pa.concat_tables(ray.get(selection.to_arrow_refs()))
     if statuses.num_rows == 0:
         raise DataError(f"train.data: {list(cfg.data)} hold no trajectories")
     chosen = sample_selection(statuses, variant, cfg.num_positives, cfg.num_negatives, cfg.sample_seed)
-    rows = (
-        read(EXAMPLE_COLUMNS, paths=True)
-        .map_batches(
-            index_batch,
-            fn_kwargs={
-                "selected": pa.array(chosen.trajectory_ids, pa.string()),
-                "chunk_examples": CHUNK_EXAMPLES,
-            },
-            batch_format="pyarrow",
+    selected = pa.array(chosen.trajectory_ids, pa.string())
+    if in_driver:
+        indexed = index_batch(_read_local(files, EXAMPLE_COLUMNS, common, True), selected, CHUNK_EXAMPLES)
+        tables = [pack_group(g, **pack_kwargs) for g in _groups(indexed, "chunk")]
+        blocks = [ray.put(t) for t in tables]
+        parts = [_summary(t) for t in tables]
+    else:
+        rows = (
+            read(EXAMPLE_COLUMNS, paths=True)
+            .map_batches(
+                index_batch,
+                fn_kwargs={"selected": selected, "chunk_examples": CHUNK_EXAMPLES},
+                batch_format="pyarrow",
+            )
+            .groupby("chunk", num_partitions=partitions)
+            .map_groups(pack_group, fn_kwargs=pack_kwargs, batch_format="pyarrow")
+            .materialize()
         )
-        .groupby("chunk", num_partitions=partitions)
-        .map_groups(
-            pack_group,
-            fn_kwargs={
-                "model_path": model_path,
-                "variant": variant.name,
-                "label_mode": cfg.label_mode,
-                "max_length": cfg.max_length,
-                "overlong": cfg.overlong,
-                "packing": cfg.packing,
-                "task_files": custom_task_files(files),
-            },
-            batch_format="pyarrow",
-        )
-        .materialize()
-    )
-    blocks = rows.to_arrow_refs()
-    summarize = ray.remote(_summary)
-    parts = ray.get([summarize.remote(b) for b in blocks])
+        blocks = rows.to_arrow_refs()
+        summarize = ray.remote(_summary)
+        parts = ray.get([summarize.remote(b) for b in blocks])
     light = pa.concat_tables(
         [
             p.append_column("block", pa.array([k] * p.num_rows, pa.int64())).append_column(

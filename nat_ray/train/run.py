@@ -15,19 +15,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nat_ray import nat_data, safe_files
-from nat_ray.agent_card import AgentCard, write_card
+from nat_ray import safe_files
 from nat_ray.config import NatRayConfig, TrainConfig
+from nat_ray.core import nat_data
+from nat_ray.core.agent_card import AgentCard, write_card
+from nat_ray.core.nat_data import get_variant
 from nat_ray.errors import ConfigError
-from nat_ray.nat_data import get_variant
+from nat_ray.models import resolve_model
 from nat_ray.paths import PROGRESS_FILE
 from nat_ray.ray_runtime import init_ray
+from nat_ray.tasks import get_task, register_tasks
 from nat_ray.train.checkpoints import checkpoint_folders, set_aside_damaged
 from nat_ray.train.data import load_tokenizer, make_schedule, pad_token_id, trajectory_files
 from nat_ray.train.prepare import custom_task_files, prepare_data, rank_dataset, register_task_files
+from nat_ray.train.step import check_lora_targets_for
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +208,6 @@ def agent_card_for(cfg: NatRayConfig, files: list[str]) -> AgentCard:
     """The card of a model trained on ``files`` with ``cfg``: asked zero-shot with its variant's template."""
     import pyarrow.dataset as ds
 
-    from nat_ray.tasks import get_task
-
     register_task_files(custom_task_files(files))
     names = sorted(
         set(ds.dataset(files, format="parquet").to_table(columns=[nat_data.TASK]).column(0).to_pylist())
@@ -235,7 +237,6 @@ def agent_card_for(cfg: NatRayConfig, files: list[str]) -> AgentCard:
 def register_configured_tasks(cfg: NatRayConfig) -> None:
     """Register the config's own tasks (rollout and eval) in this process: rows of a custom task made
     elsewhere (a teacher set shipped with the task) are rebuilt from the task file configured here."""
-    from nat_ray.tasks import register_tasks
 
     for ref in dict.fromkeys([*cfg.rollout.tasks, *cfg.eval.tasks]):
         try:
@@ -245,27 +246,58 @@ def register_configured_tasks(cfg: NatRayConfig) -> None:
 
 
 def write_agent_cards(cfg: NatRayConfig, files: list[str], export: dict) -> None:
-    """``agent_card.json`` beside every exported model and adapter (see :mod:`nat_ray.agent_card`)."""
+    """``agent_card.json`` beside every exported model and adapter (see :mod:`nat_ray.core.agent_card`)."""
     card = agent_card_for(cfg, files)
     for key in ("model", "adapter"):
         if export.get(key):
             write_card(card, export[key])
 
 
-def run_train(cfg: NatRayConfig) -> dict:
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run did and made (:func:`run_train`); :meth:`to_dict` for JSON and manifests.
+
+    Attributes:
+        run_dir: the run's folder (checkpoints, export, TensorBoard).
+        export: ``export/export.json``: the paths of the merged ``model`` and the ``adapter`` (LoRA),
+            with the run's precision; ``None`` when nothing was exported.
+        data: the training data's counts (positives, negatives, examples, rows, tokens, ...).
+        schedule: steps, batches and accumulation, as :class:`~nat_ray.train.data.Schedule`.
+        start_step: the step this start resumed from (0: a fresh run).
+        step: the last step trained.
+        history: one entry per step (loss, learning rate, tokens/s).
+        final_loss: the last step's loss.
+        seconds: wall time of this start.
+        resumed: whether this start resumed a checkpoint.
+        checkpoint: the last checkpoint Ray Train kept.
+    """
+
+    run_dir: str
+    export: dict | None
+    data: dict
+    schedule: dict
+    start_step: int
+    step: int
+    history: list[dict]
+    final_loss: float | None
+    seconds: float
+    resumed: bool
+    checkpoint: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_train(cfg: NatRayConfig) -> TrainResult:
     """Fine-tune ``cfg.train.base_model`` on NAT data; resume the run if it exists; export the model.
 
     Returns:
-        ``{"run_dir", "export", "data", "schedule", "start_step", "step", "history", "final_loss",
-        "seconds", "resumed", "checkpoint"}``.
+        a :class:`TrainResult`.
 
     Raises:
         ConfigError / DataError / ModelError: before training starts, for bad settings or inputs.
     """
     import ray
-
-    from nat_ray.models import resolve_model
-    from nat_ray.train.step import check_lora_targets_for
 
     t = cfg.train
     began = time.time()
@@ -329,23 +361,24 @@ def run_train(cfg: NatRayConfig) -> dict:
     if local and export_file.is_file():
         write_agent_cards(cfg, files, json.loads(export_file.read_text()))
     history = metrics.get("history", [])
-    return {
-        "run_dir": str(run_dir),
-        "export": json.loads(export_file.read_text()) if export_file.is_file() else None,
-        "data": data_stats,
-        "schedule": asdict(schedule),
-        "start_step": metrics.get("start_step", 0),
-        "step": metrics.get("step", 0),
-        "history": history,
-        "final_loss": history[-1]["loss"] if history else None,
-        "seconds": round(time.time() - began, 1),
-        "resumed": resumed,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-    }
+    return TrainResult(
+        run_dir=str(run_dir),
+        export=json.loads(export_file.read_text()) if export_file.is_file() else None,
+        data=data_stats,
+        schedule=asdict(schedule),
+        start_step=metrics.get("start_step", 0),
+        step=metrics.get("step", 0),
+        history=history,
+        final_loss=history[-1]["loss"] if history else None,
+        seconds=round(time.time() - began, 1),
+        resumed=resumed,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+    )
 
 
-def format_result(result: dict) -> str:
+def format_result(result: TrainResult) -> str:
     """The human summary of :func:`run_train`'s result: data, schedule, training, loss, export, run dir."""
+    result = result.to_dict()
     d, s = result["data"], result["schedule"]
     lines = [
         f"data      {d['positives']} positives + {d['negatives']} negatives -> {d['examples']} examples "
@@ -384,5 +417,5 @@ def main_train(cfg: NatRayConfig, json_path: str | None = None) -> int:
     result = run_train(cfg)
     print(format_result(result))
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        Path(json_path).write_text(json.dumps(result.to_dict(), indent=2))
     return 0

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nat_ray.config import TrainConfig
+from nat_ray.core.masks import IGNORE_INDEX
 from nat_ray.errors import ConfigError
-from nat_ray.masks import IGNORE_INDEX
+from nat_ray.train.packing import register_varlen_attention
 
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
 
@@ -86,7 +87,7 @@ def attention_for(packing: bool, gpu: bool) -> str:
     """The attention implementation for training: per-example attention for packed rows.
 
     Packed rows: flash-attention 2 on GPU when installed (varlen from the position ids), else
-    :data:`nat_ray.packing.VARLEN_ATTENTION`. Padded batches: transformers' SDPA with the mask.
+    :data:`nat_ray.train.packing.VARLEN_ATTENTION`. Padded batches: transformers' SDPA with the mask.
     """
     import importlib.util
 
@@ -94,7 +95,6 @@ def attention_for(packing: bool, gpu: bool) -> str:
         return "sdpa"
     if gpu and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    from nat_ray.packing import register_varlen_attention
 
     return register_varlen_attention()
 
@@ -302,7 +302,7 @@ def loss_sum(model, batch: dict):
 
     Args:
         model: a causal LM (plain, peft or a DeepSpeed engine around one).
-        batch: from :func:`nat_ray.packing.collate`, on the model's device: (B, T) tensors.
+        batch: from :func:`nat_ray.train.packing.collate`, on the model's device: (B, T) tensors.
 
     Returns:
         (loss sum as a 0-d fp32 tensor with grad, number of loss tokens).

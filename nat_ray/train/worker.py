@@ -239,10 +239,9 @@ def write_progress(run_dir: str, line: str) -> None:
     """The latest step line in ``<run>/progress.txt``: a driver that cannot see the workers' logs (a
     pipeline whose Ray was started by the rollout, which keeps them off) reads it to show progress."""
     path = Path(run_dir) / paths.PROGRESS_FILE
-    tmp = path.with_name(f".{paths.PROGRESS_FILE}.tmp")
     try:
-        tmp.write_text(line + "\n")
-        tmp.replace(path)
+        with safe_files.staged_file(path) as tmp:
+            tmp.write_text(line + "\n")
     except OSError as err:  # progress is a courtesy: never fail a step for it
         log.debug("could not write %s: %s", path, err)
 

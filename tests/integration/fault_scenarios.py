@@ -24,8 +24,8 @@ from pathlib import Path
 import yaml
 
 from integration.two_node import TwoNodeCluster
-from nat_ray import nat_data as columns
-from nat_ray import records
+from nat_ray.core import nat_data as columns
+from nat_ray.core import records
 from nat_ray.paths import PARTS_DIR
 
 SAMPLE_CORPUS = str(Path(columns.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz")

@@ -10,8 +10,8 @@ import pytest
 
 from nat_ray.agent import new_episode
 from nat_ray.config import AgentConfig
+from nat_ray.core.react import CONTEXT_OVERFLOW, FAILURE_REASONS, LocalTools, Sampling, Stepper, parse_action
 from nat_ray.paths import PACKAGE_DATA_DIR
-from nat_ray.react import CONTEXT_OVERFLOW, FAILURE_REASONS, LocalTools, Sampling, Stepper, parse_action
 from nat_ray.tasks import get_task
 
 pytestmark = pytest.mark.integration

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nat_ray import nat_data as columns
-from nat_ray import records
 from nat_ray.config import NatRayConfig, from_dict
+from nat_ray.core import nat_data as columns
+from nat_ray.core import records
 from nat_ray.paths import PARTS_DIR
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ def _config(out: Path, embedded_path: str) -> NatRayConfig:
 def test_the_next_round_loads_its_adapter_into_the_running_engine(tmp_path, embedded_path, local_ray):
     import ray
 
-    from nat_ray.engine_pool import rollout_with_pool, start_pool
+    from nat_ray.rollout.engine_pool import rollout_with_pool, start_pool
 
     spec = importlib.util.spec_from_file_location("bench_hotload", BENCH)
     bench = importlib.util.module_from_spec(spec)

@@ -19,7 +19,7 @@ from helpers import free_port  # tests/helpers.py
 
 from nat_ray.agent import new_episode
 from nat_ray.config import AgentConfig, EngineConfig
-from nat_ray.react import CONTEXT_OVERFLOW, FAILURE_REASONS, Sampling, Stepper
+from nat_ray.core.react import CONTEXT_OVERFLOW, FAILURE_REASONS, Sampling, Stepper
 from nat_ray.tasks import get_task
 
 pytestmark = pytest.mark.integration
@@ -236,9 +236,9 @@ def test_cli_agent_with_the_openai_backend(vllm_server, embedded_path):
 
 def test_rollout_with_a_teacher_over_http(vllm_server, embedded_path, tmp_path, local_ray):
     """Stage 1 with engine.backend=openai: Ray Data actors call the real local server."""
-    from nat_ray import nat_data as columns
     from nat_ray.config import NatRayConfig, from_dict
-    from nat_ray.rollout import run_rollout
+    from nat_ray.core import nat_data as columns
+    from nat_ray.rollout.run import run_rollout
 
     cfg = from_dict(
         NatRayConfig,
@@ -261,7 +261,7 @@ def test_rollout_with_a_teacher_over_http(vllm_server, embedded_path, tmp_path, 
     result = run_rollout(cfg, progress=False)
     rows = result["summary"]
     assert result["total"] == 3 and rows[0]["count"] == 3
-    from nat_ray.records import read_rows
+    from nat_ray.core.records import read_rows
 
     for row in read_rows(tmp_path / "t" / "trajectories"):
         assert row[columns.ENGINE] == "openai" and row[columns.MODEL] == embedded_path

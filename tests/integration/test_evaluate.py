@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from nat_ray import nat_data as columns
-from nat_ray import records
 from nat_ray.config import NatRayConfig, from_dict
-from nat_ray.evaluate import run_eval
+from nat_ray.core import nat_data as columns
+from nat_ray.core import records
+from nat_ray.evaluation.run import run_eval
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nat_ray.config import ToolsConfig
-from nat_ray.react import TOOL_ERROR, Episode, Generation, Sampling, Stepper
+from nat_ray.core.react import TOOL_ERROR, Episode, Generation, Sampling, Stepper
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def _kill(pools) -> None:
 def test_a_tool_file_reaches_a_worker_where_the_drivers_path_does_not_exist(local_ray, tmp_path):
     import ray
 
-    from nat_ray.tool_actors import ToolActor, actor_runtime_env
+    from nat_ray.tools.actors import ToolActor, actor_runtime_env
     from nat_ray.tools.plugins import runtime_env_for
 
     folder = tmp_path / "task"
@@ -77,7 +77,7 @@ def test_a_tool_file_reaches_a_worker_where_the_drivers_path_does_not_exist(loca
 def test_hostile_plugins_leave_every_episode_recorded_and_the_run_finishing(local_ray):
     import ray
 
-    from nat_ray.tool_actors import RayTools, start_tool_actors
+    from nat_ray.tools.actors import RayTools, start_tool_actors
 
     tools = ToolsConfig(plugins=[f"{HOSTILE}:{name}" for name in NAMES], call_timeout_s=2.0)
     pools = start_tool_actors(tools, 1, 1, [*NAMES, "calculate"])

@@ -41,8 +41,8 @@ def test_a_running_rollout_engine_switches_to_an_adapter_without_a_new_engine(
     # Defined here so that it is pickled by value: Ray's workers cannot import this test module.
     def _switch_adapter(model_path: str, adapter: str) -> dict:
         from nat_ray.config import EngineConfig
+        from nat_ray.core.react import Sampling
         from nat_ray.engines.vllm_engine import VLLMEngine
-        from nat_ray.react import Sampling
 
         engine = VLLMEngine(EngineConfig(model=model_path, max_model_len=1024, kv_cache_gb=1, lora=True))
         try:

@@ -202,9 +202,9 @@ def _wait_http(url: str, head: RayHead, timeout_s: float = 120.0) -> None:
 
 
 def test_ray_job_submit_runs_a_rollout_job_end_to_end(tmp_path, teacher):
-    from nat_ray import nat_data as columns
-    from nat_ray import records
-    from nat_ray.rollout import PARTS_DIR
+    from nat_ray.core import nat_data as columns
+    from nat_ray.core import records
+    from nat_ray.rollout.run import PARTS_DIR
 
     dashboard_port = free_port()
     address = f"http://127.0.0.1:{dashboard_port}"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nat_ray.config import NatRayConfig, from_dict
-from nat_ray.loop import PLOT_FILE, run_loop
+from nat_ray.experiment.loop import PLOT_FILE, run_loop
 from nat_ray.paths import PACKAGE_DATA_DIR, PARTS_DIR
 
 pytestmark = pytest.mark.integration

@@ -18,9 +18,9 @@ import pytest
 import requests
 from helpers import HttpRequest, free_port, serve_http  # tests/helpers.py
 
-from nat_ray import nat_data as columns
-from nat_ray import records
 from nat_ray.config import NatRayConfig, from_dict
+from nat_ray.core import nat_data as columns
+from nat_ray.core import records
 from nat_ray.paths import PARTS_DIR
 
 pytestmark = pytest.mark.integration
@@ -148,7 +148,7 @@ def _example_on_path():
 @pytest.fixture(scope="module")
 def rollouts(local_ray, tmp_path_factory):
     """The teacher's trajectories (the positives) and the embedded model's (mostly negatives)."""
-    from nat_ray.rollout import run_rollout
+    from nat_ray.rollout.run import run_rollout
 
     tmp = tmp_path_factory.mktemp("own-task")
     with serve_http(_teacher) as url:
@@ -213,19 +213,19 @@ def trained(rollouts):
 
 
 def test_training_uses_the_tasks_own_prompt_for_both_classes(trained):
-    assert trained["step"] == 2 and trained["final_loss"] is not None
-    assert trained["data"]["positives"] > 0 and trained["data"]["negatives"] > 0
-    assert Path(trained["export"]["adapter"], "adapter_config.json").is_file()
+    assert trained.step == 2 and trained.final_loss is not None
+    assert trained.data["positives"] > 0 and trained.data["negatives"] > 0
+    assert Path(trained.export["adapter"], "adapter_config.json").is_file()
 
 
 def test_eval_scores_the_tuned_adapter_with_the_tasks_scorer(trained, rollouts):
     from examples_check import same_number
 
-    from nat_ray.evaluate import run_eval
+    from nat_ray.evaluation.run import run_eval
 
     cfg = _config(
         rollouts,
-        engine={"model": trained["export"]["model"]},
+        engine={"model": trained.export["model"]},
         eval={"tasks": [TASK_FILE], "limit": 4, "seeds": [0], "output_dir": str(rollouts / "eval")},
     )
     summary = run_eval(cfg)
@@ -244,7 +244,7 @@ def test_the_served_agent_answers_the_configured_task_and_only_it(trained, rollo
     port = free_port()
     cfg = _config(
         rollouts,
-        engine={"model": trained["export"]["model"]},
+        engine={"model": trained.export["model"]},
         serve={"tasks": [TASK_FILE], "port": port, "tool_max_replicas": 1, "request_timeout_s": 300},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -16,11 +16,11 @@ import pytest
 import yaml
 from helpers import HttpRequest, serve_http  # tests/helpers.py
 
-from nat_ray import nat_data as columns
-from nat_ray import records
 from nat_ray.config import NatRayConfig, ToolsConfig, from_dict
-from nat_ray.react import FAILURE_REASONS, Episode, Generation, Sampling, Stepper, ToolCall
-from nat_ray.rollout import PARTS_DIR, run_rollout
+from nat_ray.core import nat_data as columns
+from nat_ray.core import records
+from nat_ray.core.react import FAILURE_REASONS, Episode, Generation, Sampling, Stepper, ToolCall
+from nat_ray.rollout.run import PARTS_DIR, run_rollout
 
 pytestmark = pytest.mark.integration
 
@@ -152,7 +152,7 @@ def test_killed_tool_actor_restarts_and_the_episode_goes_on(local_ray):
     import psutil
     import ray
 
-    from nat_ray.tool_actors import RayTools, start_tool_actors
+    from nat_ray.tools.actors import RayTools, start_tool_actors
 
     service = _SlowSearch()
     with serve_http(service.handle) as url:

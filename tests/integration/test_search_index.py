@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nat_ray import index_store
 from nat_ray.paths import PACKAGE_DATA_DIR
+from nat_ray.tools.search import index_store
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def test_nat_ray_index_builds_with_ray_data_and_actors_search_the_shards(
     from nat_ray.cli import main
 
     monkeypatch.setenv("NAT_RAY_CACHE", str(tmp_path))  # read by the driver, which writes every shard
-    with caplog.at_level(logging.INFO, logger="nat_ray.search_index"):
+    with caplog.at_level(logging.INFO, logger="nat_ray.tools.search.index_build"):
         code = main(["index", "--corpus", str(corpus), "--set", "tools.index_shard_rows=100"])
     assert code == 0
     out = capsys.readouterr().out
@@ -54,7 +54,7 @@ def test_nat_ray_index_builds_with_ray_data_and_actors_search_the_shards(
 
     @ray.remote(num_cpus=0)
     def search_in_a_worker(corpus_path: str, cache: str, query: str) -> dict:
-        from nat_ray.tools.search import configure_search, search
+        from nat_ray.tools.search.tool import configure_search, search
 
         index = configure_search(corpus_path=corpus_path, cache_dir=Path(cache))
         observation = search(query)

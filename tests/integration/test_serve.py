@@ -21,9 +21,9 @@ import pytest
 import requests
 from helpers import free_port  # tests/helpers.py
 
-from nat_ray import nat_data as columns
-from nat_ray import records
 from nat_ray.config import NatRayConfig, from_dict
+from nat_ray.core import nat_data as columns
+from nat_ray.core import records
 from nat_ray.tasks import get_task
 
 pytestmark = pytest.mark.integration
@@ -168,6 +168,7 @@ def test_agent_answers_a_math_question_and_scores_it_with_gold(server, answers, 
     assert answer["usage"]["completion_tokens"] > 0
     # Token-exact served turns: per agent turn the ids vLLM read and sampled (the traffic issue's base).
     assert len(answer["turn_prompt_ids"]) == len(answer["turn_completion_ids"]) == answer["turns"]
+    assert answer["token_drift"] == 0  # counted with the served model's tokenizer: every turn continued
     for turn, ids in zip(
         (t for t in answer["trajectory"] if t["role"] == "assistant"), answer["turn_completion_ids"]
     ):

@@ -29,7 +29,7 @@ import psutil
 import pytest
 from helpers import SHARED_MACHINE_ENV, free_port  # tests/helpers.py
 
-from nat_ray import nat_data
+from nat_ray.core import nat_data
 
 pytestmark = pytest.mark.integration
 

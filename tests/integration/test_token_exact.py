@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from test_token_exact import check_token_exact  # tests/test_token_exact.py
 
-from nat_ray import nat_data, records
 from nat_ray.agent import new_episode
 from nat_ray.config import AgentConfig
-from nat_ray.masks import FROM_IDS, IGNORE_INDEX, tokenize_example
-from nat_ray.react import LocalTools, Stepper
+from nat_ray.core import nat_data, records
+from nat_ray.core.masks import FROM_IDS, IGNORE_INDEX, tokenize_example
+from nat_ray.core.react import LocalTools, Stepper
 from nat_ray.tasks import get_task
 from nat_ray.train.data import token_sources, tokenize_examples
 
@@ -99,10 +99,10 @@ def test_a_model_trained_on_its_own_turns_replays_them_token_for_token(
     import torch
 
     from nat_ray.config import EngineConfig, TrainConfig
+    from nat_ray.core.masks import prompt_divergence, sampled_content_length
     from nat_ray.engines.hf_engine import HFEngine
-    from nat_ray.masks import prompt_divergence, sampled_content_length
-    from nat_ray.packing import collate, single_rows
     from nat_ray.train.data import pad_token_id
+    from nat_ray.train.packing import collate, single_rows
     from nat_ray.train.step import build_model, cosine_schedule, train_step
 
     rows = [r for r in sampled_rows if r[nat_data.TURNS] >= 2][:3]

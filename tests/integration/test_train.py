@@ -15,8 +15,8 @@ import pytest
 import torch
 from rows import math_row  # tests/rows.py
 
-from nat_ray import records
 from nat_ray.config import EngineConfig, NatRayConfig, TrainConfig
+from nat_ray.core import records
 
 pytestmark = pytest.mark.integration
 
@@ -83,14 +83,14 @@ def test_ray_data_tokenization_matches_local(local_ray, base_cfg, embedded_path,
 
 def test_loss_falls_and_a_restarted_run_resumes_from_its_checkpoint(full_runs):
     first, second = full_runs
-    assert (first["start_step"], first["step"], first["resumed"]) == (0, 1, False)
-    assert (second["start_step"], second["step"], second["resumed"]) == (1, 2, True)
-    history = second["history"]
+    assert (first.start_step, first.step, first.resumed) == (0, 1, False)
+    assert (second.start_step, second.step, second.resumed) == (1, 2, True)
+    history = second.history
     assert [h["step"] for h in history] == [1, 2]
-    assert history[0] == first["history"][0]  # step 1 came from the checkpoint, not a re-run
+    assert history[0] == first.history[0]  # step 1 came from the checkpoint, not a re-run
     assert history[1]["loss"] < 0.9 * history[0]["loss"]  # same batch, one update later
     assert all(h["tokens_per_s"] > 0 for h in history)
-    run_dir = Path(second["run_dir"])
+    run_dir = Path(second.run_dir)
     assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_000002"]  # keep_checkpoints=1
     assert list((run_dir / "tensorboard").iterdir())
 
@@ -98,7 +98,7 @@ def test_loss_falls_and_a_restarted_run_resumes_from_its_checkpoint(full_runs):
 def test_full_export_loads_in_transformers_and_generates(full_runs, embedded_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    export = full_runs[1]["export"]
+    export = full_runs[1].export
     assert export["adapter"] is None
     path = Path(export["model"])
     assert (path / "model.safetensors").is_file() and (path / "chat_template.jinja").is_file()
@@ -117,13 +117,11 @@ def test_full_export_loads_in_transformers_and_generates(full_runs, embedded_pat
 
 
 def test_full_export_answers_in_vllm(full_runs):
+    from nat_ray.core.react import Sampling
     from nat_ray.engines.vllm_engine import VLLMEngine
-    from nat_ray.react import Sampling
 
     engine = VLLMEngine(
-        EngineConfig(
-            model=full_runs[1]["export"]["model"], max_model_len=1024, kv_cache_gb=1.0, max_num_seqs=4
-        )
+        EngineConfig(model=full_runs[1].export["model"], max_model_len=1024, kv_cache_gb=1.0, max_num_seqs=4)
     )
     try:
         (answer,) = engine.generate(
@@ -139,7 +137,7 @@ def test_lora_exports_an_adapter_and_a_merged_model_that_agree(lora_run, embedde
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    export = lora_run["export"]
+    export = lora_run.export
     assert (Path(export["adapter"]) / "adapter_config.json").is_file()
     ids = torch.tensor([[1, 504, 3216, 28, 253, 1345, 282, 2]])
     with torch.no_grad():

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from rows import math_row  # tests/rows.py
 
-from nat_ray import records
 from nat_ray.config import NatRayConfig, TrainConfig
+from nat_ray.core import records
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_previous_one(local_ray, 
         run_name="damaged",
     )
     first = run_train(NatRayConfig(train=replace(cfg, max_steps=2)))
-    run_dir = Path(first["run_dir"])
+    run_dir = Path(first.run_dir)
     assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_000001", "step_000002"]
     assert all((run_dir / n / "CHECKSUMS.sha256").is_file() for n in ("step_000001", "step_000002"))
     shards = sorted((run_dir / "step_000002").rglob("*model_states.pt"))
@@ -58,12 +58,12 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_previous_one(local_ray, 
     with caplog.at_level(logging.WARNING, logger="nat_ray.train.run"):
         second = run_train(NatRayConfig(train=replace(cfg, max_steps=2)))
     assert "step_000002" in caplog.text and "set aside as step_000002.damaged" in caplog.text
-    assert (second["start_step"], second["step"]) == (1, 2)  # step 2 trained again from step 1
-    assert [h["step"] for h in second["history"]] == [1, 2]
-    assert second["history"][0] == first["history"][0]  # step 1 came from the sound checkpoint
+    assert (second.start_step, second.step) == (1, 2)  # step 2 trained again from step 1
+    assert [h["step"] for h in second.history] == [1, 2]
+    assert second.history[0] == first.history[0]  # step 1 came from the sound checkpoint
     # The same batch from the same weights (summed in another order by gloo): about the same loss.
-    assert second["history"][1]["loss"] == pytest.approx(first["history"][1]["loss"], rel=0.05)
+    assert second.history[1]["loss"] == pytest.approx(first.history[1]["loss"], rel=0.05)
     assert (run_dir / "step_000002.damaged").is_dir()  # kept for a person
     # The placeholder keeps Ray Train's old name; the new checkpoint has a folder of its own.
-    assert Path(second["checkpoint"]).name == "step_000002-1"
-    assert json.loads((Path(second["checkpoint"]) / "trainer_state.json").read_text())["step"] == 2
+    assert Path(second.checkpoint).name == "step_000002-1"
+    assert json.loads((Path(second.checkpoint) / "trainer_state.json").read_text())["step"] == 2

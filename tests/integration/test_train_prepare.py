@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 from rows import math_row  # tests/rows.py
 
-from nat_ray import nat_data, records
 from nat_ray.config import TrainConfig
+from nat_ray.core import nat_data, records
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +36,15 @@ def cfg(tmp_path_factory) -> TrainConfig:
     )
 
 
-def test_streamed_rows_and_stats_match_the_in_memory_path(local_ray, cfg, embedded_path):
+@pytest.mark.parametrize("driver_max_rows", [0, 5000], ids=["ray-data", "in-driver"])
+def test_streamed_rows_and_stats_match_the_in_memory_path(local_ray, cfg, embedded_path, driver_max_rows):
     import ray
 
     from nat_ray.train import data
     from nat_ray.train.prepare import prepare_data, rank_dataset
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    prepared = prepare_data(cfg, embedded_path)
+    prepared = prepare_data(cfg, embedded_path, driver_max_rows=driver_max_rows)
     examples, selection = data.select_examples(cfg, data.read_trajectories(cfg.data))
     rows, stats = data.prepare_rows(cfg, examples, selection, embedded_path)
     assert prepared.stats == stats
@@ -56,11 +57,12 @@ def test_streamed_rows_and_stats_match_the_in_memory_path(local_ray, cfg, embedd
 
 
 def test_unpacked_rows_are_deterministic_across_preparations(local_ray, cfg, embedded_path):
+    """Ray Data's shuffle and the driver's grouping give the same rows (and so does a repeat)."""
     from nat_ray.train.data import make_schedule
     from nat_ray.train.prepare import prepare_data, rank_dataset
 
     cfg = replace(cfg, packing=False, max_length=150, num_positives=None, num_negatives=None)
-    first, second = prepare_data(cfg, embedded_path), prepare_data(cfg, embedded_path)
+    first, second = prepare_data(cfg, embedded_path, driver_max_rows=0), prepare_data(cfg, embedded_path)
     assert first.stats == second.stats and first.stats["dropped_no_loss"] > 0
     stream = make_schedule(first.num_rows, cfg).rank_stream(1, 3)
     assert rank_dataset(first, stream).take_all() == rank_dataset(second, stream).take_all()

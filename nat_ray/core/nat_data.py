@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from nat_ray.core.prompts import CUSTOM, build_messages, get_template
+from nat_ray.core.scoring import nat_class
 from nat_ray.errors import ConfigError, DataError
-from nat_ray.prompts import CUSTOM, build_messages, get_template
-from nat_ray.scoring import nat_class
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def failure_kind(row: dict) -> str:
     return "incorrect"
 
 
-# nat_ray.react's failure reasons, spelled out: importing react would pull in every tool.
+# nat_ray.core.react's failure reasons, spelled out: importing react would pull in every tool.
 _KIND_OF_REASON = {
     "parse_error": "unparseable",
     "turn_cap": "turn_cap",
@@ -322,7 +322,7 @@ class ChatExample:
 
     ``turn_prompt_ids`` / ``turn_completion_ids``: the engine's ids of each agent turn when the row
     has them (self-collected with vLLM); training then builds the example from them
-    (:func:`nat_ray.masks.tokenize_from_ids`) instead of re-tokenising the text.
+    (:func:`nat_ray.core.masks.tokenize_from_ids`) instead of re-tokenising the text.
     """
 
     messages: list[dict]

@@ -7,7 +7,7 @@ carries loss when it overlaps an assistant turn's content or the end-of-turn mar
 So the training ids of every prompt prefix equal the ids the engine sees at inference.
 
 A self-collected trajectory also carries the token ids the engine read and sampled at each turn
-(:mod:`nat_ray.records`, schema 3). :func:`tokenize_from_ids` builds its example from those ids, so
+(:mod:`nat_ray.core.records`, schema 3). :func:`tokenize_from_ids` builds its example from those ids, so
 the tokens a turn is trained on are the tokens it was sampled as, even where re-tokenising the
 model's text would split it differently (the drift between sampled and trained tokens). Only the
 prompt is rendered afresh, since the NAT marker changes it; every id after it is a stored one.

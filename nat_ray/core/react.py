@@ -111,7 +111,7 @@ class Generation:
 
     ``prompt_ids`` / ``completion_ids`` are the token ids the engine actually read and sampled, kept
     so training can learn the very tokens that were sampled instead of a re-tokenisation of ``text``
-    (see :mod:`nat_ray.masks`). Engines that only see text (HTTP, Serve) leave them empty.
+    (see :mod:`nat_ray.core.masks`). Engines that only see text (HTTP, Serve) leave them empty.
     """
 
     text: str

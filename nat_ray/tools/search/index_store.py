@@ -1,6 +1,6 @@
 """The search index on disk: float16 embedding shards, their corpus rows, a manifest, a FAISS file.
 
-No Ray here (:mod:`nat_ray.search_index` is the Ray Data build), so every piece is unit-tested in
+No Ray here (:mod:`nat_ray.tools.search.index_build` is the Ray Data build), so every piece is unit-tested in
 milliseconds. One index lives in a folder named by its key (the corpus's sha256 and the model's
 fingerprint), ``<cache>/search/<key>/``::
 
@@ -53,7 +53,7 @@ EXACT_CHUNK_ROWS = 16_384
 
 
 # ---------------------------------------------------------------------------------------------------
-# The corpus and the model (nat_ray.tools.search re-exports these)
+# The corpus and the model (nat_ray.tools.search.tool re-exports these)
 
 
 def default_model_path() -> Path:

@@ -25,13 +25,17 @@ from pathlib import Path
 
 import yaml
 
-from nat_ray import nat_data as columns
-from nat_ray import records
 from nat_ray.config import NatRayConfig, from_dict
+from nat_ray.core import nat_data as columns
+from nat_ray.core import records
+from nat_ray.engines import build_engine
 from nat_ray.errors import ConfigError
+from nat_ray.evaluation.results_table import format_rollout_summary, is_smoke_test, summarize_rollout
+from nat_ray.hardware import cpu_threads_per_engine
+from nat_ray.models import check_model
 from nat_ray.paths import PARTS_DIR
 from nat_ray.ray_runtime import init_ray
-from nat_ray.results_table import format_rollout_summary, is_smoke_test, summarize_rollout
+from nat_ray.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +119,7 @@ class RolloutWorker:
         engine=None,
     ) -> None:
         from nat_ray.agent import prepare_tasks
-        from nat_ray.engines import build_engine
-        from nat_ray.react import LocalTools
+        from nat_ray.core.react import LocalTools
         from nat_ray.tools import configure_tools
 
         self.cfg = from_dict(NatRayConfig, config)
@@ -124,10 +127,10 @@ class RolloutWorker:
         self.model_id = model_id
         self.config_hash = config_hash
         self.tool_versions = tool_versions
-        # An engine pool's actor lends its long-lived engine (nat_ray.engine_pool); else one of our own.
+        # An engine pool's actor lends its long-lived engine (nat_ray.rollout.engine_pool); else one of our own.
         self.engine = engine if engine is not None else build_engine(self.cfg.engine)
         if tool_pools:
-            from nat_ray.tool_actors import RayTools
+            from nat_ray.tools.actors import RayTools
 
             self.tools = RayTools(tool_pools, call_timeout_s=self.cfg.tools.call_timeout_s)
         else:
@@ -139,8 +142,7 @@ class RolloutWorker:
         import pyarrow as pa
 
         from nat_ray.agent import new_episode, sampling_from
-        from nat_ray.react import Stepper
-        from nat_ray.tasks import get_task
+        from nat_ray.core.react import Stepper
 
         items = batch.to_pylist()
         started = records.now_iso()
@@ -254,7 +256,6 @@ def engine_cpus(cfg: NatRayConfig) -> float:
         return cfg.rollout.engine_num_cpus
     if cfg.rollout.engine_num_gpus > 0 or cfg.engine.backend != "vllm":
         return 1.0
-    from nat_ray.hardware import cpu_threads_per_engine
 
     return float(cpu_threads_per_engine(cfg.rollout.num_engines))
 
@@ -263,8 +264,8 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True, pool=None) -> dict:
     """Collect every trajectory ``cfg`` asks for that is not already in the output dir.
 
     Args:
-        pool: a running :class:`nat_ray.engine_pool.EnginePool` to generate on (the closed loop's
-            rounds, see :func:`nat_ray.engine_pool.rollout_with_pool`); None: the stage starts its
+        pool: a running :class:`nat_ray.rollout.engine_pool.EnginePool` to generate on (the closed loop's
+            rounds, see :func:`nat_ray.rollout.engine_pool.rollout_with_pool`); None: the stage starts its
             own engines in Ray Data's actor pool.
 
     Returns:
@@ -274,7 +275,6 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True, pool=None) -> dict:
         ConfigError / DataError / ModelError: before any work starts, for bad settings or inputs.
     """
     from nat_ray.agent import with_tasks_resolved
-    from nat_ray.models import check_model
 
     start = time.time()
     out = Path(cfg.rollout.output_dir)
@@ -361,14 +361,14 @@ def _generate(
     import ray
     from tqdm import tqdm
 
-    from nat_ray.tool_actors import actor_runtime_env
     from nat_ray.tools import configured_versions
+    from nat_ray.tools.actors import actor_runtime_env
 
     num_cpus = engine_cpus(cfg)
     init_ray(cfg.rollout.num_engines * num_cpus)
     pools = None
     if cfg.rollout.tool_actors:
-        from nat_ray.tool_actors import start_tool_actors
+        from nat_ray.tools.actors import start_tool_actors
 
         names = [t for task in tasks for t in task.tools]
         pools = start_tool_actors(cfg.tools, cfg.rollout.num_calculators, cfg.rollout.num_search, names)

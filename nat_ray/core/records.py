@@ -1,6 +1,6 @@
 """One trajectory = one Parquet row. Rollout, evaluation and ``import-nat`` all write rows made here.
 
-Column names are the constants of :mod:`nat_ray.nat_data`. Messages are stored as Arrow lists of
+Column names are the constants of :mod:`nat_ray.core.nat_data`. Messages are stored as Arrow lists of
 ``{role, content}`` structs, gold answers as strings (StrategyQA's booleans as ``yes``/``no``), so
 one schema holds every task.
 
@@ -10,7 +10,7 @@ Schema versions (the file's ``nat_ray_schema`` metadata): 1, the first; 2 adds t
 ``turn_prompt_ids`` and ``turn_completion_ids`` (one list of int32 token ids per agent turn: the
 prompt the engine read and the completion it sampled; ``None`` for engines that give no ids, such as
 HTTP teachers and imported text); 4 adds ``token_drift``, the turns whose next prompt did not
-continue with the ids they sampled (:func:`nat_ray.masks.turn_drift`; ``None`` where unchecked).
+continue with the ids they sampled (:func:`nat_ray.core.masks.turn_drift`; ``None`` where unchecked).
 :func:`read_rows` reads every version, giving an older row ``None`` in the columns it lacks.
 """
 
@@ -20,10 +20,11 @@ import hashlib
 import json
 from datetime import UTC, datetime
 
-from nat_ray import nat_data as columns
-from nat_ray.masks import turn_drift
-from nat_ray.react import Episode
-from nat_ray.scoring import Score, nat_class
+from nat_ray import safe_files
+from nat_ray.core import nat_data as columns
+from nat_ray.core.masks import turn_drift
+from nat_ray.core.react import Episode
+from nat_ray.core.scoring import Score, nat_class
 
 SCHEMA_VERSION = 4
 
@@ -145,15 +146,22 @@ def _id_lists(lists: list[list[int]] | None) -> list[list[int]] | None:
     return None if lists is None else [[int(i) for i in ids] for ids in lists]
 
 
+def episode_drift(episode: Episode, tokenizer=None) -> int | None:
+    """The episode's turns whose next prompt did not continue with the ids they sampled
+    (:func:`nat_ray.core.masks.turn_drift`); ``None`` without a tokenizer or engine ids."""
+    ids = episode.turn_token_ids()
+    if ids is None or tokenizer is None:
+        return None
+    return turn_drift(tokenizer, ids[0], ids[1], [step.text for step in episode.steps])
+
+
 def episode_row(episode: Episode, tokenizer=None, **fields) -> dict:
     """The Parquet row of one finished (or failed) episode; ``fields`` as :func:`trajectory_row`'s.
 
     With the engine's ``tokenizer`` and stored ids, the row also counts the episode's token drift.
     """
     ids = episode.turn_token_ids()
-    drift = None
-    if ids is not None and tokenizer is not None:
-        drift = turn_drift(tokenizer, ids[0], ids[1], [step.text for step in episode.steps])
+    drift = episode_drift(episode, tokenizer)
     fields = {
         "turn_prompt_ids": None if ids is None else ids[0],
         "turn_completion_ids": None if ids is None else ids[1],
@@ -220,18 +228,14 @@ def arrow_schema():
 
 
 def write_rows(rows: list[dict], path) -> None:
-    """Write rows as one Parquet file with the trajectory schema (atomic: temp file, then rename)."""
-    import os
-
+    """Write rows as one Parquet file with the trajectory schema, whole or not at all (its temporary
+    file is a dot-name, which readers skip, so a half-written file is never mistaken for data)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=arrow_schema())
-    path = os.fspath(path)
-    # A dot-name: readers skip it, so a half-written file is never mistaken for data.
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with safe_files.staged_file(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_rows(path) -> list[dict]:

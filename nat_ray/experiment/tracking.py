@@ -244,7 +244,7 @@ class Tracker:
     ) -> Callable[[], dict]:
         """``fn`` wrapped so that running it opens a nested run and logs its outputs there.
 
-        For :func:`nat_ray.manifest.run_stage`: a stage the manifest skips is not logged again.
+        For :func:`nat_ray.experiment.manifest.run_stage`: a stage the manifest skips is not logged again.
         A ``history`` list of ``{"step", ...}`` records in the outputs becomes metrics by step.
         """
 

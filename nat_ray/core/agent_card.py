@@ -18,7 +18,10 @@ import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from nat_ray.errors import ConfigError
+from nat_ray import safe_files
+from nat_ray.config_loading import parse_override
+from nat_ray.errors import ConfigError, ModelError
+from nat_ray.models import resolve_export
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +58,12 @@ class AgentCard:
 
 def write_card(card: AgentCard, folder: str | Path) -> Path:
     """Write ``folder/agent_card.json`` (through a temporary file and a rename)."""
-    from nat_ray import safe_files
 
     return safe_files.write_json(Path(folder) / CARD_FILE, asdict(card), checksum=False)
 
 
 def card_path(model: str | None) -> Path | None:
     """``model``'s card file, if ``model`` is a local folder that has one."""
-    from nat_ray.errors import ModelError
-    from nat_ray.models import resolve_export
 
     if not model or "://" in model:
         return None
@@ -106,7 +106,6 @@ def model_card(cfg) -> tuple[AgentCard | None, str | None]:
 
 def overridden(card: AgentCard, user_overrides: list[str]) -> list[str]:
     """The card's fields that the user's flags or ``--set`` items set to another value."""
-    from nat_ray.config_loading import parse_override
 
     settings = card.agent_settings()
     clashes = []

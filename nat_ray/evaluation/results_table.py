@@ -4,7 +4,7 @@ The evaluation's tables have the paper's layout (spec §7); the pipeline's compa
 side. Every cell gives n (trajectories over all seeds) and a 95% interval: Wilson for an accuracy,
 and with two or more seeds also the t interval of the mean over seeds. A table from the tiny
 default model says at its top that it is a smoke test of the machinery (:func:`is_smoke_test`).
-Pure: rows in (the :mod:`nat_ray.records` schema), numbers and text out.
+Pure: rows in (the :mod:`nat_ray.core.records` schema), numbers and text out.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from nat_ray import nat_data as columns
+from nat_ray.core import nat_data as columns
 from nat_ray.models import EMBEDDED, EMBEDDED_ALIASES
 from nat_ray.tasks import TASKS
 
@@ -42,6 +42,12 @@ _SUCCESSES = {
 }
 # Metrics in percent, whose seed interval is clipped to [0, 100]; mean_turns is not.
 _PERCENTS = ("acc_paper", "acc_robust", "finished", "em", "f1")
+
+
+def round_score(summary: dict, metric: str) -> float | None:
+    """The accuracy a model (a loop's round) is judged by: the mean over its tasks of ``acc_<metric>`` (percent)."""
+    values = [t[f"acc_{metric}"]["mean"] for t in summary.get("tasks", {}).values() if f"acc_{metric}" in t]
+    return statistics.fmean(values) if values else None
 
 
 def is_smoke_test(model: str | None, device: str) -> bool:
@@ -128,7 +134,7 @@ def task_title(name: str) -> str:
 
 def drift_counts(rows: Sequence[dict]) -> dict[str, int]:
     """``token_drift``: turns whose next prompt did not continue with their sampled ids, summed over
-    ``drift_checked`` episodes (those with engine ids; see :func:`nat_ray.masks.turn_drift`)."""
+    ``drift_checked`` episodes (those with engine ids; see :func:`nat_ray.core.masks.turn_drift`)."""
     checked = [r[columns.TOKEN_DRIFT] for r in rows if r.get(columns.TOKEN_DRIFT) is not None]
     return {"token_drift": int(sum(checked)), "drift_checked": len(checked)}
 

@@ -11,19 +11,19 @@ stages resume inside themselves too).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 from pathlib import Path
 
-from nat_ray.config import NatRayConfig, to_dict
+from nat_ray.config import NatRayConfig, to_dict, with_sections
+from nat_ray.core import nat_data
+from nat_ray.core.nat_data import get_variant
 from nat_ray.errors import ConfigError
-from nat_ray.manifest import Manifest as StageManifest
-from nat_ray.manifest import provenance, run_stage
-from nat_ray.nat_data import get_variant
-from nat_ray.results_table import format_comparison, is_smoke_test
-from nat_ray.tracking import Tracker
+from nat_ray.evaluation.results_table import format_comparison, is_smoke_test
+from nat_ray.experiment.manifest import Manifest as StageManifest
+from nat_ray.experiment.manifest import provenance, run_stage
+from nat_ray.experiment.tracking import tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,6 @@ def data_sources(paths: list[str]) -> list[dict]:
     teacher is part of what a results table means.
     """
     import pyarrow.dataset as ds
-
-    from nat_ray import nat_data
 
     sources = []
     for path in paths:
@@ -93,41 +91,41 @@ def base_label(shots: int, all_shots: list[int]) -> str:
 class Manifest(StageManifest):
     """``runs/<name>/manifest.json``: the pipeline's stages, headed by its name, resolved config and provenance.
 
-    A damaged one is set aside and the stages run again (:mod:`nat_ray.manifest` says why).
+    A damaged one is set aside and the stages run again (:mod:`nat_ray.experiment.manifest` says why).
     """
 
     def __init__(self, path: Path, cfg: NatRayConfig) -> None:
         super().__init__(path, {"name": cfg.pipeline.name, "config": to_dict(cfg), **provenance()})
 
 
-def with_sections(cfg: NatRayConfig, **sections) -> NatRayConfig:
-    """A copy of ``cfg`` with fields of some sections replaced: ``with_sections(cfg, train={"variant": "nut"})``."""
-    return dataclasses.replace(
-        cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()}
-    )
-
-
 def run_pipeline(cfg: NatRayConfig) -> dict:
     """Run (or resume) the experiment ``cfg.pipeline`` describes; return the results table as data."""
-    from nat_ray.evaluate import run_eval
-    from nat_ray.rollout import run_rollout
-    from nat_ray.train.run import run_train
-
+    # Every check that needs no work comes before the run folder is made.
     for variant in cfg.pipeline.variants:
-        get_variant(variant)  # unknown variants fail before any work
+        get_variant(variant)
+    if cfg.pipeline.trajectories and not Path(cfg.pipeline.trajectories).exists():
+        raise ConfigError(
+            f"pipeline.trajectories={cfg.pipeline.trajectories!r} does not exist (run `nat-ray import-nat`?)"
+        )
+    for extra in cfg.pipeline.extra_trajectories:
+        if not Path(extra).exists():
+            raise ConfigError(f"pipeline.extra_trajectories: {extra!r} does not exist")
     run_dir = Path(cfg.pipeline.runs_dir) / cfg.pipeline.name
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir / "manifest.json", cfg)
-    # MLflow (<run>/mlruns) and TensorBoard: a parent run, and a nested run per stage that runs now.
-    tracker = Tracker(run_dir, cfg.pipeline.name, "pipeline", to_dict(cfg))
+    # MLflow (<run>/mlruns) and TensorBoard: a parent run, ended FAILED when a stage raises, and a
+    # nested run per stage that runs now.
+    with tracked_run(run_dir, cfg.pipeline.name, "pipeline", to_dict(cfg)) as tracker:
+        return _run_stages(cfg, run_dir, manifest, tracker)
+
+
+def _run_stages(cfg: NatRayConfig, run_dir: Path, manifest: Manifest, tracker) -> dict:
+    from nat_ray.evaluation.run import run_eval
+    from nat_ray.rollout.run import run_rollout
+    from nat_ray.train.run import run_train
 
     if cfg.pipeline.trajectories:
-        source = Path(cfg.pipeline.trajectories)
-        if not source.exists():
-            raise ConfigError(
-                f"pipeline.trajectories={str(source)!r} does not exist (run `nat-ray import-nat`?)"
-            )
-        data = [str(source)]
+        data = [str(Path(cfg.pipeline.trajectories))]
         run_stage(
             manifest,
             "rollout",
@@ -141,9 +139,6 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
             return {"data": [str(run_dir / "rollout" / "trajectories")], "summary": result["summary"]}
 
         data = run_stage(manifest, "rollout", tracker.stage("rollout", rollout))["data"]
-    for extra in cfg.pipeline.extra_trajectories:
-        if not Path(extra).exists():
-            raise ConfigError(f"pipeline.extra_trajectories: {extra!r} does not exist")
     data = [*data, *cfg.pipeline.extra_trajectories]
     manifest.data["data_files"] = file_hashes(data)
     manifest.data["data_sources"] = data_sources(data)
@@ -167,7 +162,7 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
 
         def train(train_cfg=train_cfg) -> dict:
             result = run_train(train_cfg)
-            return {"export": result["export"], "final_loss": result["final_loss"], "step": result["step"]}
+            return {"export": result.export, "final_loss": result.final_loss, "step": result.step}
 
         entry = run_stage(manifest, f"train:{variant}", tracker.stage(f"train:{variant}", train))
         # A tuned model answers the prompt it was trained with: zero-shot, its variant's template.
@@ -202,7 +197,6 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
     (run_dir / "results.json").write_text(json.dumps({"models": models, "results": results}, indent=2))
     (run_dir / "results.md").write_text(table)
     tracker.log_artifacts([run_dir / "results.md", run_dir / "results.json"])
-    tracker.close()
     return {"run_dir": str(run_dir), "table": table, "results": results}
 
 

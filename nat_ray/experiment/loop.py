@@ -6,11 +6,11 @@ with the agent round r-1 made. Each round then builds NAT data from its trajecto
 the new agent on the test split and publishes the adapter to ``<run>/adapters/round-<r>/``. The
 loop stops after ``loop.rounds`` rounds or once accuracy has not improved for ``loop.patience``.
 
-The stages are the pipeline's own (:func:`~nat_ray.rollout.run_rollout`,
-:func:`~nat_ray.train.run.run_train`, :func:`~nat_ray.evaluate.run_eval`); this module only
+The stages are the pipeline's own (:func:`~nat_ray.rollout.run.run_rollout`,
+:func:`~nat_ray.train.run.run_train`, :func:`~nat_ray.evaluation.run.run_eval`); this module only
 chains them. Each round keeps ``<run>/rounds/<r>/manifest.json``, so re-running the name skips
 finished rounds and stages (and the stages resume inside themselves too). With ``loop.hot_load``
-the rollout's vLLM engines stay up between rounds (:mod:`nat_ray.engine_pool`) and a round only
+the rollout's vLLM engines stay up between rounds (:mod:`nat_ray.rollout.engine_pool`) and a round only
 sends them a LoRA request for the previous round's adapter; evaluation runs the previous round's
 merged export (base + adapter, the same weights a server applies the adapter to).
 
@@ -20,19 +20,23 @@ Everything above the ``run_loop`` section is pure (no Ray, no engine) and unit-t
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-import os
 import shutil
 import statistics
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from nat_ray import safe_files
-from nat_ray.config import LoopConfig, NatRayConfig, to_dict
+from nat_ray.config import LoopConfig, NatRayConfig, to_dict, with_sections
+from nat_ray.core.nat_data import get_variant
 from nat_ray.errors import ConfigError, DataError, ModelError
-from nat_ray.results_table import format_comparison, is_smoke_test
+from nat_ray.evaluation.results_table import format_comparison, is_smoke_test, round_score
+from nat_ray.experiment.manifest import Manifest, provenance, run_stage
+from nat_ray.experiment.tracking import tracked_run
+from nat_ray.models import resolve_model
+from nat_ray.paths import PARTS_DIR
+from nat_ray.rollout.engine_pool import rollout_with_pool, start_pool
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +60,6 @@ def training_rounds(r: int, carry_rounds: int | None) -> list[int]:
         raise ValueError(f"round must be >= 0, got {r}")
     first = 0 if carry_rounds is None else max(0, r - carry_rounds)
     return list(range(first, r + 1))
-
-
-def round_score(summary: dict, metric: str) -> float | None:
-    """The accuracy a round is judged by: the mean over its tasks of ``acc_<metric>`` (percent)."""
-    values = [t[f"acc_{metric}"]["mean"] for t in summary.get("tasks", {}).values() if f"acc_{metric}" in t]
-    return statistics.fmean(values) if values else None
 
 
 def stop_reason(scores: list[float], loop: LoopConfig, base_score: float | None = None) -> str | None:
@@ -120,60 +118,6 @@ def best_round(rounds: list[dict]) -> dict | None:
 # Adapters: stacking one on another, publishing (no Ray)
 
 
-def stack_adapters(first: Path, second: Path, out: Path, base_model: str) -> Path:
-    """One peft adapter on the base equal to ``first`` followed by ``second`` (trained on base + first).
-
-    A LoRA update is ``scale * B @ A``; two of them on the same layer add up to one of rank
-    r1 + r2 with ``A = [A1; A2]`` and ``B = [s1*B1, s2*B2]`` at scale 1 (``lora_alpha = rank``).
-    So a continued adapter is published as an adapter of the base model, which a server can load.
-
-    Raises:
-        ConfigError: the two adapters wrap different layers, or use per-layer ranks.
-    """
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    configs = [json.loads((p / "adapter_config.json").read_text()) for p in (first, second)]
-    for p, c in zip((first, second), configs):
-        if c.get("rank_pattern") or c.get("alpha_pattern"):
-            raise ConfigError(f"{p}: adapters with per-layer ranks cannot be stacked")
-    weights = [load_file(str(p / "adapter_model.safetensors")) for p in (first, second)]
-    if set(weights[0]) != set(weights[1]):
-        raise ConfigError(f"{first} and {second} wrap different layers; they cannot be stacked")
-    scales = [c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"]) for c in configs]
-    stacked = {}
-    for key in weights[0]:
-        if ".lora_A." in key:
-            stacked[key] = torch.cat([weights[0][key], weights[1][key]], dim=0).contiguous()
-        elif ".lora_B." in key:
-            parts = [w[key] * s for w, s in zip(weights, scales)]
-            stacked[key] = torch.cat(parts, dim=1).contiguous()
-        else:
-            raise ConfigError(f"{first}: unexpected adapter weight {key!r}; only LoRA A/B can be stacked")
-    rank = configs[0]["r"] + configs[1]["r"]
-    config = {
-        **configs[1],
-        "r": rank,
-        "lora_alpha": rank,
-        "use_rslora": False,
-        "base_model_name_or_path": base_model,
-    }
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(second, tmp)  # the tokenizer files travel with it
-    save_file(stacked, str(tmp / "adapter_model.safetensors"))
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    _replace_dir(tmp, out)
-    return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 def publish_adapter(source: Path, target: str) -> str:
     """Copy an adapter folder to ``target`` (a folder, or a URI pyarrow reaches) as a whole.
 
@@ -186,11 +130,9 @@ def publish_adapter(source: Path, target: str) -> str:
         pyarrow.fs.copy_files(str(source), target)
         return target
     out = Path(target)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(safe_files.DIR_CHECKSUMS))
-    safe_files.seal_dir(tmp)
-    _replace_dir(tmp, out)
+    with safe_files.staged_dir(out) as tmp:
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(safe_files.DIR_CHECKSUMS))
+        safe_files.seal_dir(tmp)
     return str(out)
 
 
@@ -230,7 +172,7 @@ def format_results(
     base: dict | None, rounds: list[dict], loop: LoopConfig, stopped: str | None, smoke_test: bool
 ) -> str:
     """``results.md``: accuracy per round (both rules, n, Wilson intervals, ``~`` within noise of
-    the first row) from :func:`nat_ray.results_table.format_comparison`, then a row per round of
+    the first row) from :func:`nat_ray.evaluation.results_table.format_comparison`, then a row per round of
     what it trained on and how it behaved."""
     results = {}
     if base is not None:
@@ -277,62 +219,6 @@ def format_results(
     return text + "\n".join(lines) + "\n"
 
 
-def plot_accuracy(base: dict | None, rounds: list[dict], out: Path) -> Path | None:
-    """``accuracy_by_round.png``: robust and paper accuracy per round, Wilson 95% bars per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scored = [r for r in rounds if r.get("summary")]
-    if not scored:
-        return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    xs = [r["round"] for r in scored]
-    tasks = sorted({t for r in scored for t in r["summary"]["tasks"]})
-    for task in tasks:
-        points = [
-            (r["round"], r["summary"]["tasks"][task]["acc_robust"])
-            for r in scored
-            if task in r["summary"]["tasks"]
-        ]
-        ys = [s["mean"] for _, s in points]
-        lows = [s["mean"] - s.get("wilson95", [s["mean"]])[0] for _, s in points]
-        highs = [s.get("wilson95", [0, s["mean"]])[1] - s["mean"] for _, s in points]
-        ax.errorbar(
-            [x for x, _ in points],
-            ys,
-            yerr=[lows, highs],
-            marker="o",
-            capsize=3,
-            alpha=0.6,
-            label=f"{task} (robust, 95% Wilson)",
-        )
-    for metric, style in (("robust", "-"), ("paper", "--")):
-        ys = [round_score(r["summary"], metric) for r in scored]
-        ax.plot(xs, ys, style, color="black", linewidth=2, label=f"mean of tasks ({metric})")
-        if base is not None and round_score(base["summary"], metric) is not None:
-            ax.axhline(
-                round_score(base["summary"], metric),
-                linestyle=style,
-                color="grey",
-                linewidth=1,
-                label=f"base ({metric})",
-            )
-    ax.set_xlabel("round")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_xticks(xs)
-    ax.set_ylim(-2, 102)
-    ax.set_title("NAT loop: test accuracy by round")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
-
-
 def write_results(
     run_dir: Path,
     base: dict | None,
@@ -357,6 +243,8 @@ def write_results(
     )
     safe_files.write_bytes(run_dir / "results.md", text.encode())
     try:
+        from nat_ray.evaluation.plots import plot_accuracy  # matplotlib: only when there is a plot
+
         plot_accuracy(base, rounds, run_dir / PLOT_FILE)
     except ImportError as err:  # matplotlib comes with the dev extra; the table does not need it
         log.warning("no %s: %s (pip install matplotlib)", PLOT_FILE, err)
@@ -373,7 +261,6 @@ def check_loop_config(cfg: NatRayConfig) -> None:
     Raises:
         ConfigError: training is not LoRA, the variant is unknown, or the teacher data is missing.
     """
-    from nat_ray.nat_data import get_variant
 
     if cfg.train.mode != "lora":
         raise ConfigError(f"the loop trains LoRA adapters: set train.mode: lora (got {cfg.train.mode!r})")
@@ -396,7 +283,6 @@ class _Loop:
     """One loop run: its folder, tracker and the stage functions of a round."""
 
     def __init__(self, cfg: NatRayConfig, tracker) -> None:
-        from nat_ray.nat_data import get_variant
 
         self.cfg = cfg
         self.loop = cfg.loop
@@ -411,8 +297,6 @@ class _Loop:
     def engine_pool(self):
         """The rollout's engines, started on first use and kept up until :meth:`close`."""
         if self._pool is None:
-            from nat_ray.engine_pool import start_pool
-
             self._pool = start_pool(self.cfg, name=f"nat-ray-loop-{self.loop.name}", hold_cpus=False)
         return self._pool
 
@@ -422,19 +306,16 @@ class _Loop:
             self._pool = None
 
     def manifest(self, path: Path, header: dict):
-        from nat_ray.manifest import Manifest, provenance
 
         return Manifest(path, {**header, "config": to_dict(self.cfg), **provenance()})
 
     def stage(self, manifest, name: str, fn, step: int, tracked_as: str | None = None) -> dict:
-        """:func:`nat_ray.manifest.run_stage`, logged as a nested run ``tracked_as`` when it runs."""
-        from nat_ray.manifest import run_stage
+        """:func:`nat_ray.experiment.manifest.run_stage`, logged as a nested run ``tracked_as`` when it runs."""
 
         return run_stage(manifest, name, self.tracker.stage(tracked_as or name, fn, step=step))
 
     def evaluate(self, model: str, agent: dict, out: Path) -> dict:
-        from nat_ray.evaluate import run_eval
-        from nat_ray.pipeline import with_sections
+        from nat_ray.evaluation.run import run_eval
 
         eval_cfg = with_sections(
             self.cfg, engine={"model": model}, agent=agent, eval={"output_dir": str(out)}
@@ -461,126 +342,27 @@ class _Loop:
         )
 
     def round(self, r: int, earlier: dict[int, dict]) -> tuple[dict, bool]:
-        """Run (or finish, or just read back) round ``r``; returns its record and whether work ran."""
-        from nat_ray.pipeline import with_sections
+        """Run (or finish, or just read back) round ``r``: collect, train, evaluate, publish.
 
-        rdir = self.run_dir / ROUNDS_DIR / str(r)
-        manifest = self.manifest(rdir / "manifest.json", {"name": self.loop.name, "round": r})
+        Returns its record and whether any stage ran now. Each stage's result is kept in the round's
+        manifest, so a finished stage is read back instead of run again.
+        """
+        rnd = _Round(r, self.run_dir / ROUNDS_DIR / str(r), earlier.get(r - 1), earlier)
+        manifest = self.manifest(rnd.dir / "manifest.json", {"name": self.loop.name, "round": r})
         todo = stages_to_run(manifest.data["stages"])
         label = round_label(r)
-        previous = earlier.get(r - 1)
-        agent_model = previous["model"] if previous else self.cfg.engine.model
-
-        def rollout() -> dict:
-            from nat_ray.paths import PARTS_DIR
-            from nat_ray.rollout import run_rollout
-
-            if r == 0 and self.loop.round0 != "base":
-                return {
-                    "data": [self.loop.round0],
-                    "trajectories": count_rows([self.loop.round0]),
-                    "collected_with": "teacher",
-                }
-            agent = (
-                self.tuned_agent
-                if previous
-                else {"template": self.cfg.agent.template, "shots": self.cfg.agent.shots}
-            )
-            output = {"output_dir": str(rdir / "rollout")}
-            if self.hot_load:  # the running engines load the last adapter (published on the base)
-                from nat_ray.engine_pool import rollout_with_pool
-
-                rollout_cfg = with_sections(self.cfg, agent=agent, rollout=output)
-                adapter = previous["adapter"] if previous else None
-                result = rollout_with_pool(rollout_cfg, self.engine_pool(), adapter, progress=False)
-            else:
-                rollout_cfg = with_sections(
-                    self.cfg, engine={"model": agent_model}, agent=agent, rollout=output
-                )
-                result = run_rollout(rollout_cfg, progress=False)
-            return {
-                "data": [str(rdir / "rollout" / PARTS_DIR)],
-                "trajectories": result["total"],
-                "collected_with": round_label(r - 1) if previous else "base",
-                "summary": result["summary"],
-            }
-
         # MLflow's nested runs carry the round in their names: round-<r>/rollout, ...
-        collected = self.stage(manifest, "rollout", rollout, step=r, tracked_as=f"{label}/rollout")
-
-        def train() -> dict:
-            from nat_ray.train.run import run_train
-
-            carried = [k for k in training_rounds(r, self.loop.carry_rounds) if k != r]
-            data = [p for k in carried for p in earlier[k]["collected"]] + collected["data"]
-            base_model = (
-                previous["model"] if (previous and self.loop.continue_adapter) else self.cfg.train.base_model
-            )
-            train_cfg = with_sections(
-                self.cfg,
-                train={
-                    "data": data,
-                    "run_name": label,
-                    "storage_path": str(self.run_dir / "train"),
-                    "base_model": base_model,
-                    "export_merged": True,
-                },
-            )
-            try:
-                result = run_train(train_cfg)
-            except DataError as err:
-                # A weak agent can fail every question of a round: say which round and what helps.
-                raise DataError(
-                    f"round {r}: {err} (more questions or samples per round, rollout.limit / "
-                    "rollout.samples, or loop.carry_rounds to train on earlier rounds too, would help)"
-                ) from None
-            if not (result["export"] or {}).get("adapter"):
-                raise ModelError(
-                    f"round {r}: training exported no LoRA adapter (see {result['run_dir']}/export)"
-                )
-            return {
-                "data": data,
-                "trained_on": count_rows(data),
-                "examples": result["data"]["examples"],
-                "positives": result["data"]["positives"],
-                "negatives": result["data"]["negatives"],
-                "export": result["export"],
-                "final_loss": result["final_loss"],
-                "step": result["step"],
-                "history": result["history"],
-            }
-
-        trained = self.stage(manifest, "train", train, step=r, tracked_as=f"{label}/train")
+        collected = self.stage(manifest, "rollout", lambda: self.collect(rnd), r, f"{label}/rollout")
+        trained = self.stage(manifest, "train", lambda: self.train(rnd, collected), r, f"{label}/train")
         model = trained["export"]["model"]
-
         evaluated = self.stage(
             manifest,
             "eval",
-            lambda: self.evaluate(model, self.tuned_agent, rdir / "eval"),
-            step=r,
-            tracked_as=f"{label}/eval",
+            lambda: self.evaluate(model, self.tuned_agent, rnd.dir / "eval"),
+            r,
+            f"{label}/eval",
         )
-
-        def publish() -> dict:
-            adapter = Path(trained["export"]["adapter"])
-            target = self.run_dir / ADAPTERS_DIR / label
-            if previous and self.loop.continue_adapter:
-                from nat_ray.models import resolve_model
-
-                adapter = stack_adapters(
-                    Path(previous["adapter"]),
-                    adapter,
-                    rdir / "stacked-adapter",
-                    resolve_model(self.cfg.train.base_model),
-                )
-            out = {"adapter": publish_adapter(adapter, str(target))}
-            if self.loop.publish_dir:
-                out["published"] = publish_adapter(
-                    adapter, f"{self.loop.publish_dir.rstrip('/')}/{self.loop.name}-{label}"
-                )
-            return out
-
-        published = self.stage(manifest, "publish", publish, step=r, tracked_as=f"{label}/publish")
+        published = self.stage(manifest, "publish", lambda: self.publish(rnd, trained), r, f"{label}/publish")
         record = {
             "round": r,
             "collected_with": collected.get("collected_with"),
@@ -603,6 +385,113 @@ class _Loop:
         }
         return record, bool(todo)
 
+    def collect(self, rnd: _Round) -> dict:
+        """The round's trajectories: the teacher's for round 0 when ``loop.round0`` names them, else a
+        rollout with the previous round's agent (the base model's for round 0)."""
+        from nat_ray.rollout.run import run_rollout
+
+        if rnd.r == 0 and self.loop.round0 != "base":
+            return {
+                "data": [self.loop.round0],
+                "trajectories": count_rows([self.loop.round0]),
+                "collected_with": "teacher",
+            }
+        previous = rnd.previous
+        agent = (
+            self.tuned_agent
+            if previous
+            else {"template": self.cfg.agent.template, "shots": self.cfg.agent.shots}
+        )
+        output = {"output_dir": str(rnd.dir / "rollout")}
+        if self.hot_load:  # the running engines load the last adapter (published on the base)
+            rollout_cfg = with_sections(self.cfg, agent=agent, rollout=output)
+            adapter = previous["adapter"] if previous else None
+            result = rollout_with_pool(rollout_cfg, self.engine_pool(), adapter, progress=False)
+        else:
+            model = previous["model"] if previous else self.cfg.engine.model
+            rollout_cfg = with_sections(self.cfg, engine={"model": model}, agent=agent, rollout=output)
+            result = run_rollout(rollout_cfg, progress=False)
+        return {
+            "data": [str(rnd.dir / "rollout" / PARTS_DIR)],
+            "trajectories": result["total"],
+            "collected_with": round_label(rnd.r - 1) if previous else "base",
+            "summary": result["summary"],
+        }
+
+    def train(self, rnd: _Round, collected: dict) -> dict:
+        """A LoRA adapter trained on the round's trajectories (and earlier rounds', by
+        ``loop.carry_rounds``), exported with its merged model."""
+        from nat_ray.train.run import run_train
+
+        carried = [k for k in training_rounds(rnd.r, self.loop.carry_rounds) if k != rnd.r]
+        data = [p for k in carried for p in rnd.earlier[k]["collected"]] + collected["data"]
+        previous = rnd.previous
+        continued = previous is not None and self.loop.continue_adapter
+        train_cfg = with_sections(
+            self.cfg,
+            train={
+                "data": data,
+                "run_name": round_label(rnd.r),
+                "storage_path": str(self.run_dir / "train"),
+                "base_model": previous["model"] if continued else self.cfg.train.base_model,
+                "export_merged": True,
+            },
+        )
+        try:
+            result = run_train(train_cfg)
+        except DataError as err:
+            # A weak agent can fail every question of a round: say which round and what helps.
+            raise DataError(
+                f"round {rnd.r}: {err} (more questions or samples per round, rollout.limit / "
+                "rollout.samples, or loop.carry_rounds to train on earlier rounds too, would help)"
+            ) from None
+        if not (result.export or {}).get("adapter"):
+            raise ModelError(
+                f"round {rnd.r}: training exported no LoRA adapter (see {result.run_dir}/export)"
+            )
+        return {
+            "data": data,
+            "trained_on": count_rows(data),
+            "examples": result.data["examples"],
+            "positives": result.data["positives"],
+            "negatives": result.data["negatives"],
+            "export": result.export,
+            "final_loss": result.final_loss,
+            "step": result.step,
+            "history": result.history,
+        }
+
+    def publish(self, rnd: _Round, trained: dict) -> dict:
+        """The round's adapter under ``<run>/adapters/round-<r>/`` (and ``loop.publish_dir``); with
+        ``loop.continue_adapter`` stacked on the previous round's, so it is an adapter of the base."""
+        adapter = Path(trained["export"]["adapter"])
+        label = round_label(rnd.r)
+        if rnd.previous and self.loop.continue_adapter:
+            from nat_ray.train.export import stack_adapters  # torch: only when stacking
+
+            adapter = stack_adapters(
+                Path(rnd.previous["adapter"]),
+                adapter,
+                rnd.dir / "stacked-adapter",
+                resolve_model(self.cfg.train.base_model),
+            )
+        out = {"adapter": publish_adapter(adapter, str(self.run_dir / ADAPTERS_DIR / label))}
+        if self.loop.publish_dir:
+            out["published"] = publish_adapter(
+                adapter, f"{self.loop.publish_dir.rstrip('/')}/{self.loop.name}-{label}"
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class _Round:
+    """What a round's stages share: its number and folder, and the rounds before it."""
+
+    r: int
+    dir: Path
+    previous: dict | None
+    earlier: dict[int, dict]
+
 
 def run_loop(cfg: NatRayConfig) -> dict:
     """Run (or resume) the loop ``cfg.loop`` describes; return the rounds and the results table.
@@ -610,7 +499,6 @@ def run_loop(cfg: NatRayConfig) -> dict:
     Raises:
         ConfigError / DataError / ModelError: for bad settings or inputs, before the first stage.
     """
-    from nat_ray.tracking import tracked_run
 
     check_loop_config(cfg)
     loop = cfg.loop

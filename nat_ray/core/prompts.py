@@ -77,7 +77,7 @@ class Template:
         scheme: how a trajectory picks its class: ``"none"`` (one prompt for all: w/o-Neg, NUT),
             ``"binary"`` (correct / incorrect by the task's verdict), ``"failure"`` (correct, or the
             kind of failure: :data:`FAILURE_KINDS`), or an F1 scheme of
-            :data:`nat_ray.scoring.NAT_CLASS_SCHEMES` (``"three-class"``, ``"four-class"``, ``"soft"``).
+            :data:`nat_ray.core.scoring.NAT_CLASS_SCHEMES` (``"three-class"``, ``"four-class"``, ``"soft"``).
         prompts: class id -> format string with ``{question}``.
         instruction: ``"plain"``, ``"extended"``, or ``None`` for CoT templates without instruction turns.
         inference_class: the class whose prompt is used at inference (always the "correct" one).
@@ -252,7 +252,7 @@ _TEMPLATE_LIST = [
         "binary",
         _binary("[Incorrect] Question: {question}.", "[Correct] Question: {question}."),
     ),
-    # Graded classes by F1 (NAT-k, HotpotQA). Class ids are nat_ray.scoring's.
+    # Graded classes by F1 (NAT-k, HotpotQA). Class ids are nat_ray.core.scoring's.
     Template(
         "zero-shot-target-aware-four-class",
         "four-class",

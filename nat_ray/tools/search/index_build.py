@@ -8,7 +8,7 @@ The corpus is sorted by length (batches of similar paragraphs pad less), cut int
 embedded with Ray Data ``map_batches`` over :class:`_Embedder` actors, each loading the
 sentence-transformers model once and computing on as many torch threads as it reserves CPUs. The
 driver receives the float16 vectors as they come and writes a shard each time one is full
-(:class:`nat_ray.index_store.ShardWriter`), then the FAISS index when the corpus is large enough,
+(:class:`nat_ray.tools.search.index_store.ShardWriter`), then the FAISS index when the corpus is large enough,
 then the manifest, whose presence marks the index complete. Without a running Ray (or for a small
 corpus, where starting actors costs more than it saves) the same build runs in this process.
 
@@ -31,8 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nat_ray import index_store, paths, safe_files
+from nat_ray import paths, safe_files
+from nat_ray.errors import ConfigError
+from nat_ray.ray_runtime import init_ray
 from nat_ray.safe_files import DamagedFile
+from nat_ray.tools.search import index_store
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -507,8 +510,6 @@ def ensure_index_for(
 
 def main_index(cfg: NatRayConfig, rebuild: bool = False) -> int:
     """``nat-ray index``: build (or check) the local search index with Ray Data; print where it is."""
-    from nat_ray.errors import ConfigError
-    from nat_ray.ray_runtime import init_ray
 
     if cfg.tools.search_backend != "local":
         raise ConfigError("nat-ray index builds the local search index; tools.search_backend is 'http'")

@@ -1,11 +1,11 @@
 """Rollout engines that outlive a rollout: the closed loop's rounds reuse them, switching adapters.
 
-The rollout stage (:func:`nat_ray.rollout.run_rollout`) starts its vLLM engines inside Ray Data's
+The rollout stage (:func:`nat_ray.rollout.run.run_rollout`) starts its vLLM engines inside Ray Data's
 actor pool and they end with it, so every round of the loop would pay the engine start again
 (most of a small round on CPU). An :class:`EnginePool` keeps named engine actors alive for as long
 as the driver holds the pool; round r+1 only sends each engine a LoRA request for the new adapter
 (:meth:`VLLMEngine.load_adapter`). The rollout itself is the stage's own: the same plan, resume,
-Parquet parts and scored rows (:class:`nat_ray.rollout.RolloutWorker` on the actor's engine); only
+Parquet parts and scored rows (:class:`nat_ray.rollout.run.RolloutWorker` on the actor's engine); only
 who runs the batches changes.
 
 Use::
@@ -27,6 +27,9 @@ from pathlib import Path
 
 from nat_ray.config import NatRayConfig, from_dict
 from nat_ray.errors import ConfigError
+from nat_ray.models import check_lora, check_model
+from nat_ray.paths import PARTS_DIR
+from nat_ray.ray_runtime import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +58,10 @@ class EngineHolder:
         return path
 
     def run(self, items: list[dict], worker_args: dict) -> list[dict]:
-        """Scored trajectory rows for ``items`` (work items of :func:`nat_ray.rollout.plan_rows`)."""
+        """Scored trajectory rows for ``items`` (work items of :func:`nat_ray.rollout.run.plan_rows`)."""
         import pyarrow as pa
 
-        from nat_ray.rollout import RolloutWorker
+        from nat_ray.rollout.run import RolloutWorker
 
         key = repr(sorted((k, repr(v)) for k, v in worker_args.items()))
         if key != self._worker_key:  # a new round: its settings, its tools, this same engine
@@ -96,8 +99,6 @@ class EnginePool:
         """Every engine switches to the peft adapter at ``path`` (None: the base model); no restart."""
         import ray
 
-        from nat_ray.models import check_lora
-
         resolved = check_lora(path) if path is not None else None  # a bad path fails here, not in an actor
         ray.get([actor.load_adapter.remote(resolved) for actor in self.actors])
         self.adapter = resolved
@@ -108,18 +109,17 @@ class EnginePool:
 
     def generate(self, cfg: NatRayConfig, tasks, todo: list[dict], out: Path, model_id: str, config_hash: str,
                  progress: bool) -> None:  # fmt: skip
-        """Run ``todo`` on the pool's engines, writing Parquet parts as :func:`nat_ray.rollout._generate` does."""
+        """Run ``todo`` on the pool's engines, writing Parquet parts as :func:`nat_ray.rollout.run._generate` does."""
         import ray
         from tqdm import tqdm
 
-        from nat_ray.paths import PARTS_DIR
-        from nat_ray.rollout import PartWriter, unseen_rows
+        from nat_ray.rollout.run import PartWriter, unseen_rows
         from nat_ray.tools import configured_versions
 
         self._check(cfg)
         pools = None
         if cfg.rollout.tool_actors:
-            from nat_ray.tool_actors import start_tool_actors
+            from nat_ray.tools.actors import start_tool_actors
 
             names = [t for task in tasks for t in task.tools]
             pools = start_tool_actors(cfg.tools, cfg.rollout.num_calculators, cfg.rollout.num_search, names)
@@ -165,7 +165,6 @@ class EnginePool:
         self.actors = []
 
     def _check(self, cfg: NatRayConfig) -> None:
-        from nat_ray.models import check_model
 
         if cfg.engine.backend != "vllm":
             raise ConfigError(f"an engine pool runs vLLM; engine.backend is {cfg.engine.backend!r}")
@@ -189,10 +188,8 @@ def start_pool(cfg: NatRayConfig, name: str = POOL_NAME, hold_cpus: bool = True)
     """
     import ray
 
-    from nat_ray.models import check_model
-    from nat_ray.ray_runtime import init_ray
-    from nat_ray.rollout import engine_cpus
-    from nat_ray.tool_actors import actor_runtime_env
+    from nat_ray.rollout.run import engine_cpus
+    from nat_ray.tools.actors import actor_runtime_env
 
     if cfg.engine.backend != "vllm":
         raise ConfigError(f"an engine pool runs vLLM; engine.backend is {cfg.engine.backend!r}")
@@ -227,13 +224,13 @@ def rollout_with_pool(
     """One round's rollout on ``pool``'s running engines, with the adapter at ``adapter_path``.
 
     The engines load the adapter (a LoRA request; None: the base model), then
-    :func:`nat_ray.rollout.run_rollout` runs as always into ``cfg.rollout.output_dir``, with the
+    :func:`nat_ray.rollout.run.run_rollout` runs as always into ``cfg.rollout.output_dir``, with the
     trajectories' model recorded as ``<engine.model>+lora:<adapter path>``.
 
     Returns:
         run_rollout's result: ``{"output_dir", "generated", "skipped", "total", "summary", "seconds"}``.
     """
-    from nat_ray.rollout import run_rollout
+    from nat_ray.rollout.run import run_rollout
 
     pool.load_adapter(adapter_path)
     return run_rollout(cfg, progress=progress, pool=pool)
