@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nat_ray.config import NatRayConfig, load_config
+from nat_ray import __version__
+from nat_ray.config import NatRayConfig, load_config, read_yaml
 from nat_ray.core.agent_card import model_card, overridden
 from nat_ray.errors import NatRayError
 
@@ -35,7 +36,12 @@ def _comma_list(text: str) -> list[str]:
 
 
 def _comma_ints(text: str) -> list[int]:
-    return [int(part) for part in _comma_list(text)]
+    try:
+        return [int(part) for part in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers separated by commas, e.g. 0,1,2; got {text!r}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -330,6 +336,27 @@ COMMANDS: tuple[Command, ...] = (
         "  ray job submit --working-dir . -- python jobs/index.py",
     ),
     Command(
+        "tasks",
+        help="list the tasks: splits, question counts, where each split's data was found",
+        description="List every task this machine can run: the six built-in ones, and the task files or "
+        "--tasks-dir given. For each split: its question count and the files read (the full data under "
+        "$NAT_RAY_DATA_DIR or shared/data, else the samples shipped with nat_ray), or why it has no data "
+        "here. Starts no Ray and no engine.",
+        run="nat_ray.tasks.listing:print_tasks",
+        config=False,
+        flags=(
+            Flag("refs", "task files (.yaml) to list too", options={"nargs": "*", "metavar": "TASK_FILE"}),
+            Flag("--tasks-dir", "a folder of task files to list too", options={"metavar": "DIR"}),
+            Flag(
+                "--json",
+                "also write the listing as JSON to PATH",
+                dest="json_path",
+                options={"metavar": "PATH"},
+            ),
+        ),
+        epilog="examples:\n  nat-ray tasks\n  nat-ray tasks examples/word_math/task.yaml --json tasks.json",
+    ),
+    Command(
         "models",
         help="list cached models",
         description="List converted models in the cache.",
@@ -356,6 +383,7 @@ _EPILOG = """examples:
   nat-ray pipeline --config configs/default.yaml
   nat-ray loop --config configs/loop.yaml --name first-loop
   nat-ray index
+  nat-ray tasks
   nat-ray models
 """
 
@@ -385,6 +413,7 @@ def _add_command(subparsers: argparse._SubParsersAction, command: Command) -> No
             metavar="KEY=VALUE",
             help="override one field, e.g. --set agent.temperature=0.7 (repeatable; value parsed as YAML)",
         )
+    _add_verbosity(parser, argparse.SUPPRESS)
     parser.set_defaults(command=command)
 
 
@@ -396,11 +425,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, including vLLM's")
+    parser.add_argument("--version", action="version", version=f"nat-ray {__version__}")
+    _add_verbosity(parser, argparse.SUPPRESS)
+    parser.set_defaults(verbose=False, quiet=False)
     subparsers = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
     for command in COMMANDS:
         _add_command(subparsers, command)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``-v`` / ``-q``, accepted before the subcommand and after it (a subcommand's own copy has no
+    default, so it never undoes the one given before it)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="debug logging, including Ray's and vLLM's",
+    )
+    group.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
 
 
 def config_overrides(command: Command, args: argparse.Namespace) -> list[str]:
@@ -425,10 +470,24 @@ def run_command(command: Command, args: argparse.Namespace) -> int:
         return function(**own)
 
     overrides = config_overrides(command, args)
+    if command.name in LORA_COMMANDS:
+        overrides = [*lora_by_default(args.config, overrides), *overrides]
     cfg = load_config(NatRayConfig, args.config, overrides)
     if command.name in CARD_COMMANDS:
         cfg = with_agent_card(cfg, args.config, overrides)
     return function(cfg, **own)
+
+
+# Commands that train LoRA adapters whatever train.mode defaults to (the loop publishes adapters).
+LORA_COMMANDS = ("loop",)
+
+
+def lora_by_default(config_path: str | None, overrides: list[str]) -> list[str]:
+    """``["train.mode=lora"]`` unless the config file or a ``--set`` names ``train.mode``."""
+    named = any(o.split("=", 1)[0].strip() == "train.mode" for o in overrides)
+    if not named and config_path is not None:
+        named = "mode" in (read_yaml(config_path).get("train") or {})
+    return [] if named else ["train.mode=lora"]
 
 
 # Commands that ask a model and so read its agent card (nat_ray.core.agent_card).
@@ -452,9 +511,9 @@ def with_agent_card(cfg, config_path: str | None, overrides: list[str]):
     return load_config(NatRayConfig, config_path, [*card.overrides(), *overrides])
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -468,7 +527,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.quiet)
     try:
         return run_command(args.command, args)
     except NatRayError as err:

@@ -8,6 +8,7 @@ Caches (converted models, search embeddings) live under ``$NAT_RAY_CACHE`` or ``
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,10 @@ PARTS_DIR = "trajectories"
 PROGRESS_FILE = "progress.txt"  # a training run's latest step line (nat_ray.train.worker.write_progress)
 
 PACKAGE_DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # NAT_RAY_DATA_DIR values already warned about
 
 
 def cache_dir() -> Path:
@@ -30,7 +35,14 @@ def shared_data_dir() -> Path | None:
     env = os.environ.get("NAT_RAY_DATA_DIR")
     if env:
         path = Path(env).expanduser()
-        return path if path.is_dir() else None
+        if path.is_dir():
+            return path
+        if env not in _WARNED:
+            _WARNED.add(env)
+            log.warning(
+                "NAT_RAY_DATA_DIR=%s is not a folder: only the data shipped with nat_ray is used", env
+            )
+        return None
     for start in (Path.cwd(), Path(__file__).resolve().parent):
         for folder in (start, *start.parents):
             candidate = folder / "shared" / "data"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,61 @@ def test_list_flags_become_lists_and_unset_flags_leave_the_defaults():
 def test_a_bad_value_is_a_clear_error_and_exit_code_two(capsys):
     assert main(["rollout", "--set", "rollout.limit=-3"]) == 2
     assert "rollout.limit" in capsys.readouterr().err
+
+
+def test_version_and_verbosity_before_or_after_the_subcommand(capsys):
+    from nat_ray import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"nat-ray {__version__}"
+    parser = build_parser()
+    assert parser.parse_args(["-v", "models"]).verbose is True
+    assert parser.parse_args(["models", "-v"]).verbose is True
+    after = parser.parse_args(["models", "-q"])
+    assert after.quiet is True and after.verbose is False
+    plain = parser.parse_args(["models"])
+    assert plain.verbose is False and plain.quiet is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["models", "-v", "-q"])
+
+
+def test_a_bad_list_of_seeds_says_what_it_expected(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--seeds", "0,x"])
+    err = capsys.readouterr().err
+    assert "expected whole numbers separated by commas, e.g. 0,1,2; got '0,x'" in err and "_comma" not in err
+
+
+def test_tasks_lists_splits_counts_and_where_the_data_was_found(tmp_path, monkeypatch, capsys, caplog):
+    monkeypatch.setenv("NAT_RAY_DATA_DIR", str(tmp_path / "missing"))
+    word_math = Path(__file__).parents[1] / "examples" / "word_math" / "task.yaml"
+    assert main(["tasks", str(word_math), "--json", str(tmp_path / "tasks.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"NAT_RAY_DATA_DIR={tmp_path / 'missing'} is not a folder")
+    assert "is not a folder" in caplog.text  # a missing data folder is said, not skipped in silence
+    listing = json.loads((tmp_path / "tasks.json").read_text())
+    tasks = {t["name"]: t for t in listing["tasks"]}
+    assert tasks["gsm8k"]["splits"]["test"]["questions"] == 100
+    assert tasks["gsm8k"]["splits"]["test"]["where"] == "shipped sample"
+    assert "no data" in tasks["asdiv"]["splits"]["test"]["error"]  # not shipped (CC BY-NC)
+    assert tasks["word_math"]["splits"]["test"]["questions"] == 200 and tasks["word_math"]["tools"] == [
+        "calculate"
+    ]
+    assert "  test                 200 questions  file: " in out
+
+
+def test_the_loop_trains_lora_unless_told_otherwise(tmp_path, capsys):
+    from nat_ray.cli import lora_by_default
+
+    assert lora_by_default(None, []) == ["train.mode=lora"]
+    assert lora_by_default(None, ["train.mode=full"]) == []
+    named = tmp_path / "full.yaml"
+    named.write_text("train:\n  mode: full\n")
+    silent = tmp_path / "silent.yaml"
+    silent.write_text("train:\n  lora_rank: 8\n")
+    assert lora_by_default(str(named), []) == [] and lora_by_default(str(silent), []) == ["train.mode=lora"]
+    # A plain `nat-ray loop` gets past the check that the loop trains adapters (it fails later, on data).
+    code = main(["loop", "--name", "x", "--set", f"loop.runs_dir={tmp_path}", "--set", "loop.round0=/nope"])
+    err = capsys.readouterr().err
+    assert code == 2 and "/nope" in err and "train.mode" not in err and not (tmp_path / "x").exists()

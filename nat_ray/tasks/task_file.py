@@ -89,6 +89,7 @@ from nat_ray.tasks.loaders import (
 )
 
 log = logging.getLogger(__name__)
+_WARNED_NO_DEMO: set[str] = set()  # tasks already warned about asking for a shot they cannot give
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 TASK_SUFFIXES = (".yaml", ".yml")
@@ -306,11 +307,24 @@ class Task:
     ) -> list[prompts.Message]:
         """The prompt turns of one episode of this task (see :func:`nat_ray.core.prompts.build_messages`).
 
+        A task without a demonstration is asked with 0 shots when 1 is asked for (the default
+        ``agent.shots``), with one warning per task.
+
         Raises:
-            ConfigError: unknown template or class, or ``shots=1`` for a task without a demonstration.
+            ConfigError: unknown template or class.
         """
         if self.family != prompts.CUSTOM:
             return prompts.build_messages(self.family, question, template, klass, shots)
+        if shots and self.demo is None:
+            if self.name not in _WARNED_NO_DEMO:
+                _WARNED_NO_DEMO.add(self.name)
+                log.warning(
+                    "task %s has no demonstration: asked with 0 shots (agent.shots=1 needs a "
+                    "`demonstrations` file in %s)",
+                    self.name,
+                    self.source,
+                )
+            shots = 0
         return prompts.build_messages(
             prompts.CUSTOM,
             question,
