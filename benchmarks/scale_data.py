@@ -122,7 +122,7 @@ def measure_one(rows: int, folder: Path) -> dict:
     rss_before = me.memory_info().rss
     thread.start()
     began = time.perf_counter()
-    prepared = prepare_data(cfg, model_path)
+    prepared = prepare_data(cfg, model_path, driver_max_rows=0)  # the streamed path at every size
     seconds = time.perf_counter() - began
     done.set()
     thread.join()
