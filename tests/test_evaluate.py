@@ -53,3 +53,15 @@ def test_shipped_configs_load(name):
 
     cfg = load_config(NatRayConfig, Path(__file__).parents[1] / "configs" / f"{name}.yaml")
     assert isinstance(cfg, NatRayConfig)
+
+
+def test_missing_data_fails_before_the_output_folder_is_made(tmp_path, monkeypatch):
+    from nat_ray.config import EvalConfig, NatRayConfig
+    from nat_ray.errors import DataError
+    from nat_ray.evaluation.run import run_eval
+
+    monkeypatch.setenv("NAT_RAY_DATA_DIR", str(tmp_path / "no-data"))  # ASDiv is not shipped
+    out = tmp_path / "eval"
+    with pytest.raises(DataError, match="asdiv"):
+        run_eval(NatRayConfig(eval=EvalConfig(tasks=["asdiv"], output_dir=str(out))))
+    assert not out.exists()

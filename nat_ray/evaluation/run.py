@@ -315,14 +315,14 @@ def run_eval(cfg: NatRayConfig, engine=None, smoke_test: bool | None = None) -> 
     """
     start = time.time()
     out = Path(cfg.eval.output_dir)
-    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     from nat_ray.agent import with_tasks_resolved
 
     tasks, cfg = with_tasks_resolved(cfg, "eval")  # bad task files fail here, before any engine starts
-    for task in tasks:  # a prompt the agent settings cannot build (no demonstration for shots=1)
+    for task in tasks:  # a prompt the agent settings cannot build (an unknown template)
         task.build_messages("?", cfg.agent.template, None, cfg.agent.shots)
     model = model_label(cfg)
-    items = plan_items(cfg, model)  # missing data fails here
+    items = plan_items(cfg, model)  # missing data fails here, before the output folder is made
+    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     config_hash = records.config_hash(
         {
             "engine": {"model": cfg.engine.model, "backend": cfg.engine.backend},

@@ -279,9 +279,8 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True, pool=None) -> dict:
     start = time.time()
     out = Path(cfg.rollout.output_dir)
     tasks, cfg = with_tasks_resolved(cfg, "rollout")  # bad task files: ConfigError now
-    for task in tasks:  # a prompt the agent settings cannot build (no demonstration for shots=1)
+    for task in tasks:  # a prompt the agent settings cannot build (an unknown template)
         task.build_messages("?", cfg.agent.template, None, cfg.agent.shots)
-    check_output_dir(out)
     model_path = check_model(cfg.engine.model) if cfg.engine.backend != "openai" else cfg.engine.model
     engine_cfg = {**asdict(cfg.engine), "model": model_path}
     resolved = {**asdict(cfg), "engine": engine_cfg}
@@ -289,9 +288,9 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True, pool=None) -> dict:
     if pool is not None:
         model_id = pool.model_id(model_id)
     config_hash = records.config_hash(generation_config(cfg))
+    items = plan_rows(cfg, model_id)  # reads the questions: bad data fails before anything is written
+    check_output_dir(out)
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-
-    items = plan_rows(cfg, model_id)
     finished = done_ids(out)
     todo = [item for item in items if item[columns.TRAJECTORY_ID] not in finished]
     log.info(
@@ -315,11 +314,8 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True, pool=None) -> dict:
             pool.generate(cfg, tasks, left, out, model_id, config_hash, progress)
         written = done_ids(out)
         left = [item for item in left if item[columns.TRAJECTORY_ID] not in written]
-    rows = [
-        r
-        for r in records.read_rows(out / PARTS_DIR)
-        if r[columns.TRAJECTORY_ID] in {i[columns.TRAJECTORY_ID] for i in items}
-    ]
+    planned = {i[columns.TRAJECTORY_ID] for i in items}
+    rows = [r for r in records.read_rows(out / PARTS_DIR) if r[columns.TRAJECTORY_ID] in planned]
     table = summarize_rollout(rows)
     result = {
         "output_dir": str(out),
