@@ -55,6 +55,7 @@ class Flag:
             command's function, passed by its ``dest``.
         dest: the function's keyword for a flag without a field (default: derived from the name).
         options: further ``add_argument`` keywords (``type``, ``choices``, ``action``, ``nargs``...).
+        aliases: other names of the flag (an older name kept working).
     """
 
     name: str
@@ -62,6 +63,7 @@ class Flag:
     field: str | None = None
     dest: str | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -262,10 +264,12 @@ COMMANDS: tuple[Command, ...] = (
                 options={"nargs": "*", "metavar": "PATH"},
             ),
             Flag(
-                "--out",
-                "output .parquet file, or a folder for nat_strategyqa.parquet "
+                "--output-dir",
+                "output folder for nat_strategyqa.parquet, or a .parquet file "
                 "(default: runs/imported/nat_strategyqa.parquet)",
+                dest="out",
                 options={"metavar": "PATH"},
+                aliases=("--out",),
             ),
             Flag(
                 "--questions",
@@ -278,7 +282,7 @@ COMMANDS: tuple[Command, ...] = (
         epilog="examples:\n"
         "  nat-ray import-nat                      # the files under shared/data/nat/... (or $NAT_RAY_DATA_DIR)\n"
         "  nat-ray import-nat ~/src/NAT            # a NAT checkout (its data/dataset/strategyqa)\n"
-        "  nat-ray import-nat pos.json.gz neg.json.gz --questions train.jsonl --out runs/teacher/",
+        "  nat-ray import-nat pos.json.gz neg.json.gz --questions train.jsonl --output-dir runs/teacher/",
     ),
     Command(
         "pipeline",
@@ -402,7 +406,7 @@ def _add_command(subparsers: argparse._SubParsersAction, command: Command) -> No
             options["dest"] = flag.key
         if flag.field is not None:
             options.setdefault("default", None)  # only the flags given override the config file
-        parser.add_argument(flag.name, help=flag.help, **options)
+        parser.add_argument(flag.name, *flag.aliases, help=flag.help, **options)
     if command.config:
         parser.add_argument("--config", metavar="YAML", help="config file (values override the defaults)")
         parser.add_argument(

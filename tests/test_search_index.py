@@ -246,3 +246,13 @@ def test_progress_prices_the_first_eta_at_the_workers_pace_not_their_start_up(mo
         progress.update(1, 250, busy_s=10.0)  # one worker's 10 s of encoding: a quarter of the corpus
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.endswith("ETA 15s"), line  # 3 quarters left, 10 s each, 2 workers
+
+
+def test_index_names_a_missing_corpus_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from nat_ray.cli import main
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not start for a missing corpus"))
+    assert main(["index", "--corpus", str(tmp_path / "none.jsonl")]) == 2
+    assert f"tools.search_corpus: {tmp_path / 'none.jsonl'} does not exist" in capsys.readouterr().err

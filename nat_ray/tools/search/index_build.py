@@ -513,6 +513,9 @@ def main_index(cfg: NatRayConfig, rebuild: bool = False) -> int:
 
     if cfg.tools.search_backend != "local":
         raise ConfigError("nat-ray index builds the local search index; tools.search_backend is 'http'")
+    corpus = cfg.tools.search_corpus
+    if corpus and not Path(corpus).expanduser().is_file():  # before Ray starts
+        raise ConfigError(f"tools.search_corpus: {corpus} does not exist")
     init_ray(1)
     info = ensure_index_for(cfg.tools, rebuild=rebuild, use_ray=True, full_check=True)
     manifest = info.manifest
