@@ -272,7 +272,12 @@ def test_malformed_records_skipped_and_counted(tmp_path, nat_dir, caplog):
 
 
 def test_cli_folder_and_out_dir(tmp_path, nat_dir, capsys):
-    argv = ["import-nat", str(nat_dir.parent), "--output-dir", str(tmp_path / "runs")]  # a NAT-like checkout root
+    argv = [
+        "import-nat",
+        str(nat_dir.parent),
+        "--output-dir",
+        str(tmp_path / "runs"),
+    ]  # a NAT-like checkout root
     assert main(argv) == 0
     out = tmp_path / "runs" / DEFAULT_OUT.name
     rows = records.read_rows(out)
