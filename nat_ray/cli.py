@@ -21,6 +21,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nat_ray import __version__
@@ -515,6 +516,9 @@ def with_agent_card(cfg, config_path: str | None, overrides: list[str]):
     return load_config(NatRayConfig, config_path, [*card.overrides(), *overrides])
 
 
+RAY_DATA_QUIET = Path(__file__).with_name("ray_data_logging.yaml")
+
+
 def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
@@ -525,6 +529,8 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if not verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # Ray Data's execution plans go to the session's ray-data.log, not the console.
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_QUIET))
         for noisy in ("vllm", "ray", "transformers", "httpx", "urllib3", "sentence_transformers"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 

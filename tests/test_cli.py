@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,21 @@ def test_the_loop_trains_lora_unless_told_otherwise(tmp_path, capsys):
     code = main(["loop", "--name", "x", "--set", f"loop.runs_dir={tmp_path}", "--set", "loop.round0=/nope"])
     err = capsys.readouterr().err
     assert code == 2 and "/nope" in err and "train.mode" not in err and not (tmp_path / "x").exists()
+
+
+def test_without_v_ray_datas_console_shows_warnings_only(monkeypatch):
+    import logging
+
+    from nat_ray.cli import RAY_DATA_QUIET, _setup_logging
+
+    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG", raising=False)
+    _setup_logging(verbose=False)
+    assert os.environ["RAY_DATA_LOGGING_CONFIG"] == str(RAY_DATA_QUIET)
+    from ray.data._internal.logging import configure_logging
+
+    configure_logging()  # what importing ray.data does, with the file the variable names
+    handlers = {type(h).__name__: h.level for h in logging.getLogger("ray.data").handlers}
+    assert handlers["PlainRayHandler"] == logging.WARNING  # the console
+    assert handlers["SessionFileHandler"] == logging.NOTSET  # the session's ray-data.log keeps everything
+    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG")
+    configure_logging()  # Ray Data's own defaults again for the rest of the session
