@@ -8,6 +8,7 @@ the dotted field, the value and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -71,21 +72,44 @@ def _coerce(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
 def _build(cls: type[T], data: dict, where: str, problems: list[str]) -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    before = len(problems)  # problems of other sections are in the list already
     for key in data:
         if key not in names:
             problems.append(f"{where}{key}: unknown key for {cls.__name__}; known keys: {sorted(names)}")
-    kwargs = {
-        key: _coerce(hints[key], value, f"{where}{key}", problems)
-        for key, value in data.items()
-        if key in names
-    }
-    if problems:
-        return None  # type: ignore[return-value]
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        problems.append(str(err))
-        return None  # type: ignore[return-value]
+    kwargs = {}
+    for key, value in data.items():
+        if key in names:
+            count = len(problems)
+            coerced = _coerce(hints[key], value, f"{where}{key}", problems)
+            if len(problems) == count:  # a value of the wrong type is left out: its default stands in
+                kwargs[key] = coerced
+    if any(v is None and dataclasses.is_dataclass(hints[k]) for k, v in kwargs.items()):
+        return None  # type: ignore[return-value]  # a section that could not be built
+    built = _construct(cls, kwargs, problems)  # the range and choice checks of the good values too
+    return None if len(problems) > before else built  # type: ignore[return-value]
+
+
+_FIELD = re.compile(r"^(?:[a-z_]+\.)?([a-z_]+)\b")
+
+
+def _construct(cls: type[T], kwargs: dict, problems: list[str]) -> T:
+    """``cls(**kwargs)``, collecting every value its checks refuse, not only the first.
+
+    A section's checks stop at the first problem; the field a message names is put back to its
+    default and the section built again, until it builds or a message names no field given.
+    """
+    remaining = dict(kwargs)
+    while True:
+        try:
+            built = cls(**remaining)
+        except ConfigError as err:
+            problems.append(str(err))
+            match = _FIELD.match(str(err))
+            if match is None or match.group(1) not in remaining:
+                return None  # type: ignore[return-value]
+            del remaining[match.group(1)]
+            continue
+        return None if len(remaining) < len(kwargs) else built  # type: ignore[return-value]
 
 
 def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:

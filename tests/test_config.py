@@ -105,3 +105,27 @@ def test_engine_actor_cpus_must_not_be_negative():
 def test_serve_reserved_cores_must_not_be_negative():
     with pytest.raises(ConfigError, match="llm_cpu_reserved_cores"):
         from_dict(NatRayConfig, {"serve": {"llm_cpu_reserved_cores": -1}})
+
+
+def test_every_bad_value_is_reported_in_one_error():
+    """Four out-of-range values in one section, a bad choice, a wrong type and an unknown key elsewhere:
+    one run names them all (a section's own checks stop at their first problem)."""
+    from nat_ray.config_loading import from_dict
+
+    with pytest.raises(ConfigError) as err:
+        from_dict(
+            NatRayConfig,
+            {
+                "train": {"max_steps": -1, "learning_rate": -2, "zero_stage": 7, "epochs": 0},
+                "agent": {"shots": 3, "temperature": "hot", "nope": 1},
+                "loop": {"rounds": 0},
+            },
+        )
+    lines = str(err.value).splitlines()[1:]
+    for name in ("train.max_steps", "train.learning_rate", "train.zero_stage", "train.epochs", "agent.shots",
+                 "agent.temperature", "agent.nope", "loop.rounds"):  # fmt: skip
+        assert sum(line.strip().startswith(name) for line in lines) == 1, (name, lines)
+    # Values that are fine together are not reported one by one.
+    assert from_dict(
+        NatRayConfig, {"train": {"global_batch_size": 6, "micro_batch_size": 3, "num_workers": 2}}
+    )

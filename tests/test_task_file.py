@@ -53,7 +53,7 @@ def problems_of(path: Path) -> str:
     with pytest.raises(ConfigError) as err:
         load_task_file(path)
     message = str(err.value)
-    assert message.startswith(f"{path.resolve()}: "), message
+    assert message.startswith(f"{path.resolve()}:"), message
     return message
 
 
@@ -268,6 +268,12 @@ def test_every_problem_in_one_error_fast(metric_dir: Path) -> None:
         "markers.correct and markers.incorrect must differ",
     ):
         assert expected in message, (expected, message)
+    lines = message.splitlines()  # the file, then one problem a line
+    assert (
+        lines[0] == f"{path.resolve()}:"
+        and len(lines) == 11
+        and all(line.startswith("  ") for line in lines[1:])
+    )
 
 
 def test_missing_keys_and_builtin_only_keys(tmp_path: Path) -> None:
@@ -393,7 +399,7 @@ def test_register_tasks_reports_every_bad_file_and_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         register_tasks(["chess", "gsm8k"], str(folder))
     message = str(err.value)
-    assert "a.yaml: missing key 'data'" in message and "b.yaml: unknown key 'extra'" in message
+    assert "a.yaml:\n    missing key 'data'" in message and "b.yaml:\n    unknown key 'extra'" in message
     assert "unknown task 'chess'" in message
 
 

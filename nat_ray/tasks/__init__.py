@@ -163,7 +163,9 @@ def register_tasks_dir(folder: str | Path) -> list[Task]:
         except ConfigError as err:
             errors.append(str(err))
     if errors:
-        raise ConfigError("bad task files in tasks_dir:\n  " + "\n  ".join(errors))
+        raise ConfigError(
+            "bad task files in tasks_dir:\n  " + "\n  ".join(e.replace("\n", "\n  ") for e in errors)
+        )
     return tasks
 
 

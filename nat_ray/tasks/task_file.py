@@ -420,7 +420,10 @@ def load_task_file(path: str | Path) -> Task:
     problems: list[str] = []
     task = _build_task(data, path, builtin, problems)
     if problems:
-        raise ConfigError(f"{path}: " + "; ".join(problems))
+        # One problem a line: a task file can have several, all reported at once.
+        raise ConfigError(
+            f"{path}: " + problems[0] if len(problems) == 1 else f"{path}:\n  " + "\n  ".join(problems)
+        )
     return _with_source(task, str(path), hashlib.sha256(raw).hexdigest()[:16])
 
 
