@@ -26,9 +26,9 @@ import yaml
 from integration.two_node import TwoNodeCluster
 from nat_ray.core import nat_data as columns
 from nat_ray.core import records
-from nat_ray.paths import PARTS_DIR
+from nat_ray.paths import PACKAGE_DATA_DIR, PARTS_DIR
 
-SAMPLE_CORPUS = str(Path(columns.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz")
+SAMPLE_CORPUS = str(PACKAGE_DATA_DIR / "hotpotqa" / "corpus_sample.jsonl.gz")
 ENGINE_ACTOR = "RolloutWorker"  # in the process title of a rollout engine actor
 TRAIN_WORKER = "RayTrainWorker"  # in the process title of a Ray Train worker
 

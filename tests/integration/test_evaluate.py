@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -11,10 +10,11 @@ from nat_ray.config import NatRayConfig, from_dict
 from nat_ray.core import nat_data as columns
 from nat_ray.core import records
 from nat_ray.evaluation.run import run_eval
+from nat_ray.paths import PACKAGE_DATA_DIR
 
 pytestmark = pytest.mark.integration
 
-SAMPLE_CORPUS = str(Path(columns.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz")
+SAMPLE_CORPUS = str(PACKAGE_DATA_DIR / "hotpotqa" / "corpus_sample.jsonl.gz")
 
 
 def test_in_process_eval_writes_rows_summary_and_tables(tmp_path, vllm_engine, embedded_path):

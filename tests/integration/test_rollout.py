@@ -20,6 +20,7 @@ from nat_ray.config import NatRayConfig, ToolsConfig, from_dict
 from nat_ray.core import nat_data as columns
 from nat_ray.core import records
 from nat_ray.core.react import FAILURE_REASONS, Episode, Generation, Sampling, Stepper, ToolCall
+from nat_ray.paths import PACKAGE_DATA_DIR
 from nat_ray.rollout.run import PARTS_DIR, run_rollout
 
 pytestmark = pytest.mark.integration
@@ -29,11 +30,7 @@ def _config(out: Path, embedded_path: str, **rollout) -> dict:
     return {
         "engine": {"model": embedded_path, "max_model_len": 2048, "kv_cache_gb": 1},
         "agent": {"max_turns": 2, "max_new_tokens": 48},
-        "tools": {
-            "search_corpus": str(
-                Path(columns.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz"
-            )
-        },
+        "tools": {"search_corpus": str(PACKAGE_DATA_DIR / "hotpotqa" / "corpus_sample.jsonl.gz")},
         "rollout": {
             "output_dir": str(out),
             "tasks": ["gsm8k"],

@@ -24,12 +24,13 @@ from helpers import free_port  # tests/helpers.py
 from nat_ray.config import NatRayConfig, from_dict
 from nat_ray.core import nat_data as columns
 from nat_ray.core import records
+from nat_ray.paths import PACKAGE_DATA_DIR
 from nat_ray.tasks import get_task
 
 pytestmark = pytest.mark.integration
 
 REQUEST_TIMEOUT_S = 300
-SAMPLE_CORPUS = str(Path(columns.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz")
+SAMPLE_CORPUS = str(PACKAGE_DATA_DIR / "hotpotqa" / "corpus_sample.jsonl.gz")
 
 
 MAKE_ADAPTER = """

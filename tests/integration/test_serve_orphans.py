@@ -29,12 +29,12 @@ import psutil
 import pytest
 from helpers import SHARED_MACHINE_ENV, free_port  # tests/helpers.py
 
-from nat_ray.core import nat_data
+from nat_ray.paths import PACKAGE_DATA_DIR
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE_CORPUS = str(Path(nat_data.__file__).parent / "data" / "hotpotqa" / "corpus_sample.jsonl.gz")
+SAMPLE_CORPUS = str(PACKAGE_DATA_DIR / "hotpotqa" / "corpus_sample.jsonl.gz")
 ENGINE_MARKS = ("VLLM::", "EngineCore")
 RAY_MARKS = ("raylet", "gcs_server", "default_worker.py", "ray::", "dashboard", "log_monitor", "monitor.py")
 GONE_WITHIN_S = 30  # the guard checks every second and escalates to SIGKILL after 10 s
