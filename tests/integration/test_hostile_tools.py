@@ -74,6 +74,23 @@ def test_a_tool_file_reaches_a_worker_where_the_drivers_path_does_not_exist(loca
         ray.kill(actor, no_restart=True)
 
 
+def _answer_once_back(call, timeout_s: float):
+    """``ray.get(call())``, asked again while the actor is restarting."""
+    import time
+
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(call(), timeout=max(1.0, deadline - time.monotonic()))
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def test_hostile_plugins_leave_every_episode_recorded_and_the_run_finishing(local_ray):
     import ray
 
@@ -107,8 +124,9 @@ def test_hostile_plugins_leave_every_episode_recorded_and_the_run_finishing(loca
             assert "crashed and was restarted" in by_id["die"].steps[0].observation
             assert "timed out after 2 s" in by_id["hang"].steps[0].observation
             assert by_id["calculate"].finished and by_id["calculate"].steps[0].error is None
-        # The killed actor was restarted, and it answers again.
-        assert ray.get(pools["die"][0].pid.remote(), timeout=120) != pid
+        # The killed actor was restarted, and it answers again (a call that lands while it is still
+        # restarting is refused with ActorUnavailableError: ask again until it is back).
+        assert _answer_once_back(lambda: pools["die"][0].pid.remote(), timeout_s=120) != pid
         assert ray.get(pools["explode"][0].call.remote("explode", "y")).error.startswith("explode raised")
     finally:
         _kill(pools)
