@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from nat_ray import __version__
-from nat_ray.config import NatRayConfig, load_config, read_yaml
+from nat_ray.config import NatRayConfig, load_config, read_yaml, to_dict
 from nat_ray.core.agent_card import model_card, overridden
 from nat_ray.errors import NatRayError
 
@@ -411,6 +413,11 @@ def _add_command(subparsers: argparse._SubParsersAction, command: Command) -> No
     if command.config:
         parser.add_argument("--config", metavar="YAML", help="config file (values override the defaults)")
         parser.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the resolved config (defaults, file, agent card, flags, --set) as YAML and exit",
+        )
+        parser.add_argument(
             "--set",
             dest="overrides",
             action="append",
@@ -469,10 +476,9 @@ def config_overrides(command: Command, args: argparse.Namespace) -> list[str]:
 def run_command(command: Command, args: argparse.Namespace) -> int:
     """Import the command's function and call it with the config and its own arguments."""
     module_name, function_name = command.run.split(":")
-    function: Callable[..., int] = getattr(importlib.import_module(module_name), function_name)
     own = {flag.key: getattr(args, flag.key) for flag in command.flags if flag.field is None}
     if not command.config:
-        return function(**own)
+        return getattr(importlib.import_module(module_name), function_name)(**own)
 
     overrides = config_overrides(command, args)
     if command.name in LORA_COMMANDS:
@@ -480,6 +486,10 @@ def run_command(command: Command, args: argparse.Namespace) -> int:
     cfg = load_config(NatRayConfig, args.config, overrides)
     if command.name in CARD_COMMANDS:
         cfg = with_agent_card(cfg, args.config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    function: Callable[..., int] = getattr(importlib.import_module(module_name), function_name)
     return function(cfg, **own)
 
 

@@ -153,3 +153,18 @@ def test_without_v_ray_datas_console_shows_warnings_only(monkeypatch):
     assert handlers["SessionFileHandler"] == logging.NOTSET  # the session's ray-data.log keeps everything
     monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG")
     configure_logging()  # Ray Data's own defaults again for the rest of the session
+
+
+def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    import ray
+    import yaml
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("--print-config must start nothing"))
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  max_steps: 5\n  learning_rate: 1.0e-4\n")
+    code = main(["train", "--config", str(config), "--set", "train.max_steps=3", "--print-config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert code == 0 and printed["train"]["max_steps"] == 3 and printed["train"]["learning_rate"] == 1e-4
+    assert printed["agent"]["shots"] == NatRayConfig().agent.shots  # the defaults are there too
+    assert main(["loop", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["mode"] == "lora"  # the loop's own default
