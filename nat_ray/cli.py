@@ -425,7 +425,7 @@ def _add_command(subparsers: argparse._SubParsersAction, command: Command) -> No
             metavar="KEY=VALUE",
             help="override one field, e.g. --set agent.temperature=0.7 (repeatable; value parsed as YAML)",
         )
-    _add_verbosity(parser, argparse.SUPPRESS)
+    _add_verbosity(parser)
     parser.set_defaults(command=command)
 
 
@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"nat-ray {__version__}")
-    _add_verbosity(parser, argparse.SUPPRESS)
+    _add_verbosity(parser)
     parser.set_defaults(verbose=False, quiet=False)
     subparsers = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
     for command in COMMANDS:
@@ -446,18 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
-    """``-v`` / ``-q``, accepted before the subcommand and after it (a subcommand's own copy has no
-    default, so it never undoes the one given before it)."""
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """``-v`` / ``-q``, accepted before the subcommand and after it (no copy has a default, so a
+    subcommand's never undoes the one given before it; :func:`build_parser` sets the defaults)."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "-v",
         "--verbose",
         action="store_true",
-        default=default,
+        default=argparse.SUPPRESS,
         help="debug logging, including Ray's and vLLM's",
     )
-    group.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
+    group.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only"
+    )
 
 
 def config_overrides(command: Command, args: argparse.Namespace) -> list[str]:

@@ -347,7 +347,7 @@ class _Loop:
         Returns its record and whether any stage ran now. Each stage's result is kept in the round's
         manifest, so a finished stage is read back instead of run again.
         """
-        rnd = _Round(r, self.run_dir / ROUNDS_DIR / str(r), earlier.get(r - 1), earlier)
+        rnd = _Round(r, self.run_dir / ROUNDS_DIR / str(r), earlier)
         manifest = self.manifest(rnd.dir / "manifest.json", {"name": self.loop.name, "round": r})
         todo = stages_to_run(manifest.data["stages"])
         label = round_label(r)
@@ -489,8 +489,12 @@ class _Round:
 
     r: int
     dir: Path
-    previous: dict | None
     earlier: dict[int, dict]
+
+    @property
+    def previous(self) -> dict | None:
+        """The round before this one, when there is one."""
+        return self.earlier.get(self.r - 1)
 
 
 def run_loop(cfg: NatRayConfig) -> dict:

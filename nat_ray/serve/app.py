@@ -149,6 +149,18 @@ def _door_rules() -> DoorRules:
 api.add_middleware(GuardMiddleware, rules=_door_rules)
 
 
+def _drift_tokenizer(model: str):
+    """The served model's tokenizer, to count each episode's token drift; None (drift not counted)
+    where this replica cannot load it (a model whose files are on another node)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(resolve_model(model))
+    except Exception as err:  # drift is a check, never a reason to fail the server
+        log.warning("token drift is not counted: the tokenizer did not load (%s)", err)
+        return None
+
+
 class AgentIngress:
     """The HTTP front: OpenAI routes proxied to the LLM deployment, and the batched agent.
 
@@ -194,21 +206,8 @@ class AgentIngress:
         self.lora_dir = self.cfg.serve.lora_dir  # adapters on demand: "<base>:<folder in lora_dir>"
         self.base_model = models[0]["id"]
         self._adapter_handles: dict[tuple[str, bool], object] = {}
-        self._tok = None
+        self.tokenizer = _drift_tokenizer(self.cfg.engine.model)  # at start-up, not on a request
         import ray.serve.llm.openai_api_models  # noqa: F401 - imports vLLM (tens of seconds): now, not on a request
-
-    def _tokenizer(self):
-        """The served model's tokenizer, to count each episode's token drift; None (drift not
-        counted) where this replica cannot load it (a model whose files are on another node)."""
-        if self._tok is None:
-            try:
-                from transformers import AutoTokenizer
-
-                self._tok = AutoTokenizer.from_pretrained(resolve_model(self.cfg.engine.model))
-            except Exception as err:  # drift is a check, never a reason to fail a request
-                log.warning("token drift is not counted: the tokenizer did not load (%s)", err)
-                self._tok = False
-        return self._tok or None
 
     def _agent_loop(self) -> AgentLoop:
         # Built on the first request, on the event loop every handler runs on (the handles' loop).
@@ -328,7 +327,7 @@ class AgentIngress:
                 f"the episode took longer than serve.request_timeout_s={self.cfg.serve.request_timeout_s:g} s"
             )
             return JSONResponse(error_body(504, message, None), status_code=504)
-        body = agent_response(episode, req.task, model, req.gold, self._tokenizer())
+        body = agent_response(episode, req.task, model, req.gold, self.tokenizer)
         if body.get("token_drift"):
             log.warning(
                 "/v1/agent %s: %d turn(s) drifted: the next prompt did not continue with the ids sampled",

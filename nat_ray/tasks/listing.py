@@ -84,8 +84,8 @@ def print_tasks(
     """``nat-ray tasks``: the built-in tasks and any task files or ``--tasks-dir`` given."""
     logging.getLogger("nat_ray.tasks").setLevel(logging.WARNING)  # no "using the shipped data" per split
     register_tasks(refs or [], tasks_dir)
-    described = [describe_task(task) for task in TASKS.values()]
-    print(format_tasks(described, data_dir_note()), end="")
+    described, note = [describe_task(task) for task in TASKS.values()], data_dir_note()
+    print(format_tasks(described, note), end="")
     if json_path:
-        Path(json_path).write_text(json.dumps({"data": data_dir_note(), "tasks": described}, indent=2))
+        Path(json_path).write_text(json.dumps({"data": note, "tasks": described}, indent=2))
     return 0

@@ -420,7 +420,10 @@ def prepare_data(
     if in_driver:
         features = features_batch(_read_local(files, SELECTION_COLUMNS, common, False), cfg.label_mode)
         groups = _groups(features, nat_data.QUESTION_ID) if features.num_rows else []
-        statuses = pa.concat_tables([select_group(g, **selection_kwargs) for g in groups] or [features])
+        # No trajectories: the empty features stand for the empty statuses (refused just below).
+        statuses = (
+            pa.concat_tables([select_group(g, **selection_kwargs) for g in groups]) if groups else features
+        )
     else:
         selection = (
             read(SELECTION_COLUMNS, paths=False)
