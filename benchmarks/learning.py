@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> dict:
             eval={**dev, "output_dir": str(Path(args.runs_dir) / "curve-full")},
         )
     )
-    curve.append({"step": base_cfg.train.max_steps, "model": "nat", **_curve_point(full)})
+    curve.append({"step": base_cfg.train.max_steps, "model": "nat", **_curve_point(full.to_dict())})
     sections["curve"] = time.time() - t0
 
     return report(per_seed, curve, first, base_cfg, args, sections, began)

@@ -218,7 +218,7 @@ def bench_rollout_stage(cfg) -> dict:
     rows = records.read_rows(Path(cfg.rollout.output_dir) / PARTS_DIR)
     if ray.is_initialized():
         ray.shutdown()  # stop the engine actor before the next phase needs the CPUs
-    if result["generated"] != len(rows) or result["skipped"]:
+    if result.generated != len(rows) or result.skipped:
         raise RuntimeError(f"expected a fresh run, got {result}")
     starts = [parse_time(r[columns.STARTED_AT]) for r in rows]
     ends = [parse_time(r[columns.ENDED_AT]) for r in rows]

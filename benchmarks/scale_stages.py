@@ -289,7 +289,7 @@ def _run_curve(sizes: tuple[int, ...], raw_sequences: int, lora: bool = False) -
                 result = rollout_with_pool(cfg, pool, None, progress=False)
                 call_s = time.perf_counter() - t1
                 peak = sampler.stop()
-                if result["generated"] != n or result["skipped"]:
+                if result.generated != n or result.skipped:
                     raise RuntimeError(f"expected {n} fresh trajectories, got {result}")
                 stats = _rows_stats(out / PARTS_DIR)
                 window = stats["generation_window_s"]

@@ -61,3 +61,11 @@ PY
 
 step "embedded model (converted once, then cached)"
 .venv/bin/nat-ray models --convert
+
+if [ "$device" = cpu ]; then
+  # Training on CPU loads DeepSpeed's shared-memory communication op, compiled just in time; built
+  # here once (about a minute), with this environment's ninja as the training workers use it.
+  step "DeepSpeed's CPU communication op (compiled once for this machine)"
+  PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -c \
+    "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)"
+fi

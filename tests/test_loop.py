@@ -377,7 +377,9 @@ class Stages:
         import pyarrow.parquet as pq
 
         pq.write_table(pa.table({"x": [1, 2, 3]}), out / "part-0.parquet")
-        return {"total": 3, "summary": []}
+        from nat_ray.rollout.run import RolloutResult
+
+        return RolloutResult(str(out.parent), generated=3, skipped=0, total=3, summary=[], seconds=0.0)
 
     def train(self, cfg):
         self.calls.append(("train", cfg.train.run_name, cfg.train.base_model, tuple(cfg.train.data)))
@@ -410,7 +412,10 @@ class Stages:
                 self.fail_eval_of_round = None
                 raise RuntimeError("killed")
         score = self.scores[min(evaluated, len(self.scores) - 1)]
-        return summary(gsm8k=(score, score))
+        from nat_ray.evaluation.run import EvalResult
+
+        table = summary(gsm8k=(score, score))
+        return EvalResult({}, table["tasks"], table["math_average"], cfg.eval.output_dir, 0.0)
 
 
 @pytest.fixture

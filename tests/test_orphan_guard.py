@@ -2,7 +2,7 @@
 
 Real processes, the way vLLM's engine core is started from a serving replica: a "replica" process
 spawns a child that loads the guard (as vLLM loads its general plugins), then the replica is
-SIGKILLed. No vLLM here (``tests/integration/test_serve_orphans.py`` runs the real engine).
+SIGKILLed. No vLLM here (``tests/integration/test_faults.py`` checks the real engine in its serving scenario).
 """
 
 from __future__ import annotations

@@ -302,7 +302,32 @@ def eval_header(cfg: NatRayConfig, model: str, count: int) -> dict:
     }
 
 
-def run_eval(cfg: NatRayConfig, engine=None, smoke_test: bool | None = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """What an evaluation measured (:func:`run_eval`); :meth:`to_dict` is ``summary.json`` plus ``smoke_test``.
+
+    Attributes:
+        settings: the header of ``results.md`` (model, split, seeds, decoding, prompt, trajectories).
+        tasks: per task, mean and spread over seeds of each metric, ``n``, Wilson intervals,
+            failure reasons (:func:`~nat_ray.evaluation.results_table.summarize`).
+        math_average: the math tasks' average (spec section 6), or None without math tasks.
+        output_dir: the stage's folder (``trajectories/``, ``summary.json``, ``results.md``).
+        seconds: wall time.
+        smoke_test: whether the tables say they test the machinery, not the method.
+    """
+
+    settings: dict
+    tasks: dict
+    math_average: dict | None
+    output_dir: str
+    seconds: float
+    smoke_test: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def run_eval(cfg: NatRayConfig, engine=None, smoke_test: bool | None = None) -> EvalResult:
     """Run the evaluation ``cfg`` describes; write the Parquet files, ``summary.json`` and ``results.md``.
 
     Args:
@@ -311,7 +336,7 @@ def run_eval(cfg: NatRayConfig, engine=None, smoke_test: bool | None = None) -> 
             ``engine.model`` is the tiny embedded default; a pipeline passes its base model's answer).
 
     Returns:
-        The summary (also in ``summary.json``) with ``output_dir`` and ``seconds``.
+        an :class:`EvalResult` (also in ``summary.json``, less ``smoke_test``).
     """
     start = time.time()
     out = Path(cfg.eval.output_dir)
@@ -342,25 +367,26 @@ def run_eval(cfg: NatRayConfig, engine=None, smoke_test: bool | None = None) -> 
     for task in cfg.eval.tasks:
         task_rows = [r for r in rows if r[columns.TASK] == get_task(task).name]
         records.write_rows(task_rows, out / PARTS_DIR / f"{get_task(task).name}.parquet")
-    summary = {
-        "settings": eval_header(cfg, model, len(rows)),
-        **summarize(rows),
-        "output_dir": str(out),
-        "seconds": round(time.time() - start, 1),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if smoke_test is None:
         smoke_test = is_smoke_test(cfg.engine.model, cfg.engine.device)
-    summary["smoke_test"] = smoke_test
-    (out / "results.md").write_text(format_eval_results(summary, summary["settings"], smoke_test=smoke_test))
-    return summary
+    table = summarize(rows)
+    result = EvalResult(
+        settings=eval_header(cfg, model, len(rows)),
+        tasks=table["tasks"],
+        math_average=table["math_average"],
+        output_dir=str(out),
+        seconds=round(time.time() - start, 1),
+        smoke_test=smoke_test,
+    )
+    saved = {k: v for k, v in result.to_dict().items() if k != "smoke_test"}
+    (out / "summary.json").write_text(json.dumps(saved, indent=2))
+    (out / "results.md").write_text(format_eval_results(table, result.settings, smoke_test=smoke_test))
+    return result
 
 
 def main_eval(cfg: NatRayConfig) -> int:
     """``nat-ray eval``: run the evaluation and print its tables."""
-    summary = run_eval(cfg)
-    print((Path(summary["output_dir"]) / "results.md").read_text())
-    print(
-        f"{summary['settings']['trajectories']} trajectories in {summary['output_dir']} in {summary['seconds']}s"
-    )
+    result = run_eval(cfg)
+    print((Path(result.output_dir) / "results.md").read_text())
+    print(f"{result.settings['trajectories']} trajectories in {result.output_dir} in {result.seconds}s")
     return 0

@@ -320,8 +320,8 @@ class _Loop:
         eval_cfg = with_sections(
             self.cfg, engine={"model": model}, agent=agent, eval={"output_dir": str(out)}
         )
-        summary = run_eval(eval_cfg, smoke_test=self.smoke_test)
-        summary = {"tasks": summary["tasks"], "math_average": summary["math_average"]}
+        result = run_eval(eval_cfg, smoke_test=self.smoke_test)
+        summary = {"tasks": result.tasks, "math_average": result.math_average}
         return {
             "summary": summary,
             "score": round_score(summary, self.loop.metric),
@@ -413,9 +413,9 @@ class _Loop:
             result = run_rollout(rollout_cfg, progress=False)
         return {
             "data": [str(rnd.dir / "rollout" / PARTS_DIR)],
-            "trajectories": result["total"],
+            "trajectories": result.total,
             "collected_with": round_label(rnd.r - 1) if previous else "base",
-            "summary": result["summary"],
+            "summary": result.summary,
         }
 
     def train(self, rnd: _Round, collected: dict) -> dict:

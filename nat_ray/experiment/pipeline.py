@@ -136,7 +136,7 @@ def _run_stages(cfg: NatRayConfig, run_dir: Path, manifest: Manifest, tracker) -
 
         def rollout() -> dict:
             result = run_rollout(rollout_cfg)
-            return {"data": [str(run_dir / "rollout" / "trajectories")], "summary": result["summary"]}
+            return {"data": [str(run_dir / "rollout" / "trajectories")], "summary": result.summary}
 
         data = run_stage(manifest, "rollout", tracker.stage("rollout", rollout))["data"]
     data = [*data, *cfg.pipeline.extra_trajectories]
@@ -186,8 +186,8 @@ def _run_stages(cfg: NatRayConfig, run_dir: Path, manifest: Manifest, tracker) -
         )
 
         def evaluate(eval_cfg=eval_cfg) -> dict:
-            summary = run_eval(eval_cfg, smoke_test=smoke_test)
-            return {"summary": {"tasks": summary["tasks"], "math_average": summary["math_average"]}}
+            result = run_eval(eval_cfg, smoke_test=smoke_test)
+            return {"summary": {"tasks": result.tasks, "math_average": result.math_average}}
 
         results[label] = run_stage(manifest, f"eval:{label}", tracker.stage(f"eval:{label}", evaluate))[
             "summary"

@@ -11,7 +11,7 @@ who runs the batches changes.
 Use::
 
     pool = start_pool(cfg)                       # engines with LoRA enabled, the base model
-    rollout_with_pool(cfg_round0, pool, None)    # -> run_rollout's result
+    rollout_with_pool(cfg_round0, pool, None)    # -> a RolloutResult
     rollout_with_pool(cfg_round1, pool, "runs/x/adapters/round-1")
     pool.close()
 """
@@ -228,7 +228,7 @@ def rollout_with_pool(
     trajectories' model recorded as ``<engine.model>+lora:<adapter path>``.
 
     Returns:
-        run_rollout's result: ``{"output_dir", "generated", "skipped", "total", "summary", "seconds"}``.
+        run_rollout's :class:`~nat_ray.rollout.run.RolloutResult`.
     """
     from nat_ray.rollout.run import run_rollout
 

@@ -88,6 +88,7 @@ from nat_ray.serve.guards import (
     cap_max_tokens,
     role_problem,
 )
+from nat_ray.serve.llm_init import LocalModelCallback
 from nat_ray.tools.actors import actor_runtime_env
 from nat_ray.tools.host import ToolHost
 
@@ -515,6 +516,7 @@ def llm_config(
         placement_group_config={"bundles": bundles},
         runtime_env={"env_vars": env},
         deployment_config={"num_replicas": serve_cfg.llm_replicas},
+        callback_config={"callback_class": LocalModelCallback},
     )
 
 

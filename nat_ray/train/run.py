@@ -45,6 +45,7 @@ RESUMABLE_CHANGES = (
     "export_merged",
     "max_failures",
     "placement_strategy",
+    "storage_path",  # a run folder moved elsewhere (another disk, a copy) resumes where it is
 )
 # Logical CPUs a local Ray gets beyond one per worker: room for Ray Data's tokenize and read tasks.
 RAY_DATA_CPUS = 2

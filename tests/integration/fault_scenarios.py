@@ -17,10 +17,12 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import yaml
 
 from integration.two_node import TwoNodeCluster
@@ -106,8 +108,11 @@ def rollout_config(out: Path, model: str, limit: int = 12) -> dict:
     }
 
 
-def rollout_node_kill(cluster: TwoNodeCluster, work: Path, model: str, kill_after_rows: int = 4) -> dict:
-    """Rollout with an engine on each node; the worker node killed once ``kill_after_rows`` are written.
+def rollout_node_kill(
+    cluster: TwoNodeCluster, work: Path, model: str, kill_after_rows: int = 4, limit: int = 12
+) -> dict:
+    """Rollout of ``limit`` questions x 2 temperatures with an engine on each node; the worker node
+    killed once ``kill_after_rows`` are written.
 
     Returns:
         ``planned``, ``written``, ``lost``, ``duplicated``, ``rows_before_kill``, ``engine_on_both_nodes``,
@@ -117,7 +122,7 @@ def rollout_node_kill(cluster: TwoNodeCluster, work: Path, model: str, kill_afte
         (kill until the driver exits), ``exit_code``, ``seconds``, ``log`` (the driver's output tail).
     """
     out = work / "rollout"
-    cfg = rollout_config(out, model)
+    cfg = rollout_config(out, model, limit)
     cfg_path = work / "rollout.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     planned = len(range(cfg["rollout"]["limit"])) * len(cfg["rollout"]["temperatures"])
@@ -314,6 +319,92 @@ def train_node_kill(
 # --------------------------------------------------------------------------------------------
 # 3. Serving
 
+ENGINE_MARKS = ("VLLM::", "EngineCore")  # vLLM's engine core and model worker name themselves so
+RAY_MARKS = ("raylet", "gcs_server", "default_worker.py", "ray::", "dashboard", "log_monitor", "monitor.py")
+ENGINES_GONE_WITHIN_S = 30  # the orphan guard checks every second and escalates to SIGKILL after 10 s
+
+
+def _title(p: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(p.cmdline()) + " " + p.name()
+    return ""
+
+
+def _is_engine(p: psutil.Process) -> bool:
+    return any(mark in _title(p) for mark in ENGINE_MARKS)
+
+
+def _alive(key: tuple[int, float]) -> bool:
+    """Whether the process ``(pid, create_time)`` still runs (a reused pid is another process)."""
+    try:
+        p = psutil.Process(key[0])
+        return p.create_time() == key[1] and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class ProcessWatch:
+    """Every process that descends, or once descended, from the cluster's two ``ray start`` processes.
+
+    Sampled every 0.2 s in the background: an engine process is recorded while it is still a
+    descendant, and one re-parented away from the tree (an orphan) keeps being watched.
+    """
+
+    def __init__(self, cluster: TwoNodeCluster) -> None:
+        self.seen: dict[tuple[int, float], bool] = {}  # (pid, create time) -> is an engine process
+        self.roots = {node.proc.pid for node in (cluster.head, cluster.worker) if node and node.alive()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(0.2)
+
+    def sample(self) -> None:
+        for pid in list(self.roots):
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        key = (child.pid, child.create_time())
+                        # A spawned process renames itself (VLLM::EngineCore) after it starts: look again.
+                        self.seen[key] = self.seen.get(key, False) or _is_engine(child)
+                        self.roots.add(child.pid)
+
+    def engines(self, pids: set[int] | None = None) -> set[tuple[int, float]]:
+        """Live engine processes (of ``pids`` only, if given)."""
+        return {k for k, eng in self.seen.items() if eng and _alive(k) and (pids is None or k[0] in pids)}
+
+    def engines_seen(self) -> int:
+        return sum(self.seen.values())
+
+    def kill_ray_but_engines(self) -> int:
+        """SIGKILL every live Ray process of the cluster except the engines (``ray stop --force``, ours only)."""
+        self.sample()
+        killed = 0
+        for key, engine in list(self.seen.items()):
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(key[0])
+                if not engine and _alive(key) and not _is_engine(p):
+                    p.kill()
+                    killed += 1
+        return killed
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _gone_within(check, timeout_s: float) -> float | None:
+    """Seconds until ``check()`` is true, or None after ``timeout_s``."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout_s:
+        if check():
+            return round(time.monotonic() - began, 1)
+        time.sleep(0.2)
+    return None
+
 
 LLM_REPLICA = "ServeReplica"  # with "LLM" in the same title: the vLLM replica's process
 
@@ -492,11 +583,18 @@ def serve_replica_kill(
     clients: int = 4,
     after_s: float = 20.0,
     api_key: str | None = None,
+    stop_cluster: bool = False,
 ) -> dict:
     """``nat-ray serve`` on the cluster, ``clients`` chat clients; the vLLM replica's process SIGKILLed.
 
     With ``api_key``, the server starts with it as ``$NAT_RAY_API_KEY``, the clients send it, and
     after recovery :func:`knock` tries every route without it (``door`` in the figures).
+
+    The vLLM engine processes below the killed replica must end with it (the orphan guard,
+    ``nat_ray/engines/orphan_guard.py``): ``engines_of_killed_replica`` and the seconds until they were
+    gone. With ``stop_cluster``, Ctrl-C is pressed at the end while every Ray process of the cluster
+    but the engines is SIGKILLed under the shutting-down server (``ray stop --force``, this cluster
+    only): every engine process ever seen must be gone shortly after. The cluster is then unusable.
 
     Recovery is the first request sent after the kill that is answered 200; requests sent before it
     (in flight at the kill or during the restart) count as "during", those sent after it as "after".
@@ -505,8 +603,11 @@ def serve_replica_kill(
     Returns:
         ``replica`` (the killed process), ``requests``, ``failed_during``, ``failed_after``,
         ``failure_statuses`` (status -> count; 0 = no answer), ``seconds_to_recover``,
-        ``ok_after``, ``exit_code`` (of the stopped server), ``seconds``, ``log``; ``door``
-        with ``api_key``.
+        ``ok_after``, ``engines_of_killed_replica``, ``seconds_engines_gone_after_replica_kill``
+        (None: some outlived it by :data:`ENGINES_GONE_WITHIN_S`), ``exit_code`` (of the stopped
+        server), ``seconds``, ``log``; ``door`` with ``api_key``; with ``stop_cluster``,
+        ``cluster_stop``: ``engines_running``, ``ray_processes_killed``, ``seconds_engines_gone``
+        (None: some survived), ``engines_seen`` (in the whole scenario).
     """
     import requests
 
@@ -523,7 +624,9 @@ def serve_replica_kill(
             os.environ["NAT_RAY_API_KEY"] = env_key
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    door = None
+    door = cluster_stop = None
+    watch = ProcessWatch(cluster)
+    replica_engines_gone: dict[str, float | None] = {}
     try:
         _wait("server up", lambda: "nat-ray is serving" in _tail(log), proc, log, 600)
         served = requests.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
@@ -533,8 +636,19 @@ def serve_replica_kill(
             if len(replicas) != 1:
                 raise ScenarioError(f"expected one LLM replica process, found {replicas}")
             pid, title = replicas[0]
+            watch.sample()
+            with contextlib.suppress(psutil.Error):
+                below = {p.pid for p in psutil.Process(pid).children(recursive=True)}
+            engines = watch.engines(below)
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
+            gone = threading.Thread(
+                target=lambda: replica_engines_gone.update(
+                    s=_gone_within(lambda: not any(_alive(k) for k in engines), ENGINES_GONE_WITHIN_S)
+                ),
+                daemon=True,
+            )
+            gone.start()
             recovered_at = None
             deadline = killed_at + 600
             while time.monotonic() < deadline:
@@ -547,14 +661,28 @@ def serve_replica_kill(
             if recovered_at is not None:
                 time.sleep(after_s)
         results = list(load.results)
+        gone.join()
         if api_key and recovered_at is not None:
             door = knock(url, api_key, served)
+        if stop_cluster:
+            watch.sample()
+            running = len(watch.engines())
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, and the cluster stopped under the server
+            killed = watch.kill_ray_but_engines()
+            cluster_stop = {
+                "engines_running": running,
+                "ray_processes_killed": killed,
+                "seconds_engines_gone": _gone_within(lambda: not watch.engines(), ENGINES_GONE_WITHIN_S),
+                "engines_seen": watch.engines_seen(),
+            }
     finally:
+        watch.close()
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the server shuts Serve down
             try:
-                proc.wait(timeout=90)
+                proc.wait(timeout=20 if stop_cluster else 90)  # without its cluster it may not finish
             except subprocess.TimeoutExpired:
                 pass
         code = proc.returncode
@@ -570,6 +698,9 @@ def serve_replica_kill(
         "failure_statuses": dict(Counter(during + after)),
         "seconds_to_recover": round(recovered_at - killed_at, 1) if recovered_at is not None else None,
         "ok_after": sum(1 for sent, _, s in results if s == 200 and first_ok_sent and sent >= first_ok_sent),
+        "engines_of_killed_replica": len(engines),
+        "seconds_engines_gone_after_replica_kill": replica_engines_gone.get("s"),
+        **({"cluster_stop": cluster_stop} if stop_cluster else {}),
         "exit_code": code,
         "seconds": round(time.monotonic() - began, 1),
         **({"door": door} if api_key else {}),

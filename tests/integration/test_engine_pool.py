@@ -60,9 +60,7 @@ def test_the_next_round_loads_its_adapter_into_the_running_engine(tmp_path, embe
         )
     finally:
         pool.close()
-    assert (
-        first["generated"] == second["generated"] == 3 and again["skipped"] == 3
-    )  # resumes as run_rollout does
+    assert first.generated == second.generated == 3 and again.skipped == 3  # resumes as run_rollout does
     base = {r[columns.QUESTION_ID]: r for r in records.read_rows(tmp_path / "round-0" / PARTS_DIR)}
     tuned = {r[columns.QUESTION_ID]: r for r in records.read_rows(tmp_path / "round-1" / PARTS_DIR)}
     assert set(base) == set(tuned)

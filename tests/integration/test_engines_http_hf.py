@@ -259,8 +259,8 @@ def test_rollout_with_a_teacher_over_http(vllm_server, embedded_path, tmp_path, 
         },
     )
     result = run_rollout(cfg, progress=False)
-    rows = result["summary"]
-    assert result["total"] == 3 and rows[0]["count"] == 3
+    rows = result.summary
+    assert result.total == 3 and rows[0]["count"] == 3
     from nat_ray.core.records import read_rows
 
     for row in read_rows(tmp_path / "t" / "trajectories"):

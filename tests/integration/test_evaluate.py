@@ -40,8 +40,8 @@ def test_in_process_eval_writes_rows_summary_and_tables(tmp_path, vllm_engine, e
         r[columns.TEMPERATURE] == 0.0 and r[columns.ENGINE] == "vllm" and 1 <= r[columns.TURNS] <= 2
         for r in rows
     )
-    assert summary["settings"]["decoding"] == "greedy"
-    assert summary["tasks"]["svamp"]["questions"] == 2 and summary["tasks"]["svamp"]["seeds"] == [0, 1]
+    assert summary.settings["decoding"] == "greedy"
+    assert summary.tasks["svamp"]["questions"] == 2 and summary.tasks["svamp"]["seeds"] == [0, 1]
     on_disk = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert on_disk["math_average"]["tasks"] == ["svamp"]
     text = (tmp_path / "eval" / "results.md").read_text()

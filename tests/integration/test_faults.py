@@ -3,7 +3,8 @@
 One :class:`two_node.TwoNodeCluster` (head and worker node as two ``ray start`` processes, token
 auth on) serves the module; each scenario (``fault_scenarios.py``, shared with
 ``benchmarks/faults.py``) runs a stage as a driver joined to it, SIGKILLs the worker node's raylet
-and workers mid-run, and a fresh worker node joins before the next one.
+and workers mid-run, and a fresh worker node joins before the next one. The serving scenario also
+checks that no vLLM engine process outlives its killed replica or the stopped cluster.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def test_the_worker_node_is_a_node_of_its_own_and_its_kill_takes_all_its_process
 
 
 def test_rollout_survives_losing_a_node_with_no_trajectory_lost_or_twice(cluster, tmp_path, embedded_path):
-    got = rollout_node_kill(cluster, tmp_path, embedded_path)
+    got = rollout_node_kill(cluster, tmp_path, embedded_path, limit=6)
     assert got["engine_on_both_nodes"], got["log"]
     assert got["worker_node_processes_killed"] > 3 and got["worker_node_survivors"] == 0, got
     assert got["exit_code"] == 0, got["log"]
@@ -49,20 +50,34 @@ def test_rollout_survives_losing_a_node_with_no_trajectory_lost_or_twice(cluster
 
 
 def test_training_restarts_from_its_checkpoint_after_losing_a_node(cluster, tmp_path, embedded_path):
-    got = train_node_kill(cluster, tmp_path, embedded_path, steps=6, checkpoint_every=2)
+    got = train_node_kill(cluster, tmp_path, embedded_path, steps=5, checkpoint_every=2)
     assert got["workers_on_both_nodes"], got["log"]
     assert got["restarted_by_itself"] and got["exit_code"] == 0, got["log"]
-    assert got["final_step"] == got["planned_steps"] == 6
+    assert got["final_step"] == got["planned_steps"] == 5
     # The loss curve continues from the checkpoint: every step once, the redone ones replaced.
-    assert got["history_steps"] == list(range(1, 7)), got
+    assert got["history_steps"] == list(range(1, 6)), got
     assert got["checkpoint_step"] is not None and got["checkpoint_step"] % 2 == 0
     assert got["checkpoint_step"] < got["last_step_before_kill"]
     assert got["steps_redone"] == got["last_step_before_kill"] - got["checkpoint_step"]
 
 
-def test_a_killed_llm_replica_costs_at_most_503s_and_none_after_recovery(cluster, tmp_path, embedded_path):
-    got = serve_replica_kill(cluster, tmp_path, embedded_path, free_port(), api_key=secrets.token_urlsafe(24))
+def test_a_killed_llm_replica_costs_at_most_503s_and_leaves_no_engine_process(
+    cluster, tmp_path, embedded_path
+):
+    """Last in the module: it stops the cluster under the server at the end."""
+    key = secrets.token_urlsafe(24)
+    got = serve_replica_kill(
+        cluster, tmp_path, embedded_path, free_port(), api_key=key, stop_cluster=True, after_s=10
+    )
     assert got["seconds_to_recover"] is not None, got["log"]
+    # The engine core (and model worker) of the killed replica went with it, not orphaned.
+    assert got["engines_of_killed_replica"] >= 1, got
+    assert got["seconds_engines_gone_after_replica_kill"] is not None, got
+    # Ctrl-C with the cluster stopped under the server: no engine process, old or new, survives.
+    stop = got["cluster_stop"]
+    assert stop["engines_running"] >= 1 and stop["ray_processes_killed"] > 3, stop
+    assert stop["seconds_engines_gone"] is not None, stop
+    assert stop["engines_seen"] > got["engines_of_killed_replica"], stop  # the restarted replica's too
     assert set(got["failure_statuses"]) <= {503}, got  # retryable, never a 500 or a dropped connection
     assert got["failed_after"] == 0 and got["ok_after"] > 0, got
     # The restarted server still wants the key: every call without it is a 401, every route answers with it.

@@ -229,7 +229,7 @@ def test_eval_scores_the_tuned_adapter_with_the_tasks_scorer(trained, rollouts):
         eval={"tasks": [TASK_FILE], "limit": 4, "seeds": [0], "output_dir": str(rollouts / "eval")},
     )
     summary = run_eval(cfg)
-    assert summary["tasks"]["unit_convert"]["questions"] == 4
+    assert summary.tasks["unit_convert"]["questions"] == 4
     rows = records.read_rows(rollouts / "eval" / PARTS_DIR)
     assert len(rows) == 4
     assert all(r[columns.CORRECT_ROBUST] == same_number(r[columns.ANSWER], r[columns.GOLD]) for r in rows)

@@ -73,8 +73,8 @@ def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, embedded_pat
     result = run_rollout(cfg, progress=False)  # on the session's Ray
     rows = records.read_rows(out / PARTS_DIR)
     ids = [r[columns.TRAJECTORY_ID] for r in rows]
-    assert result["total"] == 16 and len(ids) == 16 == len(set(ids))
-    assert result["generated"] == 16 - len(before) and result["skipped"] == len(before)
+    assert result.total == 16 and len(ids) == 16 == len(set(ids))
+    assert result.generated == 16 - len(before) and result.skipped == len(before)
     after = {r[columns.TRAJECTORY_ID]: r for r in rows}
     for tid, row in before.items():  # what the killed run wrote is kept as it was
         assert after[tid][columns.ENDED_AT] == row[columns.ENDED_AT]
@@ -97,9 +97,9 @@ def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, embedded_pat
 
     # Running the same config again generates nothing.
     again = run_rollout(cfg, progress=False)
-    assert again["generated"] == 0 and again["total"] == 16
-    assert {row["task"] for row in again["summary"]} == {"gsm8k"}
-    assert sum(row["count"] for row in again["summary"]) == 16
+    assert again.generated == 0 and again.total == 16
+    assert {row["task"] for row in again.summary} == {"gsm8k"}
+    assert sum(row["count"] for row in again.summary) == 16
 
 
 def test_bad_settings_fail_before_any_work(tmp_path, embedded_path):

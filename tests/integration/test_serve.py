@@ -4,6 +4,8 @@ One application serves the whole module (vLLM takes a minute or two to start her
 training-export-shaped folder (``<run>/export/{model,adapter,export.json}``, as ``nat_ray.train``
 writes it): the full model as ``engine.model`` and the LoRA adapter (an untrained peft adapter of
 the embedded model) as ``serve.lora``, so both the full and the LoRA path of an export are served.
+Its ``serve.lora_dir`` starts empty; the module's last tests publish an adapter into it while the
+server runs (hot-loading) and ask for missing and unsafe adapter names.
 """
 
 from __future__ import annotations
@@ -60,12 +62,13 @@ def export_dir(tmp_path_factory, embedded_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(export_dir, local_ray):
+def server(export_dir, local_ray, tmp_path_factory):
     from ray import serve
 
     from nat_ray.serve.app import APP_NAME, build_app
 
     port = free_port()
+    lora_dir = tmp_path_factory.mktemp("lora_dir")  # empty until the hot-load test publishes into it
     cfg = from_dict(
         NatRayConfig,
         {
@@ -74,6 +77,7 @@ def server(export_dir, local_ray):
             "tools": {"search_corpus": SAMPLE_CORPUS},
             "serve": {
                 "lora": str(export_dir),
+                "lora_dir": str(lora_dir),
                 "port": port,
                 "tool_min_replicas": 1,
                 "tool_max_replicas": 2,
@@ -86,7 +90,7 @@ def server(export_dir, local_ray):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
         yield types.SimpleNamespace(
-            url=f"http://127.0.0.1:{port}", model="nat-test", lora="nat-test-lora", cfg=cfg
+            url=f"http://127.0.0.1:{port}", model="nat-test", lora="nat-test-lora", cfg=cfg, lora_dir=lora_dir
         )
     finally:
         serve.shutdown()
@@ -350,3 +354,81 @@ def test_eval_against_the_endpoint_writes_parquet_and_paper_tables(server, tmp_p
     assert summary["math_average"]["tasks"] == ["gsm8k"]
     text = (out / "results.md").read_text()
     assert "| Scoring | GSM8K | Avg (1 of 4) |" in text and "## StrategyQA" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Hot-loading (last: they publish into serve.lora_dir, which the model listings above expect empty)
+
+HOT_QUESTION = [{"role": "user", "content": "What is 12 times 3? Answer with a number."}]
+HOTLOAD_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "hotload.py"
+
+
+@pytest.fixture(scope="module")
+def hot_adapter(tmp_path_factory, embedded_path) -> Path:
+    """A tiny peft LoRA of the embedded model with random B, so greedy answers change."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_hotload", HOTLOAD_BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.make_adapter(embedded_path, tmp_path_factory.mktemp("adapters") / "A")
+
+
+def _chat(server, model: str) -> requests.Response:
+    body = {"model": model, "messages": HOT_QUESTION, "max_tokens": 16, "temperature": 0}
+    return requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S)
+
+
+def _model_ids(server) -> set[str]:
+    return {m["id"] for m in requests.get(f"{server.url}/v1/models", timeout=30).json()["data"]}
+
+
+def _llm_replicas() -> set[str]:
+    """The names of the LLM deployment's replica actors now (a restarted replica has a new name)."""
+    import ray
+
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "LLMServer" in a["name"]}
+    assert names, "no LLM replica found"
+    return names
+
+
+def test_an_adapter_published_while_serving_is_answered_by_the_same_server(server, hot_adapter):
+    from nat_ray.serve.adapters import publish_adapter
+
+    apples = {"task": "gsm8k", "question": "Tom has 3 bags of 4 apples. How many apples?", "temperature": 0}
+    assert _model_ids(server) == {server.model, server.lora}  # lora_dir starts empty
+    base = _chat(server, server.model)
+    assert base.status_code == 200, base.text
+    default_agent = _agent(server, **apples).json()
+    replicas_before = _llm_replicas()
+
+    publish_adapter(hot_adapter, server.lora_dir, "A")  # after the server started
+    hot = f"{server.model}:A"
+    assert _model_ids(server) == {server.model, server.lora, hot}
+    tuned = _chat(server, hot)
+    assert tuned.status_code == 200, tuned.text
+    assert tuned.json()["usage"]["completion_tokens"] > 0
+    assert tuned.json()["choices"][0]["message"]["content"] != base.json()["choices"][0]["message"]["content"]
+
+    answer = _agent(server, model=hot, **apples)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["model"] == hot and body["usage"]["completion_tokens"] > 0
+    assert body["trajectory"] != default_agent["trajectory"]  # the episode ran on the adapter
+    assert _llm_replicas() == replicas_before  # no replica was restarted to get there
+
+
+def test_missing_and_unsafe_adapters_are_refused_before_loading(server):
+    missing = _chat(server, f"{server.model}:missing")
+    assert missing.status_code == 404 and "'missing'" in missing.json()["error"]["message"]
+    assert missing.json()["error"]["param"] == "model"
+    for model in (f"{server.model}:../x", f"{server.model}:a/b", f"{server.model}:..", "../../etc"):
+        refused = _chat(server, model)
+        assert refused.status_code == 400, (model, refused.text)
+    agent_missing = _agent(server, task="gsm8k", question="What is 2 + 3?", model=f"{server.model}:missing")
+    assert agent_missing.status_code == 404 and "'missing'" in agent_missing.json()["error"]["message"]
+    assert (
+        _agent(server, task="gsm8k", question="What is 2 + 3?", model=f"{server.model}:..\\x").status_code
+        == 400
+    )
+    assert _agent(server, task="gsm8k", question="What is 2 + 3?", model="not-served").status_code == 404

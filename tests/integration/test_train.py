@@ -2,12 +2,16 @@
 
 One full run is trained in two parts (max_steps 1, then 2 with the same run_name: the second
 resumes from the first's checkpoint), then exported and loaded in transformers and vLLM. One
-LoRA run (ZeRO-2) exports an adapter and a merged model. Every global batch is the whole tiny
+LoRA run (ZeRO-2, two steps) exports an adapter and a merged model; a copy of its folder with the
+newest checkpoint truncated resumes from the one before. Every global batch is the whole tiny
 dataset, so losses of different steps are comparable.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,20 +60,26 @@ def full_runs(local_ray, base_cfg):
 
 
 @pytest.fixture(scope="module")
-def lora_run(local_ray, base_cfg):
-    from nat_ray.train.run import run_train
-
-    cfg = replace(
+def lora_cfg(base_cfg) -> TrainConfig:
+    """LoRA on ZeRO-2, two steps with a checkpoint after each (both kept)."""
+    return replace(
         base_cfg,
         mode="lora",
         zero_stage=2,
         lora_rank=8,
         lora_target_modules=["q_proj", "v_proj"],
         learning_rate=1e-3,
-        max_steps=1,
+        max_steps=2,
+        keep_checkpoints=2,
         run_name="lora",
     )
-    return run_train(NatRayConfig(train=cfg))
+
+
+@pytest.fixture(scope="module")
+def lora_run(local_ray, lora_cfg):
+    from nat_ray.train.run import run_train
+
+    return run_train(NatRayConfig(train=lora_cfg))
 
 
 def test_ray_data_tokenization_matches_local(local_ray, base_cfg, embedded_path, monkeypatch):
@@ -150,3 +160,30 @@ def test_lora_exports_an_adapter_and_a_merged_model_that_agree(lora_run, embedde
         assert merged.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
     assert not torch.allclose(adapter_logits, base_logits, atol=1e-4)  # the adapter learned something
     torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-3)
+
+
+def test_a_truncated_newest_checkpoint_resumes_from_the_previous_one(lora_run, lora_cfg, tmp_path, caplog):
+    """A copy of the LoRA run (moved folders resume), its step-2 model shard cut short: the next start
+    sets step 2 aside with a warning and trains it again from step 1."""
+    from nat_ray.train.run import run_train
+
+    run_dir = tmp_path / "runs" / lora_cfg.run_name
+    shutil.copytree(lora_run.run_dir, run_dir, ignore=shutil.ignore_patterns("export"))
+    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_000001", "step_000002"]
+    assert all((run_dir / n / "CHECKSUMS.sha256").is_file() for n in ("step_000001", "step_000002"))
+    shards = sorted((run_dir / "step_000002").rglob("*model_states.pt"))
+    assert shards
+    shards[0].write_bytes(shards[0].read_bytes()[:1000])
+
+    with caplog.at_level(logging.WARNING, logger="nat_ray.train.run"):
+        second = run_train(NatRayConfig(train=replace(lora_cfg, storage_path=str(run_dir.parent))))
+    assert "step_000002" in caplog.text and "set aside as step_000002.damaged" in caplog.text
+    assert (second.start_step, second.step) == (1, 2)  # step 2 trained again from step 1
+    assert [h["step"] for h in second.history] == [1, 2]
+    assert second.history[0] == lora_run.history[0]  # step 1 came from the sound checkpoint
+    # The same batch from the same weights (summed in another order by gloo): about the same loss.
+    assert second.history[1]["loss"] == pytest.approx(lora_run.history[1]["loss"], rel=0.05)
+    assert (run_dir / "step_000002.damaged").is_dir()  # kept for a person
+    # The placeholder keeps Ray Train's old name; the new checkpoint has a folder of its own.
+    assert Path(second.checkpoint).name == "step_000002-1"
+    assert json.loads((Path(second.checkpoint) / "trainer_state.json").read_text())["step"] == 2
