@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from nat_ray import safe_files
 from nat_ray.config import AgentConfig, NatRayConfig, ToolsConfig
 from nat_ray.core.react import Episode, Sampling
 from nat_ray.core.scoring import Score
 from nat_ray.engines import build_engine
+from nat_ray.errors import ConfigError
 from nat_ray.tasks import Task, register_tasks
 from nat_ray.tasks.task_file import is_task_path
 
@@ -108,17 +109,21 @@ def format_episode(ep: Episode, score: Score | None = None) -> str:
     return "\n".join(lines)
 
 
-def run_agent(cfg: NatRayConfig, question: str, gold: str | None = None, as_json: bool = False) -> int:
+def run_agent(
+    cfg: NatRayConfig, question: str | None, gold: str | None = None, json_path: str | None = None
+) -> int:
     """``nat-ray agent``: answer one question with ``cfg``'s engine and tools, and print the episode.
 
     Args:
         question: the question text.
         gold: the right answer; the output then says whether the agent got it (both scoring rules).
-        as_json: print the episode as JSON instead of a transcript.
+        json_path: also write the episode as JSON here; ``-``: print it instead of the transcript.
     """
     from nat_ray.core.react import LocalTools, Stepper
     from nat_ray.tools import configure_tools
 
+    if not question:
+        raise ConfigError('nat-ray agent needs the question to answer, e.g. nat-ray agent "What is 12 * 7?"')
     (task,), tools = prepare_tasks([cfg.agent.task], cfg)
     configure_tools(tools)
     episode = new_episode(task, question, cfg.agent, "cli-0")
@@ -130,7 +135,9 @@ def run_agent(cfg: NatRayConfig, question: str, gold: str | None = None, as_json
     finally:
         engine.close()
     score = task.score(episode.answer, gold) if gold is not None else None
-    if as_json:
+    if json_path != "-":
+        print(format_episode(episode, score))
+    if json_path:
         body = {
             "answer": episode.answer,
             "finished": episode.finished,
@@ -139,7 +146,5 @@ def run_agent(cfg: NatRayConfig, question: str, gold: str | None = None, as_json
             "conversation": episode.conversation(),
             "score": None if score is None else score.__dict__,
         }
-        print(json.dumps(body, indent=2))
-    else:
-        print(format_episode(episode, score))
+        safe_files.write_result(json_path, body)
     return 0

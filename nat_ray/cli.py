@@ -94,6 +94,14 @@ class Command:
 
 
 MODEL = Flag("--model", "HF checkpoint path or hub id (default: the embedded SmolLM2-135M)", "engine.model")
+# One meaning on every command with a result: write it as JSON to PATH ('-': standard output, and
+# the command's tables go to standard error).
+JSON = Flag(
+    "--json",
+    "also write the result as JSON to PATH ('-': print only the JSON)",
+    dest="json_path",
+    options={"metavar": "PATH"},
+)
 
 COMMANDS: tuple[Command, ...] = (
     Command(
@@ -102,7 +110,7 @@ COMMANDS: tuple[Command, ...] = (
         description="Run the agent on one question (vLLM engine, the task's tools) and print every turn.",
         run="nat_ray.agent:run_agent",
         flags=(
-            Flag("question", "the question text"),
+            Flag("question", "the question text", options={"nargs": "?"}),
             Flag("--task", "task whose tools, prompt and scorer to use (default gsm8k)", "agent.task"),
             MODEL,
             Flag(
@@ -130,7 +138,7 @@ COMMANDS: tuple[Command, ...] = (
             ),
             Flag("--seed", "sampling seed", "agent.seed", options={"type": int}),
             Flag("--gold", "the right answer: prints whether the agent got it (paper and robust rules)"),
-            Flag("--json", "print the episode as JSON", dest="as_json", options={"action": "store_true"}),
+            JSON,
         ),
         epilog="examples:\n"
         '  nat-ray agent --task gsm8k "A farmer has 3 pens with 12 hens each. How many hens?"\n'
@@ -155,6 +163,7 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--limit", "questions per task (default 20)", "rollout.limit", options={"type": int}),
             Flag("--output-dir", "where trajectories go (default runs/rollout)", "rollout.output_dir"),
             MODEL,
+            JSON,
         ),
         epilog="example:\n  nat-ray rollout --config configs/rollout.yaml --set rollout.limit=50",
     ),
@@ -168,14 +177,7 @@ COMMANDS: tuple[Command, ...] = (
         "exported to <storage_path>/<run_name>/export/ (model/ and, for LoRA, adapter/). Set RAY_ADDRESS "
         "to use a running cluster; otherwise a local Ray starts.",
         run="nat_ray.train.run:main_train",
-        flags=(
-            Flag(
-                "--json",
-                "also write the result (metrics, paths) as JSON",
-                dest="json_path",
-                options={"metavar": "PATH"},
-            ),
-        ),
+        flags=(JSON,),
         epilog="examples:\n"
         "  nat-ray import-nat && nat-ray train --config configs/train.yaml\n"
         "  nat-ray train --config configs/train_lora.yaml --set train.lora_rank=32\n"
@@ -241,6 +243,7 @@ COMMANDS: tuple[Command, ...] = (
                 options={"action": "store_true", "default": None},
             ),
             Flag("--output-dir", "where results go (default runs/eval)", "eval.output_dir"),
+            JSON,
         ),
         epilog="examples:\n"
         "  nat-ray eval --config configs/eval.yaml\n"
@@ -294,7 +297,7 @@ COMMANDS: tuple[Command, ...] = (
         "model and each tuned one -> runs/<name>/results.md. Every stage is recorded in "
         "runs/<name>/manifest.json; running the same name again resumes and skips finished stages.",
         run="nat_ray.experiment.pipeline:main_pipeline",
-        flags=(Flag("--name", "run name (default: pipeline.name = default)", "pipeline.name"),),
+        flags=(Flag("--name", "run name (default: pipeline.name = default)", "pipeline.name"), JSON),
         epilog="example:\n  nat-ray pipeline --config configs/default.yaml --name first-try",
     ),
     Command(
@@ -312,6 +315,7 @@ COMMANDS: tuple[Command, ...] = (
         flags=(
             Flag("--name", "run name (default: loop.name = loop)", "loop.name"),
             Flag("--rounds", "most rounds, round 0 included", "loop.rounds", options={"type": int}),
+            JSON,
         ),
         epilog="examples:\n"
         "  nat-ray loop --config configs/loop.yaml --name first-loop\n"
@@ -354,12 +358,7 @@ COMMANDS: tuple[Command, ...] = (
         flags=(
             Flag("refs", "task files (.yaml) to list too", options={"nargs": "*", "metavar": "TASK_FILE"}),
             Flag("--tasks-dir", "a folder of task files to list too", options={"metavar": "DIR"}),
-            Flag(
-                "--json",
-                "also write the listing as JSON to PATH",
-                dest="json_path",
-                options={"metavar": "PATH"},
-            ),
+            JSON,
         ),
         epilog="examples:\n  nat-ray tasks\n  nat-ray tasks examples/word_math/task.yaml --json tasks.json",
     ),
@@ -417,6 +416,13 @@ def _add_command(subparsers: argparse._SubParsersAction, command: Command) -> No
             action="store_true",
             help="print the resolved config (defaults, file, agent card, flags, --set) as YAML and exit",
         )
+        if command.name in DRY_RUN_COMMANDS:
+            parser.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="run every check made before Ray starts (config, tasks, prompt, data, model, tool "
+                "plug-ins, output folder), report all problems at once, and exit: 0 = all passed",
+            )
         parser.add_argument(
             "--set",
             dest="overrides",
@@ -491,9 +497,17 @@ def run_command(command: Command, args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    if getattr(args, "dry_run", False):
+        from nat_ray.experiment.preflight import dry_run
+
+        print(dry_run(command.name, cfg))
+        return 0
     function: Callable[..., int] = getattr(importlib.import_module(module_name), function_name)
     return function(cfg, **own)
 
+
+# Commands with --dry-run (nat_ray.experiment.preflight has their checks).
+DRY_RUN_COMMANDS = ("agent", "rollout", "train", "eval", "serve", "pipeline", "loop", "index")
 
 # Commands that train LoRA adapters whatever train.mode defaults to (the loop publishes adapters).
 LORA_COMMANDS = ("loop",)

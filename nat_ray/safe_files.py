@@ -169,6 +169,14 @@ def write_json(path: str | Path, obj: Any, checksum: bool = True) -> Path:
     return write_bytes(path, json.dumps(obj, indent=2, default=str).encode(), checksum=checksum)
 
 
+def write_result(path: str, obj: Any) -> None:
+    """A command's result as indented JSON at ``path`` (``-``: standard output): the CLI's ``--json PATH``."""
+    if path == "-":
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        write_json(path, obj, checksum=False)
+
+
 def seal(path: str | Path) -> Path:
     """Record the sha256 of a file another library wrote (after it was renamed into place)."""
     path = Path(path)

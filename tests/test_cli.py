@@ -64,7 +64,7 @@ def test_flags_override_the_file_and_set_overrides_a_flag(tmp_path):
     )  # fmt: skip
     cfg = load_config(NatRayConfig, args.config, config_overrides(command, args))
     assert (cfg.agent.task, cfg.agent.max_turns, cfg.agent.seed) == ("hotpotqa", 4, 7)
-    assert args.question == "q?" and args.gold is None and args.as_json is False
+    assert args.question == "q?" and args.gold is None and args.json_path is None
 
 
 def test_list_flags_become_lists_and_unset_flags_leave_the_defaults():
@@ -121,6 +121,16 @@ def test_tasks_lists_splits_counts_and_where_the_data_was_found(tmp_path, monkey
     assert "  test                 200 questions  file: " in out
 
 
+def test_json_is_a_path_on_every_command_with_a_result_and_dash_prints_only_json(capsys):
+    for name in ("agent", "rollout", "train", "eval", "pipeline", "loop", "tasks"):
+        command = next(c for c in COMMANDS if c.name == name)
+        (flag,) = [f for f in command.flags if f.name == "--json"]
+        assert flag.key == "json_path" and flag.options == {"metavar": "PATH"}, name
+    assert main(["tasks", "--json", "-"]) == 0
+    listing = json.loads(capsys.readouterr().out)  # nothing but the JSON on standard output
+    assert "gsm8k" in {t["name"] for t in listing["tasks"]}
+
+
 def test_the_loop_trains_lora_unless_told_otherwise(tmp_path, capsys):
     from nat_ray.cli import lora_by_default
 
@@ -168,3 +178,58 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, monke
     assert printed["agent"]["shots"] == NatRayConfig().agent.shots  # the defaults are there too
     assert main(["loop", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["train"]["mode"] == "lora"  # the loop's own default
+
+
+def test_dry_run_names_every_problem_in_one_run_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("--dry-run must start nothing"))
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    argv = [
+        "rollout",
+        "--tasks",
+        "gsm8k,no_such_task",
+        "--model",
+        str(tmp_path / "missing-model"),
+        "--output-dir",
+        str(a_file),
+        "--set",
+        "agent.template=no-such-template",
+        "--dry-run",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "4 of 6 checks failed" in err, err
+    assert "rollout.tasks: prompt: gsm8k: no template 'no-such-template'" in err
+    for problem in ("no_such_task", "no-such-template", "missing-model", "is a file, not a folder"):
+        assert problem in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing was written
+
+
+@pytest.mark.parametrize(
+    "command", ["agent", "rollout", "train", "eval", "serve", "pipeline", "loop", "index"]
+)
+def test_dry_run_of_the_shipped_configs_passes_without_starting_or_writing(
+    command, tmp_path, monkeypatch, capsys
+):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("--dry-run must start nothing"))
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the configs name the shipped example task from the repository's root
+    task = "examples/word_math/task.yaml"
+    out = str(tmp_path / "out")
+    argv = {
+        "agent": ["--task", task],
+        "rollout": ["--tasks", task, "--output-dir", out],
+        "train": ["--config", "configs/train.yaml", "--set", f"train.storage_path={out}"],
+        "eval": ["--tasks", task, "--output-dir", out],
+        "serve": ["--config", "configs/serve.yaml"],
+        "pipeline": ["--config", "configs/default.yaml", "--set", f"pipeline.runs_dir={out}"],
+        "loop": ["--config", "configs/loop.yaml", "--set", f"loop.runs_dir={out}"],
+        "index": [],
+    }[command]
+    assert main([command, *argv, "--dry-run"]) == 0, capsys.readouterr().err
+    assert "checks passed" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

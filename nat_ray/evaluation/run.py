@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from nat_ray import safe_files
 from nat_ray.config import NatRayConfig
 from nat_ray.core import nat_data as columns
 from nat_ray.core import records
@@ -384,9 +385,15 @@ def run_eval(cfg: NatRayConfig, engine=None, smoke_test: bool | None = None) -> 
     return result
 
 
-def main_eval(cfg: NatRayConfig) -> int:
+def main_eval(cfg: NatRayConfig, json_path: str | None = None) -> int:
     """``nat-ray eval``: run the evaluation and print its tables."""
     result = run_eval(cfg)
-    print((Path(result.output_dir) / "results.md").read_text())
-    print(f"{result.settings['trajectories']} trajectories in {result.output_dir} in {result.seconds}s")
+    out = sys.stderr if json_path == "-" else sys.stdout
+    print((Path(result.output_dir) / "results.md").read_text(), file=out)
+    print(
+        f"{result.settings['trajectories']} trajectories in {result.output_dir} in {result.seconds}s",
+        file=out,
+    )
+    if json_path:
+        safe_files.write_result(json_path, result.to_dict())
     return 0

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import shutil
 import statistics
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -551,16 +552,21 @@ def run_loop(cfg: NatRayConfig) -> dict:
     return {"run_dir": str(run_dir), "rounds": ordered, "base": base, "stopped": stopped, "table": table}
 
 
-def main_loop(cfg: NatRayConfig) -> int:
+def main_loop(cfg: NatRayConfig, json_path: str | None = None) -> int:
     """``nat-ray loop``: run or resume the loop, print the table and where everything went."""
     result = run_loop(cfg)
-    print(result["table"])
+    out = sys.stderr if json_path == "-" else sys.stdout
+    print(result["table"], file=out)
     run_dir = result["run_dir"]
-    print(f"stopped: {result['stopped']}")
+    print(f"stopped: {result['stopped']}", file=out)
     print(
-        f"run folder: {run_dir} (results.md, results.json, {PLOT_FILE}, adapters/round-<r>/, rounds/<r>/manifest.json)"
+        f"run folder: {run_dir} (results.md, results.json, {PLOT_FILE}, adapters/round-<r>/, rounds/<r>/manifest.json)",
+        file=out,
     )
     print(
-        f"look: mlflow ui --backend-store-uri {run_dir}/mlruns   |   tensorboard --logdir {run_dir}/tensorboard"
+        f"look: mlflow ui --backend-store-uri {run_dir}/mlruns   |   tensorboard --logdir {run_dir}/tensorboard",
+        file=out,
     )
+    if json_path:
+        safe_files.write_result(json_path, result)
     return 0

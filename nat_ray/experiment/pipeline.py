@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from pathlib import Path
 
+from nat_ray import safe_files
 from nat_ray.config import NatRayConfig, to_dict, with_sections
 from nat_ray.core import nat_data
 from nat_ray.core.nat_data import get_variant
@@ -200,8 +202,11 @@ def _run_stages(cfg: NatRayConfig, run_dir: Path, manifest: Manifest, tracker) -
     return {"run_dir": str(run_dir), "table": table, "results": results}
 
 
-def main_pipeline(cfg: NatRayConfig) -> int:
+def main_pipeline(cfg: NatRayConfig, json_path: str | None = None) -> int:
     result = run_pipeline(cfg)
-    print(result["table"])
-    print(f"run folder: {result['run_dir']} (manifest.json, results.md, results.json)")
+    out = sys.stderr if json_path == "-" else sys.stdout
+    print(result["table"], file=out)
+    print(f"run folder: {result['run_dir']} (manifest.json, results.md, results.json)", file=out)
+    if json_path:
+        safe_files.write_result(json_path, result)
     return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from nat_ray import safe_files
 from nat_ray.config import NatRayConfig, from_dict
 from nat_ray.core import nat_data as columns
 from nat_ray.core import records
@@ -428,13 +429,17 @@ def _generate(
             bar.close()
 
 
-def main_rollout(cfg: NatRayConfig) -> int:
+def main_rollout(cfg: NatRayConfig, json_path: str | None = None) -> int:
     """``nat-ray rollout``: collect, then print the per-task table and where the rows went."""
     result = run_rollout(cfg)
     smoke_test = is_smoke_test(cfg.engine.model, cfg.engine.device)
-    print(format_rollout_summary(result.summary, smoke_test=smoke_test))
+    out = sys.stderr if json_path == "-" else sys.stdout
+    print(format_rollout_summary(result.summary, smoke_test=smoke_test), file=out)
     print(
         f"\n{result.total} trajectories in {result.output_dir}/{PARTS_DIR} "
-        f"({result.generated} generated now, {result.skipped} kept from before) in {result.seconds}s"
+        f"({result.generated} generated now, {result.skipped} kept from before) in {result.seconds}s",
+        file=out,
     )
+    if json_path:
+        safe_files.write_result(json_path, result.to_dict())
     return 0

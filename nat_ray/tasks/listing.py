@@ -3,12 +3,11 @@ how many questions it holds, so a newcomer sees what runs before running anythin
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
-from nat_ray import paths
+from nat_ray import paths, safe_files
 from nat_ray.errors import NatRayError
 from nat_ray.tasks import TASKS, register_tasks
 from nat_ray.tasks.loaders import HF_PREFIX
@@ -85,7 +84,8 @@ def print_tasks(
     logging.getLogger("nat_ray.tasks").setLevel(logging.WARNING)  # no "using the shipped data" per split
     register_tasks(refs or [], tasks_dir)
     described, note = [describe_task(task) for task in TASKS.values()], data_dir_note()
-    print(format_tasks(described, note), end="")
+    if json_path != "-":
+        print(format_tasks(described, note), end="")
     if json_path:
-        Path(json_path).write_text(json.dumps({"data": note, "tasks": described}, indent=2))
+        safe_files.write_result(json_path, {"data": note, "tasks": described})
     return 0

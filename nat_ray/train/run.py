@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -413,10 +414,10 @@ def main_train(cfg: NatRayConfig, json_path: str | None = None) -> int:
 
     Args:
         cfg: the loaded, validated config (the CLI's ``--config`` / ``--set``).
-        json_path: also write :func:`run_train`'s result here (the CLI's ``--json``).
+        json_path: also write :func:`run_train`'s result here (the CLI's ``--json``; ``-``: standard output).
     """
     result = run_train(cfg)
-    print(format_result(result))
+    print(format_result(result), file=sys.stderr if json_path == "-" else sys.stdout)
     if json_path:
-        Path(json_path).write_text(json.dumps(result.to_dict(), indent=2))
+        safe_files.write_result(json_path, result.to_dict())
     return 0

@@ -71,6 +71,7 @@ def test_cli_agent_hotpotqa_uses_the_search_tool(tmp_path):
         "--task",
         "hotpotqa",
         "--json",
+        "-",
         "--max-turns",
         "2",
         "--set",

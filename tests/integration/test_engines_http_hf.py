@@ -222,6 +222,7 @@ def test_cli_agent_with_the_openai_backend(vllm_server, embedded_path):
         "--set",
         "agent.max_new_tokens=96",
         "--json",
+        "-",
         "--max-turns",
         "2",
         "What is 2+3?",

@@ -113,7 +113,7 @@ def _config(tmp: Path, **sections) -> NatRayConfig:
 def test_the_agent_command_answers_with_the_tasks_prompt_tool_and_scorer(capsys):
     from nat_ray.cli import main
 
-    argv = ["agent", "--task", TASK_FILE, "--max-turns", "2", "--gold", "3500", "--json"]
+    argv = ["agent", "--task", TASK_FILE, "--max-turns", "2", "--gold", "3500", "--json", "-"]
     argv += ["--set", "engine.max_model_len=2048", "--set", "engine.kv_cache_gb=1"]
     assert main([*argv, "How many meters are in 3.5 kilometers?"]) == 0
     episode = json.loads(capsys.readouterr().out)
