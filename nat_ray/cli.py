@@ -320,7 +320,7 @@ COMMANDS: tuple[Command, ...] = (
         epilog="examples:\n"
         "  nat-ray loop --config configs/loop.yaml --name first-loop\n"
         "  nat-ray loop --config configs/loop.yaml --name first-loop --rounds 4 --set loop.patience=2\n"
-        "  mlflow ui --backend-store-uri runs/first-loop/mlruns",
+        "  pipx run mlflow ui --backend-store-uri runs/first-loop/mlruns   # mlflow's UI is not in .venv",
     ),
     Command(
         "index",
@@ -344,7 +344,7 @@ COMMANDS: tuple[Command, ...] = (
         epilog="examples:\n"
         "  nat-ray index\n"
         "  nat-ray index --corpus my_corpus.jsonl.gz --set tools.index_actors=8\n"
-        "  ray job submit --working-dir . -- python jobs/index.py",
+        '  ray job submit --working-dir . -- "$PWD/.venv/bin/python" jobs/index.py',
     ),
     Command(
         "tasks",

@@ -36,6 +36,8 @@ def test_setup_pins_the_projects_ray_version_and_cuda_vllm():
 
     setup = " ".join(_cluster()["setup_commands"])
     assert f"=={ray.__version__}" in setup and ".[cuda]" in setup
+    # torch (with the CUDA vLLM) before DeepSpeed, which builds against the torch installed
+    assert setup.index('"vllm==') < setup.index("--no-build-isolation") < setup.index(".[cuda]")
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f"ray[train,data,serve]=={ray.__version__}" in pyproject
 

@@ -564,7 +564,8 @@ def main_loop(cfg: NatRayConfig, json_path: str | None = None) -> int:
         file=out,
     )
     print(
-        f"look: mlflow ui --backend-store-uri {run_dir}/mlruns   |   tensorboard --logdir {run_dir}/tensorboard",
+        f"look: pipx run mlflow ui --backend-store-uri {run_dir}/mlruns   |   "
+        f"tensorboard --logdir {run_dir}/tensorboard (neither is in .venv: README, 'Closed loop')",
         file=out,
     )
     if json_path:
