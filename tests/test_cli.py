@@ -200,7 +200,7 @@ def test_dry_run_names_every_problem_in_one_run_and_writes_nothing(tmp_path, mon
     ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "4 of 6 checks failed" in err, err
+    assert "4 of 7 checks failed" in err, err
     assert "rollout.tasks: prompt: gsm8k: no template 'no-such-template'" in err
     for problem in ("no_such_task", "no-such-template", "missing-model", "is a file, not a folder"):
         assert problem in err

@@ -83,6 +83,7 @@ def _task_checks(
     """Task files and names, the prompt each task builds, its data split, and its tool plug-ins."""
     from nat_ray.agent import prepare_tasks
     from nat_ray.tools import configured_versions
+    from nat_ray.tools.mcp import require_servers
 
     state: dict = {}
 
@@ -118,6 +119,10 @@ def _task_checks(
         (
             f"{field}: tool plug-ins",
             lambda: configured_versions(state["tools"]) if "tools" in state else None,
+        ),
+        (
+            f"{field}: MCP servers",
+            lambda: require_servers(state["tools"].plugins) if "tools" in state else None,
         ),
     ]
     if split is not None:

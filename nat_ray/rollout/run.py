@@ -37,6 +37,7 @@ from nat_ray.models import check_model
 from nat_ray.paths import PARTS_DIR
 from nat_ray.ray_runtime import init_ray
 from nat_ray.tasks import get_task
+from nat_ray.tools.mcp import require_servers
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +307,7 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True, pool=None) -> RolloutR
     tasks, cfg = with_tasks_resolved(cfg, "rollout")  # bad task files: ConfigError now
     for task in tasks:  # a prompt the agent settings cannot build (an unknown template)
         task.build_messages("?", cfg.agent.template, None, cfg.agent.shots)
+    require_servers(cfg.tools.plugins)  # an MCP server that will not start fails now, not in an actor
     model_path = check_model(cfg.engine.model) if cfg.engine.backend != "openai" else cfg.engine.model
     engine_cfg = {**asdict(cfg.engine), "model": model_path}
     resolved = {**asdict(cfg), "engine": engine_cfg}

@@ -91,6 +91,7 @@ from nat_ray.serve.guards import (
 from nat_ray.serve.llm_init import LocalModelCallback
 from nat_ray.tools.actors import actor_runtime_env
 from nat_ray.tools.host import ToolHost
+from nat_ray.tools.mcp import require_servers
 
 log = logging.getLogger(__name__)
 
@@ -578,6 +579,7 @@ def build_app(cfg: NatRayConfig):
 
     check_limits(cfg)
     tasks, cfg = with_tasks_resolved(cfg, "serve")  # the replicas read the task files by these paths
+    require_servers(cfg.tools.plugins)  # a server that will not start: a clear error before Serve
     model_path, lora_path = served_paths(cfg.engine.model, cfg.serve.lora)
     model_id, lora_id = served_model_ids(cfg, model_path)
     cfg = with_lora_dir_resolved(cfg, model_id)

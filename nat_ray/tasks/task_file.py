@@ -110,7 +110,18 @@ BUILTIN_SCORERS: dict[str, str] = {
 }
 
 USER_KEYS = frozenset(
-    ("name", "title", "data", "fields", "scorer", "tools", "instruction", "demonstrations", "markers")
+    (
+        "name",
+        "title",
+        "data",
+        "fields",
+        "scorer",
+        "tools",
+        "mcp_servers",
+        "instruction",
+        "demonstrations",
+        "markers",
+    )
 )
 REQUIRED_USER_KEYS = ("name", "data", "scorer", "instruction")
 BUILTIN_KEYS = frozenset(("name", "title", "family", "shared_data", "filters", "scorer", "tools"))
@@ -454,7 +465,8 @@ def _build_task(data: dict, path: Path, builtin: bool, problems: list[str]) -> T
 
     fields = _check_fields(data.get("fields", {}), problems)
     scorer, score_fn = _check_scorer(data.get("scorer"), base, problems) if "scorer" in data else ("", None)
-    tool_specs, tool_names = _check_tools(data.get("tools", []), base, builtin, problems)
+    servers = _check_mcp_servers(data.get("mcp_servers", {}), problems)
+    tool_specs, tool_names = _check_tools(data.get("tools", []), base, builtin, problems, servers)
 
     if builtin:
         family = data.get("family")
@@ -674,10 +686,36 @@ def _check_scorer(scorer: Any, base: Path, problems: list[str]) -> tuple[str, Ca
     return normalised, fn
 
 
+def _check_mcp_servers(servers: Any, problems: list[str]) -> dict[str, dict]:
+    """A task file's ``mcp_servers`` (name -> ``{command: [...], env?}`` or ``{url}``), checked in form."""
+    from nat_ray.tools.mcp import server_problem
+
+    if not isinstance(servers, dict):
+        problems.append(
+            f"mcp_servers must map server names to {{command: [...]}} or {{url: ...}}, got {servers!r}"
+        )
+        return {}
+    found = {}
+    for name, definition in servers.items():
+        problem = (
+            None if isinstance(name, str) and _NAME_RE.fullmatch(name) else f"mcp_servers: bad name {name!r}"
+        )
+        problem = problem or server_problem(name, definition)
+        if problem:
+            problems.append(problem)
+        else:
+            found[name] = definition
+    return found
+
+
 def _check_tools(
-    tools: Any, base: Path, builtin: bool, problems: list[str]
+    tools: Any, base: Path, builtin: bool, problems: list[str], servers: dict[str, dict] | None = None
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(normalised specs, tool names)``; a user's plug-ins are imported and checked."""
+    """``(normalised specs, tool names)``; a user's plug-ins are imported and checked.
+
+    ``mcp:SERVER/TOOL`` entries take their server's definition from ``servers`` (the task file's
+    ``mcp_servers``); the servers themselves are started by the stages' checks, not here.
+    """
     if not isinstance(tools, list) or not all(isinstance(t, str) and t for t in tools):
         problems.append(f"tools must be a list of tool names or FILE.py:function specs, got {tools!r}")
         return (), ()
@@ -685,12 +723,14 @@ def _check_tools(
         # The built-in tasks use built-in tools only; importing the tools here would load them all.
         return tuple(tools), tuple(tools)
     # Lazily: the tools' own module (imports nothing heavy, but only user task files need it).
+    from nat_ray.tools import mcp
     from nat_ray.tools.plugins import check_tool_specs, resolve_tool_spec, tool_name
 
     specs: list[str] = []
     for raw in tools:
         try:
-            specs.append(resolve_tool_spec(raw, base))
+            resolved = mcp.resolve_spec(raw, servers or {}, base) if mcp.is_mcp(raw) else raw
+            specs.append(resolve_tool_spec(resolved, base))
         except ConfigError as err:
             problems.append(f"tools: {err}")
     if len(specs) == len(tools):

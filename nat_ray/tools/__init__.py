@@ -21,9 +21,10 @@ from collections.abc import Callable, Collection
 from nat_ray import __version__
 from nat_ray.config import ToolsConfig
 from nat_ray.errors import ConfigError, DataError, ModelError
+from nat_ray.tools import mcp
 from nat_ray.tools.calculator import calculate
 from nat_ray.tools.guard import GuardedTool, ToolLimits, set_default_limits
-from nat_ray.tools.plugins import BUILTIN_TOOLS, is_builtin, load_tool, tool_name
+from nat_ray.tools.plugins import BUILTIN_TOOLS, LoadedTool, is_builtin, load_tool, tool_name
 
 # The function is imported under another name: ``nat_ray.tools.search`` is the search package.
 from nat_ray.tools.search.tool import configure_search, get_search_backend
@@ -91,10 +92,11 @@ def configure_tools(config: ToolsConfig, only: Collection[str] | None = None) ->
         )
     limits = ToolLimits.from_config(config)
     set_default_limits(limits)
+    wanted = [s for s in config.plugins if not is_builtin(s) and (only is None or tool_name(s) in only)]
+    # An MCP tool's server is connected once per process (nat_ray.tools.mcp keeps the session).
     loaded = [
-        load_tool(spec)
-        for spec in config.plugins
-        if not is_builtin(spec) and (only is None or tool_name(spec) in only)
+        LoadedTool(*mcp.load_tool(spec, limits.timeout_s), spec) if mcp.is_mcp(spec) else load_tool(spec)
+        for spec in wanted
     ]
     _register_builtins(limits)
     for tool in loaded:

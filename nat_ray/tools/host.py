@@ -58,6 +58,18 @@ class ToolHost:
         """``{tool name: version}`` of the tools this process runs (for lineage)."""
         return dict(TOOL_VERSIONS)
 
+    def check_health(self) -> None:
+        """Serve's health check (and a tool actor's): every MCP server this process uses still answers.
+
+        Raises:
+            RuntimeError: a server's session is gone (its process died, or the URL stopped
+                answering); Serve then reports the replica unhealthy and replaces it.
+        """
+        from nat_ray.tools import mcp
+
+        if not mcp.connections_alive():
+            raise RuntimeError("an MCP server of this tool host is no longer connected")
+
     def pid(self) -> int:
         """This process's id (tests kill it to check that calls survive a dying tool)."""
         return os.getpid()

@@ -1,8 +1,10 @@
 """Tool plug-ins: a task's ``tools:`` entries, resolved, checked, imported and shipped to Ray workers.
 
-A ``tools:`` entry takes one of four forms:
+A ``tools:`` entry takes one of five forms:
 
 - a built-in name: ``calculate``, ``search``;
+- ``mcp:SERVER/TOOL``: a tool of an MCP server the task file's ``mcp_servers`` defines
+  (:mod:`nat_ray.tools.mcp`);
 - ``FILE.py:function`` (``./units.py:convert``): a function or class in a Python file, relative to
   the task file's folder; :func:`resolve_tool_spec` makes the path absolute;
 - ``module:function`` (``my_pkg.tools:lookup``): a function or class in an importable module;
@@ -50,6 +52,7 @@ from types import ModuleType
 
 from nat_ray import __version__
 from nat_ray.errors import ConfigError
+from nat_ray.tools import mcp
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +86,12 @@ class LoadedTool:
 
 
 def _split(spec: str) -> tuple[str, str, str]:
-    """``(kind, target, attribute)`` with kind ``builtin``, ``file``, ``module`` or ``entry_point``."""
+    """``(kind, target, attribute)`` with kind ``builtin``, ``mcp``, ``file``, ``module`` or ``entry_point``."""
     if spec in BUILTIN_TOOLS:
         return "builtin", spec, ""
+    if mcp.is_mcp(spec):
+        server, _, rest = spec[len(mcp.PREFIX) :].partition("/")
+        return "mcp", server, rest.partition("=")[0]
     if ":" in spec:
         target, _, attr = spec.rpartition(":")
         return ("file" if target.endswith(".py") else "module"), target, attr
@@ -100,6 +106,12 @@ def spec_form_problem(spec: object) -> str | None:
         return f"tool {spec!r} has surrounding whitespace"
     kind, target, attr = _split(spec)
     if kind == "builtin":
+        return None
+    if kind == "mcp":
+        try:
+            mcp.parse_spec(spec)
+        except ConfigError as err:
+            return str(err)
         return None
     if kind == "entry_point":
         if not spec.isidentifier():
@@ -147,6 +159,10 @@ def resolve_tool_spec(spec: str, base_dir: Path | None) -> str:
     if problem is not None:
         raise ConfigError(problem)
     kind, target, attr = _split(spec)
+    if kind == "mcp" and mcp.parse_spec(spec)[2] is None:
+        raise ConfigError(
+            f"tool {spec!r}: an MCP tool is named in a task file, whose mcp_servers defines {target!r}"
+        )
     if kind == "file":
         path = Path(target).expanduser()
         if not path.is_absolute():
@@ -316,6 +332,8 @@ def load_tool(spec: str) -> LoadedTool:
         return _loaded[spec]
     if is_builtin(spec):
         raise ConfigError(f"{spec!r} is a built-in tool; it is always registered")
+    if mcp.is_mcp(spec):
+        raise ConfigError(f"{spec!r} is an MCP tool: nat_ray.tools.configure_tools connects to its server")
     problem = spec_form_problem(spec)
     if problem is not None:
         raise ConfigError(problem)
@@ -355,6 +373,11 @@ def check_tool_specs(specs: Sequence[str]) -> list[str]:
                 problems.append(
                     f"tool {spec!r}: the name {name!r} is taken by the built-in {name!r}; rename it"
                 )
+                continue
+            if kind == "mcp":  # reached and listed by mcp.check_servers, not imported
+                if name in names and names[name] != spec:
+                    problems.append(f"tools {names[name]!r} and {spec!r} are both named {name!r}")
+                names.setdefault(name, spec)
                 continue
             if kind == "file":
                 path = Path(target)
@@ -425,7 +448,10 @@ def tool_versions(specs: Sequence[str]) -> dict[str, str]:
 
     versions = {}
     for spec in specs:
-        versions[tool_name(spec)] = __version__ if is_builtin(spec) else _import_target(spec)[2]
+        if mcp.is_mcp(spec):
+            versions[tool_name(spec)] = mcp.spec_version(spec)
+        else:
+            versions[tool_name(spec)] = __version__ if is_builtin(spec) else _import_target(spec)[2]
     return versions
 
 

@@ -1,5 +1,7 @@
 """A user's own task end to end: examples/unit_convert (its data, tool, scorer and task file) through
-``nat-ray agent``, rollout, training, evaluation and the served ``/v1/agent``, on the embedded model.
+``nat-ray agent``, rollout, training, evaluation and the served ``/v1/agent``, on the embedded model;
+and examples/mcp_units, the same task with its tools on an MCP server, through a rollout's tool
+actors and the same Serve app.
 
 The tiny model rarely converts units right, so positives come the way the paper gets them: from a
 teacher over the OpenAI-compatible HTTP engine. The teacher here is a scripted local server that
@@ -27,6 +29,8 @@ pytestmark = pytest.mark.integration
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "unit_convert"
 TASK_FILE = str(EXAMPLE / "task.yaml")
+# The same task with its tools on an MCP server (examples/mcp_units/server.py, over stdio).
+MCP_TASK_FILE = str(EXAMPLE.parent / "mcp_units" / "task.yaml")
 ENGINE = {"max_model_len": 2048, "kv_cache_gb": 1, "max_num_seqs": 16}
 AGENT = {"max_turns": 3, "max_new_tokens": 48}
 UNITS = {
@@ -81,7 +85,10 @@ def _teacher(request: HttpRequest) -> tuple[int, object, dict]:
         )
     else:
         question = last.split("Question:", 1)[1]
-        text = f"Thought: I convert the units.\nAction: convert[{_convert_request(question)}]"
+        # The MCP example's tool is convert_units; its instruction names it.
+        mcp = any("convert_units[" in m["content"] for m in body["messages"])
+        action = "convert_units" if mcp else "convert"
+        text = f"Thought: I convert the units.\nAction: {action}[{_convert_request(question)}]"
     choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
     usage = {"prompt_tokens": 10, "completion_tokens": 10}
     return (
@@ -182,6 +189,30 @@ def test_rollout_runs_the_plugin_tool_in_tool_actors_and_records_lineage(rollout
     assert any(re.fullmatch(r"Observation: [\d.e+]+", o) for o in observations), observations
 
 
+def test_an_mcp_tools_task_rolls_out_with_its_server_in_the_tool_actors(local_ray, tmp_path):
+    """The teacher's convert_units[...] calls reach the example MCP server, started by each tool actor."""
+    from examples_check import same_number
+
+    from nat_ray.rollout.run import run_rollout
+
+    with serve_http(_teacher) as url:
+        cfg = _config(
+            tmp_path,
+            engine={"backend": "openai", "base_url": f"{url}/v1", "model": "teacher"},
+            rollout={"tasks": [MCP_TASK_FILE], "limit": 4},
+        )
+        result = run_rollout(cfg, progress=False)
+    rows = records.read_rows(tmp_path / "rollout" / PARTS_DIR)
+    assert result.total == len(rows) == 4
+    for row in rows:
+        assert row[columns.TASK] == "mcp_units" and row[columns.CORRECT_ROBUST], row[columns.TRAJECTORY]
+        assert same_number(row[columns.ANSWER], row[columns.GOLD])
+        versions = json.loads(row[columns.TOOL_VERSIONS])
+        assert versions["convert_units"].startswith("mcp:units:") and "scale" in versions
+        (call, observation) = [t["content"] for t in row[columns.TRAJECTORY][-3:-1]]
+        assert "Action: convert_units[" in call and re.fullmatch(r"Observation: [\d.e+]+", observation)
+
+
 @pytest.fixture(scope="module")
 def trained(rollouts):
     """NAT on the teacher's positives and the model's negatives: a LoRA adapter, two steps."""
@@ -245,7 +276,12 @@ def test_the_served_agent_answers_the_configured_task_and_only_it(trained, rollo
     cfg = _config(
         rollouts,
         engine={"model": trained.export["model"]},
-        serve={"tasks": [TASK_FILE], "port": port, "tool_max_replicas": 1, "request_timeout_s": 300},
+        serve={
+            "tasks": [TASK_FILE, MCP_TASK_FILE],
+            "port": port,
+            "tool_max_replicas": 1,
+            "request_timeout_s": 300,
+        },
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -258,6 +294,12 @@ def test_the_served_agent_answers_the_configured_task_and_only_it(trained, rollo
         assert body["task"] == "unit_convert" and body["turns"] >= 1
         assert body["prompt"][0]["content"].startswith("Convert units with interleaving Thought")
         assert body["correct"]["robust"] in (True, False)
+        # The MCP task's tools run in their own Serve deployments, each replica connected to the server.
+        handle = serve.get_deployment_handle("tool-convert_units", APP_NAME)
+        assert handle.call.remote("convert_units", "3.5 km to m").result().observation == "3500"
+        mcp_answer = requests.post(url, json={"task": "mcp_units", **question}, timeout=300)
+        assert mcp_answer.status_code == 200, mcp_answer.text
+        assert "convert_units[VALUE UNIT to UNIT]" in mcp_answer.json()["prompt"][0]["content"]
         for task in (
             "gsm8k",
             TASK_FILE,
