@@ -1,7 +1,7 @@
 """``--dry-run``: every check a command makes before it starts Ray, all of them, nothing written.
 
 Each check is a function the stage itself calls before its first piece of work (task files, the
-prompt, the data, the model, tool plug-ins, the output folder); the dry run calls them all and
+prompt, the data, the model, tool plug-ins, MCP servers, the output folder); the dry run calls them all and
 collects their errors instead of stopping at the first, so a config is fixed in one round. No Ray,
 no engine, no model weights: seconds. The checks that need a running cluster (resources, a
 resumable run's settings against its GPUs) are not here; the stage still makes them when it starts.
