@@ -29,8 +29,13 @@ def prepare_tasks(refs: Sequence[str], cfg: NatRayConfig) -> tuple[list[Task], T
         ConfigError: every bad task file and unknown name, in one error.
     """
     tasks = register_tasks(refs, cfg.tasks_dir)
+    return tasks, tools_for(tasks, cfg)
+
+
+def tools_for(tasks: Sequence[Task], cfg: NatRayConfig) -> ToolsConfig:
+    """``cfg.tools`` with every plug-in tool ``tasks`` name added to ``plugins`` (once each, in order)."""
     specs = [*cfg.tools.plugins, *(spec for task in tasks for spec in task.tool_specs)]
-    return tasks, dataclasses.replace(cfg.tools, plugins=list(dict.fromkeys(specs)))
+    return dataclasses.replace(cfg.tools, plugins=list(dict.fromkeys(specs)))
 
 
 def with_tasks_resolved(cfg: NatRayConfig, section: str) -> tuple[list[Task], NatRayConfig]:

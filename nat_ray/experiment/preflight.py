@@ -81,23 +81,23 @@ def _task_checks(
     cfg: NatRayConfig, field: str, refs: list[str], split: str | None, limit: int | None
 ) -> list[Check]:
     """Task files and names, the prompt each task builds, its data split, and its tool plug-ins."""
-    from nat_ray.agent import prepare_tasks
+    from nat_ray.agent import prepare_tasks, tools_for
     from nat_ray.tools import configured_versions
     from nat_ray.tools.mcp import require_servers
 
     state: dict = {}
 
     def resolve() -> None:
-        # One by one, so the tasks that do resolve still get their prompt and data checked.
-        state["tasks"], errors = [], []
+        # One by one, so the tasks that do resolve still get their prompt, data and tools checked.
+        tasks, errors = [], []
         for ref in refs:
             try:
-                state["tasks"] += prepare_tasks([ref], cfg)[0]
+                tasks += prepare_tasks([ref], cfg)[0]
             except NatRayError as err:
                 errors.append(str(err))
+        state["tasks"], state["tools"] = tasks, tools_for(tasks, cfg)
         if errors:
             raise ConfigError("; ".join(errors))
-        state["tools"] = prepare_tasks(refs, cfg)[1]
 
     def each(fn: Callable) -> Callable[[], None]:
         def run() -> None:
@@ -200,6 +200,16 @@ def serve_checks(cfg: NatRayConfig) -> list[Check]:
     return checks
 
 
+# A run that chains the stages makes their folders itself, under its own; its variants are its own.
+_CHAINED_SKIP = ("rollout.output_dir", "train.variant", "train.storage_path", "eval.output_dir")
+
+
+def _chained_checks(cfg: NatRayConfig, rollout: bool) -> list[Check]:
+    """The rollout (when the run collects its data), training and evaluation checks of a pipeline or loop."""
+    checks = [*(rollout_checks(cfg) if rollout else []), *train_checks(cfg, data=False), *eval_checks(cfg)]
+    return [c for c in checks if c[0] not in _CHAINED_SKIP]
+
+
 def pipeline_checks(cfg: NatRayConfig) -> list[Check]:
     from nat_ray.core.nat_data import get_variant
 
@@ -209,16 +219,11 @@ def pipeline_checks(cfg: NatRayConfig) -> list[Check]:
         checks.append(
             ("pipeline.trajectories", lambda: existing_path(p.trajectories, "pipeline.trajectories"))
         )
-    else:
-        checks += [c for c in rollout_checks(cfg) if c[0] != "rollout.output_dir"]
     checks += [
         (f"pipeline.extra_trajectories[{i}]", lambda x=x: existing_path(x, "pipeline.extra_trajectories"))
         for i, x in enumerate(p.extra_trajectories)
     ]
-    checks += [
-        c for c in train_checks(cfg, data=False) if c[0] not in ("train.variant", "train.storage_path")
-    ]
-    checks += [c for c in eval_checks(cfg) if c[0] not in ("engine.model", "eval.output_dir")]
+    checks += _chained_checks(cfg, rollout=not p.trajectories)
     checks.append(("pipeline.runs_dir", lambda: writable_folder(p.runs_dir, "pipeline.runs_dir")))
     return _unique(checks)
 
@@ -227,12 +232,7 @@ def loop_checks(cfg: NatRayConfig) -> list[Check]:
     from nat_ray.experiment.loop import check_loop_config
 
     lp = cfg.loop
-    checks: list[Check] = [("loop", lambda: check_loop_config(cfg))]
-    checks += [c for c in rollout_checks(cfg) if c[0] != "rollout.output_dir"]
-    checks += [
-        c for c in train_checks(cfg, data=False) if c[0] not in ("train.variant", "train.storage_path")
-    ]
-    checks += [c for c in eval_checks(cfg) if c[0] not in ("engine.model", "eval.output_dir")]
+    checks: list[Check] = [("loop", lambda: check_loop_config(cfg)), *_chained_checks(cfg, rollout=True)]
     checks.append(("loop.runs_dir", lambda: writable_folder(lp.runs_dir, "loop.runs_dir")))
     return _unique(checks)
 

@@ -723,7 +723,7 @@ def _check_tools(
         # The built-in tasks use built-in tools only; importing the tools here would load them all.
         return tuple(tools), tuple(tools)
     # Lazily: the tools' own module (imports nothing heavy, but only user task files need it).
-    from nat_ray.tools import mcp
+    import nat_ray.tools.mcp as mcp
     from nat_ray.tools.plugins import check_tool_specs, resolve_tool_spec, tool_name
 
     specs: list[str] = []

@@ -65,9 +65,9 @@ class ToolHost:
             RuntimeError: a server's session is gone (its process died, or the URL stopped
                 answering); Serve then reports the replica unhealthy and replaces it.
         """
-        from nat_ray.tools import mcp
+        from nat_ray.tools.mcp import connections_alive
 
-        if not mcp.connections_alive():
+        if not connections_alive():
             raise RuntimeError("an MCP server of this tool host is no longer connected")
 
     def pid(self) -> int:

@@ -149,6 +149,7 @@ class Connection:
         self.definition = definition
         self.tools: dict[str, dict] = {}
         self.server_version = "unknown"
+        self._client = None  # the SDK's Client while the session is open
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"mcp-{name}", daemon=True)
         self._thread.start()
@@ -263,9 +264,14 @@ _connections: dict[str, Connection] = {}
 _lock = threading.Lock()
 
 
+def _key(name: str, definition: dict) -> str:
+    """One server: its name and its whole definition."""
+    return json.dumps([name, definition], sort_keys=True)
+
+
 def connect(name: str, definition: dict) -> Connection:
     """This process's connection to a server, made on first use and kept (a dead one is remade)."""
-    key = json.dumps([name, definition], sort_keys=True)
+    key = _key(name, definition)
     with _lock:
         conn = _connections.get(key)
         if conn is None or not conn.alive():
@@ -360,8 +366,7 @@ def check_servers(specs: list[str], timeout_s: float = CONNECT_TIMEOUT_S) -> lis
         server, tool, definition = parse_spec(spec)
         if definition is None:
             continue
-        key = json.dumps([server, definition], sort_keys=True)
-        wanted.setdefault(key, (server, definition, set()))[2].add(tool)
+        wanted.setdefault(_key(server, definition), (server, definition, set()))[2].add(tool)
     problems = []
     for server, definition, tools in wanted.values():
         try:

@@ -50,9 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import nat_ray.tools.mcp as mcp  # the module, not the package (its __init__ imports config)
 from nat_ray import __version__
 from nat_ray.errors import ConfigError
-from nat_ray.tools import mcp
 
 log = logging.getLogger(__name__)
 
@@ -374,11 +374,6 @@ def check_tool_specs(specs: Sequence[str]) -> list[str]:
                     f"tool {spec!r}: the name {name!r} is taken by the built-in {name!r}; rename it"
                 )
                 continue
-            if kind == "mcp":  # reached and listed by mcp.check_servers, not imported
-                if name in names and names[name] != spec:
-                    problems.append(f"tools {names[name]!r} and {spec!r} are both named {name!r}")
-                names.setdefault(name, spec)
-                continue
             if kind == "file":
                 path = Path(target)
                 if not path.is_absolute() or not path.is_file():
@@ -398,12 +393,8 @@ def check_tool_specs(specs: Sequence[str]) -> list[str]:
                         f"{shadow}; a Ray worker would import one for the other, so rename the file"
                     )
                     continue
-            try:
-                obj, _, _ = _import_target(spec)
-            except ConfigError as err:
-                problems.append(str(err))
-                continue
-            problem = _signature_problem(obj, spec)
+            # An MCP tool is not imported: nat_ray.tools.mcp.check_servers reaches its server.
+            problem = None if kind == "mcp" else _import_problem(spec)
             if problem is not None:
                 problems.append(problem)
                 continue
@@ -411,6 +402,15 @@ def check_tool_specs(specs: Sequence[str]) -> list[str]:
             problems.append(f"tools {names[name]!r} and {spec!r} are both named {name!r}")
         names.setdefault(name, spec)
     return problems
+
+
+def _import_problem(spec: str) -> str | None:
+    """Why ``spec``'s plug-in cannot be imported or called as a tool, or None."""
+    try:
+        obj, _, _ = _import_target(spec)
+    except ConfigError as err:
+        return str(err)
+    return _signature_problem(obj, spec)
 
 
 def _shadowed_module(path: Path) -> str | None:
