@@ -122,7 +122,7 @@ def run_agent(
     Args:
         question: the question text.
         gold: the right answer; the output then says whether the agent got it (both scoring rules).
-        json_path: also write the episode as JSON here; ``-``: print it instead of the transcript.
+        json_path: also write the episode as JSON here; ``-``: print it (the transcript goes to stderr).
     """
     from nat_ray.core.react import LocalTools, Stepper
     from nat_ray.tools import configure_tools
@@ -140,8 +140,7 @@ def run_agent(
     finally:
         engine.close()
     score = task.score(episode.answer, gold) if gold is not None else None
-    if json_path != "-":
-        print(format_episode(episode, score))
+    print(format_episode(episode, score), file=safe_files.tables_stream(json_path))
     if json_path:
         body = {
             "answer": episode.answer,

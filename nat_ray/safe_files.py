@@ -15,11 +15,12 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 DIR_CHECKSUMS = "CHECKSUMS.sha256"
 
@@ -167,6 +168,11 @@ def _write_text_plain(path: Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any, checksum: bool = True) -> Path:
     """:func:`write_bytes` of ``obj`` as indented JSON."""
     return write_bytes(path, json.dumps(obj, indent=2, default=str).encode(), checksum=checksum)
+
+
+def tables_stream(json_path: str | None) -> TextIO:
+    """Where a command prints its tables: standard error when ``--json -`` gives standard output to the JSON."""
+    return sys.stderr if json_path == "-" else sys.stdout
 
 
 def write_result(path: str, obj: Any) -> None:

@@ -327,6 +327,11 @@ class EvalResult:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def scores(self) -> dict:
+        """``{"tasks", "math_average"}``: what a pipeline's or loop's results table reads."""
+        return {"tasks": self.tasks, "math_average": self.math_average}
+
 
 def run_eval(cfg: NatRayConfig, engine=None, smoke_test: bool | None = None) -> EvalResult:
     """Run the evaluation ``cfg`` describes; write the Parquet files, ``summary.json`` and ``results.md``.
@@ -381,14 +386,16 @@ def run_eval(cfg: NatRayConfig, engine=None, smoke_test: bool | None = None) -> 
     )
     saved = {k: v for k, v in result.to_dict().items() if k != "smoke_test"}
     (out / "summary.json").write_text(json.dumps(saved, indent=2))
-    (out / "results.md").write_text(format_eval_results(table, result.settings, smoke_test=smoke_test))
+    (out / "results.md").write_text(
+        format_eval_results(result.scores, result.settings, smoke_test=smoke_test)
+    )
     return result
 
 
 def main_eval(cfg: NatRayConfig, json_path: str | None = None) -> int:
     """``nat-ray eval``: run the evaluation and print its tables."""
     result = run_eval(cfg)
-    out = sys.stderr if json_path == "-" else sys.stdout
+    out = safe_files.tables_stream(json_path)
     print((Path(result.output_dir) / "results.md").read_text(), file=out)
     print(
         f"{result.settings['trajectories']} trajectories in {result.output_dir} in {result.seconds}s",

@@ -23,7 +23,6 @@ import contextlib
 import logging
 import shutil
 import statistics
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,8 +320,7 @@ class _Loop:
         eval_cfg = with_sections(
             self.cfg, engine={"model": model}, agent=agent, eval={"output_dir": str(out)}
         )
-        result = run_eval(eval_cfg, smoke_test=self.smoke_test)
-        summary = {"tasks": result.tasks, "math_average": result.math_average}
+        summary = run_eval(eval_cfg, smoke_test=self.smoke_test).scores
         return {
             "summary": summary,
             "score": round_score(summary, self.loop.metric),
@@ -555,7 +553,7 @@ def run_loop(cfg: NatRayConfig) -> dict:
 def main_loop(cfg: NatRayConfig, json_path: str | None = None) -> int:
     """``nat-ray loop``: run or resume the loop, print the table and where everything went."""
     result = run_loop(cfg)
-    out = sys.stderr if json_path == "-" else sys.stdout
+    out = safe_files.tables_stream(json_path)
     print(result["table"], file=out)
     run_dir = result["run_dir"]
     print(f"stopped: {result['stopped']}", file=out)

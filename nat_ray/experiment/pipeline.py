@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 from nat_ray import safe_files
@@ -188,8 +187,7 @@ def _run_stages(cfg: NatRayConfig, run_dir: Path, manifest: Manifest, tracker) -
         )
 
         def evaluate(eval_cfg=eval_cfg) -> dict:
-            result = run_eval(eval_cfg, smoke_test=smoke_test)
-            return {"summary": {"tasks": result.tasks, "math_average": result.math_average}}
+            return {"summary": run_eval(eval_cfg, smoke_test=smoke_test).scores}
 
         results[label] = run_stage(manifest, f"eval:{label}", tracker.stage(f"eval:{label}", evaluate))[
             "summary"
@@ -204,7 +202,7 @@ def _run_stages(cfg: NatRayConfig, run_dir: Path, manifest: Manifest, tracker) -
 
 def main_pipeline(cfg: NatRayConfig, json_path: str | None = None) -> int:
     result = run_pipeline(cfg)
-    out = sys.stderr if json_path == "-" else sys.stdout
+    out = safe_files.tables_stream(json_path)
     print(result["table"], file=out)
     print(f"run folder: {result['run_dir']} (manifest.json, results.md, results.json)", file=out)
     if json_path:

@@ -435,7 +435,7 @@ def main_rollout(cfg: NatRayConfig, json_path: str | None = None) -> int:
     """``nat-ray rollout``: collect, then print the per-task table and where the rows went."""
     result = run_rollout(cfg)
     smoke_test = is_smoke_test(cfg.engine.model, cfg.engine.device)
-    out = sys.stderr if json_path == "-" else sys.stdout
+    out = safe_files.tables_stream(json_path)
     print(format_rollout_summary(result.summary, smoke_test=smoke_test), file=out)
     print(
         f"\n{result.total} trajectories in {result.output_dir}/{PARTS_DIR} "

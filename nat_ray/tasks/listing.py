@@ -84,8 +84,7 @@ def print_tasks(
     logging.getLogger("nat_ray.tasks").setLevel(logging.WARNING)  # no "using the shipped data" per split
     register_tasks(refs or [], tasks_dir)
     described, note = [describe_task(task) for task in TASKS.values()], data_dir_note()
-    if json_path != "-":
-        print(format_tasks(described, note), end="")
+    print(format_tasks(described, note), end="", file=safe_files.tables_stream(json_path))
     if json_path:
         safe_files.write_result(json_path, {"data": note, "tasks": described})
     return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -417,7 +416,7 @@ def main_train(cfg: NatRayConfig, json_path: str | None = None) -> int:
         json_path: also write :func:`run_train`'s result here (the CLI's ``--json``; ``-``: standard output).
     """
     result = run_train(cfg)
-    print(format_result(result), file=sys.stderr if json_path == "-" else sys.stdout)
+    print(format_result(result), file=safe_files.tables_stream(json_path))
     if json_path:
         safe_files.write_result(json_path, result.to_dict())
     return 0

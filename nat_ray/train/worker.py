@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -47,9 +49,6 @@ def _this_environments_tools_first() -> None:
     ninja version takes the other's build log for a changed command: the CPU communication op
     (``deepspeed_shm_comm``) was rebuilt, about 50 s on two cores, whenever the two alternated.
     """
-    import os
-    import sys
-
     bin_dir = str(Path(sys.executable).parent)
     entries = os.environ.get("PATH", "").split(os.pathsep)
     if entries[0] != bin_dir:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 from helpers import SHARED_MACHINE_ENV  # tests/helpers.py
 
@@ -10,6 +13,7 @@ from nat_ray.config import EngineConfig
 # Logical CPUs of the session's Ray: a few more than a small machine's cores, so that Serve's
 # replicas, a rollout's engine and tool actors, and training's workers all fit.
 RAY_NUM_CPUS = 8
+HOTLOAD_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "hotload.py"
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +41,16 @@ def local_ray(_ray_session):
     if not ray.is_initialized():
         ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=False)
     return ray
+
+
+@pytest.fixture(scope="module")
+def hot_adapter(tmp_path_factory, embedded_path) -> Path:
+    """A tiny peft LoRA of the embedded model with random B, so greedy answers change (made as the
+    hot-load benchmark makes its adapters, ``benchmarks/hotload.py``)."""
+    spec = importlib.util.spec_from_file_location("bench_hotload", HOTLOAD_BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.make_adapter(embedded_path, tmp_path_factory.mktemp("adapters") / "A")
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,11 @@
 """Hot-loading adapters (issue 17): a running rollout engine switches to an adapter without a new engine.
 
-The adapter is a tiny peft LoRA of the embedded model with random B, so greedy answers change. (The
+The adapter is the integration conftest's ``hot_adapter`` (random B, so greedy answers change). (The
 running server's side, an adapter published into ``serve.lora_dir`` after it started, is tested in
 ``test_serve.py`` on that module's server.)
 """
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -16,19 +13,10 @@ pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 300
 QUESTION = [{"role": "user", "content": "What is 12 times 3? Answer with a number."}]
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "hotload.py"
-
-
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory, embedded_path) -> Path:
-    spec = importlib.util.spec_from_file_location("bench_hotload", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench.make_adapter(embedded_path, tmp_path_factory.mktemp("adapters") / "A")
 
 
 def test_a_running_rollout_engine_switches_to_an_adapter_without_a_new_engine(
-    local_ray, embedded_path, adapter
+    local_ray, embedded_path, hot_adapter
 ):
     # In a process of its own (a Ray task whose worker exits after it): closing an in-process vLLM
     # engine tears down vLLM's process-wide state, which the session's shared engine still uses.
@@ -58,7 +46,7 @@ def test_a_running_rollout_engine_switches_to_an_adapter_without_a_new_engine(
             engine.close()
 
     run = local_ray.remote(num_cpus=1, max_calls=1)(_switch_adapter)
-    got = local_ray.get(run.remote(embedded_path, str(adapter)), timeout=TIMEOUT_S)
+    got = local_ray.get(run.remote(embedded_path, str(hot_adapter)), timeout=TIMEOUT_S)
     assert got["same_engine"]  # the same vLLM engine, not a new one
     assert got["tuned_tokens"] > 0 and got["tuned"] != got["base"]
     assert got["back_to_base"]

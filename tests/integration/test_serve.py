@@ -360,18 +360,6 @@ def test_eval_against_the_endpoint_writes_parquet_and_paper_tables(server, tmp_p
 # Hot-loading (last: they publish into serve.lora_dir, which the model listings above expect empty)
 
 HOT_QUESTION = [{"role": "user", "content": "What is 12 times 3? Answer with a number."}]
-HOTLOAD_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "hotload.py"
-
-
-@pytest.fixture(scope="module")
-def hot_adapter(tmp_path_factory, embedded_path) -> Path:
-    """A tiny peft LoRA of the embedded model with random B, so greedy answers change."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_hotload", HOTLOAD_BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench.make_adapter(embedded_path, tmp_path_factory.mktemp("adapters") / "A")
 
 
 def _chat(server, model: str) -> requests.Response:
