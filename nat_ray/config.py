@@ -18,6 +18,7 @@ from nat_ray.config_loading import merge_overrides as merge_overrides
 from nat_ray.config_loading import parse_override as parse_override
 from nat_ray.config_loading import read_yaml as read_yaml
 from nat_ray.config_loading import to_dict as to_dict
+from nat_ray.core.preference import OBJECTIVES, split_run_variant
 from nat_ray.errors import ConfigError
 
 T = TypeVar("T")
@@ -329,6 +330,14 @@ class TrainConfig:
         seed: training seed (shuffling, init of LoRA weights).
         gradient_checkpointing: trade compute for memory on long sequences.
         export_merged: with LoRA, also export the adapter merged into the base model.
+        objective: ``"sft"`` (NAT's supervised loss on the variant's examples, the default), ``"kto"``
+            (unpaired positives as desirable, negatives as undesirable) or ``"dpo"`` (a positive and a
+            negative trajectory of one question as a pair). KTO and DPO ask with the plain prompt (no
+            NAT marker: the preference is in the loss); ``variant`` then only chooses the trajectories.
+        dpo_beta: DPO's beta (how far the policy may move from the reference; the DPO paper: 0.1).
+        kto_beta: KTO's beta (the KTO paper: 0.1).
+        pair_seed: the seed that draws DPO's pairs when a question has more positives than negatives
+            (or the reverse); the draw is reported in the run's data counts.
     """
 
     base_model: str = "embedded"
@@ -370,9 +379,16 @@ class TrainConfig:
     seed: int = 42
     gradient_checkpointing: bool = False
     export_merged: bool = True
+    objective: str = "sft"
+    dpo_beta: float = 0.1
+    kto_beta: float = 0.1
+    pair_seed: int = 42
 
     def __post_init__(self) -> None:
         _choice("train.label_mode", self.label_mode, ("robust", "paper"))
+        _choice("train.objective", self.objective, OBJECTIVES)
+        _positive("train.dpo_beta", self.dpo_beta)
+        _positive("train.kto_beta", self.kto_beta)
         _choice("train.overlong", self.overlong, ("truncate", "drop"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
@@ -395,6 +411,12 @@ class TrainConfig:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"micro_batch_size x num_workers = {self.micro_batch_size * self.num_workers}"
+            )
+        if self.objective == "kto" and self.global_batch_size < 2 * self.num_workers:
+            raise ConfigError(
+                "train.objective=kto estimates its KL term from mismatched pairs of each worker's examples in a "
+                f"step: it needs global_batch_size >= 2 x num_workers = {2 * self.num_workers} (got "
+                f"{self.global_batch_size}); with one example the estimate is the example's own reward"
             )
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -543,7 +565,8 @@ class PipelineConfig:
             skipping finished stages.
         runs_dir: parent folder of runs.
         variants: data variants to train (:data:`nat_ray.core.nat_data.VARIANTS`); paper: wo_neg, nut, nat;
-            nat_failure adds failure-aware NAT.
+            nat_failure adds failure-aware NAT. ``recipe+objective`` trains a recipe's trajectories with
+            another ``train.objective``: ``nat+kto``, ``nat+dpo`` (asked with the plain prompt).
         trajectories: Parquet trajectories to train on instead of running the rollout stage (e.g.
             ``nat-ray import-nat`` output of the NAT repo's GPT-3.5 StrategyQA trajectories).
         extra_trajectories: Parquet files or folders trained on *beside* the rollout's (or
@@ -569,6 +592,11 @@ class PipelineConfig:
             raise ConfigError(f"pipeline.name must be a plain folder name, got {self.name!r}")
         if not self.variants:
             raise ConfigError("pipeline.variants must name at least one data variant")
+        for variant in self.variants:
+            try:
+                split_run_variant(variant)
+            except ConfigError as err:
+                raise ConfigError(f"pipeline.variants: {err}") from None
         if not self.base_shots or any(shots not in (0, 1) for shots in self.base_shots):
             raise ConfigError(f"pipeline.base_shots must list 0 and/or 1, got {self.base_shots}")
 

@@ -34,6 +34,13 @@ def test_all_problems_reported_at_once():
         ({"engine": {"backend": "openai", "base_url": "http://127.0.0.1:1/v1"}}, "engine.model"),
         ({"engine": {"max_model_len": -1}}, "engine.max_model_len"),
         ({"agent": {"max_turns": True}}, "agent.max_turns"),
+        ({"train": {"objective": "ppo"}}, "train.objective"),
+        ({"train": {"objective": "dpo", "dpo_beta": 0}}, "train.dpo_beta"),
+        (
+            {"train": {"objective": "kto", "global_batch_size": 2, "micro_batch_size": 1}},
+            "train.objective=kto",
+        ),  # 1 per worker
+        ({"pipeline": {"variants": ["wo_neg+kto"]}}, "selects positives only"),
     ],
 )
 def test_bad_values_name_the_field(data, needle):

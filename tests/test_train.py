@@ -255,6 +255,18 @@ def test_format_result_summarizes_a_resumed_lora_run():
         "export    adapter: /runs/train/lora/export/adapter",
     ]
     assert lines[6].startswith("run dir   /runs/train/lora")
+    pairs = {
+        "questions": 4,
+        "paired_questions": 3,
+        "pairs": 3,
+        "unused_positives": 0,
+        "unused_negatives": 2,
+        "seed": 7,
+    }
+    dpo = replace(result, objective="dpo", data={**result.data, "pairs": pairs})
+    assert format_result(dpo).splitlines()[0] == (
+        "objective dpo: 3 pairs from 3 of 4 questions (0 positives and 2 negatives without a partner, seed 7)"
+    )
 
 
 # --------------------------------------------------------------------------------------------

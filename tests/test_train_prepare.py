@@ -10,7 +10,7 @@ from rows import math_row  # tests/rows.py
 
 from nat_ray.config import TrainConfig
 from nat_ray.core import nat_data
-from nat_ray.errors import DataError
+from nat_ray.errors import ConfigError, DataError
 from nat_ray.train.data import finalize_examples, select_examples, tokenize_examples
 from nat_ray.train.packing import pack_examples
 from nat_ray.train.prepare import (
@@ -94,6 +94,41 @@ def test_chunk_rows_are_the_in_memory_rows(tokenizer, embedded_path):
     kept, cut = finalize_examples(tokenized, examples, "truncate")
     assert packed == pack_examples(kept, 1024)
     assert counts == cut | {"text": len(examples)}
+
+
+def test_dpo_draw_lays_out_pairs_of_one_question_positive_first_and_reports_them():
+    nat = nat_data.get_variant("nat")
+    chosen = sample_selection(_statuses(_rows()), nat, None, None, 42, "dpo", pair_seed=7)
+    again = sample_selection(_statuses(_rows()), nat, None, None, 42, "dpo", pair_seed=7)
+    assert chosen == again  # seeded
+    question = {r[nat_data.TRAJECTORY_ID]: r[nat_data.QUESTION_ID] for r in _rows()}
+    positive = {r[nat_data.TRAJECTORY_ID]: r[nat_data.CORRECT_ROBUST] for r in _rows()}
+    ids = chosen.trajectory_ids
+    pairs = list(zip(ids[::2], ids[1::2]))
+    assert all(question[w] == question[lo] and positive[w] and not positive[lo] for w, lo in pairs)
+    assert chosen.positives == chosen.negatives == chosen.pairs.pairs == len(pairs) == 4
+    with pytest.raises(ConfigError, match="selects positives only"):
+        sample_selection(_statuses(_rows()), nat_data.get_variant("wo_neg"), None, None, 42, "kto")
+    one_sided = [r for r in _rows() if r[nat_data.QUESTION_ID] != "q0" or r[nat_data.CORRECT_ROBUST]]
+    one_sided = [r for r in one_sided if r[nat_data.QUESTION_ID] == "q0" or not r[nat_data.CORRECT_ROBUST]]
+    with pytest.raises(DataError, match="none of the 4 questions has both"):
+        sample_selection(_statuses(one_sided), nat, None, None, 42, "dpo")
+
+
+def test_preference_rows_use_the_plain_prompt_and_dpo_drops_a_pair_with_half_gone(tokenizer):
+    rows = [math_row(i, c) for i in range(2) for c in (True, False)]
+    marked, _ = chunk_rows(rows, [0, 1, 2, 3], "nat", "robust", tokenizer, 1024, "drop", False)
+    kto, _ = chunk_rows(rows, [0, 1, 2, 3], "nat", "robust", tokenizer, 1024, "drop", True, "kto")
+    plain, _ = chunk_rows(rows, [0, 1, 2, 3], "nut", "robust", tokenizer, 1024, "drop", False)
+    assert kto == plain != marked  # one unpacked row per example, no marker
+    dpo, counts = chunk_rows(rows, [0, 1, 2, 3], "nat", "robust", tokenizer, 1024, "drop", True, "dpo")
+    assert [r.example_ids for r in dpo] == [(0, 1), (2, 3)]
+    assert dpo[0].input_ids == plain[0].input_ids + plain[1].input_ids
+    assert dpo[0].position_ids == list(range(len(plain[0]))) + list(range(len(plain[1])))
+    long = rows[:3] + [rows[3] | {nat_data.QUESTION: "many words " * 400}]
+    dpo, counts = chunk_rows(long, [0, 1, 2, 3], "nat", "robust", tokenizer, 512, "drop", True, "dpo")
+    assert [r.example_ids for r in dpo] == [(0, 1)]
+    assert (counts["dropped_overlong"], counts["dropped_pair_partner"]) == (1, 1)
 
 
 def test_index_batch_keeps_selected_rows_with_index_and_chunk():

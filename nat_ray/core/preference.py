@@ -14,8 +14,15 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from nat_ray.core.nat_data import get_variant
+from nat_ray.errors import ConfigError
+
 Row = TypeVar("Row")
 
+# train.objective: NAT's supervised loss, or a preference loss on the same labelled trajectories.
+OBJECTIVES = ("sft", "kto", "dpo")
+# KTO and DPO train and ask with the plain prompt (NUT's: no marker); the preference is in the loss.
+PLAIN_VARIANT = "nut"
 # KTO (Ethayarajh et al., 2024, section 4): keep lambda_D * n_D / (lambda_U * n_U) in [1, 4/3].
 KTO_RATIO_LOW = 1.0
 KTO_RATIO_HIGH = 4.0 / 3.0
@@ -72,6 +79,43 @@ def draw_pairs(
         unused_neg += len(neg) - n
     report = PairReport(len(by_question), paired, len(pairs), unused_pos, unused_neg, seed)
     return pairs, report
+
+
+def check_objective(objective: str, variant) -> None:
+    """Refuse a preference objective on a data recipe without negatives (it has nothing to prefer against).
+
+    Args:
+        variant: a :class:`nat_ray.core.nat_data.Variant`.
+
+    Raises:
+        ConfigError: ``objective`` is kto or dpo and ``variant`` selects positives only.
+    """
+    if objective != "sft" and not variant.negatives:
+        raise ConfigError(
+            f"train.objective={objective} learns from positives and negatives, but variant {variant.name!r} "
+            "selects positives only; choose a variant with negatives (nat, nut, ...)"
+        )
+
+
+def split_run_variant(spec: str) -> tuple[str, str]:
+    """A pipeline variant ``recipe[+objective]`` (``nat``, ``nat+kto``, ``nut+dpo``) as ``(recipe, objective)``.
+
+    Raises:
+        ConfigError: an unknown objective, or one that the recipe cannot feed (no negatives).
+    """
+    recipe, _, objective = spec.partition("+")
+    objective = objective or "sft"
+    if objective not in OBJECTIVES:
+        raise ConfigError(
+            f"variant {spec!r}: unknown objective {objective!r}; choose one of {list(OBJECTIVES)}"
+        )
+    check_objective(objective, get_variant(recipe))
+    return recipe, objective
+
+
+def inference_template(recipe: str, objective: str) -> str:
+    """The prompt template a model trained with ``recipe`` and ``objective`` is asked with (zero-shot)."""
+    return get_variant(recipe if objective == "sft" else PLAIN_VARIANT).template
 
 
 def kto_weights(desirable: int, undesirable: int) -> tuple[float, float]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from nat_ray import safe_files
 from nat_ray.config import LoopConfig, NatRayConfig, to_dict, with_sections
 from nat_ray.core.nat_data import get_variant
+from nat_ray.core.preference import check_objective, inference_template
 from nat_ray.errors import ConfigError, DataError, ModelError
 from nat_ray.evaluation.results_table import format_comparison, is_smoke_test, round_score
 from nat_ray.experiment.manifest import Manifest, provenance, run_stage
@@ -264,7 +265,7 @@ def check_loop_config(cfg: NatRayConfig) -> None:
 
     if cfg.train.mode != "lora":
         raise ConfigError(f"the loop trains LoRA adapters: set train.mode: lora (got {cfg.train.mode!r})")
-    get_variant(cfg.train.variant)
+    check_objective(cfg.train.objective, get_variant(cfg.train.variant))
     if cfg.loop.round0 != "base" and not Path(cfg.loop.round0).exists():
         raise ConfigError(
             f"loop.round0={cfg.loop.round0!r} is neither 'base' nor an existing Parquet file or folder"
@@ -289,7 +290,10 @@ class _Loop:
         self.run_dir = Path(self.loop.runs_dir) / self.loop.name
         self.tracker = tracker
         self.smoke_test = is_smoke_test(cfg.engine.model, cfg.engine.device)
-        self.tuned_agent = {"template": get_variant(cfg.train.variant).template, "shots": 0}
+        self.tuned_agent = {
+            "template": inference_template(cfg.train.variant, cfg.train.objective),
+            "shots": 0,
+        }
         # Hot-loading needs vLLM engines that stay up; a teacher or HF engine starts afresh each round.
         self.hot_load = cfg.loop.hot_load and cfg.engine.backend == "vllm"
         self._pool = None

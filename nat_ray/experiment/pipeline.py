@@ -19,7 +19,7 @@ from pathlib import Path
 from nat_ray import safe_files
 from nat_ray.config import NatRayConfig, to_dict, with_sections
 from nat_ray.core import nat_data
-from nat_ray.core.nat_data import get_variant
+from nat_ray.core.preference import inference_template, split_run_variant
 from nat_ray.errors import ConfigError
 from nat_ray.evaluation.results_table import format_comparison, is_smoke_test
 from nat_ray.experiment.manifest import Manifest as StageManifest
@@ -103,7 +103,7 @@ def run_pipeline(cfg: NatRayConfig) -> dict:
     """Run (or resume) the experiment ``cfg.pipeline`` describes; return the results table as data."""
     # Every check that needs no work comes before the run folder is made.
     for variant in cfg.pipeline.variants:
-        get_variant(variant)
+        split_run_variant(variant)
     if cfg.pipeline.trajectories and not Path(cfg.pipeline.trajectories).exists():
         raise ConfigError(
             f"pipeline.trajectories={cfg.pipeline.trajectories!r} does not exist (run `nat-ray import-nat`?)"
@@ -151,11 +151,13 @@ def _run_stages(cfg: NatRayConfig, run_dir: Path, manifest: Manifest, tracker) -
             label = base_label(shots, cfg.pipeline.base_shots)
             models[label] = {"model": cfg.engine.model, "template": cfg.agent.template, "shots": shots}
     for variant in cfg.pipeline.variants:
+        recipe, objective = split_run_variant(variant)
         train_cfg = with_sections(
             cfg,
             train={
                 "data": data,
-                "variant": variant,
+                "variant": recipe,
+                "objective": objective,
                 "run_name": variant,
                 "storage_path": str(run_dir / "train"),
             },
@@ -166,10 +168,11 @@ def _run_stages(cfg: NatRayConfig, run_dir: Path, manifest: Manifest, tracker) -
             return {"export": result.export, "final_loss": result.final_loss, "step": result.step}
 
         entry = run_stage(manifest, f"train:{variant}", tracker.stage(f"train:{variant}", train))
-        # A tuned model answers the prompt it was trained with: zero-shot, its variant's template.
+        # A tuned model answers the prompt it was trained with: zero-shot, its variant's template
+        # (KTO's and DPO's: the plain one).
         models[variant] = {
             "model": entry["export"]["model"],
-            "template": get_variant(variant).template,
+            "template": inference_template(recipe, objective),
             "shots": 0,
         }
     manifest.data["models"] = models

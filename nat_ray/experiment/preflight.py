@@ -148,6 +148,7 @@ def rollout_checks(cfg: NatRayConfig) -> list[Check]:
 
 def train_checks(cfg: NatRayConfig, data: bool = True) -> list[Check]:
     from nat_ray.core.nat_data import get_variant
+    from nat_ray.core.preference import check_objective
     from nat_ray.train.data import trajectory_files
 
     t = cfg.train
@@ -160,7 +161,7 @@ def train_checks(cfg: NatRayConfig, data: bool = True) -> list[Check]:
             check_lora_targets_for(resolve_model(t.base_model), t.lora_target_modules)
 
     checks: list[Check] = [
-        ("train.variant", lambda: get_variant(t.variant)),
+        ("train.variant", lambda: check_objective(t.objective, get_variant(t.variant))),
         ("train.base_model", lambda: model_available(t.base_model)),
         ("train.lora_target_modules", lora_targets),
         ("train.storage_path", lambda: writable_folder(t.storage_path, "train.storage_path")),
@@ -211,10 +212,10 @@ def _chained_checks(cfg: NatRayConfig, rollout: bool) -> list[Check]:
 
 
 def pipeline_checks(cfg: NatRayConfig) -> list[Check]:
-    from nat_ray.core.nat_data import get_variant
+    from nat_ray.core.preference import split_run_variant
 
     p = cfg.pipeline
-    checks: list[Check] = [(f"pipeline.variants: {v}", lambda v=v: get_variant(v)) for v in p.variants]
+    checks: list[Check] = [(f"pipeline.variants: {v}", lambda v=v: split_run_variant(v)) for v in p.variants]
     if p.trajectories:
         checks.append(
             ("pipeline.trajectories", lambda: existing_path(p.trajectories, "pipeline.trajectories"))

@@ -426,12 +426,22 @@ def _row_to_sequence(row: dict) -> PackedSequence:
     )
 
 
-def step_batches(rows: Iterator[dict], start_step: int, pad_id: int, packed: bool) -> Iterator[tuple]:
-    """Group a rank's row stream into ``(step, [micro-batch])``, skipping steps before ``start_step``."""
+def step_batches(
+    rows: Iterator[dict], start_step: int, pad_id: int, packed: bool, keep_rows: bool = False
+) -> Iterator[tuple]:
+    """Group a rank's row stream into ``(step, [micro-batch])``, skipping steps before ``start_step``.
+
+    Args:
+        keep_rows: each micro-batch also holds its :class:`PackedSequence` rows under ``"rows"``
+            (the preference objectives read the examples' ids and build KTO's mismatched pairs).
+    """
     live = (r for r in rows if r["step"] >= start_step)
     for step, step_rows in itertools.groupby(live, key=lambda r: r["step"]):
-        micro = [
-            collate([_row_to_sequence(r) for r in group], pad_id, packed)
-            for _, group in itertools.groupby(step_rows, key=lambda r: r["micro"])
-        ]
+        micro = []
+        for _, group in itertools.groupby(step_rows, key=lambda r: r["micro"]):
+            sequences = [_row_to_sequence(r) for r in group]
+            batch = collate(sequences, pad_id, packed)
+            if keep_rows:
+                batch["rows"] = sequences
+            micro.append(batch)
         yield step, micro

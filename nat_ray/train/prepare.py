@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nat_ray.config import TrainConfig
@@ -44,6 +44,7 @@ from nat_ray.core.nat_data import (  # the per-question rules, shared with the i
     select_in_question,
     trajectory_features,
 )
+from nat_ray.core.preference import PLAIN_VARIANT, PairReport, check_objective, draw_pairs, kto_weights
 from nat_ray.core.prompts import CUSTOM
 from nat_ray.errors import DataError
 from nat_ray.tasks import TASKS, register_task_file
@@ -54,7 +55,7 @@ from nat_ray.train.data import (
     trajectory_files,
     warn_fallbacks,
 )
-from nat_ray.train.packing import PackedSequence, pack_examples, single_rows
+from nat_ray.train.packing import PackedSequence, make_row, pack_examples, single_rows
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,15 @@ EXAMPLE_COLUMNS = (
     nat_data.TURN_PROMPT_IDS,
     nat_data.TURN_COMPLETION_IDS,
 )
-COUNTS = ("truncated", "dropped_overlong", "dropped_no_loss", FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK)
+COUNTS = (
+    "truncated",
+    "dropped_overlong",
+    "dropped_no_loss",
+    "dropped_pair_partner",  # DPO: the pair's other trajectory was dropped (over-long or no loss)
+    FROM_IDS,
+    FROM_TEXT,
+    FROM_TEXT_FALLBACK,
+)
 ROW_COLUMNS = ("input_ids", "labels", "position_ids", "example_ids", "lengths")
 
 
@@ -124,12 +133,18 @@ def select_group(group, drop_unfinished_negatives: bool, drop_zero_f1_negatives:
 
 @dataclass(frozen=True)
 class Selected:
-    """The draw: trajectory ids in example order (positives first), and what was dropped."""
+    """The draw: trajectory ids in example order, and what was dropped.
+
+    The order is positives first (as NAT), so an example index below ``positives`` is a positive
+    (KTO's desirable examples); for DPO it is pair after pair, the positive first: indices ``2k``
+    and ``2k + 1`` are one question's pair, and ``pairs`` says how they were drawn.
+    """
 
     trajectory_ids: list[str]
     positives: int
     negatives: int
     dropped: dict[str, int]
+    pairs: PairReport | None = None
 
 
 def sample_selection(
@@ -138,16 +153,23 @@ def sample_selection(
     num_positives: int | None,
     num_negatives: int | None,
     seed: int,
+    objective: str = "sft",
+    pair_seed: int = 42,
 ) -> Selected:
     """The seeded draw of :func:`nat_ray.core.nat_data.build_examples` over per-question statuses.
+
+    With ``objective="dpo"`` the drawn positives and negatives are then paired within each question
+    (:func:`nat_ray.core.preference.draw_pairs` with ``pair_seed``); rows without a partner are left out.
 
     Args:
         statuses: pyarrow table ``(question_id, trajectory_id, status)`` of every trajectory.
 
     Raises:
         DataError: more positives or negatives asked for than exist; no positive; a variant that
-            needs negatives finds none.
+            needs negatives finds none; DPO with no question that has both.
+        ConfigError: a preference objective with a variant without negatives.
     """
+    check_objective(objective, variant)
     import pyarrow.compute as pc
 
     ordered = statuses.sort_by([(nat_data.QUESTION_ID, "ascending"), (nat_data.TRAJECTORY_ID, "ascending")])
@@ -168,6 +190,8 @@ def sample_selection(
     if variant.negatives and not neg:
         raise DataError(f"variant {variant.name!r} needs negative trajectories, but the data has none")
     chosen = [ids[POSITIVE][i] for i in pos] + [ids[NEGATIVE][i] for i in neg]
+    if objective == "dpo":
+        return _pair_selection(ordered, chosen, len(pos), counts, pair_seed)
     log.info(
         "%s: %d positives + %d negatives (dropped %s)",
         variant.name,
@@ -176,6 +200,31 @@ def sample_selection(
         {k: v for k, v in counts.items() if v},
     )
     return Selected(chosen, len(pos), len(neg), counts)
+
+
+def _pair_selection(ordered, chosen: list[str], positives: int, counts: dict, seed: int) -> Selected:
+    """DPO's draw: the chosen rows paired within their questions, laid out pair after pair."""
+    question_of = dict(
+        zip(ordered[nat_data.TRAJECTORY_ID].to_pylist(), ordered[nat_data.QUESTION_ID].to_pylist())
+    )
+    labelled = [(t, k < positives) for k, t in enumerate(chosen)]
+    pairs, report = draw_pairs(labelled, lambda r: question_of[r[0]], lambda r: r[1], seed)
+    if not pairs:
+        raise DataError(
+            f"train.objective=dpo pairs a positive and a negative trajectory of one question, but none of "
+            f"the {report.questions} questions has both; collect more samples per question "
+            "(rollout.samples_per_question) or use train.objective=kto, which needs no pairs"
+        )
+    log.info(
+        "dpo: %d pairs from %d of %d questions (%d positives and %d negatives without a partner; seed %d)",
+        report.pairs,
+        report.paired_questions,
+        report.questions,
+        report.unused_positives,
+        report.unused_negatives,
+        seed,
+    )
+    return Selected([t for pair in pairs for t, _ in pair], report.pairs, report.pairs, counts, report)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,8 +240,13 @@ def chunk_rows(
     max_length: int | None,
     overlong: str,
     packing: bool,
+    objective: str = "sft",
 ) -> tuple[list, dict]:
     """One chunk's trajectory rows -> packed rows, and counts of what ``train.overlong`` did.
+
+    KTO and DPO build every example with the plain prompt (no marker) and never pack across
+    examples: KTO's row is one example, DPO's row is one pair (positive, then negative; no attention
+    between them), and a pair whose other half was dropped is dropped too.
 
     Args:
         rows: trajectory rows of the chunk, in selection order.
@@ -201,14 +255,18 @@ def chunk_rows(
     Returns:
         ``([PackedSequence], {"truncated", "dropped_overlong", "dropped_no_loss", <token sources>})``.
     """
+    prompt_variant = variant if objective == "sft" else PLAIN_VARIANT
     tokenized = [
-        tokenize_example(tokenizer, nat_data.build_example(r, variant, label_mode), max_length) for r in rows
+        tokenize_example(tokenizer, nat_data.build_example(r, prompt_variant, label_mode), max_length)
+        for r in rows
     ]
     kept, counts = apply_overlong(tokenized, [r[nat_data.TRAJECTORY_ID] for r in rows], overlong)
     for ex in tokenized:
         counts[ex.source] = counts.get(ex.source, 0) + 1
+    if objective == "dpo":
+        return _pair_rows(tokenized, kept, indices, counts)
     examples = [tokenized[k] for k in kept]
-    packed = pack_examples(examples, max_length) if packing else single_rows(examples)
+    packed = pack_examples(examples, max_length) if packing and objective == "sft" else single_rows(examples)
     # example_ids: the examples' indices in the whole selection, not in this chunk.
     return [
         PackedSequence(
@@ -216,6 +274,28 @@ def chunk_rows(
         )
         for r in packed
     ], counts
+
+
+def _pair_rows(tokenized, kept: list[int], indices: Sequence[int], counts: dict) -> tuple[list, dict]:
+    """DPO's rows: selection indices ``2k`` and ``2k + 1`` (positive, negative) as one row each pair."""
+    by_index = {indices[k]: k for k in kept}
+    rows = []
+    for k in kept:
+        index = indices[k]
+        if index % 2:
+            continue
+        partner = by_index.get(index + 1)
+        if partner is None:
+            counts["dropped_pair_partner"] = counts.get("dropped_pair_partner", 0) + 1
+            continue
+        row = make_row(tokenized, [k, partner])
+        rows.append(
+            PackedSequence(row.input_ids, row.labels, row.position_ids, (index, index + 1), row.lengths)
+        )
+    # A negative whose positive was dropped loses its partner too.
+    lone = sum(1 for k in kept if indices[k] % 2 and indices[k] - 1 not in by_index)
+    counts["dropped_pair_partner"] = counts.get("dropped_pair_partner", 0) + lone
+    return rows, counts
 
 
 def index_batch(batch, selected, chunk_examples: int):
@@ -274,6 +354,7 @@ def pack_group(
     overlong: str,
     packing: bool,
     task_files: Sequence[str] = (),
+    objective: str = "sft",
 ):
     """``map_groups`` over one chunk: packed rows with ``chunk``, ``pos``, their token counts,
     and the chunk's counts on its first record (a chunk with no row left gives one non-row record)."""
@@ -289,7 +370,15 @@ def pack_group(
             indices.append(r["index"])
     chunk = rows[0]["chunk"]
     packed, counts = chunk_rows(
-        rows, indices, variant, label_mode, load_tokenizer(model_path), max_length, overlong, packing
+        rows,
+        indices,
+        variant,
+        label_mode,
+        load_tokenizer(model_path),
+        max_length,
+        overlong,
+        packing,
+        objective,
     )
     n = max(1, len(packed))
     ints = pa.list_(pa.int32())
@@ -409,6 +498,7 @@ def prepare_data(
         "overlong": cfg.overlong,
         "packing": cfg.packing,
         "task_files": custom_task_files(files),
+        "objective": cfg.objective,
     }
 
     def read(columns, paths: bool):
@@ -434,7 +524,15 @@ def prepare_data(
         statuses = pa.concat_tables(ray.get(selection.to_arrow_refs()))
     if statuses.num_rows == 0:
         raise DataError(f"train.data: {list(cfg.data)} hold no trajectories")
-    chosen = sample_selection(statuses, variant, cfg.num_positives, cfg.num_negatives, cfg.sample_seed)
+    chosen = sample_selection(
+        statuses,
+        variant,
+        cfg.num_positives,
+        cfg.num_negatives,
+        cfg.sample_seed,
+        cfg.objective,
+        cfg.pair_seed,
+    )
     selected = pa.array(chosen.trajectory_ids, pa.string())
     if in_driver:
         indexed = index_batch(_read_local(files, EXAMPLE_COLUMNS, common, True), selected, CHUNK_EXAMPLES)
@@ -467,8 +565,14 @@ def prepare_data(
     counts = {key: pc.sum(light[key]).as_py() or 0 for key in COUNTS}
     order = light.filter(light["is_row"]).sort_by([("chunk", "ascending"), ("pos", "ascending")])
     tokens = order["tokens"].to_numpy()
-    examples = chosen.positives + chosen.negatives - counts["dropped_overlong"] - counts["dropped_no_loss"]
-    cut = {k: counts[k] for k in ("truncated", "dropped_overlong", "dropped_no_loss")}
+    examples = (
+        chosen.positives
+        + chosen.negatives
+        - counts["dropped_overlong"]
+        - counts["dropped_no_loss"]
+        - counts["dropped_pair_partner"]
+    )
+    cut = {k: counts[k] for k in ("truncated", "dropped_overlong", "dropped_no_loss", "dropped_pair_partner")}
     if examples == 0:
         raise DataError(f"no example is left to train on after the max_length check: {cut}")
     sources = {k: counts[k] for k in (FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK)}
@@ -484,10 +588,25 @@ def prepare_data(
         "tokens": int(tokens.sum()),
         "loss_tokens": pc.sum(order["loss_tokens"]).as_py() or 0,
         "packing_efficiency": round(int(tokens.sum()) / (order.num_rows * cfg.max_length), 4)
-        if cfg.packing and order.num_rows
+        if cfg.packing and cfg.objective == "sft" and order.num_rows
         else None,
+        **preference_stats(cfg, chosen),
     }
     return PreparedRows(blocks, order["block"].to_numpy(), order["offset"].to_numpy(), stats)
+
+
+def preference_stats(cfg: TrainConfig, chosen: Selected) -> dict:
+    """What the run's JSON says of a preference objective's data: DPO's pair draw, KTO's class weights.
+
+    KTO's weights (lambda_D, lambda_U) come from the selected positives and negatives, before the
+    ``train.overlong`` check, so they do not depend on how the examples were cut into chunks.
+    """
+    if cfg.objective == "dpo" and chosen.pairs is not None:
+        return {"pairs": asdict(chosen.pairs)}
+    if cfg.objective == "kto":
+        desirable, undesirable = kto_weights(chosen.positives, chosen.negatives)
+        return {"kto_weights": {"desirable": desirable, "undesirable": undesirable}}
+    return {}
 
 
 def gather_rows(steps, micros, block_ids, offsets, *blocks):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from nat_ray import safe_files
@@ -23,6 +23,7 @@ from nat_ray.config import NatRayConfig, TrainConfig
 from nat_ray.core import nat_data
 from nat_ray.core.agent_card import AgentCard, write_card
 from nat_ray.core.nat_data import get_variant
+from nat_ray.core.preference import check_objective, inference_template
 from nat_ray.errors import ConfigError
 from nat_ray.models import resolve_model
 from nat_ray.paths import PROGRESS_FILE
@@ -83,7 +84,13 @@ def check_resume(run_dir: Path, fingerprint: dict) -> bool:
     if not (file.is_file() and has_checkpoint(run_dir)):
         return False
     saved = _read_fingerprint(file)
-    changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v} if saved else {}
+    # A setting added since the run was saved counts as unchanged at its default.
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    changed = (
+        {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k, defaults.get(k)) != v}
+        if saved
+        else {}
+    )
     if changed:
         listing = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise ConfigError(
@@ -219,12 +226,12 @@ def agent_card_for(cfg: NatRayConfig, files: list[str]) -> AgentCard:
             tasks.append(get_task(name))
         except ConfigError as err:  # the card still names it; its tools and marker come from the others
             log.warning("agent card: task %r is not known here (%s)", name, err)
-    template = get_variant(cfg.train.variant).template
+    template = inference_template(cfg.train.variant, cfg.train.objective)  # KTO, DPO: the plain prompt
     marker = tasks[0].build_messages("{question}", template, None, 0)[-1]["content"] if tasks else ""
     return AgentCard(
         base_model=cfg.train.base_model,
         variant=cfg.train.variant,
-        objective="sft",
+        objective=cfg.train.objective,
         template=template,
         shots=0,
         marker=marker,
@@ -271,6 +278,8 @@ class TrainResult:
         seconds: wall time of this start.
         resumed: whether this start resumed a checkpoint.
         checkpoint: the last checkpoint Ray Train kept.
+        objective: ``train.objective`` (sft, kto, dpo); the data counts say how DPO drew its pairs
+            (``pairs``) or which class weights KTO used (``kto_weights``).
     """
 
     run_dir: str
@@ -284,6 +293,7 @@ class TrainResult:
     seconds: float
     resumed: bool
     checkpoint: str | None
+    objective: str = "sft"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -308,7 +318,7 @@ def run_train(cfg: NatRayConfig) -> TrainResult:
     # Bad input fails here, before Ray starts; the rows are read on Ray Data below.
     files = trajectory_files(t.data)
     register_configured_tasks(cfg)
-    get_variant(t.variant)
+    check_objective(t.objective, get_variant(t.variant))
     storage = storage_root(t.storage_path)
     local = "://" not in storage
     run_dir = Path(storage) / t.run_name
@@ -343,16 +353,18 @@ def run_train(cfg: NatRayConfig) -> TrainResult:
     datasets = {
         f"rank{r}": rank_dataset(prepared, schedule.rank_stream(r, t.seed)) for r in range(t.num_workers)
     }
+    pad_id = pad_token_id(load_tokenizer(model_path))
     config = {
         "train": asdict(t),
         "model_path": model_path,
         "gpu": gpu,
         "schedule": asdict(schedule),
-        "pad_id": pad_token_id(load_tokenizer(model_path)),
+        "pad_id": pad_id,
         "run_dir": f"{storage}/{t.run_name}",
         "local": local,
         "export_dir": export_dir,
         "tensorboard_dir": str(run_dir / "tensorboard") if local else None,
+        "preference": preference_settings(t, data_stats, pad_id),
     }
     log.info("train %s: starting %d workers (model load, then one line per step)", t.run_name, t.num_workers)
     with ProgressEcho(run_dir, enabled=local and not workers_visible):
@@ -374,14 +386,46 @@ def run_train(cfg: NatRayConfig) -> TrainResult:
         seconds=round(time.time() - began, 1),
         resumed=resumed,
         checkpoint=result.checkpoint.path if result.checkpoint else None,
+        objective=t.objective,
     )
+
+
+def preference_settings(t: TrainConfig, data_stats: dict, pad_id: int) -> dict | None:
+    """What the workers need of a preference objective (:class:`~nat_ray.train.objectives.Preference`)."""
+    if t.objective == "sft":
+        return None
+    weights = data_stats.get("kto_weights", {})
+    return {
+        "objective": t.objective,
+        "beta": t.dpo_beta if t.objective == "dpo" else t.kto_beta,
+        "desirable_weight": weights.get("desirable", 1.0),
+        "undesirable_weight": weights.get("undesirable", 1.0),
+        "positives": data_stats["positives"],
+        "pad_id": pad_id,
+    }
+
+
+def objective_line(objective: str, d: dict) -> str:
+    """KTO's class weights or DPO's pair draw, in one summary line."""
+    if d.get("pairs"):
+        p = d["pairs"]
+        return (
+            f"objective {objective}: {p['pairs']} pairs from {p['paired_questions']} of {p['questions']} questions "
+            f"({p['unused_positives']} positives and {p['unused_negatives']} negatives without a partner, "
+            f"seed {p['seed']})"
+        )
+    if d.get("kto_weights"):
+        w = d["kto_weights"]
+        return f"objective {objective}: class weights desirable {w['desirable']:.3f}, undesirable {w['undesirable']:.3f}"
+    return f"objective {objective}"
 
 
 def format_result(result: TrainResult) -> str:
     """The human summary of :func:`run_train`'s result: data, schedule, training, loss, export, run dir."""
     result = result.to_dict()
     d, s = result["data"], result["schedule"]
-    lines = [
+    lines = [objective_line(result["objective"], d)] if result["objective"] != "sft" else []
+    lines += [
         f"data      {d['positives']} positives + {d['negatives']} negatives -> {d['examples']} examples "
         f"({d['truncated']} truncated, {d['dropped_overlong']} dropped as over-long, "
         f"{d['dropped_no_loss']} without loss tokens) -> {d['rows']} rows, {d['tokens']} tokens "

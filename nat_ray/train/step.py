@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nat_ray.config import TrainConfig
 from nat_ray.core.masks import IGNORE_INDEX
@@ -245,7 +245,8 @@ def lora_config(cfg: TrainConfig):
 def build_model(
     cfg: TrainConfig, model_path: str, gpu: bool, attn_implementation: str | None = None, **kwargs
 ):
-    """The model to train: the full model, or the base wrapped in LoRA adapters when ``cfg.mode == "lora"``.
+    """The model to train: the full model, or the base wrapped in LoRA adapters when ``cfg.mode == "lora"``;
+    without dropout for a preference objective (:func:`disable_dropout`).
 
     Args:
         attn_implementation: ``None`` = :func:`attention_for` ``(cfg.packing, gpu)``.
@@ -271,7 +272,20 @@ def build_model(
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         model = get_peft_model(model, lora_config(cfg))
+    if cfg.objective != "sft":
+        disable_dropout(model)
     return model
+
+
+def disable_dropout(model) -> None:
+    """Set every dropout to 0: a preference loss compares the policy's log-probabilities with the
+    reference's, and dropout noise in one of them (LoRA's dropout, a model's own) drowns the small
+    differences it learns from; TRL's DPO and KTO trainers do the same by default."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -340,6 +354,7 @@ class StepStats:
         padded_tokens: tokens including padding processed (likewise).
         seconds: wall time of the step in this process.
         lr: learning rate used by the step.
+        metrics: the objective's own figures (KTO's and DPO's rewards and KL; none for SFT).
     """
 
     loss: float
@@ -348,6 +363,7 @@ class StepStats:
     padded_tokens: int
     seconds: float
     lr: float
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def train_step(model, optimizer, scheduler, micro_batches: Sequence[dict], device, clip: float = 1.0):

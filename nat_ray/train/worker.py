@@ -25,12 +25,16 @@ from nat_ray.config import TrainConfig
 from nat_ray.train.checkpoints import STATE_FILE, choose_checkpoint, new_checkpoint_name
 from nat_ray.train.data import Schedule, step_batches
 from nat_ray.train.export import export_model
+from nat_ray.train.objectives import Preference, Reference, preference_step, token_logps
 from nat_ray.train.step import (
     StepStats,
+    attention_for,
     build_model,
     cosine_schedule,
     deepspeed_config,
     deepspeed_step,
+    load_model,
+    resolve_precision,
     sync_schedule,
 )
 
@@ -60,7 +64,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     ``config`` keys: ``train`` (TrainConfig fields), ``model_path``, ``gpu``, ``schedule`` (Schedule
     fields), ``pad_id``, ``run_dir``, ``local`` (run_dir is a filesystem path), ``export_dir``,
-    ``tensorboard_dir``.
+    ``tensorboard_dir``, ``preference`` (:class:`~nat_ray.train.objectives.Preference` fields, or
+    ``None`` for SFT).
     """
     import ray.train
     import torch
@@ -76,7 +81,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     engine, scheduler = _build_engine(cfg, schedule, config["model_path"], gpu, device, rank)
     state = _resume(engine, scheduler, schedule, cfg.run_name, rank, config)
-    _train(engine, cfg, schedule, state, config, rank, device)
+    step = _step_function(engine, cfg, config, gpu, device)
+    _train(engine, cfg, schedule, state, config, rank, step)
     _export(engine, cfg, config, rank, gpu)
 
 
@@ -98,7 +104,8 @@ def _build_engine(cfg: TrainConfig, schedule: Schedule, model_path: str, gpu: bo
     import torch
 
     began = time.perf_counter()
-    model = build_model(cfg, model_path, gpu)
+    # KTO's and DPO's rows are packed (a DPO pair is two examples in one row): per-example attention.
+    model = build_model(cfg, model_path, gpu, attention_for(True, gpu) if cfg.objective != "sft" else None)
     if gpu:
         model.to(device)
     engine, _, _, scheduler = deepspeed.initialize(
@@ -115,6 +122,46 @@ def _build_engine(cfg: TrainConfig, schedule: Schedule, model_path: str, gpu: bo
             torch.get_num_threads(),
         )
     return engine, scheduler
+
+
+def _step_function(engine, cfg: TrainConfig, config: dict, gpu: bool, device):
+    """``micro_batches -> StepStats``: SFT's step, or KTO's / DPO's with the run's reference model."""
+    if config.get("preference") is None:
+        return lambda micro_batches: deepspeed_step(engine, micro_batches, device)
+    spec = Preference(**config["preference"])
+    reference = _reference(engine, cfg, config["model_path"], gpu, device)
+    return lambda micro_batches: preference_step(engine, micro_batches, device, spec, reference)
+
+
+def _reference(engine, cfg: TrainConfig, model_path: str, gpu: bool, device) -> Reference:
+    """The reference model's token log-probabilities: the policy before training.
+
+    With LoRA it is the policy itself with its adapter disabled (no second copy of the weights).
+    With full fine-tuning it is a frozen copy of the base model in its own DeepSpeed engine, with no
+    optimizer, sharded by ZeRO-3 when the policy is (other stages keep a whole copy per rank).
+    """
+    import deepspeed
+
+    if cfg.mode == "lora":
+
+        def adapter_off(batch: dict):
+            with engine.module.disable_adapter():
+                return token_logps(engine, batch)
+
+        return adapter_off
+    model = load_model(model_path, resolve_precision(cfg.precision, gpu), attention_for(True, gpu))
+    model.requires_grad_(False)
+    if gpu:
+        model.to(device)
+    ds = deepspeed_config(cfg, gpu)
+    ds.pop("optimizer")
+    zero = ds["zero_optimization"]
+    zero.pop("offload_optimizer", None)
+    if cfg.zero_stage != 3:
+        ds["zero_optimization"] = {"stage": 0}
+    reference, *_ = deepspeed.initialize(model=model, config=ds)
+    reference.eval()
+    return lambda batch: token_logps(reference, batch)
 
 
 def _resume(engine, scheduler, schedule: Schedule, run_name: str, rank: int, config: dict) -> dict:
@@ -167,7 +214,7 @@ def _shard_rows(shard) -> Iterator[dict]:
 
 
 def _train(
-    engine, cfg: TrainConfig, schedule: Schedule, state: dict, config: dict, rank: int, device
+    engine, cfg: TrainConfig, schedule: Schedule, state: dict, config: dict, rank: int, step_fn
 ) -> None:
     """The steps from ``state["step"]`` to the end: train, report metrics, checkpoint on schedule."""
     import ray.train
@@ -176,18 +223,21 @@ def _train(
     history: list[dict] = state["history"]
     writer = _open_tensorboard(config["tensorboard_dir"]) if rank == 0 else None
     shard = ray.train.get_dataset_shard(f"rank{rank}")
-    batches = step_batches(_shard_rows(shard), start_step, config["pad_id"], cfg.packing)
+    preference = config.get("preference") is not None
+    batches = step_batches(
+        _shard_rows(shard), start_step, config["pad_id"], cfg.packing or preference, keep_rows=preference
+    )
     engine.train()
     started = time.perf_counter()
     tokens_done = 0
     for step, micro_batches in batches:
-        stats = deepspeed_step(engine, micro_batches, device)
+        stats = step_fn(micro_batches)
         tokens_done += stats.tokens
         elapsed = time.perf_counter() - started
         metrics = _step_metrics(step, stats, schedule, start_step)
-        history.append({k: metrics[k] for k in HISTORY_KEYS})
+        history.append({k: metrics[k] for k in (*HISTORY_KEYS, *stats.metrics)})
         if rank == 0:
-            line = _log_step(metrics, schedule, elapsed, writer)
+            line = _log_step(metrics, schedule, elapsed, writer, tuple(stats.metrics))
             if config["local"]:
                 write_progress(config["run_dir"], line)
         done = metrics["step"]
@@ -225,6 +275,7 @@ def _step_metrics(step: int, stats: StepStats, schedule: Schedule, start_step: i
         "loss_tokens": stats.loss_tokens,
         "tokens": stats.tokens,
         "start_step": start_step,
+        **stats.metrics,
     }
 
 
@@ -237,17 +288,23 @@ def _open_tensorboard(tensorboard_dir: str | None):
     return SummaryWriter(tensorboard_dir)
 
 
-def _log_step(metrics: dict, schedule: Schedule, elapsed: float, writer) -> str:
-    """Rank 0's progress line (returned too) and TensorBoard scalars for one step."""
+def _log_step(metrics: dict, schedule: Schedule, elapsed: float, writer, extra=()) -> str:
+    """Rank 0's progress line (returned too) and TensorBoard scalars for one step.
+
+    Args:
+        extra: the objective's own metric keys (KTO's and DPO's rewards, margin, KL).
+    """
     done, start_step = metrics["step"], metrics["start_step"]
     eta = elapsed / (done - start_step) * (schedule.total_steps - done)
     line = (
         f"step {done}/{schedule.total_steps}  epoch {metrics['epoch']}  loss {metrics['loss']:.4f}  "
         f"tok/s {metrics['tokens_per_s']:.1f}  lr {metrics['lr']:.2e}  elapsed {elapsed:.0f}s  eta {eta:.0f}s"
     )
+    if extra:
+        line += "  " + "  ".join(f"{k.rsplit('/', 1)[-1]} {metrics[k]:.3f}" for k in extra)
     log.info("%s", line)
     if writer is not None:
-        for key in TENSORBOARD_KEYS:
+        for key in (*TENSORBOARD_KEYS, *extra):
             writer.add_scalar(f"train/{key}", metrics[key], done)
     return line
 

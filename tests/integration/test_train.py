@@ -1,16 +1,18 @@
 """Training end to end: real local Ray, Ray Train, DeepSpeed (2 CPU workers on gloo), the embedded model.
 
 One full run is trained in two parts (max_steps 1, then 2 with the same run_name: the second
-resumes from the first's checkpoint), then exported and loaded in transformers and vLLM. One
-LoRA run (ZeRO-2, two steps) exports an adapter and a merged model; a copy of its folder with the
-newest checkpoint truncated resumes from the one before. Every global batch is the whole tiny
-dataset, so losses of different steps are comparable.
+resumes from the first's checkpoint), then exported and loaded in transformers and vLLM. A full KTO
+run (ZeRO-3, its reference a frozen copy in a second engine) trains two steps. One LoRA run (DPO on
+ZeRO-2, its reference the adapter disabled; two steps) exports an adapter and a merged model; a copy
+of its folder with the newest checkpoint truncated resumes from the one before. Every global batch is the
+whole tiny dataset, so losses of different steps are comparable.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -60,10 +62,29 @@ def full_runs(local_ray, base_cfg):
 
 
 @pytest.fixture(scope="module")
+def kto_run(local_ray, base_cfg):
+    """KTO with full fine-tuning on ZeRO-3, two steps of the 4 examples (a preference run's resume is
+    the damaged-checkpoint test's, on the DPO run)."""
+    from nat_ray.train.run import run_train
+
+    cfg = replace(
+        base_cfg,
+        mode="full",
+        zero_stage=3,
+        objective="kto",
+        global_batch_size=4,
+        checkpoint_every=0,
+        run_name="kto",
+    )
+    return run_train(NatRayConfig(train=replace(cfg, max_steps=2)))
+
+
+@pytest.fixture(scope="module")
 def lora_cfg(base_cfg) -> TrainConfig:
-    """LoRA on ZeRO-2, two steps with a checkpoint after each (both kept)."""
+    """DPO with LoRA on ZeRO-2 (2 pairs a step), two steps with a checkpoint after each (both kept)."""
     return replace(
         base_cfg,
+        objective="dpo",
         mode="lora",
         zero_stage=2,
         lora_rank=8,
@@ -141,6 +162,30 @@ def test_full_export_answers_in_vllm(full_runs):
     finally:
         engine.close()
     assert answer.error is None and answer.completion_tokens > 0 and answer.text
+
+
+def test_kto_full_run_moves_desirable_above_undesirable(kto_run):
+    assert (kto_run.step, kto_run.objective) == (2, "kto")
+    assert kto_run.data["kto_weights"] == {"desirable": 1.0, "undesirable": 1.0}  # 2 positives, 2 negatives
+    step1, step2 = kto_run.history
+    # Before the first update the policy is the reference: every reward and the KL estimate are 0.
+    assert (step1["kl"], step1["rewards/desirable"], step1["loss"]) == (0.0, 0.0, pytest.approx(0.5))
+    assert step2["rewards/desirable"] > step2["rewards/undesirable"]
+    card = json.loads((Path(kto_run.export["model"]) / "agent_card.json").read_text())
+    assert (card["objective"], card["template"]) == ("kto", "zero-shot")
+
+
+def test_dpo_lora_prefers_the_positive_and_its_card_asks_without_a_marker(lora_run):
+    assert lora_run.objective == "dpo" and lora_run.data["pairs"]["pairs"] == 2
+    step1, step2 = lora_run.history
+    assert step1["loss"] == pytest.approx(math.log(2), abs=1e-4)  # a fresh adapter: policy == reference
+    assert step2["rewards/margin"] > 0 and step2["loss"] < step1["loss"]
+    card = json.loads((Path(lora_run.export["adapter"]) / "agent_card.json").read_text())
+    assert (card["objective"], card["template"], card["marker"]) == (
+        "dpo",
+        "zero-shot",
+        "Question: {question}",
+    )
 
 
 def test_lora_exports_an_adapter_and_a_merged_model_that_agree(lora_run, embedded_path):
