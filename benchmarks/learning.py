@@ -9,7 +9,9 @@ pipeline (:func:`nat_ray.experiment.pipeline.run_pipeline`, each piece resumable
 
 - the base model asked two ways: 0 shots with the "correctly" marker (the prompt every tuned model
   gets) and 1 shot (its best), so the table separates learning the format from learning the task;
-- w/o-Neg and NAT over ``--seeds`` training seeds (3), NUT and nat_failure over one;
+- w/o-Neg and NAT over ``--seeds`` training seeds (3), NUT, nat_failure and the preference
+  objectives on NAT's data (``nat+kto``, ``nat+dpo``: ``train.objective``, asked with the plain
+  prompt) over one;
 
 on the same ``--limit`` held-out test questions (200), then reports per cell the accuracy with its
 n and 95 % Wilson interval, each variant's difference to w/o-Neg with a 95 % interval (Newcombe's
@@ -22,6 +24,11 @@ schedule, so it is a curve over training budgets) and the full run, evaluated on
 dev questions: accuracy and the unparseable-action rate by step, the base at step 0.
 
 Hyper-parameters come from the default config, chosen on the dev split; test answers choose nothing.
+KTO and DPO keep them (and their papers' beta 0.1); a DPO run stops when its pairs run out.
+
+A shorter whole run compares the objectives alone (``--variants`` and ``--no-base --no-curve``), e.g.
+``--seeds 1 --limit 100 --variants wo_neg nut nat nat+kto nat+dpo --no-base --no-curve
+--out benchmarks/results/learning_objectives.json``.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CONFIG = ROOT / "configs" / "default.yaml"
 TASK = "word_math"
 SEEDED = ("wo_neg", "nat")  # trained over every seed
-ONCE = ("nut", "nat_failure")  # trained with the first seed only
+ONCE = ("nut", "nat_failure", "nat+kto", "nat+dpo")  # trained with the first seed only
 CURVE_STEPS = (2, 4, 8)
 
 
@@ -94,13 +101,14 @@ def run(args: argparse.Namespace) -> dict:
     )
     seeds = list(range(args.seeds))
     sections: dict[str, float] = {}
+    seeded = [v for v in SEEDED if v in args.variants]
 
     # Seed 0: the rollout, both base rows and every variant.
     t0 = time.time()
     first = run_pipeline(
         with_sections(
             base_cfg,
-            pipeline={"name": "seed0", "variants": [*SEEDED, *ONCE]},
+            pipeline={"name": "seed0", "variants": list(args.variants), "evaluate_base": args.base},
             train={"seed": seeds[0]},
         )
     )
@@ -114,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
                 base_cfg,
                 pipeline={
                     "name": f"seed{seed}",
-                    "variants": list(SEEDED),
+                    "variants": seeded,
                     "trajectories": rollout_dir,
                     "evaluate_base": False,
                 },
@@ -124,7 +132,14 @@ def run(args: argparse.Namespace) -> dict:
         per_seed[seed] = result["results"]
         sections[f"seed{seed}"] = time.time() - t0
 
-    # The curve on dev: the base (step 0), NAT after 2 / 4 / 8 steps, and the full run.
+    curve: list[dict] = []
+    if args.curve:
+        curve = _curve(base_cfg, args, seeds, rollout_dir, first, sections)
+    return report(per_seed, curve, first, base_cfg, args, sections, began)
+
+
+def _curve(base_cfg, args, seeds, rollout_dir: str, first: dict, sections: dict) -> list[dict]:
+    """The curve on dev: the base (step 0), NAT after 2 / 4 / 8 steps, and the full run."""
     t0 = time.time()
     curve = []
     dev = {"split": "dev", "limit": args.dev_limit}
@@ -158,8 +173,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     curve.append({"step": base_cfg.train.max_steps, "model": "nat", **_curve_point(full.to_dict())})
     sections["curve"] = time.time() - t0
-
-    return report(per_seed, curve, first, base_cfg, args, sections, began)
+    return curve
 
 
 def _curve_point(summary: dict) -> dict:
@@ -170,9 +184,13 @@ def _curve_point(summary: dict) -> dict:
 def report(
     per_seed: dict, curve: list, first: dict, cfg: NatRayConfig, args, sections: dict, began: float
 ) -> dict:
-    base = {label: cell(*counts(first["results"][label])[::2]) for label in ("base-0shot", "base-1shot")}
+    base = {
+        label: cell(*counts(first["results"][label])[::2])
+        for label in ("base-0shot", "base-1shot")
+        if label in first["results"]
+    }
     variants: dict[str, dict] = {}
-    for variant in (*SEEDED, *ONCE):
+    for variant in args.variants:
         cells = {seed: cell(*counts(res[variant])[::2]) for seed, res in per_seed.items() if variant in res}
         parsed = sum(counts(res[variant])[1] for res in per_seed.values() if variant in res)
         total = pooled(list(cells.values()))
@@ -182,10 +200,12 @@ def report(
             "parsed_percent": 100 * parsed / total["n"],
             "above_both_bases_every_seed": all(
                 c["wilson95"][0] > max(b["wilson95"][1] for b in base.values()) for c in cells.values()
-            ),
+            )
+            if base
+            else None,
         }
     for variant, entry in variants.items():
-        if variant != "wo_neg":
+        if variant != "wo_neg" and "wo_neg" in variants:
             entry["minus_wo_neg"] = newcombe(entry["pooled"], variants["wo_neg"]["pooled"])
     sources = json.loads((Path(first["run_dir"]) / "manifest.json").read_text())["data_sources"]
     return {
@@ -208,13 +228,26 @@ def report(
         "variants": variants,
         "curve_dev": curve,
         "headline": {
-            "every_seed_nat_above_both_bases": variants["nat"]["above_both_bases_every_seed"],
-            "every_seed_wo_neg_above_both_bases": variants["wo_neg"]["above_both_bases_every_seed"],
-            "nat_minus_wo_neg": variants["nat"]["minus_wo_neg"],
+            "every_seed_nat_above_both_bases": variants.get("nat", {}).get("above_both_bases_every_seed"),
+            "every_seed_wo_neg_above_both_bases": variants.get("wo_neg", {}).get(
+                "above_both_bases_every_seed"
+            ),
+            **{f"{v}_minus_wo_neg": e["minus_wo_neg"] for v, e in variants.items() if "minus_wo_neg" in e},
         },
+        "train_seconds": train_seconds(first["run_dir"]),
         "sections_seconds": {k: round(v, 1) for k, v in sections.items()},
         "seconds": round(time.time() - began, 1),
     }
+
+
+def train_seconds(run_dir: str) -> dict[str, float]:
+    """Seconds each variant's training took in seed 0 (what KTO and DPO add to the benchmark's time)."""
+    stages = json.loads((Path(run_dir) / "manifest.json").read_text()).get("stages", {})
+    out = {}
+    for name, entry in stages.items():
+        if name.startswith("train:") and isinstance(entry, dict) and entry.get("seconds") is not None:
+            out[name.split(":", 1)[1]] = entry["seconds"]
+    return out
 
 
 def plot(result: dict, path: Path) -> None:
@@ -233,6 +266,11 @@ def plot(result: dict, path: Path) -> None:
     left.set_xticks(range(len(rows)), [label for label, _ in rows], rotation=20)
     left.set_ylabel("test accuracy % (95 % Wilson)")
     left.set_title(f"{result['task']}: n per cell = questions x seeds")
+    if not result["curve_dev"]:
+        right.set_visible(False)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        return
     steps = [p["step"] for p in result["curve_dev"]]
     right.plot(steps, [p["accuracy"] for p in result["curve_dev"]], "o-", label="accuracy %")
     right.plot(steps, [p["unparseable"] for p in result["curve_dev"]], "s--", label="unparseable %")
@@ -250,6 +288,14 @@ def main() -> None:
     parser.add_argument("--dev-limit", type=int, default=50, help="dev questions for the curve (default 50)")
     parser.add_argument("--runs-dir", default="runs/learning-benchmark", help="where the runs go (resumable)")
     parser.add_argument("--out", type=Path, default=RESULTS / "learning.json")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[*SEEDED, *ONCE],
+        help="seed 0's variants, recipe[+objective] (default: %(default)s); w/o-Neg and NAT repeat over --seeds",
+    )
+    parser.add_argument("--no-base", dest="base", action="store_false", help="skip the base model's rows")
+    parser.add_argument("--no-curve", dest="curve", action="store_false", help="skip the dev curve")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run(args)

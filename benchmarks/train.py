@@ -23,6 +23,14 @@ in examples takes the next -- so both see the same load on a shared machine. The
 each arm is warmup and not timed. Tokens/s counts real (non-pad) tokens in both arms.
 ``packed_over_padded`` = packed tokens/s / padded tokens/s.
 
+``dpo_step`` (issue 27): what a DPO step costs over an SFT step on the same pairs. Pairs of one
+question's positive and negative trajectory (the same StrategyQA trajectories, the plain prompt),
+each packed as one row as training packs them; two fresh full-fine-tuning copies, interleaved, one
+pair per optimizer step: SFT's :func:`~nat_ray.train.step.train_step` on the row against
+:func:`~nat_ray.train.objectives.preference_step` (policy forward and backward, plus the frozen
+reference's forward over both sequences). ``dpo_over_sft`` = DPO's seconds per pair / SFT's; a
+forward is about a third of a forward and backward, so the arithmetic says about 4/3.
+
 On a GPU it also reports ``mfu``: 6 x parameters FLOPs per token (forward 2N + backward 4N)
 over the device's dense bf16 peak, for the packed arm, and for a random-weight ~1B Llama built
 from the embedded model's config (a 135M model cannot fill a GPU).
@@ -59,6 +67,8 @@ log = logging.getLogger("benchmarks.train")
 RESULTS = ROOT / "benchmarks" / "results" / "train.json"
 MAX_LENGTH = 1024
 MICRO_BATCH = 2
+CPU_PAIRS = 8  # DPO against SFT: pairs per arm (the first is warmup)
+GPU_PAIRS = 64
 CPU_EXAMPLES = 24  # ~14k tokens per arm: minutes at ~50 tokens/s
 GPU_EXAMPLES = 512
 # One thread per process on this shared 2-core machine: with two, OpenMP threads spin against
@@ -208,6 +218,81 @@ def mfu_1b(model_path: str, examples, pad_id: int, device, peak: float) -> dict:
     }
 
 
+def preference_pairs(tokenizer, n: int) -> tuple[list, str]:
+    """``n`` packed (positive, negative) rows of one question each, plain prompt (or synthetic ones)."""
+    from nat_ray.core import nat_data
+    from nat_ray.core.preference import PLAIN_VARIANT, draw_pairs
+    from nat_ray.import_nat import import_nat, resolve_inputs
+    from nat_ray.train.packing import make_row
+
+    try:
+        rows, _ = import_nat(resolve_inputs([]))
+        source = "NAT repo GPT-3.5 StrategyQA trajectories (shared/data), pairs of one question, plain prompt"
+    except Exception as err:  # noqa: BLE001 - no shared data on this machine: fall back to synthetic
+        log.warning("NAT trajectories unavailable (%s); using synthetic pairs", err)
+        examples = synthetic_examples(2 * n, 577, MAX_LENGTH, tokenizer.vocab_size, SEED)
+        return [make_row(examples, [2 * i, 2 * i + 1]) for i in range(n)], "synthetic"
+    pairs, _ = draw_pairs(rows, lambda r: r[nat_data.QUESTION_ID], nat_data.is_positive, SEED)
+    random.Random(SEED).shuffle(pairs)
+    out = []
+    for pair in pairs[:n]:
+        examples = []
+        for row in pair:
+            ex = nat_data.build_example(row, PLAIN_VARIANT)
+            examples.append(tokenize_example(tokenizer, ex.messages, MAX_LENGTH, ex.prompt_messages))
+        out.append(make_row(examples, [0, 1]))
+    return out, source
+
+
+def dpo_cost(model_path: str, rows, pad_id: int, device, gpu: bool) -> dict:
+    """Seconds per pair of an SFT step and a DPO step on the same packed pairs, interleaved."""
+    from nat_ray.train.objectives import LocalEngine, Preference, preference_step, token_logps
+    from nat_ray.train.packing import collate
+    from nat_ray.train.step import load_model, resolve_precision
+
+    def fresh(objective: str):
+        cfg = TrainConfig(
+            packing=True, micro_batch_size=1, global_batch_size=1, num_workers=1, objective=objective
+        )
+        model = build_model(cfg, model_path, gpu).to(device)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.9, 0.999), eps=1e-8)
+        return model, optimizer, cosine_schedule(optimizer, 0, len(rows))
+
+    sft_model, sft_opt, sft_sched = fresh("sft")
+    dpo_model, dpo_opt, dpo_sched = fresh("dpo")
+    engine = LocalEngine(dpo_model, dpo_opt, dpo_sched)
+    reference = load_model(model_path, resolve_precision("auto", gpu), dpo_model.config._attn_implementation)
+    reference.to(device).eval().requires_grad_(False)
+    spec = Preference("dpo", beta=0.1)
+    seconds = {"sft": 0.0, "dpo": 0.0}
+    losses: dict[str, list[float]] = {"sft": [], "dpo": []}
+    for i, row in enumerate(rows):
+        batch = collate([row], pad_id, True)
+        for name in ("sft", "dpo") if i % 2 else ("dpo", "sft"):  # alternate who goes first
+            if name == "sft":
+                stats = train_step(sft_model, sft_opt, sft_sched, [batch], device)
+            else:
+                stats = preference_step(
+                    engine, [{**batch, "rows": [row]}], device, spec, lambda b: token_logps(reference, b)
+                )
+            losses[name].append(round(stats.loss, 4))
+            if i > 0:  # the first pair is warmup
+                seconds[name] += stats.seconds
+            log.info("%s pair %d/%d in %.1fs  loss %.4f", name, i + 1, len(rows), stats.seconds, stats.loss)
+    timed = len(rows) - 1
+    return {
+        "pairs": len(rows),
+        "timed_pairs": timed,
+        "tokens_per_pair": round(sum(len(r) for r in rows) / len(rows), 1),
+        "sft_seconds_per_pair": round(seconds["sft"] / timed, 3),
+        "dpo_seconds_per_pair": round(seconds["dpo"] / timed, 3),
+        "dpo_over_sft": round(seconds["dpo"] / seconds["sft"], 3),
+        "expected": "about 4/3: the reference adds one forward to SFT's forward and backward",
+        "losses": losses,
+    }
+
+
 def main() -> int:
     from transformers import AutoTokenizer
 
@@ -266,13 +351,17 @@ def main() -> int:
         "machine": {**info, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "seconds": round(time.time() - began, 1),
     }
+    del arms
+    pair_rows, pair_source = preference_pairs(tokenizer, GPU_PAIRS if gpu else CPU_PAIRS)
+    result["dpo_step"] = {"source": pair_source, **dpo_cost(model_path, pair_rows, pad_id, device, gpu)}
     if gpu and peak:
-        del arms
         torch.cuda.empty_cache()
         result["mfu_llama_1b"] = mfu_1b(model_path, examples, pad_id, device, peak)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    result["seconds"] = round(time.time() - began, 1)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("packed_over_padded", "mfu", "seconds")}, indent=2))
+    print(f"dpo step over sft step, per pair: {result['dpo_step']['dpo_over_sft']}")
     print(
         f"packed {packed['tokens_per_s']} tok/s vs padded {padded['tokens_per_s']} tok/s "
         f"(pad share {padded['pad_share']:.0%}) -> {RESULTS}"

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from nat_ray import __version__
-from nat_ray.config import NatRayConfig, load_config, read_yaml, to_dict
+from nat_ray.config import OBJECTIVES, NatRayConfig, load_config, read_yaml, to_dict
 from nat_ray.core.agent_card import model_card, overridden
 from nat_ray.errors import NatRayError
 
@@ -175,11 +175,21 @@ COMMANDS: tuple[Command, ...] = (
         "train.base_model (full or LoRA) with Ray Train workers running DeepSpeed ZeRO. Checkpoints every "
         "train.checkpoint_every steps; starting the same train.run_name again resumes it. The model is "
         "exported to <storage_path>/<run_name>/export/ (model/ and, for LoRA, adapter/). Set RAY_ADDRESS "
-        "to use a running cluster; otherwise a local Ray starts.",
+        "to use a running cluster; otherwise a local Ray starts. --objective kto or dpo learns from the "
+        "same positives and negatives with a preference loss instead of NAT's markers (README: Objectives).",
         run="nat_ray.train.run:main_train",
-        flags=(JSON,),
+        flags=(
+            Flag(
+                "--objective",
+                "sft (NAT's supervised loss, default), kto (unpaired) or dpo (pairs of one question)",
+                "train.objective",
+                options={"choices": list(OBJECTIVES)},
+            ),
+            JSON,
+        ),
         epilog="examples:\n"
         "  nat-ray import-nat && nat-ray train --config configs/train.yaml\n"
+        "  nat-ray train --config configs/train_lora.yaml --objective dpo --set train.run_name=dpo\n"
         "  nat-ray train --config configs/train_lora.yaml --set train.lora_rank=32\n"
         "  nat-ray train --config configs/train.yaml --set train.variant=nut --set train.run_name=nut",
     ),
@@ -294,7 +304,8 @@ COMMANDS: tuple[Command, ...] = (
         "pipeline",
         help="the whole NAT experiment: rollout, train each variant, evaluate, one results table",
         description="rollout -> NAT data -> train the w/o-Neg, NUT and NAT variants -> evaluate the base "
-        "model and each tuned one -> runs/<name>/results.md. Every stage is recorded in "
+        "model and each tuned one -> runs/<name>/results.md. pipeline.variants may name an objective beside "
+        "a recipe (nat+kto, nat+dpo). Every stage is recorded in "
         "runs/<name>/manifest.json; running the same name again resumes and skips finished stages.",
         run="nat_ray.experiment.pipeline:main_pipeline",
         flags=(Flag("--name", "run name (default: pipeline.name = default)", "pipeline.name"), JSON),
@@ -363,6 +374,29 @@ COMMANDS: tuple[Command, ...] = (
         epilog="examples:\n  nat-ray tasks\n  nat-ray tasks examples/word_math/task.yaml --json tasks.json",
     ),
     Command(
+        "view",
+        help="a local web page over a run folder: its table, trajectories turn by turn, rounds side by side",
+        description="Serve a read-only web page over a run folder (a pipeline, a loop, a rollout, an "
+        "evaluation, or a folder of trajectory Parquet files): the run's results table and plots; its "
+        "trajectories filtered by source (round, variant), task, outcome, failure reason, turns and text, "
+        "paged on the server; one trajectory turn by turn with its score, timings and lineage; one "
+        "question across sources side by side; and the tokens each training run's examples put their "
+        "loss on. Binds 127.0.0.1; any other --host needs $NAT_RAY_API_KEY, which the page asks for once.",
+        run="nat_ray.view.app:run_view",
+        config=False,
+        flags=(
+            Flag("run_dir", "the run folder, e.g. runs/loop", options={"metavar": "RUN_DIR"}),
+            Flag(
+                "--host",
+                "address to bind (default 127.0.0.1: this machine only)",
+                options={"default": "127.0.0.1"},
+            ),
+            Flag("--port", "port (default 8600)", options={"type": int, "default": 8600}),
+        ),
+        epilog="examples:\n  nat-ray view runs/loop\n"
+        "  NAT_RAY_API_KEY=... nat-ray view runs/default --host 0.0.0.0 --port 8600",
+    ),
+    Command(
         "models",
         help="list cached models",
         description="List converted models in the cache.",
@@ -387,6 +421,7 @@ _EPILOG = """examples:
   nat-ray serve --model runs/train/nat/export/model
   nat-ray eval --model runs/train/nat/export/model --tasks gsm8k,svamp --seeds 0,1,2
   nat-ray pipeline --config configs/default.yaml
+  nat-ray view runs/default
   nat-ray loop --config configs/loop.yaml --name first-loop
   nat-ray index
   nat-ray tasks

@@ -15,6 +15,9 @@ from pathlib import Path
 # The folder of Parquet parts inside a rollout or evaluation output dir.
 PARTS_DIR = "trajectories"
 PROGRESS_FILE = "progress.txt"  # a training run's latest step line (nat_ray.train.worker.write_progress)
+LOSS_SAMPLE_FILE = (
+    "loss_sample.json"  # a training run's examples, token by token with their loss (nat-ray view)
+)
 
 PACKAGE_DATA_DIR = Path(__file__).resolve().parent / "data"
 

@@ -11,6 +11,7 @@ import torch
 from nat_ray.core.masks import IGNORE_INDEX
 from nat_ray.core.preference import draw_pairs, kto_weights
 from nat_ray.train.objectives import (
+    LocalEngine,
     Preference,
     dpo_loss,
     kto_loss,
@@ -209,11 +210,11 @@ def test_dpo_step_loss_and_gradient_are_the_formulas_over_the_global_batch(tiny_
     micro = [_micro([_row(w, lo, ids=(2 * i, 2 * i + 1))]) for i, (w, lo) in enumerate(pairs[:1])]
     micro.append(_micro([_row(w, lo, ids=(2 * i, 2 * i + 1)) for i, (w, lo) in enumerate(pairs[1:], 1)]))
     spec = Preference("dpo", beta=0.5)
-    policy.zero_grad()
-    stats = preference_step(
-        PlainEngine(policy, 2), micro, torch.device("cpu"), spec, lambda b: token_logps(ref_model, b)
-    )
-    policy.zero_grad()
+    # The loss of a step comes before its update: LocalEngine with a learning rate of 0 leaves the model as is.
+    sgd = torch.optim.SGD(policy.parameters(), lr=0.0)
+    engine = LocalEngine(policy, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0), accumulation=2)
+    stats = preference_step(engine, micro, torch.device("cpu"), spec, lambda b: token_logps(ref_model, b))
+    assert engine.micro == 2 and all(p.grad is None for p in policy.parameters())  # stepped and cleared
     with torch.no_grad():
         ref = [(_alone(ref_model, *w), _alone(ref_model, *lo)) for w, lo in pairs]
     pol = [(_alone(policy, *w), _alone(policy, *lo)) for w, lo in pairs]

@@ -220,6 +220,40 @@ class Preference:
 Reference = Callable[[dict], torch.Tensor]  # a collated batch -> token_logps under the reference
 
 
+class LocalEngine:
+    """The part of DeepSpeed's engine :func:`preference_step` calls, over a plain model and optimizer.
+
+    It runs the preference step in one process without Ray or DeepSpeed (``benchmarks/train.py``, a
+    GPU box with only torch): a backward divides by the accumulation as DeepSpeed does, and every
+    ``accumulation``-th step clips the gradients, steps the optimizer and the schedule.
+    """
+
+    def __init__(self, model, optimizer, scheduler, accumulation: int = 1, clip: float = 1.0) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.accumulation, self.clip, self.micro = accumulation, clip, 0
+
+    def __call__(self, **kwargs):
+        return self.model(**kwargs)
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.accumulation
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation).backward()
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro % self.accumulation:
+            return
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 def preference_step(
     engine, micro_batches: Sequence[dict], device, spec: Preference, reference: Reference
 ) -> StepStats:

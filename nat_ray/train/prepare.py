@@ -609,6 +609,36 @@ def preference_stats(cfg: TrainConfig, chosen: Selected) -> dict:
     return {}
 
 
+def loss_sample(prepared: PreparedRows, tokenizer, limit: int = 6) -> list[dict]:
+    """The first ``limit`` examples of the run's rows as token strings with their loss flags.
+
+    What ``nat-ray view`` shows of a training run (``loss_sample.json``): the tokens each example put
+    its loss on, from the rows training reads (after the marker, the masks, truncation and packing).
+    """
+    import ray
+
+    out: list[dict] = []
+    for block in prepared.blocks:
+        table = ray.get(block)
+        rows = table.filter(table["is_row"]).select(["input_ids", "labels", "example_ids", "lengths"])
+        for row in rows.to_pylist():
+            start = 0
+            for example_id, length in zip(row["example_ids"], row["lengths"]):
+                ids = row["input_ids"][start : start + length]
+                labels = row["labels"][start : start + length]
+                start += length
+                out.append(
+                    {
+                        "example_id": example_id,
+                        "tokens": [tokenizer.decode([i]) for i in ids],
+                        "loss": [int(label != IGNORE_INDEX) for label in labels],
+                    }
+                )
+                if len(out) >= limit:
+                    return out
+    return out
+
+
 def gather_rows(steps, micros, block_ids, offsets, *blocks):
     """Ray task: one piece of a rank's stream as a table, rows taken from the packed blocks.
 

@@ -26,12 +26,18 @@ from nat_ray.core.nat_data import get_variant
 from nat_ray.core.preference import check_objective, inference_template
 from nat_ray.errors import ConfigError
 from nat_ray.models import resolve_model
-from nat_ray.paths import PROGRESS_FILE
+from nat_ray.paths import LOSS_SAMPLE_FILE, PROGRESS_FILE
 from nat_ray.ray_runtime import init_ray
 from nat_ray.tasks import get_task, register_tasks
 from nat_ray.train.checkpoints import checkpoint_folders, set_aside_damaged
 from nat_ray.train.data import load_tokenizer, make_schedule, pad_token_id, trajectory_files
-from nat_ray.train.prepare import custom_task_files, prepare_data, rank_dataset, register_task_files
+from nat_ray.train.prepare import (
+    custom_task_files,
+    loss_sample,
+    prepare_data,
+    rank_dataset,
+    register_task_files,
+)
 from nat_ray.train.step import check_lora_targets_for
 
 log = logging.getLogger(__name__)
@@ -332,6 +338,8 @@ def run_train(cfg: NatRayConfig) -> TrainResult:
     ray.data.DataContext.get_current().enable_progress_bars = False
     prepared = prepare_data(t, model_path, files)
     data_stats = prepared.stats
+    if local:
+        write_loss_sample(run_dir, prepared, load_tokenizer(model_path), t)
     schedule = make_schedule(prepared.num_rows, t)
     log.info(
         "train %s: %d examples -> %d rows (%d tokens, %d with loss; %d truncated, %d dropped), "
@@ -388,6 +396,21 @@ def run_train(cfg: NatRayConfig) -> TrainResult:
         checkpoint=result.checkpoint.path if result.checkpoint else None,
         objective=t.objective,
     )
+
+
+def write_loss_sample(run_dir: Path, prepared, tokenizer, t: TrainConfig) -> None:
+    """``loss_sample.json``: a few of the run's examples, token by token, with the loss each one carries
+    (``nat-ray view`` shows them); a courtesy, so a failure to write it never stops training."""
+    try:
+        sample = {
+            "objective": t.objective,
+            "variant": t.variant,
+            "examples": loss_sample(prepared, tokenizer),
+        }
+        run_dir.mkdir(parents=True, exist_ok=True)
+        safe_files.write_json(run_dir / LOSS_SAMPLE_FILE, sample, checksum=False)
+    except (OSError, ValueError) as err:
+        log.warning("could not write %s: %s", run_dir / LOSS_SAMPLE_FILE, err)
 
 
 def preference_settings(t: TrainConfig, data_stats: dict, pad_id: int) -> dict | None:

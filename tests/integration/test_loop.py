@@ -143,3 +143,103 @@ def test_a_rerun_resumes_without_redoing_finished_rounds(loop_run):
     # The re-run logged into the same parent and opened no stage run of its own.
     assert sum(r.info.run_name == "tiny-loop" for r in runs) == 1
     assert len(runs) == 1 + 2 * 4
+
+
+# --------------------------------------------------------------------------------------------
+# nat-ray view on this run, in a real browser (Debian's chromium and chromedriver, with Selenium)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium. Missing, the test is skipped, unless NAT_RAY_REQUIRE_BROWSER is set (CI sets it)."""
+    import os
+    import shutil
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        message = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        if os.environ.get("NAT_RAY_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+    ):
+        options.add_argument(arg)
+    session = webdriver.Chrome(service=Service(driver), options=options)
+    session.set_page_load_timeout(30)
+    yield session
+    session.quit()
+
+
+@pytest.fixture
+def viewer(loop_run, free_port):
+    """``nat-ray view <the loop run>`` as a user starts it, on a free port; stopped after the test."""
+    import subprocess
+    import sys
+
+    import requests
+
+    _, run_dir, *_ = loop_run
+    command = [str(Path(sys.executable).parent / "nat-ray"), "view", str(run_dir), "--port", str(free_port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{free_port}"
+    try:
+        for _ in range(120):
+            try:
+                if requests.get(url + "/static/view.css", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.25)
+            assert process.poll() is None, process.stdout.read()
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_viewer_filters_opens_a_failure_turn_by_turn_and_compares_the_rounds(viewer, browser, tmp_path):
+    import os
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(viewer + "/")
+    sources = browser.find_element(By.ID, "sources").text
+    assert "rounds/0/eval" in sources and "rounds/1/eval" in sources and "rounds/1/rollout" in sources
+    assert browser.find_elements(By.CSS_SELECTOR, "section.results table")  # the loop's results table
+    assert (
+        browser.find_element(By.CSS_SELECTOR, "figure img").get_attribute("naturalWidth") != "0"
+    )  # the plot
+
+    # Filter: a round's failures, through the form as a person does.
+    browser.find_element(By.LINK_TEXT, "Trajectories").click()
+    Select(browser.find_element(By.NAME, "source")).select_by_visible_text("rounds/1/rollout")
+    Select(browser.find_element(By.NAME, "outcome")).select_by_visible_text("incorrect")
+    browser.find_element(By.CSS_SELECTOR, "form#filters button").click()
+    assert "source=" in browser.current_url and "outcome=incorrect" in browser.current_url
+    rows = browser.find_elements(By.CSS_SELECTOR, "table#trajectories tr.bad")
+    assert rows, "round 1's rollout has no failure to open"
+    assert all(r.find_element(By.CSS_SELECTOR, "td").text == "rounds/1/rollout" for r in rows)
+
+    # Open one: its turns, its outcome, its lineage.
+    rows[0].find_element(By.CSS_SELECTOR, "a.open").click()
+    assert browser.find_element(By.ID, "outcome").text != "correct"
+    assert browser.find_elements(By.CSS_SELECTOR, "li.msg.assistant")
+    assert "question and marker" in browser.find_element(By.CSS_SELECTOR, "li.msg.prompt:last-of-type").text
+    if os.environ.get("NAT_RAY_SCREENSHOTS"):  # the README's picture: NAT_RAY_SCREENSHOTS=docs pytest ...
+        browser.save_screenshot(str(Path(os.environ["NAT_RAY_SCREENSHOTS"]) / "viewer-trajectory.png"))
+
+    # The same question in every source that has it: both rounds' rollouts sampled it.
+    browser.find_element(By.PARTIAL_LINK_TEXT, "across sources").click()
+    labels = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "section.column h2")]
+    assert "rounds/0/rollout" in labels and "rounds/1/rollout" in labels
+    browser.save_screenshot(str(tmp_path / "compare.png"))
