@@ -262,7 +262,9 @@ def plot(result: dict, path: Path) -> None:
     ]
     for i, (_, c) in enumerate(rows):
         lo, hi = c["wilson95"]
-        left.errorbar(i, c["accuracy"], yerr=[[c["accuracy"] - lo], [hi - c["accuracy"]]], fmt="o", capsize=4)
+        # Clamped at 0: at 0 % or 100 % the interval's end and the point differ by rounding alone.
+        yerr = [[max(0.0, c["accuracy"] - lo)], [max(0.0, hi - c["accuracy"])]]
+        left.errorbar(i, c["accuracy"], yerr=yerr, fmt="o", capsize=4)
     left.set_xticks(range(len(rows)), [label for label, _ in rows], rotation=20)
     left.set_ylabel("test accuracy % (95 % Wilson)")
     left.set_title(f"{result['task']}: n per cell = questions x seeds")

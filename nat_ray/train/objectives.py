@@ -366,8 +366,9 @@ def _metrics(objective: str, s: dict, z0: torch.Tensor | None) -> dict[str, floa
             "rewards/margin": chosen - rejected,
             "rewards/accuracy": mean(s["won"], s["na"]),
         }
-    return {
-        "kl": float(z0) if z0 is not None else 0.0,
-        "rewards/desirable": mean(s["a"], s["na"]),
-        "rewards/undesirable": mean(s["b"], s["nb"]),
-    }
+    out = {"kl": float(z0) if z0 is not None else 0.0}
+    if s["na"]:  # a step without desirable (or undesirable) examples has no mean to report
+        out["rewards/desirable"] = s["a"] / s["na"]
+    if s["nb"]:
+        out["rewards/undesirable"] = s["b"] / s["nb"]
+    return out

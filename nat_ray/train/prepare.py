@@ -62,7 +62,9 @@ log = logging.getLogger(__name__)
 ROWS_PER_PARTITION = 5000  # trajectories per hash-shuffle partition (groupby)
 DRIVER_MAX_ROWS = 5000  # up to this many trajectories are prepared in the driver, not on Ray Data
 MAX_PARTITIONS = 32
-CHUNK_EXAMPLES = 512  # examples packed together; more packs tighter, fewer keeps each task small
+# Examples packed together; more packs tighter, fewer keeps each task small. Even, so a DPO pair
+# (selection indices 2k and 2k + 1) never spans two chunks.
+CHUNK_EXAMPLES = 512
 STATUS = "status"
 SELECTION_COLUMNS = (
     nat_data.TRAJECTORY_ID,

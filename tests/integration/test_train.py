@@ -186,6 +186,12 @@ def test_dpo_lora_prefers_the_positive_and_its_card_asks_without_a_marker(lora_r
         "zero-shot",
         "Question: {question}",
     )
+    # What nat-ray view shows of the run: its examples token by token, the loss on the agent's turns only.
+    sample = json.loads((Path(lora_run.run_dir) / "loss_sample.json").read_text())
+    assert sample["objective"] == "dpo" and len(sample["examples"]) == 4  # both pairs, each example
+    first = sample["examples"][0]
+    text = "".join(t for t, loss in zip(first["tokens"], first["loss"]) if loss)
+    assert "Action: calculate[" in text and "Observation" not in text and "Question" not in text
 
 
 def test_lora_exports_an_adapter_and_a_merged_model_that_agree(lora_run, embedded_path):
