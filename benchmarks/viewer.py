@@ -5,7 +5,8 @@ Run from the repository root (a few minutes, about 1 GB of disk under --dir)::
     .venv/bin/python benchmarks/viewer.py      # writes benchmarks/results/viewer.json
 
 It writes a synthetic loop-like run (``rounds/<r>/eval/trajectories/part-<k>.parquet``, the trajectory
-schema, three tasks, two-turn trajectories, a third of them failures) of ``--rows`` trajectories, then
+schema, three tasks, two-turn trajectories whose thoughts are ~170 characters of varied words, a third
+of them failures) of ``--rows`` trajectories, then
 asks the viewer's app, in this process (Starlette's test client: the whole request path without the
 network), for the pages a person opens first: the list of everything, a page filtered by source, task
 and outcome, and a text search over questions, answers and turns. Each is timed cold (first request)
@@ -25,6 +26,7 @@ import statistics
 import sys
 import time
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,18 @@ TASKS = ("word_math", "gsm8k", "svamp")
 ROUNDS = 5
 PARTS_PER_ROUND = 4
 GOALS = {"first_page_s": 2.0, "filtered_page_s": 2.0, "text_search_s": 10.0}
+
+
+@lru_cache(maxsize=1)
+def thought_pool(size: int = 100_000, words: int = 25) -> list[str]:
+    """Distinct sentences of seeded random words (~170 characters): turns as long and varied as a
+    small model's thoughts, so the text search reads as many bytes as on a real run."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vocab = [f"w{k:04d}{'xyz'[k % 3]}" for k in range(3000)]
+    picks = rng.integers(0, len(vocab), size=(size, words))
+    return [" ".join(vocab[j] for j in row) for row in picks.tolist()]
 
 
 def synthetic_part(start: int, n: int, round_: int):
@@ -60,10 +74,12 @@ def synthetic_part(start: int, n: int, round_: int):
     questions = [
         f"A shop sells {x} boxes of {y} pens. How many pens?" for x, y in zip(a.tolist(), b.tolist())
     ]
+    pool = thought_pool()
     contents = []
-    for x, y, ans in zip(a.tolist(), b.tolist(), answers):
-        contents += [f"Thought: boxes times pens.\nAction: calculate[{x}*{y}]", f"Observation: {x * y}",
-                     f"Thought: done.\nAction: finish[{ans}]", "Observation: Episode finished"]  # fmt: skip
+    for i, x, y, ans in zip(idx.tolist(), a.tolist(), b.tolist(), answers):
+        first, second = pool[i % len(pool)], pool[(i * 31 + 7) % len(pool)]
+        contents += [f"Thought: {first}\nAction: calculate[{x}*{y}]", f"Observation: {x * y}",
+                     f"Thought: {second}\nAction: finish[{ans}]", "Observation: Episode finished"]  # fmt: skip
     roles = ["assistant", "user"] * (2 * n)
     message = schema.field(col.TRAJECTORY).type
     turns = pa.ListArray.from_arrays(

@@ -148,8 +148,12 @@ def page(run: RunFolder, filters: Filters, offset: int = 0, limit: int = 50) -> 
     return Page(rows, total, offset, limit)
 
 
+@lru_cache(maxsize=256)
 def facets(source: Source) -> dict[str, list]:
-    """The tasks, failure reasons and turn counts present in a source (for the filter menus)."""
+    """The tasks, failure reasons and turn counts present in a source (for the filter menus).
+
+    Read once per source: a source's files are fixed when the run is opened.
+    """
     table = dataset(source).to_table(columns=[col.TASK, col.FAILURE_REASON, col.TURNS])
     return {
         key: sorted(v for v in pc.unique(table.column(name)).to_pylist() if v is not None)
