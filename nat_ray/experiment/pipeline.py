@@ -165,7 +165,14 @@ def _run_stages(cfg: NatRayConfig, run_dir: Path, manifest: Manifest, tracker) -
 
         def train(train_cfg=train_cfg) -> dict:
             result = run_train(train_cfg)
-            return {"export": result.export, "final_loss": result.final_loss, "step": result.step}
+            # The history goes to MLflow by step (loss; KTO's and DPO's rewards, margin, KL).
+            return {
+                "export": result.export,
+                "final_loss": result.final_loss,
+                "step": result.step,
+                "objective": result.objective,
+                "history": result.history,
+            }
 
         entry = run_stage(manifest, f"train:{variant}", tracker.stage(f"train:{variant}", train))
         # A tuned model answers the prompt it was trained with: zero-shot, its variant's template
