@@ -45,7 +45,8 @@ def run_dir(tmp_path_factory):
         part = root / "rounds" / str(r) / "eval" / "trajectories"
         part.mkdir(parents=True)
         records.write_rows(_rows(min(r, 1), f"r{r}"), part / "word_math.parquet")
-    (root / "results.md").write_text("# loop\n\n| round | accuracy |\n|---|---|\n| 0 | 0.0 |\n| 1 | 50.0 |\n")
+    table = "# loop\n\n| round | accuracy |\n|---|---|\n| 0 | 0.0 |\n| 1 | 50.0 |\n"
+    (root / "results.md").write_text(table + "\n<script>alert(1)</script>\n")  # a model's words, say
     (root / "accuracy_by_round.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     train = root / "train" / "round-1"
     train.mkdir(parents=True)
@@ -102,6 +103,7 @@ def test_filters_and_pages_run_on_the_server(run_dir):
 def test_pages_show_the_table_a_trajectory_turn_by_turn_and_a_question_across_rounds(client):
     home = client.get("/")
     assert home.status_code == 200 and "<table>" in home.text and "rounds/10/eval" in home.text
+    assert "<script>" not in home.text and "&lt;script&gt;" in home.text
     listing = client.get("/trajectories", params={"outcome": "incorrect", "source": "s1"})
     assert listing.status_code == 200 and "3 trajectories" in listing.text
     link = re.search(r'href="(/t/s1/[^"]+)"', listing.text).group(1)

@@ -155,7 +155,9 @@ def create_app(run: RunFolder, key: Secret | None = None) -> Starlette:
 
         results = None
         if run.results is not None:
-            results = MarkdownIt("commonmark").enable("table").render(run.results.read_text(errors="replace"))
+            # Raw HTML in the file is shown as text, never run: a results table may quote a model's words.
+            markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
+            results = markdown.render(run.results.read_text(errors="replace"))
         return render(request, "run.html", results=results)
 
     async def trajectories(request: Request) -> Response:
