@@ -189,7 +189,8 @@ COMMANDS: tuple[Command, ...] = (
         ),
         epilog="examples:\n"
         "  nat-ray import-nat && nat-ray train --config configs/train.yaml\n"
-        "  nat-ray train --config configs/train_lora.yaml --objective dpo --set train.run_name=dpo\n"
+        "  nat-ray train --config configs/train_lora.yaml --objective kto --set train.global_batch_size=4 "
+        "--set train.run_name=kto_lora\n"
         "  nat-ray train --config configs/train_lora.yaml --set train.lora_rank=32\n"
         "  nat-ray train --config configs/train.yaml --set train.variant=nut --set train.run_name=nut",
     ),
