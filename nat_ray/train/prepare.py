@@ -574,7 +574,9 @@ def prepare_data(
         - counts["dropped_no_loss"]
         - counts["dropped_pair_partner"]
     )
-    cut = {k: counts[k] for k in ("truncated", "dropped_overlong", "dropped_no_loss", "dropped_pair_partner")}
+    cut = {k: counts[k] for k in ("truncated", "dropped_overlong", "dropped_no_loss")}
+    if cfg.objective == "dpo":
+        cut["dropped_pair_partner"] = counts["dropped_pair_partner"]
     if examples == 0:
         raise DataError(f"no example is left to train on after the max_length check: {cut}")
     sources = {k: counts[k] for k in (FROM_IDS, FROM_TEXT, FROM_TEXT_FALLBACK)}
