@@ -215,7 +215,7 @@ def _pair_selection(ordered, chosen: list[str], positives: int, counts: dict, se
         raise DataError(
             f"train.objective=dpo pairs a positive and a negative trajectory of one question, but none of "
             f"the {report.questions} questions has both; collect more samples per question "
-            "(rollout.samples_per_question) or use train.objective=kto, which needs no pairs"
+            "(rollout.samples, at a temperature above 0) or use train.objective=kto, which needs no pairs"
         )
     log.info(
         "dpo: %d pairs from %d of %d questions (%d positives and %d negatives without a partner; seed %d)",
