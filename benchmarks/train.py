@@ -104,17 +104,33 @@ def machine(gpu: bool) -> dict:
     }
 
 
-def nat_examples(tokenizer, n: int) -> tuple[list, str]:
-    """Tokenized NAT examples from the NAT repo's StrategyQA trajectories (or a rollout's, or synthetic)."""
-    from nat_ray.core import nat_data
+def nat_rows() -> list[dict] | None:
+    """The NAT repo's GPT-3.5 StrategyQA trajectory rows, or ``None`` (warned) on a machine without them."""
     from nat_ray.import_nat import import_nat, resolve_inputs
 
     try:
-        rows, _ = import_nat(resolve_inputs([]))
-        source = "NAT repo GPT-3.5 StrategyQA trajectories (shared/data), variant nat"
-    except Exception as err:  # noqa: BLE001 - no shared data on this machine: fall back to synthetic
+        return import_nat(resolve_inputs([]))[0]
+    except Exception as err:  # noqa: BLE001 - no shared data on this machine: the caller goes synthetic
         log.warning("NAT trajectories unavailable (%s); using synthetic NAT-like examples", err)
+        return None
+
+
+def fresh_model(cfg: TrainConfig, model_path: str, gpu: bool, device, **kw):
+    """One arm's own model copy in training mode and its AdamW (the NAT repo's settings, lr 5e-5)."""
+    model = build_model(cfg, model_path, gpu, **kw).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+def nat_examples(tokenizer, n: int) -> tuple[list, str]:
+    """Tokenized NAT examples from the NAT repo's StrategyQA trajectories (or synthetic ones)."""
+    from nat_ray.core import nat_data
+
+    rows = nat_rows()
+    if rows is None:
         return synthetic_examples(n, 577, MAX_LENGTH, tokenizer.vocab_size, SEED), "synthetic"
+    source = "NAT repo GPT-3.5 StrategyQA trajectories (shared/data), variant nat"
     examples, _ = nat_data.build_examples(rows, "nat", seed=42)
     random.Random(SEED).shuffle(examples)
     return [
@@ -130,10 +146,7 @@ class Arm:
             packing=packed, micro_batch_size=MICRO_BATCH, global_batch_size=MICRO_BATCH, num_workers=1
         )
         self.name = name
-        self.model = build_model(cfg, model_path, gpu, **kw).to(device)
-        self.model.train()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        self.model, self.optimizer = fresh_model(cfg, model_path, gpu, device, **kw)
         self.batches = micro_batches_of(rows, MICRO_BATCH, pad_id, packed, SEED)
         self.scheduler = cosine_schedule(self.optimizer, 0, len(self.batches))
         self.device = device
@@ -222,16 +235,13 @@ def preference_pairs(tokenizer, n: int) -> tuple[list, str]:
     """``n`` packed (positive, negative) rows of one question each, plain prompt (or synthetic ones)."""
     from nat_ray.core import nat_data
     from nat_ray.core.preference import PLAIN_VARIANT, draw_pairs
-    from nat_ray.import_nat import import_nat, resolve_inputs
     from nat_ray.train.packing import make_row
 
-    try:
-        rows, _ = import_nat(resolve_inputs([]))
-        source = "NAT repo GPT-3.5 StrategyQA trajectories (shared/data), pairs of one question, plain prompt"
-    except Exception as err:  # noqa: BLE001 - no shared data on this machine: fall back to synthetic
-        log.warning("NAT trajectories unavailable (%s); using synthetic pairs", err)
+    rows = nat_rows()
+    if rows is None:
         examples = synthetic_examples(2 * n, 577, MAX_LENGTH, tokenizer.vocab_size, SEED)
         return [make_row(examples, [2 * i, 2 * i + 1]) for i in range(n)], "synthetic"
+    source = "NAT repo GPT-3.5 StrategyQA trajectories (shared/data), pairs of one question, plain prompt"
     pairs, _ = draw_pairs(rows, lambda r: r[nat_data.QUESTION_ID], nat_data.is_positive, SEED)
     random.Random(SEED).shuffle(pairs)
     out = []
@@ -254,9 +264,7 @@ def dpo_cost(model_path: str, rows, pad_id: int, device, gpu: bool) -> dict:
         cfg = TrainConfig(
             packing=True, micro_batch_size=1, global_batch_size=1, num_workers=1, objective=objective
         )
-        model = build_model(cfg, model_path, gpu).to(device)
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.9, 0.999), eps=1e-8)
+        model, optimizer = fresh_model(cfg, model_path, gpu, device)
         return model, optimizer, cosine_schedule(optimizer, 0, len(rows))
 
     sft_model, sft_opt, sft_sched = fresh("sft")

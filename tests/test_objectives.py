@@ -20,10 +20,17 @@ from nat_ray.train.objectives import (
     mismatched_rows,
     preference_step,
     segment_sums,
-    sequence_logps,
     token_logps,
 )
 from nat_ray.train.packing import PackedSequence, collate_packed, register_varlen_attention
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The oracle: per unpacked sequence, the sum of ``log p(label)`` where ``mask`` is on, from full logits
+    (position ``t`` predicts token ``t + 1``), written plainly to check the training code's packed path."""
+    logps = torch.log_softmax(logits[:, :-1], dim=-1)
+    token = torch.gather(logps, 2, labels[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (token * mask[:, 1:].to(token.dtype)).sum(-1)
 
 
 def sigmoid(x: float) -> float:

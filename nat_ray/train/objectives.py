@@ -32,26 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from nat_ray.core.masks import IGNORE_INDEX
-from nat_ray.train.packing import PackedSequence, collate_packed
-from nat_ray.train.step import MODEL_INPUTS, StepStats, num_loss_tokens, to_device
+from nat_ray.train.packing import PackedSequence, collate_packed, example_starts
+from nat_ray.train.step import StepStats, loss_logits, num_loss_tokens, to_device
 
 # --------------------------------------------------------------------------------------------
 # The losses
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per sequence, the sum of ``log p(label)`` over the masked positions.
-
-    Args:
-        logits: ``(batch, length, vocab)``; position ``t`` predicts token ``t + 1``.
-        labels: ``(batch, length)`` token ids.
-        mask: ``(batch, length)``, true where token ``t`` is the model's own (its loss counts).
-    """
-    logits = logits[:, :-1]
-    logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    targets = labels[:, 1:]
-    token = torch.gather(logps, 2, targets.unsqueeze(-1)).squeeze(-1)
-    return (token * mask[:, 1:].to(token.dtype)).sum(-1)
 
 
 def dpo_loss(
@@ -156,25 +141,15 @@ def mismatched_rows(rows: Sequence[PackedSequence]) -> list[PackedSequence]:
 def token_logps(model, batch: dict) -> torch.Tensor:
     """``(B, T)``: at position ``t``, ``log p(token t)`` where token ``t`` carries loss, else 0.
 
-    Logits are computed only where the next token carries loss (as :func:`nat_ray.train.step.loss_sum`).
+    From :func:`nat_ray.train.step.loss_logits`: logits only where the next token carries loss.
     """
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-    if keep.numel() == 0:
-        keep = torch.zeros(1, dtype=torch.long, device=labels.device)
-    out = model(
-        **{k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None},
-        use_cache=False,
-        logits_to_keep=keep,
-    )
-    logits = out.logits
+    logits, picked, keep = loss_logits(model, batch)
     logps = torch.log_softmax(
         logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1
     )  # (B, K, V)
-    picked = targets[:, keep]  # (B, K)
     wanted = picked != IGNORE_INDEX
     token = torch.gather(logps, 2, picked.clamp(min=0).unsqueeze(-1)).squeeze(-1) * wanted
+    labels = batch["labels"]
     full = torch.zeros(labels.shape, dtype=token.dtype, device=labels.device)
     full[:, keep + 1] = token
     return full
@@ -183,11 +158,11 @@ def token_logps(model, batch: dict) -> torch.Tensor:
 def segment_sums(values: torch.Tensor, position_ids: torch.Tensor, segments: int) -> torch.Tensor:
     """``(B, segments)``: per row, the sum of ``values`` over each of its first ``segments`` examples.
 
-    An example starts wherever the position ids do not count up by one (a packed row's restart).
+    Examples begin where :func:`nat_ray.train.packing.example_starts` says (a packed row's restart).
     """
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = torch.diff(position_ids, dim=-1) != 1
-    index = (starts.long().cumsum(-1) - 1).clamp(max=segments)  # the padding tail falls in the last bin
+    index = (example_starts(position_ids).long().cumsum(-1) - 1).clamp(
+        max=segments
+    )  # the padding tail falls in the last bin
     out = torch.zeros((values.shape[0], segments + 1), dtype=values.dtype, device=values.device)
     out.scatter_add_(1, index, values)
     return out[:, :segments]
@@ -287,10 +262,10 @@ def preference_step(
     lr = engine.get_lr()[0]
     total, loss_tokens = 0.0, 0
     sums = {"a": 0.0, "b": 0.0, "na": 0.0, "nb": 0.0, "won": 0.0}
+    segments = 2 if spec.objective == "dpo" else 1  # a DPO row is a pair, a KTO row one example
     for mb in micro_batches:
         rows = mb["rows"]
         batch = to_device(mb, device)
-        segments = 2 if spec.objective == "dpo" else 1
         with torch.no_grad():
             ref = segment_sums(reference(batch), batch["position_ids"], segments)
         policy = segment_sums(token_logps(engine, batch), batch["position_ids"], segments)

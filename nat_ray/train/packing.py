@@ -132,22 +132,29 @@ def packing_efficiency(rows: Sequence[PackedSequence], max_length: int) -> float
 VARLEN_ATTENTION = "nat_varlen_sdpa"
 
 
+def example_starts(position_ids):
+    """``(B, T)`` bool: true where an example begins (column 0, and wherever position ids do not count
+    up by one: a packed row's restart, or its padding)."""
+    import torch
+
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = torch.diff(position_ids, dim=-1) != 1
+    return starts
+
+
 def segments(position_ids) -> list[list[tuple[int, int]]] | None:
     """``[(start, end), ...]`` per row, split where position ids do not count up by one.
 
     Returns:
         ``None`` when every row is a single sequence (nothing packed).
     """
-    import torch
-
-    first = position_ids[:, :1] - 1
-    starts = torch.diff(position_ids, prepend=first, dim=-1) != 1  # (B, T)
+    starts = example_starts(position_ids)
     if not bool(starts[:, 1:].any()):
         return None
     width = position_ids.shape[1]
     out = []
     for row in starts.tolist():
-        cuts = [t for t, s in enumerate(row) if s or t == 0] + [width]
+        cuts = [t for t, s in enumerate(row) if s] + [width]
         out.append(list(zip(cuts[:-1], cuts[1:])))
     return out
 

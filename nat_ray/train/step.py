@@ -307,22 +307,23 @@ def num_loss_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def loss_sum(model, batch: dict):
-    """Summed next-token cross-entropy over the loss tokens of one micro-batch.
+def loss_logits(model, batch: dict):
+    """The model's logits at the positions whose next token carries loss, and those next tokens.
 
-    Logits are computed only at positions whose next token carries loss (``logits_to_keep``
-    with the union of those positions over the batch): prompts and observations are most of a
-    NAT sequence, and the vocabulary projection is a fifth of the embedded model's FLOPs.
+    Logits are computed only there (``logits_to_keep`` with the union of those positions over the
+    batch): prompts and observations are most of a NAT sequence, and the vocabulary projection is a
+    fifth of the embedded model's FLOPs. SFT's loss and the preference objectives' log-probabilities
+    both read them.
 
     Args:
         model: a causal LM (plain, peft or a DeepSpeed engine around one).
         batch: from :func:`nat_ray.train.packing.collate`, on the model's device: (B, T) tensors.
 
     Returns:
-        (loss sum as a 0-d fp32 tensor with grad, number of loss tokens).
+        ``(logits (B, K, V), targets (B, K), keep (K,))``: position ``keep[k]`` predicts
+        ``targets[:, k]`` (``IGNORE_INDEX`` where that row's token carries no loss).
     """
     import torch
-    import torch.nn.functional as F
 
     labels = batch["labels"]
     targets = labels[:, 1:]  # (B, T-1): the token each position predicts
@@ -335,8 +336,19 @@ def loss_sum(model, batch: dict):
         use_cache=False,  # with a cache, transformers ignores the packed position ids
         logits_to_keep=keep,
     )
-    logits = out.logits.float()  # (B, K, V)
-    picked = targets[:, keep]  # (B, K)
+    return out.logits, targets[:, keep], keep
+
+
+def loss_sum(model, batch: dict):
+    """Summed next-token cross-entropy over the loss tokens of one micro-batch (:func:`loss_logits`).
+
+    Returns:
+        (loss sum as a 0-d fp32 tensor with grad, number of loss tokens).
+    """
+    import torch.nn.functional as F
+
+    logits, picked, _ = loss_logits(model, batch)
+    logits = logits.float()  # (B, K, V)
     total = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), picked.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
