@@ -152,8 +152,7 @@ def make_episodes(cfg, questions):
         tid = records.trajectory_id(cfg.engine.model, task.name, q.id, TEMPERATURE, 0, cfg.rollout.seed)
         sampling = sampling_from(cfg.agent, TEMPERATURE, cfg.rollout.seed)
         ep = new_episode(task, q.question, cfg.agent, tid, sampling)
-        gold_raw = records.gold_text(q.meta.get("raw_gold", q.gold))
-        out.append((ep, gold_raw))
+        out.append((ep, task.scoring_gold(q)))
     return out
 
 

@@ -6,8 +6,9 @@ import pytest
 
 from nat_ray.config import NatRayConfig, from_dict, load_config
 from nat_ray.core import nat_data as columns
-from nat_ray.evaluation.run import EvalItem, _remote_episode, _row, decoding, plan_items
-from nat_ray.tasks import Question
+from nat_ray.evaluation.run import _remote_episode, _row, decoding, plan_items
+from nat_ray.rollout.run import plan_rows
+from nat_ray.tasks.episodes import PlannedEpisode
 
 
 def test_decoding_is_the_papers_sampling_unless_greedy():
@@ -25,8 +26,7 @@ def test_plan_has_one_item_per_task_question_and_seed_with_stable_ids():
 
 
 def test_a_server_answer_becomes_a_scored_trajectory_row():
-    cfg = NatRayConfig()
-    item = EvalItem("gsm8k", Question(id="q1", task="gsm8k", question="2 + 2?", gold="4"), 1, "t1")
+    item = PlannedEpisode("t1", "gsm8k", "q1", "2 + 2?", "4", "4", 0.2, 0, 1)
     body = {
         "prompt": [{"role": "user", "content": "Question: 2 + 2?"}],
         "trajectory": [
@@ -41,10 +41,29 @@ def test_a_server_answer_becomes_a_scored_trajectory_row():
     }
     ep = _remote_episode(item, body)
     assert ep.turns == 2 and ep.steps[0].observation == "4" and ep.trajectory() == body["trajectory"]
-    row = _row(cfg, item, ep, "served-model", "endpoint", "h", "now")
+    row = _row(item, ep, "served-model", "endpoint", "h", "now")
     assert row[columns.CORRECT_PAPER] and row[columns.CORRECT_ROBUST]
     assert row[columns.PROMPT_TOKENS] == 30 and row[columns.COMPLETION_TOKENS] == 12
     assert row[columns.SEED] == 1 and row[columns.TEMPERATURE] == 0.2 and row[columns.MODEL] == "served-model"
+
+
+def test_rollout_and_evaluation_plan_the_same_question_alike():
+    """One planned-episode type for both stages: the same gold for the scorer, rows that round-trip."""
+    tasks = ["gsm8k", "strategyqa", "hotpotqa"]
+    rollout = plan_rows(
+        from_dict(
+            NatRayConfig,
+            {"rollout": {"tasks": tasks, "split": "test", "limit": 2, "temperatures": [0.2], "seed": 3}},
+        ),
+        "m",
+    )
+    evaluation = plan_items(
+        from_dict(NatRayConfig, {"eval": {"tasks": tasks, "limit": 2, "seeds": [3]}}), "m"
+    )
+    assert rollout == evaluation  # same ids, same gold: the rows of either stage are scored alike
+    assert [PlannedEpisode.from_row(p.to_row()) for p in rollout] == rollout
+    assert {p.gold_scored for p in rollout if p.task == "strategyqa"} <= {"yes", "no"}
+    assert len(rollout) == 6 and all(p.temperature == 0.2 and p.sample_index == 0 for p in rollout)
 
 
 @pytest.mark.parametrize("name", ["eval", "serve"])

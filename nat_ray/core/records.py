@@ -24,7 +24,7 @@ from nat_ray import safe_files
 from nat_ray.core import nat_data as columns
 from nat_ray.core.masks import turn_drift
 from nat_ray.core.react import Episode
-from nat_ray.core.scoring import Score, nat_class
+from nat_ray.core.scoring import Score, gold_text, nat_class
 
 SCHEMA_VERSION = 4
 
@@ -40,10 +40,6 @@ def trajectory_id(
 def config_hash(config: dict) -> str:
     """Short stable hash of a config mapping (for provenance; resuming keys on trajectory ids)."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def gold_text(gold: str | bool) -> str:
-    return ("yes" if gold else "no") if isinstance(gold, bool) else str(gold)
 
 
 def now_iso() -> str:

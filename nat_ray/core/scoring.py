@@ -363,6 +363,11 @@ class Score:
     f1: float | None = None
 
 
+def gold_text(gold: str | bool) -> str:
+    """A gold answer as text, as trajectory rows store it (a yes/no bool as ``yes``/``no``)."""
+    return ("yes" if gold else "no") if isinstance(gold, bool) else str(gold)
+
+
 def score_answer(family: str, pred: str | None, gold: str | bool) -> Score:
     """Score one final answer.
 

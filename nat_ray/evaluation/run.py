@@ -35,21 +35,12 @@ from nat_ray.evaluation.results_table import format_eval_results, is_smoke_test,
 from nat_ray.http import retrying_session
 from nat_ray.models import check_lora, resolve_export
 from nat_ray.paths import PARTS_DIR
-from nat_ray.tasks import Question, get_task
+from nat_ray.tasks import get_task
+from nat_ray.tasks.episodes import PlannedEpisode, plan_episodes, scored_row
 
 log = logging.getLogger(__name__)
 
 ENDPOINT_RETRIES = 3  # connection errors and 502/503/504, with exponential backoff
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalItem:
-    """One episode to run: a question of a task under one seed."""
-
-    task: str
-    question: Question
-    seed: int
-    trajectory_id: str
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,8 +57,8 @@ def model_label(cfg: NatRayConfig) -> str:
     return cfg.engine.model + (f"+lora:{cfg.serve.lora}" if cfg.serve.lora else "")
 
 
-def plan_items(cfg: NatRayConfig, model: str) -> list[EvalItem]:
-    """Every (task, question, seed) of the evaluation, each with its trajectory id.
+def plan_items(cfg: NatRayConfig, model: str) -> list[PlannedEpisode]:
+    """Every (seed, task, question) of the evaluation, each with its trajectory id.
 
     Raises:
         ConfigError / DataError: unknown task or split, missing data.
@@ -76,13 +67,9 @@ def plan_items(cfg: NatRayConfig, model: str) -> list[EvalItem]:
 
     temperature, _ = decoding(cfg)
     tasks = prepare_tasks(cfg.eval.tasks, cfg)[0]
-    items = []
-    for seed in cfg.eval.seeds:
-        for task in tasks:
-            for q in task.load(cfg.eval.split, limit=cfg.eval.limit):
-                tid = records.trajectory_id(model, task.name, q.id, temperature, 0, seed)
-                items.append(EvalItem(task.name, q, seed, tid))
-    return items
+    return plan_episodes(
+        tasks, cfg.eval.split, cfg.eval.limit, model, temperatures=[temperature], seeds=cfg.eval.seeds
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,8 +77,7 @@ def plan_items(cfg: NatRayConfig, model: str) -> list[EvalItem]:
 
 
 def _row(
-    cfg: NatRayConfig,
-    item: EvalItem,
+    plan: PlannedEpisode,
     ep: Episode,
     model: str,
     engine: str,
@@ -99,38 +85,31 @@ def _row(
     started: str,
     tool_versions: dict[str, str] | None = None,
     tokenizer=None,
-):
-    task = get_task(item.task)
-    temperature, _ = decoding(cfg)
-    return records.episode_row(
+) -> dict:
+    return scored_row(
+        plan,
+        get_task(plan.task),
         ep,
-        tokenizer,
-        task=task.name,
-        family=task.family,
-        question_id=item.question.id,
-        question=item.question.question,
-        gold=item.question.gold,
-        score=task.score(ep.answer, item.question),
-        temperature=temperature,
-        sample_index=0,
-        seed=item.seed,
         model=model,
         engine=engine,
         config_hash=config_hash,
         started_at=started,
-        **task.lineage(tool_versions or {}),
+        tool_versions=tool_versions or {},
+        tokenizer=tokenizer,
     )
 
 
-def _episode(cfg: NatRayConfig, item: EvalItem) -> Episode:
+def _episode(cfg: NatRayConfig, plan: PlannedEpisode) -> Episode:
     from nat_ray.agent import new_episode
 
     temperature, top_p = decoding(cfg)
-    sampling = Sampling(temperature, top_p, cfg.agent.max_new_tokens, item.seed)
-    return new_episode(get_task(item.task), item.question.question, cfg.agent, item.trajectory_id, sampling)
+    sampling = Sampling(temperature, top_p, cfg.agent.max_new_tokens, plan.seed)
+    return new_episode(get_task(plan.task), plan.question, cfg.agent, plan.trajectory_id, sampling)
 
 
-def run_in_process(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: str, engine=None) -> list[dict]:
+def run_in_process(
+    cfg: NatRayConfig, items: Sequence[PlannedEpisode], config_hash: str, engine=None
+) -> list[dict]:
     """Run every item in one batched stepper on an in-process engine; return the trajectory rows.
 
     Args:
@@ -160,7 +139,7 @@ def run_in_process(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: st
 
     def finish(ep: Episode) -> None:
         rows.append(
-            _row(cfg, by_id[ep.id], ep, model, cfg.engine.backend, config_hash, started, versions, tokenizer)
+            _row(by_id[ep.id], ep, model, cfg.engine.backend, config_hash, started, versions, tokenizer)
         )
         bar.update(1)
 
@@ -175,7 +154,7 @@ def run_in_process(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: st
     return rows
 
 
-def _remote_episode(item: EvalItem, body: dict) -> Episode:
+def _remote_episode(item: PlannedEpisode, body: dict) -> Episode:
     """An :class:`Episode` rebuilt from a ``/v1/agent`` answer (the server reports token totals only)."""
     steps: list[Step] = []
     for turn in body["trajectory"]:
@@ -228,7 +207,7 @@ def check_endpoint(url: str, timeout_s: float = 30.0, headers: dict[str, str] | 
     return response.json()["model"]
 
 
-def run_endpoint(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: str) -> list[dict]:
+def run_endpoint(cfg: NatRayConfig, items: Sequence[PlannedEpisode], config_hash: str) -> list[dict]:
     """Send every item to ``eval.endpoint``'s ``/v1/agent``, ``serve.max_concurrent_episodes`` at a time.
 
     Raises:
@@ -252,12 +231,12 @@ def run_endpoint(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: str)
     started = records.now_iso()
     failed = 0
 
-    def one(item: EvalItem) -> dict:
+    def one(item: PlannedEpisode) -> dict:
         nonlocal failed
         body = {
             "id": item.trajectory_id,
             "task": item.task,
-            "question": item.question.question,
+            "question": item.question,
             "max_turns": cfg.agent.max_turns,
             "max_tokens": cfg.agent.max_new_tokens,
             "temperature": temperature,
@@ -275,7 +254,7 @@ def run_endpoint(cfg: NatRayConfig, items: Sequence[EvalItem], config_hash: str)
             ep = Episode(item.trajectory_id, [], get_task(item.task).tools, failure_reason=GENERATION_ERROR)
         else:
             ep = _remote_episode(item, response.json())
-        return _row(cfg, item, ep, model, "endpoint", config_hash, started, versions)
+        return _row(item, ep, model, "endpoint", config_hash, started, versions)
 
     with ThreadPoolExecutor(concurrency) as pool:
         rows = list(tqdm(pool.map(one, items), total=len(items), desc="episodes", unit="ep", file=sys.stderr))

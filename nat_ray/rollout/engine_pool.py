@@ -30,6 +30,7 @@ from nat_ray.errors import ConfigError
 from nat_ray.models import check_lora, check_model
 from nat_ray.paths import PARTS_DIR
 from nat_ray.ray_runtime import init_ray
+from nat_ray.tasks.episodes import PlannedEpisode
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class EngineHolder:
         return path
 
     def run(self, items: list[dict], worker_args: dict) -> list[dict]:
-        """Scored trajectory rows for ``items`` (work items of :func:`nat_ray.rollout.run.plan_rows`)."""
+        """Scored trajectory rows for ``items`` (planned episodes as rows, :meth:`PlannedEpisode.to_row`)."""
         import pyarrow as pa
 
         from nat_ray.rollout.run import RolloutWorker
@@ -107,7 +108,7 @@ class EnginePool:
         """The model name trajectories record (and their ids hash): the base, plus the adapter."""
         return base_id if self.adapter is None else f"{base_id}+lora:{self.adapter}"
 
-    def generate(self, cfg: NatRayConfig, tasks, todo: list[dict], out: Path, model_id: str, config_hash: str,
+    def generate(self, cfg: NatRayConfig, tasks, todo: list[PlannedEpisode], out: Path, model_id: str, config_hash: str,
                  progress: bool) -> None:  # fmt: skip
         """Run ``todo`` on the pool's engines, writing Parquet parts as :func:`nat_ray.rollout.run._generate` does."""
         import ray
@@ -131,7 +132,8 @@ class EnginePool:
             "tool_versions": configured_versions(cfg.tools),
         }
         size = cfg.rollout.batch_size
-        batches = [todo[i : i + size] for i in range(0, len(todo), size)]
+        rows = [plan.to_row() for plan in todo]
+        batches = [rows[i : i + size] for i in range(0, len(rows), size)]
         idle = list(self.actors)
         running: dict = {}
         bar = tqdm(total=len(todo), desc="trajectories", unit="traj", disable=not progress, file=sys.stderr)

@@ -37,6 +37,7 @@ from nat_ray.models import check_model
 from nat_ray.paths import PARTS_DIR
 from nat_ray.ray_runtime import init_ray
 from nat_ray.tasks import get_task
+from nat_ray.tasks.episodes import PlannedEpisode, plan_episodes, scored_row
 from nat_ray.tools.mcp import require_servers
 
 log = logging.getLogger(__name__)
@@ -50,31 +51,19 @@ MISSING_PASSES = 2
 # Plan: which trajectories this config asks for (pure; no Ray)
 
 
-def plan_rows(cfg: NatRayConfig, model_id: str) -> list[dict]:
-    """One work item per (task, question, temperature, sample), each with its trajectory id."""
+def plan_rows(cfg: NatRayConfig, model_id: str) -> list[PlannedEpisode]:
+    """One planned episode per (task, question, temperature, sample), each with its trajectory id."""
     from nat_ray.agent import prepare_tasks
 
-    items = []
-    for task in prepare_tasks(cfg.rollout.tasks, cfg)[0]:
-        for q in task.load(cfg.rollout.split, limit=cfg.rollout.limit):
-            for temperature in cfg.rollout.temperatures:
-                for sample in range(cfg.rollout.samples):
-                    tid = records.trajectory_id(
-                        model_id, task.name, q.id, temperature, sample, cfg.rollout.seed
-                    )
-                    items.append(
-                        {
-                            columns.TRAJECTORY_ID: tid,
-                            columns.TASK: task.name,
-                            columns.QUESTION_ID: q.id,
-                            columns.QUESTION: q.question,
-                            "gold_raw": records.gold_text(q.meta.get("raw_gold", q.gold)),
-                            columns.GOLD: records.gold_text(q.gold),
-                            columns.TEMPERATURE: float(temperature),
-                            columns.SAMPLE_INDEX: sample,
-                        }
-                    )
-    return items
+    return plan_episodes(
+        prepare_tasks(cfg.rollout.tasks, cfg)[0],
+        cfg.rollout.split,
+        cfg.rollout.limit,
+        model_id,
+        temperatures=cfg.rollout.temperatures,
+        samples=cfg.rollout.samples,
+        seeds=[cfg.rollout.seed],
+    )
 
 
 def generation_config(cfg: NatRayConfig) -> dict:
@@ -109,7 +98,7 @@ def done_ids(output_dir: Path) -> set[str]:
 
 
 class RolloutWorker:
-    """Owns one engine for its lifetime; turns a batch of work items into scored trajectory rows."""
+    """Owns one engine for its lifetime; turns a batch of planned episodes into scored trajectory rows."""
 
     def __init__(
         self,
@@ -125,7 +114,7 @@ class RolloutWorker:
         from nat_ray.tools import configure_tools
 
         self.cfg = from_dict(NatRayConfig, config)
-        prepare_tasks(self.cfg.rollout.tasks, self.cfg)  # the task files the work items name
+        prepare_tasks(self.cfg.rollout.tasks, self.cfg)  # the task files the plans name
         self.model_id = model_id
         self.config_hash = config_hash
         self.tool_versions = tool_versions
@@ -146,40 +135,30 @@ class RolloutWorker:
         from nat_ray.agent import new_episode, sampling_from
         from nat_ray.core.react import Stepper
 
-        items = batch.to_pylist()
+        plans = [PlannedEpisode.from_row(row) for row in batch.to_pylist()]
         started = records.now_iso()
         episodes, by_id = [], {}
-        for item in items:
-            task = get_task(item[columns.TASK])
-            sampling = sampling_from(self.cfg.agent, item[columns.TEMPERATURE], self.cfg.rollout.seed)
-            ep = new_episode(
-                task, item[columns.QUESTION], self.cfg.agent, item[columns.TRAJECTORY_ID], sampling
-            )
-            episodes.append(ep)
-            by_id[ep.id] = (task, item)
+        for plan in plans:
+            task = get_task(plan.task)
+            sampling = sampling_from(self.cfg.agent, plan.temperature, plan.seed)
+            episodes.append(new_episode(task, plan.question, self.cfg.agent, plan.trajectory_id, sampling))
+            by_id[plan.trajectory_id] = (task, plan)
         rows = []
+        tokenizer = getattr(self.engine, "tokenizer", None)
 
         def finish(ep) -> None:
-            task, item = by_id[ep.id]
-            score = task.score(ep.answer, item["gold_raw"])
+            task, plan = by_id[ep.id]
             rows.append(
-                records.episode_row(
+                scored_row(
+                    plan,
+                    task,
                     ep,
-                    getattr(self.engine, "tokenizer", None),
-                    task=task.name,
-                    family=task.family,
-                    question_id=item[columns.QUESTION_ID],
-                    question=item[columns.QUESTION],
-                    gold=item[columns.GOLD],
-                    score=score,
-                    temperature=item[columns.TEMPERATURE],
-                    sample_index=item[columns.SAMPLE_INDEX],
-                    seed=self.cfg.rollout.seed,
                     model=self.model_id,
                     engine=self.cfg.engine.backend,
                     config_hash=self.config_hash,
                     started_at=started,
-                    **task.lineage(self.tool_versions),
+                    tool_versions=self.tool_versions,
+                    tokenizer=tokenizer,
                 )
             )
 
@@ -315,15 +294,15 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True, pool=None) -> RolloutR
     if pool is not None:
         model_id = pool.model_id(model_id)
     config_hash = records.config_hash(generation_config(cfg))
-    items = plan_rows(cfg, model_id)  # reads the questions: bad data fails before anything is written
+    plans = plan_rows(cfg, model_id)  # reads the questions: bad data fails before anything is written
     check_output_dir(out)
     (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     finished = done_ids(out)
-    todo = [item for item in items if item[columns.TRAJECTORY_ID] not in finished]
+    todo = [plan for plan in plans if plan.trajectory_id not in finished]
     log.info(
         "rollout: %d trajectories planned, %d already done, %d to generate",
-        len(items),
-        len(items) - len(todo),
+        len(plans),
+        len(plans) - len(todo),
         len(todo),
     )
     left = todo
@@ -340,14 +319,14 @@ def run_rollout(cfg: NatRayConfig, progress: bool = True, pool=None) -> RolloutR
         else:
             pool.generate(cfg, tasks, left, out, model_id, config_hash, progress)
         written = done_ids(out)
-        left = [item for item in left if item[columns.TRAJECTORY_ID] not in written]
-    planned = {i[columns.TRAJECTORY_ID] for i in items}
+        left = [plan for plan in left if plan.trajectory_id not in written]
+    planned = {plan.trajectory_id for plan in plans}
     rows = [r for r in records.read_rows(out / PARTS_DIR) if r[columns.TRAJECTORY_ID] in planned]
     table = summarize_rollout(rows)
     result = RolloutResult(
         output_dir=str(out),
         generated=len(todo),
-        skipped=len(items) - len(todo),
+        skipped=len(plans) - len(todo),
         total=len(rows),
         summary=table,
         seconds=round(time.time() - start, 1),
@@ -402,7 +381,8 @@ def _generate(
     parts = PartWriter(out / PARTS_DIR, cfg.rollout.flush_rows, cfg.rollout.flush_seconds)
     seen: set[str] = set()
     with streaming_data_context():
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, -(-len(todo) // cfg.rollout.batch_size)))
+        blocks = max(1, -(-len(todo) // cfg.rollout.batch_size))
+        ds = ray.data.from_items([plan.to_row() for plan in todo], override_num_blocks=blocks)
         ds = ds.map_batches(
             RolloutWorker,
             fn_constructor_kwargs={

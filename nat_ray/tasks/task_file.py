@@ -74,7 +74,7 @@ import yaml
 
 from nat_ray import paths
 from nat_ray.core import prompts
-from nat_ray.core.scoring import Score, exact_match, score_answer
+from nat_ray.core.scoring import Score, exact_match, gold_text, score_answer
 from nat_ray.errors import ConfigError, DataError
 from nat_ray.tasks.demonstrations import parse_demonstration
 from nat_ray.tasks.loaders import (
@@ -293,16 +293,24 @@ class Task:
             fields=self.fields or None,
         )
 
+    def scoring_gold(self, question: Question) -> str:
+        """The gold answer this task's scorer is given for ``question``, as text.
+
+        For the math scorer, the answer as written in the file (``meta["raw_gold"]``) when it is a
+        string, so paper mode sees exactly what NAT saw; else the normalised gold (a StrategyQA bool
+        as ``yes``/``no``). Rollout and evaluation both plan with it (:mod:`nat_ray.tasks.episodes`).
+        """
+        raw = question.meta.get("raw_gold")
+        return gold_text(raw if isinstance(raw, str) and self.scorer == "math" else question.gold)
+
     def score(self, pred: str | None, gold: Question | str | bool) -> Score:
         """Score a final answer (the raw ``finish[...]`` argument; None if the episode never finished).
 
-        ``gold`` may be the :class:`Question` itself: then its ``meta["raw_gold"]`` (the answer as
-        written in the file) is scored when it is a string, so paper mode sees exactly what NAT saw.
+        ``gold`` may be the :class:`Question` itself: then :meth:`scoring_gold` picks what is scored.
         A plug-in scorer that fails scores 0 (see the module docstring); it never raises.
         """
         if isinstance(gold, Question):
-            raw = gold.meta.get("raw_gold")
-            gold = raw if isinstance(raw, str) and self.scorer == "math" else gold.gold
+            gold = self.scoring_gold(gold)
         if self.score_fn is not None:
             return _plugin_score(self.scorer, self.score_fn, pred, gold)
         if self.scorer == "exact_match":
