@@ -11,7 +11,13 @@ local Ray, so the driver's peak RSS (sampled every 50 ms by a psutil thread) bel
 perfectly flat, above 1 means the fixed cost (Ray start-up excluded, task and tokenizer start-up
 included) dominates the small size; below 0.77 would mean the per-row cost grows with the data.
 ``data_prep_marginal_ms_per_row`` leaves the fixed cost out: milliseconds per added trajectory
-between consecutive sizes (flat when these are about equal).
+between consecutive sizes (flat when these are about equal); ``data_prep_marginal_flatness`` = the
+first of them over the last (ms per added row from 1k to 10k over from 10k to 100k; goal >= 0.8).
+Each size also reports the CPU seconds of its driver and local Ray together (``cpu_seconds``, their
+``cores_busy``) and how many processes Ray started meanwhile, and
+``data_prep_marginal_cpu_ms_per_row`` the marginal CPU per row: when the wall clock's marginal
+cost rises with the size but the CPU's does not, the cores stood idle (waits, barriers); when both
+rise, each row costs more work (or more processes start, each importing its libraries).
 
 Imported by ``benchmarks/scale.py``; standalone: ``.venv/bin/python benchmarks/scale_data.py``.
 """
@@ -96,8 +102,28 @@ def write_data(folder: Path, rows: int) -> None:
         records.write_rows(batch, folder / f"part-{part:04d}.parquet")
 
 
+def tree_cpu_seconds(proc) -> float:
+    """CPU seconds (user + system) of ``proc`` and its live descendants, and of the children each reaped.
+
+    A local Ray's processes (GCS, raylet, its workers) descend from the driver that started it, and a
+    worker that has ended is counted in its raylet's reaped-children times, so the difference of two
+    readings is the CPU the whole local Ray spent between them.
+    """
+    import psutil
+
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
 def measure_one(rows: int, folder: Path) -> dict:
-    """Write ``rows`` trajectories, start Ray, prepare them; seconds and the driver's peak RSS."""
+    """Write ``rows`` trajectories, start Ray, prepare them; seconds, the driver's peak RSS, and the CPU
+    seconds and new processes of the driver and its local Ray (where a per-row cost beyond the work goes)."""
     import psutil
     import ray
 
@@ -112,18 +138,26 @@ def measure_one(rows: int, folder: Path) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = TrainConfig(data=[str(folder)], variant="nat", max_length=1024, packing=True)
     me, peak, done = psutil.Process(), [0], threading.Event()
+    before = {c.pid for c in me.children(recursive=True)}
+    started: set[int] = set()  # processes that appeared during the preparation (Ray workers)
 
     def sample() -> None:
+        ticks = 0
         while not done.is_set():
             peak[0] = max(peak[0], me.memory_info().rss)
+            if ticks % 20 == 0:  # every second: scanning /proc costs more than reading one RSS
+                started.update(c.pid for c in me.children(recursive=True) if c.pid not in before)
+            ticks += 1
             time.sleep(0.05)
 
     thread = threading.Thread(target=sample, daemon=True)
     rss_before = me.memory_info().rss
     thread.start()
+    cpu_before = tree_cpu_seconds(me)
     began = time.perf_counter()
     prepared = prepare_data(cfg, model_path, driver_max_rows=0)  # the streamed path at every size
     seconds = time.perf_counter() - began
+    cpu = tree_cpu_seconds(me) - cpu_before
     done.set()
     thread.join()
     s = prepared.stats
@@ -138,6 +172,9 @@ def measure_one(rows: int, folder: Path) -> dict:
         "selection_dropped": s["selection_dropped"],
         "driver_rss_mb_before": round(rss_before / 2**20, 1),
         "driver_peak_rss_mb": round(max(peak[0], rss_before) / 2**20, 1),
+        "cpu_seconds": round(cpu, 2),
+        "cores_busy": round(cpu / seconds, 2),
+        "processes_started": len(started),
     }
 
 
@@ -158,7 +195,10 @@ def data_prep(args) -> dict:
             if out.returncode != 0:
                 raise RuntimeError(f"data_prep at {rows} rows failed:\n{out.stderr[-4000:]}")
             per_size.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    from scale_stages import marginal_costs, marginal_flatness  # beside this file
+
     first, last = per_size[0], per_size[-1]
+    trajectories = [p["trajectories"] for p in per_size]
     return {
         "rows_look_like": ROWS_LOOK_LIKE,
         "config": "variant nat, max_length 1024, packing, all positives and negatives",
@@ -166,10 +206,16 @@ def data_prep(args) -> dict:
         "data_prep_seconds": {str(p["trajectories"]): p["seconds"] for p in per_size},
         "data_prep_rss_mb": {str(p["trajectories"]): p["driver_peak_rss_mb"] for p in per_size},
         "data_prep_flatness": round(first["seconds_per_row"] / last["seconds_per_row"], 3),
-        # Without the fixed cost: seconds per added trajectory between consecutive sizes.
+        # Without the fixed cost: milliseconds per added trajectory between consecutive sizes, and
+        # the first of them over the last (1k->10k over 10k->100k).
+        "data_prep_marginal_flatness": marginal_flatness(trajectories, [p["seconds"] for p in per_size]),
         "data_prep_marginal_ms_per_row": [
-            round(1000 * (b["seconds"] - a["seconds"]) / (b["trajectories"] - a["trajectories"]), 3)
-            for a, b in zip(per_size, per_size[1:])
+            round(1000 * c, 3) for c in marginal_costs(trajectories, [p["seconds"] for p in per_size])
+        ],
+        # The same in CPU seconds of the driver and its local Ray: flat here while the wall clock's is
+        # not means cores stood idle at the larger size; rising too means more work per row.
+        "data_prep_marginal_cpu_ms_per_row": [
+            round(1000 * c, 3) for c in marginal_costs(trajectories, [p["cpu_seconds"] for p in per_size])
         ],
     }
 
@@ -187,7 +233,10 @@ def plot_data_prep(ax, figures) -> None:
     rss.plot(x, [p["driver_peak_rss_mb"] for p in sizes], "s--", color="tab:orange", label="driver peak RSS")
     rss.set_ylabel("driver peak RSS (MB)")
     rss.set_ylim(bottom=0)
-    ax.set_title(f"data preparation (flatness {figures['data_prep_flatness']})")
+    ax.set_title(
+        f"data preparation (flatness {figures['data_prep_flatness']}, "
+        f"marginal {figures.get('data_prep_marginal_flatness')})"
+    )
     ax.legend(loc="upper left")
     rss.legend(loc="upper right")
 

@@ -15,11 +15,16 @@ read with ``getattr`` only: ``quick`` (small sizes, for a smoke run of a few min
   ``max_num_seqs`` = ``max_in_flight`` = 64, calculators in 2 tool actors); each size is one batch.
   Per size: the whole call's seconds, the generation window (earliest ``started_at`` to latest
   ``ended_at`` of its rows, as ``benchmarks/rollout.py`` defines it), seconds per trajectory,
-  generated tokens, and the driver's peak RSS during that call (a psutil sampling thread, reset per
-  size; ``ru_maxrss`` would be the process's peak so far). The prefix cache is reset before each
-  size. After the largest size, the same engine runs raw ``llm.generate`` on the first
+  generated tokens, and the peak RSS during that call of the driver and of the engine actor (its
+  process and children, read from the driver by pid): psutil sampling threads, reset per size
+  (``ru_maxrss`` would be the process's peak so far). The prefix cache is reset before each size.
+  After the largest size, the same engine runs raw ``llm.generate`` on the first
   ``raw_sequences`` of that size's first-turn prompts (:func:`rollout.raw_generate`), for the
-  rollout's fraction of raw vLLM.
+  rollout's fraction of raw vLLM. ``rollout_marginal_flatness`` = seconds per ADDED trajectory
+  from 32 to 128 over from 128 to 512 (:func:`marginal_flatness` of the calls' seconds: the fixed
+  cost of a call cancels out, while ``rollout_time_flatness``'s small size carries all of it);
+  ``engine_rss_flatness`` = the engine's peak RSS at 128 over at 512 (the second-largest size
+  over the largest).
 - ``headline_fractions``: each stage's rate over this machine's limit for it, measured pairwise in
   the same run: rollout tokens/s / raw vLLM (from ``rollout_curve`` when it ran in this process,
   else a one-size curve); the served agent at 32 concurrent clients / the engine's own batch-32
@@ -39,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -57,7 +63,12 @@ SERVE_CLIENTS = 32
 QUICK_SERVE_CLIENTS = 8
 TRAIN_STEPS = 4  # stage optimizer steps (the first is not counted); the bare step times as many
 QUICK_TRAIN_STEPS = 2
-TARGETS = {"rollout_time_flatness": 0.83, "rollout_rss_flatness": 0.77}
+TARGETS = {
+    "rollout_time_flatness": 0.83,
+    "rollout_rss_flatness": 0.77,
+    "rollout_marginal_flatness": 0.8,
+    "engine_rss_flatness": 0.8,
+}
 
 # The last rollout curve of this process, for headline_fractions to reuse (same run, no second curve).
 _LAST_CURVE: dict | None = None
@@ -134,14 +145,65 @@ def window_seconds(started: list[float], ended: list[float]) -> float:
     return max(ended) - min(started)
 
 
+def marginal_costs(sizes: list[int], seconds: list[float]) -> list[float]:
+    """Seconds per ADDED unit between consecutive sizes: ``(t[i+1] - t[i]) / (n[i+1] - n[i])``.
+
+    The fixed cost (start-up, first-call set-up) cancels out, so these stay equal when each
+    unit's own cost does not grow with the size.
+    """
+    return [(tb - ta) / (nb - na) for na, nb, ta, tb in zip(sizes, sizes[1:], seconds, seconds[1:])]
+
+
+def marginal_flatness(sizes: list[int], seconds: list[float]) -> float | None:
+    """The first marginal cost over the last (e.g. per trajectory added 32->128 over 128->512).
+
+    1.0 = each added unit costs the same at every size; below 1 = it costs more at larger sizes
+    (a super-linear cost); None with fewer than three sizes or a last marginal cost that is not
+    positive.
+    """
+    costs = marginal_costs(sizes, seconds)
+    if len(costs) < 2:
+        return None
+    return flatness(costs[0], costs[-1])
+
+
+def process_tree_rss(pids: list[int]) -> tuple[Callable[[], int], int]:
+    """A reader for :class:`PeakRSS` of other processes, and how many processes it reads.
+
+    The reader sums the RSS of ``pids`` and of the descendants they have now. They are found once
+    (a vLLM engine's processes live as long as it does), so each sample reads only their ``/proc``
+    entries; one that has ended counts 0.
+    """
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+
+    def read() -> int:
+        total = 0
+        for proc in procs:
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return total
+
+    return read, len(procs)
+
+
 def fraction(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return round(numerator / denominator, 3)
 
 
-def _mib(n: int) -> float:
-    return round(n / 2**20, 1)
+def _mib(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
 
 
 def _quick(args) -> bool:
@@ -210,6 +272,21 @@ def _make_raw_in_holder(bench_dir: str):
     return raw_in_holder
 
 
+def _local_engine_pids(actors) -> list[int]:
+    """The engine actors' process ids, those on this node only (psutil reads this machine's processes)."""
+    import ray
+
+    def where(holder) -> tuple[int, str]:  # nested: Ray pickles it by value for the engine actor
+        import os
+
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()
+
+    here = ray.get_runtime_context().get_node_id()
+    return [pid for pid, node in ray.get([a.__ray_call__.remote(where) for a in actors]) if node == here]
+
+
 def _start_engines(cfg, lora: bool):
     """The rollout's engine actor(s), started once for every size.
 
@@ -267,7 +344,7 @@ def _run_curve(sizes: tuple[int, ...], raw_sequences: int, lora: bool = False) -
     sizes = tuple(sorted(sizes))
     tmp = Path(tempfile.mkdtemp(prefix="nat_ray_scale_rollout_"))
     sampler = PeakRSS()
-    by_size = []
+    by_size, walls = [], []  # walls: each size's call seconds, unrounded, for the marginal costs
     raw = None
     try:
         base_cfg = rollout_bench.make_config(max(sizes), str(tmp / "unused"))
@@ -275,6 +352,9 @@ def _run_curve(sizes: tuple[int, ...], raw_sequences: int, lora: bool = False) -
         pool = _start_engines(base_cfg, lora)
         pool_start_s = time.perf_counter() - t0
         log.info("rollout_curve: engine pool up in %.1fs", pool_start_s)
+        # The engine actor's memory beside the driver's: sampled from here, reset per size too.
+        read_engine, engine_processes = process_tree_rss(_local_engine_pids(pool.actors))
+        engine_sampler = PeakRSS(read=read_engine) if engine_processes else None
         try:
             for n in sizes:
                 from dataclasses import replace
@@ -284,11 +364,13 @@ def _run_curve(sizes: tuple[int, ...], raw_sequences: int, lora: bool = False) -
                 # One batch per size: the engine's occupancy is limited only by max_in_flight.
                 cfg = replace(cfg, rollout=replace(cfg.rollout, batch_size=n))
                 ray.get([a.__ray_call__.remote(reset_prefix_cache) for a in pool.actors])
+                engine_before = engine_sampler.start().start_rss if engine_sampler else None
                 rss_before = sampler.start().start_rss
                 t1 = time.perf_counter()
                 result = rollout_with_pool(cfg, pool, None, progress=False)
                 call_s = time.perf_counter() - t1
                 peak = sampler.stop()
+                engine_peak = engine_sampler.stop() if engine_sampler else None
                 if result.generated != n or result.skipped:
                     raise RuntimeError(f"expected {n} fresh trajectories, got {result}")
                 stats = _rows_stats(out / PARTS_DIR)
@@ -303,9 +385,12 @@ def _run_curve(sizes: tuple[int, ...], raw_sequences: int, lora: bool = False) -
                     "driver_rss_before_mib": _mib(rss_before),
                     "driver_peak_rss_mib": _mib(peak),
                     "rss_samples": sampler.samples,
+                    "engine_rss_before_mib": _mib(engine_before),
+                    "engine_peak_rss_mib": _mib(engine_peak),
                 }
                 log.info("rollout_curve at %d: %s", n, row)
                 by_size.append(row)
+                walls.append(call_s)
                 shutil.rmtree(out, ignore_errors=True)
             largest = by_size[-1]
             m = min(raw_sequences, largest["size"])
@@ -320,10 +405,22 @@ def _run_curve(sizes: tuple[int, ...], raw_sequences: int, lora: bool = False) -
         shutil.rmtree(tmp, ignore_errors=True)
     one, big = by_size[0], by_size[-1]
     rollout_tps = big["completion_tokens_per_s"]
+    ran = [r["size"] for r in by_size]
+    # The engine's peak at the second-largest size over the largest's (128 / 512 by default).
+    engine_pair = [r["engine_peak_rss_mib"] for r in by_size[-2:]] if len(by_size) >= 2 else [None, None]
     return {
         "rollout_time_flatness": flatness(one["seconds_per_trajectory"], big["seconds_per_trajectory"]),
         "rollout_rss_flatness": flatness(one["driver_peak_rss_mib"], big["driver_peak_rss_mib"]),
+        "rollout_marginal_flatness": marginal_flatness(ran, walls),
+        "engine_rss_flatness": flatness(*engine_pair),
         "rollout_fraction_of_raw_vllm": fraction(rollout_tps, raw and raw["completion_tokens_per_s"]),
+        "rollout_marginal_s_per_trajectory": [round(c, 4) for c in marginal_costs(ran, walls)],
+        "rollout_marginal_flatness_window": marginal_flatness(
+            ran, [r["generation_window_s"] for r in by_size]
+        ),
+        "engine_rss_sampled": f"{engine_processes} process(es): the engine actor and its children"
+        if engine_processes
+        else "not sampled: the engine actor runs on another node",
         "by_size": by_size,
         "raw_vllm": raw,
         "engine_pool_start_s": round(pool_start_s, 2),
@@ -351,6 +448,13 @@ def _run_curve(sizes: tuple[int, ...], raw_sequences: int, lora: bool = False) -
             "(engine start-up excluded: the pool is up before the first size)",
             "rollout_rss_flatness": "driver peak RSS during the smallest size's call / during the largest's "
             "(psutil sampled every 50 ms, reset per size)",
+            "rollout_marginal_flatness": "seconds per ADDED trajectory between the first two sizes / between "
+            "the last two, from each size's whole rollout_with_pool call (32->128 over 128->512: "
+            "((t128 - t32) / 96) / ((t512 - t128) / 384)); the fixed cost per call cancels out; "
+            "rollout_marginal_flatness_window uses the generation windows instead",
+            "engine_rss_flatness": "the engine actor's peak RSS (its process and children, sampled by the "
+            "driver with psutil every 50 ms, reset per size) during the second-largest size / during the "
+            "largest (128 / 512 by default)",
             "rollout_fraction_of_raw_vllm": "the largest size's generated tokens/s over its window / raw "
             f"llm.generate on the same engine of its first {raw_sequences} first-turn prompts (same "
             "seeds and temperature), max_tokens=min_tokens=that size's mean tokens per trajectory, "
@@ -367,7 +471,7 @@ def rollout_curve(args) -> dict:
     lora = bool(getattr(args, "rollout_lora", False))
     out = _run_curve(sizes, QUICK_RAW_SEQUENCES if quick else RAW_SEQUENCES, lora)
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    out["targets"] = {k: TARGETS[k] for k in ("rollout_time_flatness", "rollout_rss_flatness")}
+    out["targets"] = dict(TARGETS)
     out["quick"] = quick
     _LAST_CURVE = out
     return out
@@ -383,12 +487,18 @@ def plot_rollout_curve(ax, figures: dict) -> None:
     ax.set_ylabel("seconds per trajectory")
     rss = ax.twinx()
     rss.plot(sizes, [r["driver_peak_rss_mib"] for r in rows], "s-", color="#d62728", label="driver peak RSS")
-    rss.set_ylabel("driver peak RSS (MiB)")
+    engine = [r.get("engine_peak_rss_mib") for r in rows]  # absent from results before it was measured
+    if any(v is not None for v in engine):
+        rss.plot(sizes, engine, "^-", color="#9467bd", label="engine peak RSS")
+    rss.set_ylabel("peak RSS (MiB)")
     rss.set_ylim(bottom=0)
     ax.set_ylim(bottom=0)
     ax.set_title(
         f"rollout: time flatness {figures['rollout_time_flatness']}, "
-        f"RSS flatness {figures['rollout_rss_flatness']}"
+        f"RSS flatness {figures['rollout_rss_flatness']}\n"
+        f"marginal flatness {figures.get('rollout_marginal_flatness')}, "
+        f"engine RSS flatness {figures.get('engine_rss_flatness')}",
+        fontsize=9,
     )
     lines = ax.get_legend_handles_labels()
     more = rss.get_legend_handles_labels()

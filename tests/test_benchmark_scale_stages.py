@@ -1,4 +1,5 @@
-"""benchmarks/scale_stages.py: its pure helpers (flatness, windows, the peak-RSS sampler); no Ray."""
+"""benchmarks/scale*.py: their pure helpers (flatness, marginal costs, windows, the RSS and CPU samplers,
+the headline figures); no Ray."""
 
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def stages():
+def _load(name: str):
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("scale_stages_under_test", BENCH / "scale_stages.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def stages():
+    return _load("scale_stages")
 
 
 def test_flatness_is_small_over_large(stages):
@@ -64,3 +69,87 @@ def test_peak_rss_sampler_reads_this_process(stages):
     peak = sampler.stop()
     block.close()
     assert peak - sampler.start_rss >= 32 * 2**20
+
+
+def test_marginal_costs_leave_the_fixed_cost_out(stages):
+    # 10 s fixed + 0.5 s a unit: every added unit costs 0.5 s, whatever the size.
+    assert stages.marginal_costs([32, 128, 512], [26.0, 74.0, 266.0]) == [0.5, 0.5]
+    assert stages.marginal_flatness([32, 128, 512], [26.0, 74.0, 266.0]) == 1.0
+
+
+def test_marginal_flatness_of_the_issue_figures(stages):
+    # rollout_curve's calls (s) and data_prep's seconds of the run before these keys existed.
+    assert stages.marginal_flatness([32, 128, 512], [33.62, 99.75, 302.29]) == pytest.approx(1.306, abs=1e-3)
+    assert stages.marginal_flatness([1000, 10000, 100000], [16.11, 19.25, 89.84]) == pytest.approx(
+        0.445, abs=1e-3
+    )
+
+
+def test_marginal_flatness_is_none_when_undefined(stages):
+    assert stages.marginal_flatness([32, 128], [10.0, 20.0]) is None  # one marginal: nothing to compare
+    assert stages.marginal_flatness([32, 128, 512], [10.0, 20.0, 20.0]) is None  # last costs nothing
+    assert stages.marginal_costs([8], [1.0]) == []
+
+
+def test_process_tree_rss_reads_a_process_and_skips_one_that_is_gone(stages):
+    import os
+
+    import psutil
+
+    read, processes = stages.process_tree_rss([os.getpid(), 2**31 - 1])  # the second pid cannot exist
+    assert processes >= 1
+    assert read() >= psutil.Process().memory_info().rss // 2
+    sampler = stages.PeakRSS(interval=0.005, read=read)
+    with sampler:
+        time.sleep(0.02)
+    assert sampler.peak >= sampler.start_rss > 0
+    assert stages.process_tree_rss([2**31 - 1])[1] == 0
+
+
+def test_tree_cpu_seconds_counts_this_process():
+    import psutil
+
+    scale_data = _load("scale_data")
+    me = psutil.Process()
+    before = scale_data.tree_cpu_seconds(me)
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # 50 ms of this process's CPU
+        pass
+    assert scale_data.tree_cpu_seconds(me) - before >= 0.03
+
+
+def test_headline_has_the_new_keys_and_tolerates_older_sections():
+    scale = _load("scale")
+    sections = {
+        "index_build": {"index_build_speedup": 1.78, "index_build_over_in_process": 0.93},
+        "ann_real": {"ann_recall_at_3_real": 0.97},
+        "data_prep": {"data_prep_flatness": 17.9, "data_prep_marginal_flatness": 0.445},
+        "rollout_curve": {
+            "rollout_time_flatness": 1.73,
+            "rollout_rss_flatness": 0.95,
+            "rollout_marginal_flatness": 1.306,
+            "engine_rss_flatness": 0.98,
+        },
+    }
+    top = scale.headline(sections)
+    assert top["index_build_over_in_process"] == 0.93
+    assert top["ann_recall_at_3_real"] == 0.97
+    assert top["data_prep_marginal_flatness"] == 0.445
+    assert top["rollout_marginal_flatness"] == 1.306
+    assert top["engine_rss_flatness"] == 0.98
+    new = (
+        "rollout_marginal_flatness",
+        "data_prep_marginal_flatness",
+        "engine_rss_flatness",
+        "index_build_over_in_process",
+        "ann_recall_at_3_real",
+    )
+    assert all(key in scale.TARGETS for key in new)
+    # Sections measured before these keys existed (kept from an earlier run by --only) give None.
+    old = scale.headline(
+        {
+            "index_build": {"index_build_speedup": 1.78},
+            "rollout_curve": {"rollout_time_flatness": 1.7, "rollout_rss_flatness": 0.9},
+        }
+    )
+    assert old["index_build_over_in_process"] is None and old["engine_rss_flatness"] is None
