@@ -88,11 +88,11 @@ def _rejoin(cluster: TwoNodeCluster) -> None:
 # 1. Rollout
 
 
-def rollout_config(out: Path, model: str, limit: int = 12) -> dict:
+def rollout_config(out: Path, model: str, limit: int = 12, max_new_tokens: int = 48) -> dict:
     """Two engine actors of one CPU each (Ray Data spreads them over the nodes); a part per trajectory."""
     return {
         "engine": {"model": model, "max_model_len": 2048, "kv_cache_gb": 1},
-        "agent": {"max_turns": 2, "max_new_tokens": 48},
+        "agent": {"max_turns": 2, "max_new_tokens": max_new_tokens},
         "tools": {"search_corpus": SAMPLE_CORPUS},
         "rollout": {
             "output_dir": str(out),
@@ -109,10 +109,16 @@ def rollout_config(out: Path, model: str, limit: int = 12) -> dict:
 
 
 def rollout_node_kill(
-    cluster: TwoNodeCluster, work: Path, model: str, kill_after_rows: int = 4, limit: int = 12
+    cluster: TwoNodeCluster,
+    work: Path,
+    model: str,
+    kill_after_rows: int = 4,
+    limit: int = 12,
+    max_new_tokens: int = 48,
 ) -> dict:
     """Rollout of ``limit`` questions x 2 temperatures with an engine on each node; the worker node
-    killed once ``kill_after_rows`` are written.
+    killed once ``kill_after_rows`` are written. (``max_new_tokens`` per turn: shorter turns, a
+    shorter scenario; the test's.)
 
     Returns:
         ``planned``, ``written``, ``lost``, ``duplicated``, ``rows_before_kill``, ``engine_on_both_nodes``,
@@ -122,7 +128,7 @@ def rollout_node_kill(
         (kill until the driver exits), ``exit_code``, ``seconds``, ``log`` (the driver's output tail).
     """
     out = work / "rollout"
-    cfg = rollout_config(out, model, limit)
+    cfg = rollout_config(out, model, limit, max_new_tokens)
     cfg_path = work / "rollout.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     planned = len(range(cfg["rollout"]["limit"])) * len(cfg["rollout"]["temperatures"])
@@ -409,10 +415,21 @@ def _gone_within(check, timeout_s: float) -> float | None:
 LLM_REPLICA = "ServeReplica"  # with "LLM" in the same title: the vLLM replica's process
 
 
-def serve_config(model: str, port: int) -> dict:
+# The server's limits that :func:`guards` tries: one agent episode at a time and no queue (so a
+# second is refused), a token cap and a body cap. The load's chat requests stay within them.
+GUARD_LIMITS = {
+    "max_concurrent_episodes": 1,
+    "max_queued_episodes": 0,
+    "max_tokens_limit": 24,
+    "max_body_bytes": 64 * 1024,
+}
+
+
+def serve_config(model: str, port: int, limits: dict | None = None) -> dict:
+    limits = limits or {}
     return {
         "engine": {"model": model, "max_model_len": 2048, "kv_cache_gb": 1, "max_num_seqs": 16},
-        "agent": {"max_turns": 2, "max_new_tokens": 32},
+        "agent": {"max_turns": 2, "max_new_tokens": min(32, limits.get("max_tokens_limit", 32))},
         "tools": {"search_corpus": SAMPLE_CORPUS},
         "serve": {
             "port": port,
@@ -420,6 +437,7 @@ def serve_config(model: str, port: int) -> dict:
             "tool_min_replicas": 1,
             "tool_max_replicas": 1,
             "request_timeout_s": 300,
+            **limits,
         },
     }
 
@@ -575,6 +593,121 @@ def knock(url: str, key: str, model: str) -> dict:
     }
 
 
+def guards(url: str, key: str, model: str) -> dict:
+    """The server's limits (:data:`GUARD_LIMITS`) on a server started with them and ``key``.
+
+    Returns:
+        ``challenge`` (a 401's ``WWW-Authenticate`` header and error code), ``unknown_role`` (status,
+        the error's param and message, seconds), ``uncapped`` (route -> status and completion tokens
+        of a request without ``max_tokens``), ``body_413`` (status and message with a Content-Length,
+        status chunked, health after), ``episode_429`` (the second episode's status, Retry-After and
+        message while the first runs; the first's status; a third's after it ended), ``streamed_pieces``.
+    """
+    import openai
+    import requests
+
+    auth = {"Authorization": f"Bearer {key}"}
+    refused = requests.get(f"{url}/v1/models", timeout=60)
+    challenge = {
+        "www_authenticate": refused.headers.get("WWW-Authenticate"),
+        "code": refused.json()["error"]["code"],
+    }
+
+    started = time.monotonic()
+    body = {"model": model, "messages": [{"role": "wizard", "content": "Cast a spell."}]}
+    answer = requests.post(f"{url}/v1/chat/completions", json=body, headers=auth, timeout=60)
+    error = answer.json().get("error", {})
+    unknown_role = {
+        "status": answer.status_code,
+        "param": error.get("param"),
+        "message": error.get("message", ""),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+    uncapped = {}
+    for route, body in (
+        ("chat/completions", {"messages": [{"role": "user", "content": "Tell me a very long story."}]}),
+        ("completions", {"prompt": "Once upon a time", "max_tokens": None}),
+    ):
+        answer = requests.post(f"{url}/v1/{route}", json={**body, "model": model}, headers=auth, timeout=300)
+        tokens = answer.json()["usage"]["completion_tokens"] if answer.status_code == 200 else None
+        uncapped[route] = {"status": answer.status_code, "completion_tokens": tokens}
+
+    limit = GUARD_LIMITS["max_body_bytes"]
+    big = {"model": model, "messages": [{"role": "user", "content": "x" * limit}], "max_tokens": 4}
+    answer = requests.post(f"{url}/v1/chat/completions", json=big, headers=auth, timeout=60)
+
+    def chunks():  # chunked: no Content-Length, only the bytes read count
+        yield b'{"task": "gsm8k", "question": "'
+        for _ in range(20):
+            yield b"y" * 8192
+        yield b'"}'
+
+    chunked = requests.post(
+        f"{url}/v1/agent", data=chunks(), headers={**auth, "Content-Type": "application/json"}, timeout=60
+    )
+    body_413 = {
+        "status": answer.status_code,
+        "message": answer.json().get("error", {}).get("message", ""),
+        "chunked_status": chunked.status_code,
+        "health_after": requests.get(f"{url}/healthz", headers=auth, timeout=30).status_code,
+    }
+
+    agent = {"task": "gsm8k", "question": "What is 2 + 3?", "max_turns": 1, "max_tokens": 8}
+    first: dict = {}
+
+    def run_first() -> None:
+        body = {**agent, "max_turns": 2, "max_tokens": GUARD_LIMITS["max_tokens_limit"]}
+        first["status"] = requests.post(f"{url}/v1/agent", json=body, headers=auth, timeout=300).status_code
+
+    thread = threading.Thread(target=run_first, daemon=True)
+    thread.start()
+    deadline, busy = time.monotonic() + 60, False
+    while time.monotonic() < deadline and not busy and thread.is_alive():
+        health = requests.get(f"{url}/healthz", headers=auth, timeout=30).json()
+        busy = health["open_episodes"] + health["queued_episodes"] >= 1
+    second = requests.post(f"{url}/v1/agent", json=agent, headers=auth, timeout=60) if busy else None
+    thread.join(timeout=300)
+    third = requests.post(f"{url}/v1/agent", json=agent, headers=auth, timeout=300)
+    episode_429 = {
+        "first_was_running": busy,
+        "second_status": second.status_code if second is not None else None,
+        "retry_after": int(second.headers.get("Retry-After", 0)) if second is not None else 0,
+        "message": second.json().get("error", {}).get("message", "") if second is not None else "",
+        "first_status": first.get("status"),
+        "third_status": third.status_code,
+    }
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=300)
+    stream = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=4, stream=True
+    )
+    pieces = [chunk.choices[0].text for chunk in stream if chunk.choices]
+    return {
+        "challenge": challenge,
+        "unknown_role": unknown_role,
+        "uncapped": uncapped,
+        "body_413": body_413,
+        "episode_429": episode_429,
+        "streamed_pieces": len([p for p in pieces if p]),
+    }
+
+
+def files_holding(folder: Path, secret: str) -> tuple[list[str], int]:
+    """The files under ``folder`` that hold ``secret``, and the 401 lines of Serve's access logs there."""
+    found, access_401 = [], 0
+    for path in Path(folder).rglob("*"):
+        with contextlib.suppress(OSError):
+            if not path.is_file():
+                continue
+            data = path.read_bytes()
+            if secret.encode() in data:
+                found.append(str(path))
+            if path.parent.name == "serve":
+                access_401 += data.count(b" 401 ")
+    return found, access_401
+
+
 def serve_replica_kill(
     cluster: TwoNodeCluster,
     work: Path,
@@ -584,11 +717,14 @@ def serve_replica_kill(
     after_s: float = 20.0,
     api_key: str | None = None,
     stop_cluster: bool = False,
+    check_guards: bool = False,
 ) -> dict:
     """``nat-ray serve`` on the cluster, ``clients`` chat clients; the vLLM replica's process SIGKILLed.
 
     With ``api_key``, the server starts with it as ``$NAT_RAY_API_KEY``, the clients send it, and
-    after recovery :func:`knock` tries every route without it (``door`` in the figures).
+    after recovery :func:`knock` tries every route without it (``door`` in the figures). With
+    ``check_guards`` too, the server starts with :data:`GUARD_LIMITS` and :func:`guards` tries them
+    after the door (``guards``).
 
     The vLLM engine processes below the killed replica must end with it (the orphan guard,
     ``nat_ray/engines/orphan_guard.py``): ``engines_of_killed_replica`` and the seconds until they were
@@ -607,12 +743,14 @@ def serve_replica_kill(
         (None: some outlived it by :data:`ENGINES_GONE_WITHIN_S`), ``exit_code`` (of the stopped
         server), ``seconds``, ``log``; ``door`` with ``api_key``; with ``stop_cluster``,
         ``cluster_stop``: ``engines_running``, ``ray_processes_killed``, ``seconds_engines_gone``
-        (None: some survived), ``engines_seen`` (in the whole scenario).
+        (None: some survived), ``engines_seen`` (in the whole scenario); ``guards`` with
+        ``check_guards``.
     """
     import requests
 
     cfg_path = work / "serve.yaml"
-    cfg_path.write_text(yaml.safe_dump(serve_config(model, port)))
+    limits = GUARD_LIMITS if check_guards else None
+    cfg_path.write_text(yaml.safe_dump(serve_config(model, port, limits)))
     log = work / "serve.log"
     began = time.monotonic()
     env_key = os.environ.pop("NAT_RAY_API_KEY", None)  # the key of this call only, or none
@@ -624,7 +762,7 @@ def serve_replica_kill(
             os.environ["NAT_RAY_API_KEY"] = env_key
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    door = cluster_stop = None
+    door = cluster_stop = guarded = None
     watch = ProcessWatch(cluster)
     replica_engines_gone: dict[str, float | None] = {}
     try:
@@ -664,6 +802,8 @@ def serve_replica_kill(
         gone.join()
         if api_key and recovered_at is not None:
             door = knock(url, api_key, served)
+            if check_guards:
+                guarded = guards(url, api_key, served)
         if stop_cluster:
             watch.sample()
             running = len(watch.engines())
@@ -704,5 +844,6 @@ def serve_replica_kill(
         "exit_code": code,
         "seconds": round(time.monotonic() - began, 1),
         **({"door": door} if api_key else {}),
+        **({"guards": guarded} if check_guards else {}),
         "log": _tail(log, 2500),
     }

@@ -1,8 +1,13 @@
-"""The closed loop's rollout engines (issue 17): two rounds on one engine actor, the second with an adapter."""
+"""The closed loop's rollout engines (issue 17): rounds on one engine actor, the second with an adapter
+hot-loaded into the running engine, the third back on the base model.
+
+The adapter is the integration conftest's ``hot_adapter`` (random B, so greedy answers change). (The
+running server's side, an adapter published into ``serve.lora_dir`` after it started, is tested in
+``test_serve.py`` on that module's server.)
+"""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -13,8 +18,6 @@ from nat_ray.core import records
 from nat_ray.paths import PARTS_DIR
 
 pytestmark = pytest.mark.integration
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "hotload.py"
 
 
 def _config(out: Path, embedded_path: str) -> NatRayConfig:
@@ -37,15 +40,14 @@ def _config(out: Path, embedded_path: str) -> NatRayConfig:
     )
 
 
-def test_the_next_round_loads_its_adapter_into_the_running_engine(tmp_path, embedded_path, local_ray):
+def test_the_next_round_loads_its_adapter_into_the_running_engine(
+    tmp_path, embedded_path, local_ray, hot_adapter
+):
     import ray
 
     from nat_ray.rollout.engine_pool import rollout_with_pool, start_pool
 
-    spec = importlib.util.spec_from_file_location("bench_hotload", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    adapter = bench.make_adapter(embedded_path, tmp_path / "adapter")
+    adapter = hot_adapter
 
     pool = start_pool(_config(tmp_path / "round-0", embedded_path))
     try:
@@ -58,9 +60,12 @@ def test_the_next_round_loads_its_adapter_into_the_running_engine(tmp_path, embe
         again = rollout_with_pool(
             _config(tmp_path / "round-1", embedded_path), pool, str(adapter), progress=False
         )
+        plain = rollout_with_pool(_config(tmp_path / "round-2", embedded_path), pool, None, progress=False)
+        assert ray.get(pool.actors[0].ready.remote()) == pid
     finally:
         pool.close()
-    assert first.generated == second.generated == 3 and again.skipped == 3  # resumes as run_rollout does
+    assert first.generated == second.generated == plain.generated == 3
+    assert again.skipped == 3  # resumes as run_rollout does
     base = {r[columns.QUESTION_ID]: r for r in records.read_rows(tmp_path / "round-0" / PARTS_DIR)}
     tuned = {r[columns.QUESTION_ID]: r for r in records.read_rows(tmp_path / "round-1" / PARTS_DIR)}
     assert set(base) == set(tuned)
@@ -70,3 +75,6 @@ def test_the_next_round_loads_its_adapter_into_the_running_engine(tmp_path, embe
     )
     # greedy decoding: only the adapter can make a round-1 trajectory differ from round 0's
     assert any(base[q][columns.TRAJECTORY] != tuned[q][columns.TRAJECTORY] for q in base)
+    # and back to the base model in the same engine
+    back = records.read_rows(tmp_path / "round-2" / PARTS_DIR)
+    assert {r[columns.MODEL] for r in back} == {r[columns.MODEL] for r in base.values()}
