@@ -13,11 +13,11 @@ included) dominates the small size; below 0.77 would mean the per-row cost grows
 ``data_prep_marginal_ms_per_row`` leaves the fixed cost out: milliseconds per added trajectory
 between consecutive sizes (flat when these are about equal); ``data_prep_marginal_flatness`` = the
 first of them over the last (ms per added row from 1k to 10k over from 10k to 100k; goal >= 0.8).
-Each size also reports the CPU seconds of its driver and local Ray together (``cpu_seconds``, their
-``cores_busy``) and how many processes Ray started meanwhile, and
-``data_prep_marginal_cpu_ms_per_row`` the marginal CPU per row: when the wall clock's marginal
-cost rises with the size but the CPU's does not, the cores stood idle (waits, barriers); when both
-rise, each row costs more work (or more processes start, each importing its libraries).
+Each size also reports the CPU seconds of its driver and local Ray (``cpu_seconds``, their
+``cores_busy``), how many processes Ray started meanwhile, and ``data_prep_marginal_cpu_ms_per_row``
+the marginal CPU per row. The CPU counter reads the processes alive at the end of a size, so a Ray
+worker that ended before it is missed: a lower bound, not the work done (the run of 2026-12-07 gave
+less CPU at 100k rows than at 10k, and a negative marginal).
 
 Imported by ``benchmarks/scale.py``; standalone: ``.venv/bin/python benchmarks/scale_data.py``.
 """
@@ -105,9 +105,9 @@ def write_data(folder: Path, rows: int) -> None:
 def tree_cpu_seconds(proc) -> float:
     """CPU seconds (user + system) of ``proc`` and its live descendants, and of the children each reaped.
 
-    A local Ray's processes (GCS, raylet, its workers) descend from the driver that started it, and a
-    worker that has ended is counted in its raylet's reaped-children times, so the difference of two
-    readings is the CPU the whole local Ray spent between them.
+    A local Ray's processes (GCS, raylet, its workers) descend from the driver that started it. A
+    worker that ended between two readings is not always in a live process's reaped-children times
+    (measured: less CPU at 100k rows than at 10k), so the difference is a lower bound.
     """
     import psutil
 
@@ -212,8 +212,8 @@ def data_prep(args) -> dict:
         "data_prep_marginal_ms_per_row": [
             round(1000 * c, 3) for c in marginal_costs(trajectories, [p["seconds"] for p in per_size])
         ],
-        # The same in CPU seconds of the driver and its local Ray: flat here while the wall clock's is
-        # not means cores stood idle at the larger size; rising too means more work per row.
+        # The same in CPU seconds of the driver and its local Ray's live processes (a lower bound: see
+        # tree_cpu_seconds).
         "data_prep_marginal_cpu_ms_per_row": [
             round(1000 * c, 3) for c in marginal_costs(trajectories, [p["cpu_seconds"] for p in per_size])
         ],

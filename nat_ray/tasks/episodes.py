@@ -43,18 +43,8 @@ class PlannedEpisode:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> PlannedEpisode:
-        """A plan back from its row (Ray Data hands numpy scalars: cast to the field types)."""
-        return cls(
-            trajectory_id=str(row["trajectory_id"]),
-            task=str(row["task"]),
-            question_id=str(row["question_id"]),
-            question=str(row["question"]),
-            gold=str(row["gold"]),
-            gold_scored=str(row["gold_scored"]),
-            temperature=float(row["temperature"]),
-            sample_index=int(row["sample_index"]),
-            seed=int(row["seed"]),
-        )
+        """A plan back from its row (extra columns are ignored)."""
+        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls)})
 
 
 def plan_episodes(
