@@ -206,6 +206,20 @@ def viewer(loop_run, free_port):
         process.wait(timeout=10)
 
 
+def _follow(browser, element):
+    """Click a link or submit button and wait for the next page: WebDriver's click returns before a form's
+    navigation ends, so reading the URL or the rows at once can see the old page (a CI run did)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old_page = browser.find_element(By.TAG_NAME, "html")
+    element.click()
+    wait = WebDriverWait(browser, 30)
+    wait.until(expected_conditions.staleness_of(old_page))
+    wait.until(lambda b: b.execute_script("return document.readyState") == "complete")
+
+
 def test_the_viewer_filters_opens_a_failure_turn_by_turn_and_compares_the_rounds(viewer, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -219,23 +233,23 @@ def test_the_viewer_filters_opens_a_failure_turn_by_turn_and_compares_the_rounds
     )  # the plot
 
     # Filter: a round's failures, through the form as a person does.
-    browser.find_element(By.LINK_TEXT, "Trajectories").click()
+    _follow(browser, browser.find_element(By.LINK_TEXT, "Trajectories"))
     Select(browser.find_element(By.NAME, "source")).select_by_visible_text("rounds/1/rollout")
     Select(browser.find_element(By.NAME, "outcome")).select_by_visible_text("incorrect")
-    browser.find_element(By.CSS_SELECTOR, "form#filters button").click()
+    _follow(browser, browser.find_element(By.CSS_SELECTOR, "form#filters button"))
     assert "source=" in browser.current_url and "outcome=incorrect" in browser.current_url
     rows = browser.find_elements(By.CSS_SELECTOR, "table#trajectories tr.bad")
     assert rows, "round 1's rollout has no failure to open"
     assert all(r.find_element(By.CSS_SELECTOR, "td").text == "rounds/1/rollout" for r in rows)
 
     # Open one: its turns, its outcome, its lineage.
-    rows[0].find_element(By.CSS_SELECTOR, "a.open").click()
+    _follow(browser, rows[0].find_element(By.CSS_SELECTOR, "a.open"))
     assert browser.find_element(By.ID, "outcome").text != "correct"
     assert browser.find_elements(By.CSS_SELECTOR, "li.msg.assistant")
     assert "question and marker" in browser.find_elements(By.CSS_SELECTOR, "li.msg.prompt")[-1].text
 
     # The same question in every source that has it: both rounds' rollouts sampled it.
-    browser.find_element(By.PARTIAL_LINK_TEXT, "across sources").click()
+    _follow(browser, browser.find_element(By.PARTIAL_LINK_TEXT, "across sources"))
     labels = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "section.column h2")]
     assert "rounds/0/rollout" in labels and "rounds/1/rollout" in labels
     browser.save_screenshot(str(tmp_path / "compare.png"))
