@@ -472,6 +472,15 @@ class ServeConfig:
             stored in the config or logged.
         tasks: the tasks ``POST /v1/agent`` answers, by name or task-file path, read when the server
             starts; a request names one of them and can make the server read no other file.
+        capture: write every ``/v1/agent`` episode as a trajectory row (token ids included) under
+            ``capture_dir`` and take ``POST /v1/feedback`` scores for them (off by default).
+        capture_dir: the capture folder (:mod:`nat_ray.serve.capture`); a relative path is resolved
+            where the app is built, so every replica writes the same folder.
+        capture_flush_rows: captured episodes a replica keeps in memory before writing a part.
+        capture_flush_s: seconds after which kept episodes are written anyway: a replica killed
+            loses at most this window (counted when the next replica starts).
+        capture_redact: ``FILE.py:fn`` or ``module:fn``, ``fn(text) -> text``, applied to the question,
+            every message and the answer before an episode is written (``None``: written as served).
     """
 
     lora: str | None = None
@@ -497,6 +506,11 @@ class ServeConfig:
     tasks: list[str] = field(
         default_factory=lambda: ["gsm8k", "asdiv", "svamp", "multiarith", "hotpotqa", "strategyqa"]
     )
+    capture: bool = False
+    capture_dir: str = "runs/capture"
+    capture_flush_rows: int = 64
+    capture_flush_s: float = 10.0
+    capture_redact: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -511,6 +525,8 @@ class ServeConfig:
             "request_timeout_s",
             "lora_max_adapters",
             "max_body_bytes",
+            "capture_flush_rows",
+            "capture_flush_s",
         ):
             _positive(f"serve.{name}", getattr(self, name))
         if self.max_queued_episodes < 0:

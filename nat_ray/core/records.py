@@ -241,7 +241,12 @@ def read_rows(path) -> list[dict]:
     import pyarrow.parquet as pq
 
     path = Path(path)
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    # A writer's temporary file is a dot-name (pathlib's glob matches those too): never read half a file.
+    files = (
+        sorted(f for f in path.glob("*.parquet") if not f.name.startswith((".", "_")))
+        if path.is_dir()
+        else [path]
+    )
     names = arrow_schema().names
     seen: set[str] = set()
     rows = []

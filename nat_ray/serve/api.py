@@ -25,6 +25,7 @@ from nat_ray.tasks.loaders import normalize_gold
 MAX_TEMPERATURE = 2.0  # the OpenAI API's range; higher only produces noise
 MAX_ID_CHARS = 128
 MAX_MODEL_CHARS = 256
+MAX_FEEDBACK_ANSWER_CHARS = 4000
 
 # What a gold must be, per task family, in the words the client sees (``{task}``: the task name).
 GOLD_RULES = {
@@ -129,6 +130,22 @@ class AgentRequest(BaseModel):
         return value
 
 
+class FeedbackRequest(BaseModel):
+    """Body of ``POST /v1/feedback``: a score for a captured episode, and optionally the right answer.
+
+    Attributes:
+        episode_id: the ``episode_id`` of a ``/v1/agent`` response of this server (404 otherwise).
+        score: how good the episode was, 0 (wrong) to 1 (right); the last score given wins.
+        answer: the answer the agent should have given, kept for the round that learns from it.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    episode_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    score: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+    answer: str | None = Field(default=None, max_length=MAX_FEEDBACK_ANSWER_CHARS)
+
+
 def _wrong_gold(family: str, task: str, value: Any) -> ValueError:
     return ValueError(f"{GOLD_RULES[family].format(task=task)}, got {value!r}")
 
@@ -152,8 +169,9 @@ def error_body(status: int, message: str, param: str | None, detail: list | None
     return body
 
 
-def validation_error(err: ValidationError) -> tuple[int, dict]:
-    """Status and body for a pydantic error: 400 for malformed JSON, else 422; every field named."""
+def validation_error(err: ValidationError, invalid_status: int = 422) -> tuple[int, dict]:
+    """Status and body for a pydantic error: 400 for malformed JSON, else ``invalid_status``; every
+    field named."""
     problems = err.errors(include_url=False, include_context=False, include_input=False)
     detail = [
         {
@@ -164,7 +182,7 @@ def validation_error(err: ValidationError) -> tuple[int, dict]:
         }
         for e in problems
     ]
-    status = 400 if any(e["type"] == "json_invalid" for e in problems) else 422
+    status = 400 if any(e["type"] == "json_invalid" for e in problems) else invalid_status
     message = "; ".join(f"{d['field']}: {d['msg']}" for d in detail)
     return status, error_body(status, message, detail[0]["field"] if detail else "body", detail)
 
@@ -208,11 +226,17 @@ def response_status(ep: Episode) -> int:
     return 503 if ep.failure_reason == GENERATION_ERROR else 200
 
 
-def agent_response(ep: Episode, task: str, model: str, gold: Any = None, tokenizer=None) -> dict:
+def agent_response(
+    ep: Episode, task: str, model: str, gold: Any = None, tokenizer=None, episode_id: str | None = None
+) -> dict:
     """JSON body of a finished episode; ``correct`` (paper and robust rules) only when ``gold`` is given;
-    ``token_drift`` (:func:`nat_ray.core.records.episode_drift`) when a ``tokenizer`` is given."""
+    ``token_drift`` (:func:`nat_ray.core.records.episode_drift`) when a ``tokenizer`` is given.
+
+    ``id`` names the request (the sampling seeds derive from it, so two users asking the same question
+    share it); ``episode_id`` names this one answer (:mod:`nat_ray.core.episode_ids`), for feedback."""
     body = {
         "id": ep.id,
+        "episode_id": episode_id,
         "model": model,
         "task": task,
         "answer": ep.answer,

@@ -17,9 +17,13 @@ Routes:
 - ``POST /v1/chat/completions`` and ``POST /v1/completions``: OpenAI-compatible (``stream`` too), so
   the ``openai`` client works unchanged; ``model`` defaults to the agent's model; a message role
   vLLM does not know is a 400, and a request without ``max_tokens`` gets ``serve.max_tokens_limit``.
-- ``POST /v1/agent``: :class:`nat_ray.serve.api.AgentRequest` in; ``{id, model, task, answer,
-  finished, failure_reason, error, turns, prompt, trajectory, usage}`` out, plus ``correct``
-  (paper, robust, f1) with ``gold``.
+- ``POST /v1/agent``: :class:`nat_ray.serve.api.AgentRequest` in; ``{id, episode_id, model, task,
+  answer, finished, failure_reason, error, turns, prompt, trajectory, usage}`` out, plus ``correct``
+  (paper, robust, f1) with ``gold``. With ``serve.capture`` each answered episode is also written to
+  ``serve.capture_dir`` (:mod:`nat_ray.serve.capture`).
+- ``POST /v1/feedback``: :class:`nat_ray.serve.api.FeedbackRequest` (``episode_id``, ``score`` in
+  [0, 1], ``answer``) for a captured episode: 200 when recorded, 400 for a bad body, 404 for an id this
+  server never issued, 409 when capture is off.
 
 Every body is validated before anything runs: malformed JSON is a 400, a schema or limit violation a
 422 (an unknown model a 404), and the error's ``param`` and message name the field. Limits come from
@@ -53,6 +57,7 @@ from ray.serve.exceptions import RayServeException
 
 from nat_ray.agent import prepare_tasks, with_tasks_resolved
 from nat_ray.config import NatRayConfig, from_dict, load_config
+from nat_ray.core import episode_ids, records
 from nat_ray.core.agent_card import read_card
 from nat_ray.engines.vllm_args import engine_kwargs, served_cpu_env
 from nat_ray.errors import ConfigError
@@ -72,12 +77,23 @@ from nat_ray.serve.adapters import (
 from nat_ray.serve.agent_loop import AgentLoop, ServeChatEngine, ServeTools
 from nat_ray.serve.api import (
     AgentRequest,
+    FeedbackRequest,
     agent_response,
     episode_for,
     error_body,
     llm_error,
     response_status,
     validation_error,
+)
+from nat_ray.serve.capture import (
+    CaptureWriter,
+    FeedbackLog,
+    Ticker,
+    capture_secret,
+    captured_row,
+    load_redactor,
+    recover_lost,
+    redacted,
 )
 from nat_ray.serve.guards import (
     Admission,
@@ -89,6 +105,8 @@ from nat_ray.serve.guards import (
     role_problem,
 )
 from nat_ray.serve.llm_init import LocalModelCallback
+from nat_ray.tasks import registered_task
+from nat_ray.tools import configured_versions
 from nat_ray.tools.actors import actor_runtime_env
 from nat_ray.tools.host import ToolHost
 from nat_ray.tools.mcp import require_servers
@@ -209,7 +227,31 @@ class AgentIngress:
         self.base_model = models[0]["id"]
         self._adapter_handles: dict[tuple[str, bool], object] = {}
         self.tokenizer = _drift_tokenizer(self.cfg.engine.model)  # at start-up, not on a request
+        self._start_capture()
         import ray.serve.llm.openai_api_models  # noqa: F401 - imports vLLM (tens of seconds): now, not on a request
+
+    def _start_capture(self) -> None:
+        """With ``serve.capture``: count what a killed replica lost, then open this replica's writer."""
+        serve_cfg = self.cfg.serve
+        self.capture: CaptureWriter | None = None
+        self.feedback: FeedbackLog | None = None
+        self._ticker: Ticker | None = None
+        if not serve_cfg.capture:
+            # Ids stay unique and unforgeable; with nothing captured, feedback is refused (409).
+            self.id_secret = episode_ids.new_secret()
+            return
+        folder = serve_cfg.capture_dir
+        recover_lost(folder, stale_s=max(30.0, 3 * serve_cfg.capture_flush_s))
+        self.id_secret = capture_secret(folder)
+        self.capture = CaptureWriter(folder, serve_cfg.capture_flush_rows, serve_cfg.capture_flush_s)
+        self.feedback = FeedbackLog(folder, self.capture.replica)
+        self.redact = load_redactor(serve_cfg.capture_redact)
+        self._ticker = Ticker(self.capture)
+        self.tool_versions = configured_versions(self.cfg.tools)
+        self.capture_hash = records.config_hash(
+            {"engine": {"model": self.cfg.engine.model}, "agent": dataclasses.asdict(self.cfg.agent)}
+        )
+        log.info("capturing /v1/agent episodes in %s (replica %s)", folder, self.capture.replica)
 
     def _agent_loop(self) -> AgentLoop:
         # Built on the first request, on the event loop every handler runs on (the handles' loop).
@@ -266,6 +308,10 @@ class AgentIngress:
     def __del__(self) -> None:
         if getattr(self, "loop", None) is not None:
             self.loop.stop()
+        if getattr(self, "_ticker", None) is not None:
+            self._ticker.stop()
+        if getattr(self, "capture", None) is not None:
+            self.capture.close()  # a graceful stop writes what it kept
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -277,6 +323,9 @@ class AgentIngress:
                 "open_episodes": loop.open if loop else 0,
                 "queued_episodes": loop.queued if loop else 0,
                 "finished_episodes": loop.finished if loop else 0,
+                "captured_episodes": None
+                if self.capture is None
+                else {"written": self.capture.written, "pending": self.capture.pending},
             },
             status_code=200 if loop is None or loop.alive else 503,
         )
@@ -313,7 +362,7 @@ class AgentIngress:
             return JSONResponse(error_body(422, str(err), None), status_code=422)
         if not self.admission.try_enter():
             return self._busy()
-        admitted = time.monotonic()
+        admitted, started_at = time.monotonic(), records.now_iso()
         try:
             future = self._agent_loop().submit(episode, None if model == self.agent_model else model)
         except BaseException:
@@ -329,7 +378,8 @@ class AgentIngress:
                 f"the episode took longer than serve.request_timeout_s={self.cfg.serve.request_timeout_s:g} s"
             )
             return JSONResponse(error_body(504, message, None), status_code=504)
-        body = agent_response(episode, req.task, model, req.gold, self.tokenizer)
+        episode_id = episode_ids.issue(self.id_secret)
+        body = agent_response(episode, req.task, model, req.gold, self.tokenizer, episode_id)
         if body.get("token_drift"):
             log.warning(
                 "/v1/agent %s: %d turn(s) drifted: the next prompt did not continue with the ids sampled",
@@ -339,7 +389,53 @@ class AgentIngress:
         status = response_status(episode)
         if status != 200:
             body.update(error_body(status, f"the LLM deployment failed: {body['error']}", None))
+        elif self.capture is not None:  # journalled before the answer leaves (a kill after is counted)
+            await asyncio.to_thread(self._capture, episode, req, model, episode_id, body, started_at)
         return JSONResponse(body, status_code=status)
+
+    def _capture(self, episode, req: AgentRequest, model: str, episode_id: str, body: dict, started_at: str):
+        task = registered_task(req.task)
+        if not task.capture:  # the task file says its questions stay off disk
+            return
+        row = captured_row(
+            episode,
+            task,
+            question=req.question,
+            episode_id=episode_id,
+            model=model,
+            gold=req.gold,
+            started_at=started_at,
+            config_hash=self.capture_hash,
+            tool_versions=self.tool_versions,
+        )
+        row["token_drift"] = body.get("token_drift")  # counted once, for the response
+        if self.redact is not None:
+            try:
+                row = redacted(row, self.redact)
+            except ValueError as err:  # never written as served when the redactor fails
+                log.warning(
+                    "capture: episode %s not written: serve.capture_redact failed (%s)", episode_id, err
+                )
+                return
+        self.capture.add(row)
+
+    @api.post("/v1/feedback")
+    async def feedback_route(self, request: Request) -> JSONResponse:
+        try:
+            req = FeedbackRequest.model_validate_json(await request.body())
+        except ValidationError as err:
+            status, body = validation_error(err, invalid_status=400)
+            return JSONResponse(body, status_code=status)
+        if self.feedback is None:
+            message = (
+                "this server does not capture episodes (serve.capture is off): feedback has nowhere to go"
+            )
+            return JSONResponse(error_body(409, message, None), status_code=409)
+        if not episode_ids.issued_with(req.episode_id, self.id_secret):
+            message = f"episode_id {req.episode_id!r} was not issued by this server"
+            return JSONResponse(error_body(404, message, "episode_id"), status_code=404)
+        entry = await asyncio.to_thread(self.feedback.record, req.episode_id, req.score, req.answer)
+        return JSONResponse({"episode_id": req.episode_id, "score": entry["score"], "recorded": True})
 
     def _busy(self) -> JSONResponse:
         held = self.admission.held
@@ -552,6 +648,32 @@ def with_lora_dir_resolved(cfg: NatRayConfig, model_id: str) -> NatRayConfig:
     return dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, lora_dir=str(folder)))
 
 
+def with_capture_dir_resolved(cfg: NatRayConfig) -> NatRayConfig:
+    """``serve.capture_dir`` made absolute where the app is built (replicas start elsewhere) and created
+    now, so a folder that cannot be written fails before Serve starts.
+
+    A ``FILE.py:fn`` redactor is made absolute too, and imported once here to check it.
+
+    Raises:
+        ConfigError: the folder cannot be created; the redactor cannot be imported.
+    """
+    if not cfg.serve.capture:
+        return cfg
+    folder = Path(cfg.serve.capture_dir).expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"serve.capture_dir: cannot create {folder}: {err}") from None
+    redact = cfg.serve.capture_redact
+    if redact is not None:
+        target, _, name = redact.rpartition(":")
+        if target.endswith(".py"):
+            redact = f"{Path(target).expanduser().resolve()}:{name}"
+        load_redactor(redact)
+    serve_cfg = dataclasses.replace(cfg.serve, capture_dir=str(folder), capture_redact=redact)
+    return dataclasses.replace(cfg, serve=serve_cfg)
+
+
 def check_limits(cfg: NatRayConfig) -> None:
     """The server's own agent defaults must fit the limits it enforces on requests."""
     if cfg.agent.max_turns > cfg.serve.max_turns_limit:
@@ -583,6 +705,7 @@ def build_app(cfg: NatRayConfig):
     model_path, lora_path = served_paths(cfg.engine.model, cfg.serve.lora)
     model_id, lora_id = served_model_ids(cfg, model_path)
     cfg = with_lora_dir_resolved(cfg, model_id)
+    cfg = with_capture_dir_resolved(cfg)
     llm = build_llm_deployment(
         llm_config(cfg, model_path, model_id, lora_id, lora_path), bind_kwargs=lora_bind_kwargs(cfg)
     )

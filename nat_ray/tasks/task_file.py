@@ -16,6 +16,7 @@ A user's task file (relative paths are relative to the file)::
     markers:                                 # optional: NAT's question turns (default: the paper's QA ones)
       correct: Convert it **correctly**.
       incorrect: But **incorrectly** convert it.
+    capture: false                           # optional: never write its served episodes (serve.capture)
 
 Required: ``name``, ``data``, ``scorer``, ``instruction``. :func:`load_task_file` checks everything
 at once -- unknown and missing keys, wrong types, data files that do not exist or lack the question
@@ -121,6 +122,7 @@ USER_KEYS = frozenset(
         "instruction",
         "demonstrations",
         "markers",
+        "capture",
     )
 )
 REQUIRED_USER_KEYS = ("name", "data", "scorer", "instruction")
@@ -185,6 +187,8 @@ class Task:
         demo: custom tasks: the one-shot demonstration, if any.
         markers: custom tasks: the NAT question turns.
         score_fn: a plug-in scorer (``None`` for the built-in ones).
+        capture: whether a server with ``serve.capture`` writes this task's episodes (a task file's
+            ``capture: false`` keeps its questions off disk).
     """
 
     name: str
@@ -202,6 +206,7 @@ class Task:
     demo: prompts.Demo | None = None
     markers: prompts.Markers | None = None
     score_fn: Callable[[str | None, Any], Any] | None = field(default=None, compare=False, repr=False)
+    capture: bool = True
 
     @property
     def gold_family(self) -> str:
@@ -467,6 +472,9 @@ def _build_task(data: dict, path: Path, builtin: bool, problems: list[str]) -> T
         problems.append(
             f"name must be lower-case letters, digits, '_' or '-', starting with a letter, got {name!r}"
         )
+    capture = data.get("capture", True)
+    if not isinstance(capture, bool):
+        problems.append(f"capture must be true or false, got {capture!r}")
     title = data.get("title", name)
     if "title" in data and not (isinstance(title, str) and title.strip()):
         problems.append(f"title must be a non-empty string, got {title!r}")
@@ -515,6 +523,7 @@ def _build_task(data: dict, path: Path, builtin: bool, problems: list[str]) -> T
         demo=demo,
         markers=markers,
         score_fn=score_fn,
+        capture=capture,
     )
 
 

@@ -523,6 +523,8 @@ DOOR_ROUTES = (
         200,
     ),
     ("POST", "/v1/completions", {"prompt": "One, two,", "max_tokens": 4}, 200),
+    # This server captures nothing: with the key, feedback is refused as having nowhere to go.
+    ("POST", "/v1/feedback", {"episode_id": "ep-0", "score": 1}, 409),
     ("GET", "/no/such/route", None, 404),
 )
 WRONG_KEYS = ("no key", "wrong key", "key in the query string", "key without Bearer")
@@ -552,7 +554,7 @@ def knock(url: str, key: str, model: str) -> dict:
 
     calls, refused, not_401, with_key = 0, 0, [], {}
     for method, path, body, ok in DOOR_ROUTES:
-        if body is not None and path != "/v1/agent":
+        if body is not None and path in ("/v1/chat/completions", "/v1/completions"):
             body = {**body, "model": model}
         for what in WRONG_KEYS:
             headers, params = _wrong(what, key)

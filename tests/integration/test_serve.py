@@ -69,6 +69,7 @@ def server(export_dir, local_ray, tmp_path_factory):
 
     port = free_port()
     lora_dir = tmp_path_factory.mktemp("lora_dir")  # empty until the hot-load test publishes into it
+    capture_dir = tmp_path_factory.mktemp("capture")
     cfg = from_dict(
         NatRayConfig,
         {
@@ -83,6 +84,9 @@ def server(export_dir, local_ray, tmp_path_factory):
                 "tool_max_replicas": 2,
                 "max_question_chars": 2000,
                 "request_timeout_s": REQUEST_TIMEOUT_S,
+                "capture": True,
+                "capture_dir": str(capture_dir),
+                "capture_flush_s": 1.0,
             },
         },
     )
@@ -90,7 +94,12 @@ def server(export_dir, local_ray, tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
         yield types.SimpleNamespace(
-            url=f"http://127.0.0.1:{port}", model="nat-test", lora="nat-test-lora", cfg=cfg, lora_dir=lora_dir
+            url=f"http://127.0.0.1:{port}",
+            model="nat-test",
+            lora="nat-test-lora",
+            cfg=cfg,
+            lora_dir=lora_dir,
+            capture_dir=capture_dir,
         )
     finally:
         serve.shutdown()
@@ -191,6 +200,49 @@ def test_agent_answers_a_qa_question_with_search(answers):
     body = answers["qa"].json()
     assert isinstance(body["correct"]["f1"], float) and 0.0 <= body["correct"]["f1"] <= 1.0
     assert 1 <= body["turns"] <= 2
+
+
+def test_served_episodes_are_captured_with_their_token_ids_and_take_feedback(server, answers):
+    from nat_ray.serve.capture import UNLABELLED, read_captured, read_feedback
+
+    bodies = {name: r.json() for name, r in answers.items()}
+    # The same request twice: the same sampled episode (one request id), two answers (two episode ids).
+    assert bodies["math"]["id"] == bodies["math_again"]["id"]
+    assert len({b["episode_id"] for b in bodies.values()}) == 3
+    # Within capture_flush_s (1 s here) the ticker writes them.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = requests.get(f"{server.url}/healthz", timeout=30).json()["captured_episodes"]
+        if health["pending"] == 0 and health["written"] >= 3:
+            break
+        time.sleep(0.5)
+    rows = {r["trajectory_id"]: r for r in read_captured(server.capture_dir)}
+    for name, body in bodies.items():
+        row = rows[body["episode_id"]]
+        assert row["question_id"] == body["id"] and row["model"] == body["model"] == server.lora
+        assert row["trajectory"] == body["trajectory"] and row["answer"] == body["answer"]
+        assert row["turn_completion_ids"] == body["turn_completion_ids"]
+        assert (row["nat_class"] == UNLABELLED) == (name == "math_again")  # only it came without gold
+    assert rows[bodies["math"]["episode_id"]]["correct_robust"] == bodies["math"]["correct"]["robust"]
+
+    def feedback(**body) -> requests.Response:
+        return requests.post(f"{server.url}/v1/feedback", json=body, timeout=30)
+
+    unlabelled = bodies["math_again"]["episode_id"]
+    assert feedback(episode_id=unlabelled, score=0.0).status_code == 200
+    done = feedback(episode_id=unlabelled, score=1, answer=bodies["math"]["answer"])
+    assert done.status_code == 200 and done.json() == {
+        "episode_id": unlabelled,
+        "score": 1.0,
+        "recorded": True,
+    }
+    assert read_feedback(server.capture_dir)[unlabelled]["score"] == 1.0  # the last one wins
+    bad = feedback(episode_id=unlabelled, score=1.5)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "score"
+    forged = "ep-" + "0" * 24 + "-" + "0" * 20  # the id's shape, not this server's HMAC
+    missing = feedback(episode_id=forged, score=1)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "episode_id"
+    assert forged not in read_feedback(server.capture_dir)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,226 @@
+"""Served-episode capture and feedback (``serve.capture``): ids, parts, the journal of what a killed
+replica lost, feedback's last-wins log. Pure files and processes; the served path runs in
+``tests/integration/test_serve.py``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from pydantic import ValidationError
+
+from nat_ray.config import AgentConfig
+from nat_ray.core import episode_ids
+from nat_ray.core import nat_data as columns
+from nat_ray.core.react import Step
+from nat_ray.errors import ConfigError, DataError
+from nat_ray.serve import capture
+from nat_ray.serve.api import FeedbackRequest, validation_error
+from nat_ray.tasks import get_task
+
+
+def _episode(eid: str = "req-1", answer: str | None = "4"):
+    from nat_ray.agent import new_episode
+
+    ep = new_episode(get_task("gsm8k"), "2 + 2?", AgentConfig(temperature=0.7, seed=3), eid)
+    ep.steps.append(Step("Action: finish[4]", prompt_ids=[1, 2, 3], completion_ids=[7, 8]))
+    ep.answer, ep.finished = answer, True
+    return ep
+
+
+def _row(episode_id: str, gold=None) -> dict:
+    return capture.captured_row(
+        _episode(),
+        get_task("gsm8k"),
+        question="2 + 2?",
+        episode_id=episode_id,
+        model="m:round-1",
+        gold=gold,
+        started_at="2026-12-07T00:00:00Z",
+        config_hash="h",
+        tool_versions={"calculate": "1"},
+    )
+
+
+def test_ids_are_unique_and_only_the_issuing_secret_recognises_them():
+    secret, other = episode_ids.new_secret(), episode_ids.new_secret()
+    ids = {episode_ids.issue(secret) for _ in range(2000)}
+    assert len(ids) == 2000
+    one = next(iter(ids))
+    assert episode_ids.issued_with(one, secret) and not episode_ids.issued_with(one, other)
+    tampered = one[:-1] + ("0" if one[-1] != "0" else "1")
+    nonce_swapped = episode_ids.issue(secret)[:27] + one[27:]
+    for bad in (tampered, nonce_swapped, "", "ep-1-2", None, 5, one.upper(), one + "0"):
+        assert not episode_ids.issued_with(bad, secret), bad
+
+
+def test_a_captured_row_is_named_by_its_episode_id_and_unlabelled_without_gold():
+    row = _row("ep-a")
+    assert row[columns.TRAJECTORY_ID] == "ep-a" and row[columns.QUESTION_ID] == "req-1"
+    assert row[columns.NAT_CLASS] == capture.UNLABELLED and row[columns.GOLD] == ""
+    assert row[columns.TURN_PROMPT_IDS] == [[1, 2, 3]] and row[columns.TURN_COMPLETION_IDS] == [[7, 8]]
+    assert (row[columns.TEMPERATURE], row[columns.SEED], row[columns.MODEL]) == (0.7, 3, "m:round-1")
+    scored = _row("ep-b", gold=4)
+    assert scored[columns.CORRECT_ROBUST] and scored[columns.NAT_CLASS] != capture.UNLABELLED
+    assert not _row("ep-c", gold=5)[columns.CORRECT_ROBUST]
+
+
+def test_parts_are_written_every_n_rows_or_s_seconds_and_half_written_ones_are_never_read(tmp_path):
+    now = [0.0]
+    writer = capture.CaptureWriter(tmp_path, flush_rows=2, flush_s=10, replica="r1", clock=lambda: now[0])
+    writer.add(_row("ep-1"))
+    assert writer.pending == 1 and capture.read_captured(tmp_path) == []
+    assert writer.journal_path.read_text() == "ep-1\n"  # journalled before it is written
+    writer.add(_row("ep-2"))  # the second row fills the part
+    assert writer.pending == 0 and writer.written == 2 and writer.journal_path.read_text() == ""
+    writer.add(_row("ep-3"))
+    now[0] = 9.0
+    writer.tick()  # too early: only marks the journal alive
+    assert writer.pending == 1
+    now[0] = 10.0
+    writer.tick()
+    assert writer.pending == 0
+    # A writer's temporary file beside the parts (a replica killed mid-write) is skipped.
+    (tmp_path / capture.EPISODES_DIR / ".part-r1-000003.tmp1.2.parquet").write_bytes(b"PAR1 half")
+    assert [r[columns.TRAJECTORY_ID] for r in capture.read_captured(tmp_path)] == ["ep-1", "ep-2", "ep-3"]
+    writer.add(_row("ep-4"))
+    writer.close()  # a graceful stop writes what it kept and leaves no journal
+    assert len(capture.read_captured(tmp_path)) == 4 and not writer.journal_path.exists()
+    assert capture.recover_lost(tmp_path, stale_s=0) == 0
+
+
+def test_rows_survive_a_failed_write_and_go_out_with_the_next_flush(tmp_path, monkeypatch):
+    writer = capture.CaptureWriter(tmp_path, flush_rows=10, flush_s=60, replica="r1")
+    writer.add(_row("ep-1"))
+    real = capture.records.write_rows
+
+    def full_disk(rows, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(capture.records, "write_rows", full_disk)
+    assert writer.flush() == 0 and writer.pending == 1
+    assert writer.journal_path.read_text() == "ep-1\n"
+    monkeypatch.setattr(capture.records, "write_rows", real)
+    writer.add(_row("ep-2"))
+    assert writer.flush() == 2
+    assert [r[columns.TRAJECTORY_ID] for r in capture.read_captured(tmp_path)] == ["ep-1", "ep-2"]
+
+
+KILLED_REPLICA = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, sys.argv[2])
+    from test_capture import _row
+    from nat_ray.serve.capture import CaptureWriter
+    writer = CaptureWriter(sys.argv[1], flush_rows=2, flush_s=600, replica="doomed")
+    for i in range(5):  # two parts written, the fifth row kept in memory
+        writer.add(_row(f"ep-{i}"))
+    print("ready", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_killed_replica_s_unwritten_episodes_are_counted_by_the_next_one(tmp_path, caplog):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_REPLICA, str(tmp_path), os.path.dirname(__file__)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert len(capture.read_captured(tmp_path)) == 4
+    # A live replica's journal (touched within stale_s) is left alone.
+    assert capture.recover_lost(tmp_path, stale_s=3600) == 0
+    with caplog.at_level(logging.WARNING, logger="nat_ray.serve.capture"):
+        assert capture.recover_lost(tmp_path, stale_s=0) == 1
+    assert "1 episode(s) answered by replica doomed were lost" in caplog.text
+    assert (tmp_path / capture.LOST_DIR / "doomed.ids").read_text() == "ep-4\n"  # the ids are kept
+    assert capture.recover_lost(tmp_path, stale_s=0) == 0  # counted once
+
+
+def test_the_secret_is_made_once_and_shared_and_a_damaged_one_is_named(tmp_path):
+    first = capture.capture_secret(tmp_path / "cap")
+    assert capture.capture_secret(tmp_path / "cap") == first and len(first) == episode_ids.SECRET_BYTES
+    assert oct((tmp_path / "cap" / capture.SECRET_FILE).stat().st_mode & 0o777) == "0o600"
+    (tmp_path / "cap" / capture.SECRET_FILE).write_text("not hex")
+    with pytest.raises(DataError, match="is damaged"):
+        capture.capture_secret(tmp_path / "cap")
+
+
+def test_feedback_keeps_the_last_score_per_episode_across_replicas_and_skips_torn_lines(tmp_path, caplog):
+    a, b = capture.FeedbackLog(tmp_path, "a"), capture.FeedbackLog(tmp_path, "b")
+    a.record("ep-1", 0.2)
+    b.record("ep-2", 1, answer="42")
+    b.record("ep-1", 0.9, answer="7")
+    with open(a.path, "a") as out:
+        out.write('{"episode_id": "ep-3", "sco')  # a replica killed mid-line
+    with caplog.at_level(logging.WARNING, logger="nat_ray.serve.capture"):
+        got = capture.read_feedback(tmp_path)
+    assert {k: (v["score"], v["answer"]) for k, v in got.items()} == {"ep-1": (0.9, "7"), "ep-2": (1.0, "42")}
+    assert "1 line(s)" in caplog.text
+    for bad in (1.5, -0.1, float("nan"), True, "1"):
+        with pytest.raises(ValueError):
+            a.record("ep-1", bad)
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"episode_id": "ep-1", "score": 1.5}, "score"),
+        ({"episode_id": "ep-1", "score": True}, "score"),
+        ({"episode_id": "ep-1", "score": "1"}, "score"),
+        ({"score": 1}, "episode_id"),
+        ({"episode_id": "ep-1", "score": 1, "extra": 1}, "extra"),
+    ],
+)
+def test_bad_feedback_bodies_are_400s_naming_the_field(body, field):
+    with pytest.raises(ValidationError) as info:
+        FeedbackRequest.model_validate_json(json.dumps(body))
+    status, payload = validation_error(info.value, invalid_status=400)
+    assert status == 400 and payload["error"]["param"] == field
+    assert FeedbackRequest.model_validate_json('{"episode_id": "ep-1", "score": 1}').score == 1.0
+
+
+def test_a_redactor_rewrites_every_text_and_drops_the_token_ids_or_the_row_is_not_written(tmp_path):
+    row = _row("ep-1", gold=4)
+    clean = capture.redacted(row, lambda text: text.replace("2", "N"))
+    assert clean[columns.QUESTION] == "N + N?" and clean[columns.ANSWER] == "4"
+    assert all("2" not in m["content"] for m in clean[columns.PROMPT] + clean[columns.TRAJECTORY])
+    assert clean[columns.TURN_PROMPT_IDS] is None and clean[columns.TURN_COMPLETION_IDS] is None
+    assert row[columns.QUESTION] == "2 + 2?"  # the served row is untouched
+
+    def broken(text):
+        raise RuntimeError("no")
+
+    for fn, words in ((broken, "RuntimeError: no"), (lambda text: None, "returned NoneType")):
+        with pytest.raises(ValueError, match=words):
+            capture.redacted(row, fn)
+    plugin = tmp_path / "redact.py"
+    plugin.write_text("def mask(text):\n    return text.upper()\n")
+    assert capture.load_redactor(f"{plugin}:mask")("a") == "A"
+    with pytest.raises(ConfigError, match="has no attribute"):
+        capture.load_redactor(f"{plugin}:nothing")
+
+
+def test_a_task_file_may_keep_its_episodes_off_disk(tmp_path):
+    from nat_ray.tasks.task_file import load_task_file
+
+    (tmp_path / "test.jsonl").write_text('{"question": "1 + 1?", "answer": "2"}\n')
+    text = "name: private\ndata: {test: test.jsonl}\nscorer: math\ninstruction: Add.\n"
+    (tmp_path / "a.yaml").write_text(text)
+    (tmp_path / "b.yaml").write_text(text + "capture: false\n")
+    (tmp_path / "c.yaml").write_text(text + "capture: nope\n")
+    assert load_task_file(tmp_path / "a.yaml").capture is True
+    assert load_task_file(tmp_path / "b.yaml").capture is False
+    with pytest.raises(ConfigError, match="capture must be true or false, got 'nope'"):
+        load_task_file(tmp_path / "c.yaml")
