@@ -224,3 +224,12 @@ def test_a_task_file_may_keep_its_episodes_off_disk(tmp_path):
     assert load_task_file(tmp_path / "b.yaml").capture is False
     with pytest.raises(ConfigError, match="capture must be true or false, got 'nope'"):
         load_task_file(tmp_path / "c.yaml")
+
+
+def test_training_leaves_out_captured_episodes_nobody_labelled():
+    from nat_ray.core.nat_data import select_trajectories
+
+    wrong, unknown = _row("ep-1", gold=5), _row("ep-2")  # a negative by its gold; no verdict at all
+    selection = select_trajectories([wrong, unknown], None, None)
+    assert [r[columns.TRAJECTORY_ID] for r in selection.negatives] == ["ep-1"]
+    assert selection.positives == [] and selection.dropped["unlabelled"] == 1

@@ -191,7 +191,8 @@ def agent_turns(row: dict) -> list[dict]:
 
 
 POSITIVE, NEGATIVE = "positive", "negative"  # a trajectory's status when it is kept
-DROP_REASONS = ("empty", "duplicate_positive", "duplicate_negative", "unfinished", "zero_f1")
+DROP_REASONS = ("empty", "duplicate_positive", "duplicate_negative", "unfinished", "zero_f1", "unlabelled")
+UNLABELLED = "unlabelled"  # the nat_class of a served episode nobody has labelled: never a negative
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ def trajectory_features(row: dict, label_mode: str) -> dict:
         # A null `finished` counts as unfinished.
         "unfinished": not row.get(FINISHED, True),
         "zero_f1": f1 is not None and float(f1) == 0.0,
+        "unlabelled": row.get(NAT_CLASS) == UNLABELLED,
         # Exact duplicates of a question's negatives share this key (sha256 of the turns).
         "turns_key": hashlib.sha256(
             json.dumps([(t["role"], t["content"]) for t in turns]).encode()
@@ -285,7 +287,9 @@ def select_in_question(
     seen_positive, seen_turns = False, set()
     for i in sorted(range(len(features)), key=lambda i: features[i][TRAJECTORY_ID]):
         f = features[i]
-        if f["empty"]:
+        if f.get("unlabelled"):  # captured traffic without gold or feedback: its verdict is unknown
+            status[i] = UNLABELLED
+        elif f["empty"]:
             status[i] = "empty"
         elif f["positive"]:
             status[i] = "duplicate_positive" if seen_positive else POSITIVE

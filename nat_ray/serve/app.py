@@ -94,6 +94,7 @@ from nat_ray.serve.capture import (
     load_redactor,
     recover_lost,
     redacted,
+    with_capture_resolved,
 )
 from nat_ray.serve.guards import (
     Admission,
@@ -648,32 +649,6 @@ def with_lora_dir_resolved(cfg: NatRayConfig, model_id: str) -> NatRayConfig:
     return dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, lora_dir=str(folder)))
 
 
-def with_capture_dir_resolved(cfg: NatRayConfig) -> NatRayConfig:
-    """``serve.capture_dir`` made absolute where the app is built (replicas start elsewhere) and created
-    now, so a folder that cannot be written fails before Serve starts.
-
-    A ``FILE.py:fn`` redactor is made absolute too, and imported once here to check it.
-
-    Raises:
-        ConfigError: the folder cannot be created; the redactor cannot be imported.
-    """
-    if not cfg.serve.capture:
-        return cfg
-    folder = Path(cfg.serve.capture_dir).expanduser().resolve()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"serve.capture_dir: cannot create {folder}: {err}") from None
-    redact = cfg.serve.capture_redact
-    if redact is not None:
-        target, _, name = redact.rpartition(":")
-        if target.endswith(".py"):
-            redact = f"{Path(target).expanduser().resolve()}:{name}"
-        load_redactor(redact)
-    serve_cfg = dataclasses.replace(cfg.serve, capture_dir=str(folder), capture_redact=redact)
-    return dataclasses.replace(cfg, serve=serve_cfg)
-
-
 def check_limits(cfg: NatRayConfig) -> None:
     """The server's own agent defaults must fit the limits it enforces on requests."""
     if cfg.agent.max_turns > cfg.serve.max_turns_limit:
@@ -705,7 +680,7 @@ def build_app(cfg: NatRayConfig):
     model_path, lora_path = served_paths(cfg.engine.model, cfg.serve.lora)
     model_id, lora_id = served_model_ids(cfg, model_path)
     cfg = with_lora_dir_resolved(cfg, model_id)
-    cfg = with_capture_dir_resolved(cfg)
+    cfg = with_capture_resolved(cfg)
     llm = build_llm_deployment(
         llm_config(cfg, model_path, model_id, lora_id, lora_path), bind_kwargs=lora_bind_kwargs(cfg)
     )

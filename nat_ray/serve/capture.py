@@ -17,6 +17,7 @@ No Ray import: the ingress calls it from its replica, tests from plain processes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nat_ray import safe_files
+from nat_ray.config import NatRayConfig
 from nat_ray.core import episode_ids, records
 from nat_ray.core import nat_data as columns
 from nat_ray.core.scoring import Score
@@ -41,7 +43,7 @@ JOURNAL_DIR = "journal"
 LOST_DIR = "lost"
 FEEDBACK_DIR = "feedback"
 SECRET_FILE = "secret"
-UNLABELLED = "unlabelled"  # the nat_class of a captured episode asked without a gold answer
+UNLABELLED = columns.UNLABELLED  # the nat_class of a captured episode asked without a gold answer
 
 
 def captured_row(
@@ -133,6 +135,32 @@ def redacted(row: dict, redact: Callable[[str], str]) -> dict:
         new[key] = [{"role": m["role"], "content": one(m["content"])} for m in row[key]]
     new[columns.TURN_PROMPT_IDS] = new[columns.TURN_COMPLETION_IDS] = None
     return new
+
+
+def with_capture_resolved(cfg: NatRayConfig) -> NatRayConfig:
+    """``serve.capture_dir`` made absolute where the app is built (replicas start elsewhere) and created
+    now, so a folder that cannot be written fails before Serve starts.
+
+    A ``FILE.py:fn`` redactor is made absolute too, and imported once here to check it.
+
+    Raises:
+        ConfigError: the folder cannot be created; the redactor cannot be imported.
+    """
+    if not cfg.serve.capture:
+        return cfg
+    folder = Path(cfg.serve.capture_dir).expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"serve.capture_dir: cannot create {folder}: {err}") from None
+    redact = cfg.serve.capture_redact
+    if redact is not None:
+        target, _, name = redact.rpartition(":")
+        if target.endswith(".py"):
+            redact = f"{Path(target).expanduser().resolve()}:{name}"
+        load_redactor(redact)
+    serve_cfg = dataclasses.replace(cfg.serve, capture_dir=str(folder), capture_redact=redact)
+    return dataclasses.replace(cfg, serve=serve_cfg)
 
 
 def replica_name() -> str:
