@@ -651,6 +651,11 @@ class LoopConfig:
         hot_load: the rollout's vLLM engines stay up from round to round (an engine pool holding no
             CPUs while it waits, so training can run) and each round only loads the new adapter
             (a LoRA request); ``False``: each round's rollout starts engines on the merged export.
+        traffic_dir: a capture folder (a server's ``serve.capture_dir``): each round also trains on
+            the served episodes captured since the rounds before it, each labelled by its feedback,
+            else by the gold the request carried; unlabelled ones are counted and left out
+            (:mod:`nat_ray.core.traffic`). ``None``: no traffic.
+        traffic_only: rounds train on traffic alone (no rollout); needs ``traffic_dir``.
     """
 
     name: str = "loop"
@@ -665,6 +670,8 @@ class LoopConfig:
     evaluate_base: bool = True
     publish_dir: str | None = None
     hot_load: bool = True
+    traffic_dir: str | None = None
+    traffic_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
@@ -679,6 +686,8 @@ class LoopConfig:
             raise ConfigError(f"loop.carry_rounds must be >= 0 or null (all rounds), got {self.carry_rounds}")
         if not self.round0.strip():
             raise ConfigError("loop.round0 must be 'base' or the path of teacher trajectories (Parquet)")
+        if self.traffic_only and not self.traffic_dir:
+            raise ConfigError("loop.traffic_only needs loop.traffic_dir (a server's serve.capture_dir)")
 
 
 @dataclass(frozen=True)

@@ -233,3 +233,28 @@ def test_training_leaves_out_captured_episodes_nobody_labelled():
     selection = select_trajectories([wrong, unknown], None, None)
     assert [r[columns.TRAJECTORY_ID] for r in selection.negatives] == ["ep-1"]
     assert selection.positives == [] and selection.dropped["unlabelled"] == 1
+
+
+def test_traffic_is_labelled_by_feedback_then_gold_and_the_rest_is_counted_and_left_out():
+    from nat_ray.core.traffic import describe, label_traffic
+
+    asked = _row("ep-a")  # no gold; a person says it was right and what the answer is
+    graded = _row("ep-b", gold=5)  # the request's gold says wrong
+    silent = _row("ep-c")  # nobody said anything
+    earlier = _row("ep-d", gold=4)  # an earlier round trained on it
+    feedback = {"ep-a": {"score": 1.0, "answer": "4"}, "ep-x": {"score": 0.0}}
+    rows, counts = label_traffic([asked, graded, silent, earlier], feedback, used={"ep-d"})
+    assert [r[columns.TRAJECTORY_ID] for r in rows] == ["ep-a", "ep-b"]
+    assert rows[0][columns.CORRECT_ROBUST] and rows[0][columns.GOLD] == "4"
+    assert rows[0][columns.NAT_CLASS] != capture.UNLABELLED and asked[columns.NAT_CLASS] == capture.UNLABELLED
+    assert rows[1] is graded and not graded[columns.CORRECT_ROBUST]
+    assert counts == {"episodes": 4, "earlier": 1, "new": 3, "feedback": 1, "gold": 1, "unlabelled": 1}
+    assert describe(counts) == (
+        "3 new of 4 captured: 1 labelled by feedback, 1 by gold, 1 unlabelled (left out)"
+    )
+    # A partial score is wrong, and where the task grades by F1 it is the row's F1.
+    qa = {**_row("ep-q"), columns.FAMILY: "hotpotqa"}
+    (half,), _ = label_traffic([qa], {"ep-q": {"score": 0.5}})
+    assert not half[columns.CORRECT_ROBUST] and half[columns.F1] == 0.5
+    (math_half,), _ = label_traffic([_row("ep-m")], {"ep-m": {"score": 0.5}})
+    assert math_half[columns.F1] is None and math_half[columns.NAT_CLASS] == "incorrect"

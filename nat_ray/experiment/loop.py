@@ -29,6 +29,8 @@ from pathlib import Path
 
 from nat_ray import safe_files
 from nat_ray.config import LoopConfig, NatRayConfig, to_dict, with_sections
+from nat_ray.core import nat_data as columns
+from nat_ray.core import records, traffic
 from nat_ray.core.nat_data import get_variant
 from nat_ray.core.preference import check_objective, inference_template
 from nat_ray.errors import ConfigError, DataError, ModelError
@@ -38,12 +40,14 @@ from nat_ray.experiment.tracking import tracked_run
 from nat_ray.models import resolve_model
 from nat_ray.paths import PARTS_DIR
 from nat_ray.rollout.engine_pool import rollout_with_pool, start_pool
+from nat_ray.serve.capture import EPISODES_DIR, read_captured, read_feedback
 
 log = logging.getLogger(__name__)
 
 ROUND_STAGES = ("rollout", "train", "eval", "publish")
 ADAPTERS_DIR = "adapters"
 ROUNDS_DIR = "rounds"
+TRAFFIC_FILE = "traffic.parquet"  # a round's labelled served episodes, under rounds/<r>/
 PLOT_FILE = "accuracy_by_round.png"
 
 
@@ -217,6 +221,10 @@ def format_results(
         "Trajectories: collected by the round / the round's NAT data was built from (with "
         "loop.carry_rounds, earlier rounds' too). Failure reasons and turns: the round's evaluation.",
     ]
+    served = [(r["round"], r["traffic"]) for r in rounds if r.get("traffic")]
+    if served:
+        lines += ["", f"## Served traffic ({loop.traffic_dir})", ""]
+        lines += [f"- round {r}: {traffic.describe(counts)}" for r, counts in served]
     return text + "\n".join(lines) + "\n"
 
 
@@ -269,6 +277,12 @@ def check_loop_config(cfg: NatRayConfig) -> None:
     if cfg.loop.round0 != "base" and not Path(cfg.loop.round0).exists():
         raise ConfigError(
             f"loop.round0={cfg.loop.round0!r} is neither 'base' nor an existing Parquet file or folder"
+        )
+    traffic_dir = cfg.loop.traffic_dir
+    if traffic_dir is not None and not (Path(traffic_dir) / EPISODES_DIR).is_dir():
+        raise ConfigError(
+            f"loop.traffic_dir={traffic_dir!r} holds no captured episodes (give a server's serve.capture_dir; "
+            "the server needs serve.capture: true)"
         )
     if cfg.loop.continue_adapter and cfg.loop.rounds * cfg.train.lora_rank > cfg.engine.max_lora_rank:
         log.warning(
@@ -370,6 +384,7 @@ class _Loop:
             "round": r,
             "collected_with": collected.get("collected_with"),
             "trajectories": collected.get("trajectories"),
+            "traffic": collected.get("traffic"),
             "collected": collected["data"],
             "data": trained["data"],
             "trained_on": trained.get("trained_on"),
@@ -389,8 +404,47 @@ class _Loop:
         return record, bool(todo)
 
     def collect(self, rnd: _Round) -> dict:
-        """The round's trajectories: the teacher's for round 0 when ``loop.round0`` names them, else a
-        rollout with the previous round's agent (the base model's for round 0)."""
+        """The round's trajectories: a rollout's (:meth:`roll_out`) unless ``loop.traffic_only`` (round 0
+        still takes ``loop.round0``'s teacher trajectories), and with ``loop.traffic_dir`` the served
+        episodes captured since the earlier rounds (:meth:`traffic`)."""
+        teacher = rnd.r == 0 and self.loop.round0 != "base"
+        if self.loop.traffic_only and not teacher:
+            collected = {"data": [], "trajectories": 0, "collected_with": "traffic"}
+        else:
+            collected = self.roll_out(rnd)
+        if self.loop.traffic_dir:
+            served = self.traffic(rnd)
+            collected["data"] = collected["data"] + served.pop("data")
+            collected["traffic"] = served
+        return collected
+
+    def traffic(self, rnd: _Round) -> dict:
+        """The captured episodes no earlier round trained on, labelled (feedback, else gold), written to
+        ``rounds/<r>/traffic.parquet``; with the counts of each label and of those left out."""
+        import pyarrow.parquet as pq
+
+        folder = Path(self.loop.traffic_dir)
+        used: set[str] = set()
+        for k in range(rnd.r):
+            part = self.run_dir / ROUNDS_DIR / str(k) / TRAFFIC_FILE
+            if part.is_file():
+                used.update(pq.read_table(part, columns=[columns.TRAJECTORY_ID]).column(0).to_pylist())
+        rows, counts = traffic.label_traffic(read_captured(folder), read_feedback(folder), used)
+        log.info("round %d, traffic from %s: %s", rnd.r, folder, traffic.describe(counts))
+        if not rows:
+            if self.loop.traffic_only and not (rnd.r == 0 and self.loop.round0 != "base"):
+                raise DataError(
+                    f"round {rnd.r}: no new labelled episode in {folder} ({traffic.describe(counts)}); "
+                    "send feedback (POST /v1/feedback) or requests with gold"
+                )
+            return {"data": [], **counts}
+        path = rnd.dir / TRAFFIC_FILE
+        records.write_rows(rows, path)
+        return {"data": [str(path)], **counts}
+
+    def roll_out(self, rnd: _Round) -> dict:
+        """The teacher's trajectories for round 0 when ``loop.round0`` names them, else a rollout with the
+        previous round's agent (the base model's for round 0)."""
         from nat_ray.rollout.run import run_rollout
 
         if rnd.r == 0 and self.loop.round0 != "base":

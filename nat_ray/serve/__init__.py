@@ -3,6 +3,7 @@
 - :mod:`nat_ray.serve.api`: the agent route's request, its validation, and the answer (pure).
 - :mod:`nat_ray.serve.agent_loop`: the one ReAct stepper every agent request shares, over
   deployment handles.
+- :mod:`nat_ray.serve.capture`: served episodes and their feedback on disk (no Ray).
 - :mod:`nat_ray.serve.app`: the FastAPI ingress, the deployments, and :func:`build_app` /
   :func:`run_serve`.
 

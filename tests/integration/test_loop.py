@@ -2,7 +2,9 @@
 LoRA training (Ray Train + DeepSpeed) and evaluation, then a re-run that must resume, not redo.
 
 Sized to the smallest that still trains: StrategyQA (yes/no, so a round has positives and
-negatives), 3 questions x 2 samples per round, one optimizer step, 3 test questions.
+negatives), 3 questions x 2 samples per round, one optimizer step, 3 test questions. The rounds also
+take served traffic (``loop.traffic_dir``): a capture folder as a server leaves it, written with the
+server's own writer (the served path itself runs in ``test_serve.py``).
 """
 
 from __future__ import annotations
@@ -52,10 +54,49 @@ TINY = {
 }
 
 
+def served_traffic(folder: Path) -> list[str]:
+    """Three captured StrategyQA episodes: one a person gave feedback on, one asked with its gold, one
+    with neither; returns their episode ids."""
+    from nat_ray.agent import new_episode
+    from nat_ray.config import AgentConfig
+    from nat_ray.core import episode_ids, records
+    from nat_ray.core.react import Step
+    from nat_ray.serve.capture import CaptureWriter, FeedbackLog, capture_secret, captured_row
+    from nat_ray.tasks import get_task
+
+    task = get_task("strategyqa")
+    secret = capture_secret(folder)
+    writer = CaptureWriter(folder, flush_rows=2, flush_s=60)
+    ids = []
+    for i, (question, gold) in enumerate(zip(task.load("train", limit=3), (None, "no", None))):
+        episode = new_episode(task, question.question, AgentConfig(), f"request-{i}")
+        episode.steps.append(Step("Thought: I recall the answer.\nAction: finish[yes]"))
+        episode.answer, episode.finished = "yes", True
+        ids.append(episode_ids.issue(secret))
+        row = captured_row(
+            episode,
+            task,
+            question=question.question,
+            episode_id=ids[-1],
+            model="served",
+            gold=gold,
+            started_at=records.now_iso(),
+            config_hash="served",
+            tool_versions={},
+        )
+        writer.add(row)
+    writer.close()
+    FeedbackLog(folder, writer.replica).record(ids[0], 1.0, answer="yes")
+    return ids
+
+
 @pytest.fixture(scope="module")
 def loop_run(local_ray, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    cfg = from_dict(NatRayConfig, {**TINY, "loop": {**TINY["loop"], "runs_dir": str(runs)}})
+    traffic = tmp_path_factory.mktemp("capture")
+    served_traffic(traffic)
+    loop = {**TINY["loop"], "runs_dir": str(runs), "traffic_dir": str(traffic)}
+    cfg = from_dict(NatRayConfig, {**TINY, "loop": loop})
     started = time.time()
     first = run_loop(cfg)
     first_seconds = time.time() - started
@@ -65,6 +106,8 @@ def loop_run(local_ray, tmp_path_factory):
 
 
 def test_two_rounds_publish_adapters_and_write_the_table_and_plot(loop_run):
+    import pyarrow.parquet as pq
+
     _, run_dir, first, seconds, _, _ = loop_run
     print(f"two rounds took {seconds:.0f}s")
     assert [r["round"] for r in first["rounds"]] == [0, 1]
@@ -76,13 +119,18 @@ def test_two_rounds_publish_adapters_and_write_the_table_and_plot(loop_run):
         assert (adapter / "CHECKSUMS.sha256").is_file()
         manifest = json.loads((run_dir / "rounds" / str(r) / "manifest.json").read_text())
         assert all(manifest["stages"][s]["status"] == "done" for s in ("rollout", "train", "eval", "publish"))
+    # Round 0 took the served traffic it could label (feedback, gold) and left the third out; round 1
+    # found nothing new.
+    round0, round1 = first["rounds"]
+    counts = {"episodes": 3, "earlier": 0, "new": 3, "feedback": 1, "gold": 1, "unlabelled": 1}
+    assert round0["traffic"] == counts
+    assert round1["traffic"] == {**counts, "earlier": 2, "new": 1, "feedback": 0, "gold": 0}
+    served = pq.read_table(run_dir / "rounds" / "0" / "traffic.parquet").to_pylist()
+    assert [(r["correct_robust"], r["gold"]) for r in served] == [(True, "yes"), (False, "no")]
     # Round 1 collected with round 0's agent and, with carry_rounds=1, trained on both rounds' data.
-    round1 = first["rounds"][1]
     assert round1["collected_with"] == "round-0"
-    assert round1["trained_on"] == first["rounds"][0]["trajectories"] + round1["trajectories"] == 12
+    assert round1["trained_on"] == round0["trajectories"] + 2 + round1["trajectories"] == 14
     # Round 1's rollout ran on the engines round 0 started, with round 0's adapter hot-loaded.
-    import pyarrow.parquet as pq
-
     models = {
         r: set(
             pq.read_table(run_dir / "rounds" / str(r) / "rollout" / PARTS_DIR, columns=["model"])[
@@ -100,6 +148,9 @@ def test_two_rounds_publish_adapters_and_write_the_table_and_plot(loop_run):
     assert "| round-0 |" in text and "| round-1 |" in text and "n=3" in text
     rows = [line for line in text.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
     assert len(rows) == 2
+    assert (
+        "- round 0: 3 new of 3 captured: 1 labelled by feedback, 1 by gold, 1 unlabelled (left out)" in text
+    )
     assert (run_dir / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((run_dir / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [0, 1]
