@@ -498,3 +498,33 @@ def test_continue_adapter_trains_on_the_last_agent(tmp_path, stages, monkeypatch
     trains = [c for c in fake.calls if c[0] == "train"]
     assert trains[0][2] == "embedded" and trains[1][2].endswith("train/round-0/export/model")
     assert len(stacked) == 1 and str(stacked[0][0]).endswith("adapters/round-0")
+
+
+def test_a_traffic_round_takes_only_what_earlier_rounds_did_not_and_traffic_only_needs_labels(tmp_path):
+    from test_capture import _row
+
+    from nat_ray.errors import DataError
+    from nat_ray.experiment.loop import TRAFFIC_FILE, _Loop, _Round
+    from nat_ray.serve.capture import CaptureWriter, FeedbackLog
+
+    with pytest.raises(ConfigError, match="traffic_only needs loop.traffic_dir"):
+        LoopConfig(traffic_only=True)
+    folder = tmp_path / "capture"
+    writer = CaptureWriter(folder, flush_rows=1, flush_s=60)
+    writer.add(_row("ep-1"))
+    writer.close()
+    overrides = [
+        f"loop.traffic_dir={folder}",
+        "loop.traffic_only=true",
+        f"loop.runs_dir={tmp_path}",
+        "train.mode=lora",
+    ]
+    cfg = load_config(NatRayConfig, None, overrides)
+    loop = _Loop(cfg, tracker=None)
+    with pytest.raises(DataError, match=r"round 0: no new labelled episode .* 1 unlabelled \(left out\)"):
+        loop.traffic(_Round(0, loop.run_dir / "rounds" / "0", {}))
+    FeedbackLog(folder, "person").record("ep-1", 1.0)
+    took = loop.traffic(_Round(0, loop.run_dir / "rounds" / "0", {}))
+    assert took["data"] == [str(loop.run_dir / "rounds" / "0" / TRAFFIC_FILE)] and took["feedback"] == 1
+    with pytest.raises(DataError, match=r"round 1: .*0 new of 1 captured"):
+        loop.traffic(_Round(1, loop.run_dir / "rounds" / "1", {}))
