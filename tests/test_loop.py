@@ -16,7 +16,6 @@ from nat_ray.experiment.loop import (
     check_loop_config,
     format_results,
     next_round,
-    publish_adapter,
     round_score,
     stages_to_run,
     stop_reason,
@@ -241,21 +240,6 @@ def test_adapters_on_different_layers_cannot_be_stacked(tmp_path):
     (second / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 2}))
     with pytest.raises(ConfigError, match="different layers"):
         stack_adapters(first, second, tmp_path / "out", "base")
-
-
-def test_publishing_replaces_the_folder_whole_and_seals_it(tmp_path):
-    from nat_ray import safe_files
-
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "adapter_config.json").write_text("{}")
-    target = tmp_path / "served" / "loop-round-1"
-    target.mkdir(parents=True)
-    (target / "stale.bin").write_text("old")
-    publish_adapter(source, str(target))
-    assert sorted(p.name for p in target.iterdir()) == ["CHECKSUMS.sha256", "adapter_config.json"]
-    assert safe_files.check_dir(target, require_checksum=True) == []
-    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
 
 
 # -- config --------------------------------------------------------------------------------------

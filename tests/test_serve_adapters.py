@@ -115,19 +115,24 @@ def test_lora_dir_is_resolved_and_created(tmp_path):
     )
 
 
-def test_publish_adapter_appears_whole_and_replaces(tmp_path):
-    from nat_ray.serve.adapters import publish_adapter
+def test_a_name_is_published_once_whole_and_sealed_and_never_reused_for_other_weights(tmp_path):
+    from nat_ray import safe_files
+    from nat_ray.serve.adapters import AdapterExists, publish_adapter
 
     src = tmp_path / "trained"
     _adapter(src)
     (src / "adapter_model.safetensors").write_bytes(b"v1")
     lora_dir = tmp_path / "lora"
-    assert publish_adapter(src, lora_dir, "round-1") == lora_dir / "round-1"
+    assert publish_adapter(src, lora_dir, "round-1") == f"{lora_dir}/round-1"
     assert local_adapters(str(lora_dir)) == ["round-1"]
+    assert safe_files.check_dir(lora_dir / "round-1", require_checksum=True) == []
+    assert publish_adapter(src, lora_dir, "round-1") == f"{lora_dir}/round-1"  # the same weights: a no-op
     (src / "adapter_model.safetensors").write_bytes(b"v2")
-    publish_adapter(src, lora_dir, "round-1")
-    assert (lora_dir / "round-1" / "adapter_model.safetensors").read_bytes() == b"v2"
-    assert sorted(p.name for p in lora_dir.iterdir()) == ["round-1"]  # no staging folders left
+    with pytest.raises(AdapterExists, match="already holds other weights; publish them under a new name"):
+        publish_adapter(src, lora_dir, "round-1")
+    assert (lora_dir / "round-1" / "adapter_model.safetensors").read_bytes() == b"v1"
+    publish_adapter(src, lora_dir, "round-2")
+    assert sorted(p.name for p in lora_dir.iterdir()) == ["round-1", "round-2"]  # no staging folders left
     with pytest.raises(ValueError, match="must not hold"):
         publish_adapter(src, lora_dir, "../x")
     with pytest.raises(ValueError, match="not a peft adapter"):

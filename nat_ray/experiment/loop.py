@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from nat_ray.experiment.tracking import tracked_run
 from nat_ray.models import resolve_model
 from nat_ray.paths import PARTS_DIR
 from nat_ray.rollout.engine_pool import rollout_with_pool, start_pool
+from nat_ray.serve.adapters import publish_adapter
 from nat_ray.serve.capture import EPISODES_DIR, read_captured, read_feedback
 
 log = logging.getLogger(__name__)
@@ -121,24 +121,6 @@ def best_round(rounds: list[dict]) -> dict | None:
 
 # --------------------------------------------------------------------------------------------
 # Adapters: stacking one on another, publishing (no Ray)
-
-
-def publish_adapter(source: Path, target: str) -> str:
-    """Copy an adapter folder to ``target`` (a folder, or a URI pyarrow reaches) as a whole.
-
-    A local copy is made beside the target and renamed into place, then sealed
-    (:func:`nat_ray.safe_files.seal_dir`), so a server watching the folder never sees half of it.
-    """
-    if "://" in target:
-        import pyarrow.fs
-
-        pyarrow.fs.copy_files(str(source), target)
-        return target
-    out = Path(target)
-    with safe_files.staged_dir(out) as tmp:
-        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(safe_files.DIR_CHECKSUMS))
-        safe_files.seal_dir(tmp)
-    return str(out)
 
 
 def count_rows(paths: list[str]) -> int:
@@ -532,11 +514,9 @@ class _Loop:
                 rnd.dir / "stacked-adapter",
                 resolve_model(self.cfg.train.base_model),
             )
-        out = {"adapter": publish_adapter(adapter, str(self.run_dir / ADAPTERS_DIR / label))}
-        if self.loop.publish_dir:
-            out["published"] = publish_adapter(
-                adapter, f"{self.loop.publish_dir.rstrip('/')}/{self.loop.name}-{label}"
-            )
+        out = {"adapter": publish_adapter(adapter, self.run_dir / ADAPTERS_DIR, label)}
+        if self.loop.publish_dir:  # versioned by round: a name is never reused for other weights
+            out["published"] = publish_adapter(adapter, self.loop.publish_dir, f"{self.loop.name}-{label}")
         return out
 
 

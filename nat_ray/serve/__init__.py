@@ -4,8 +4,9 @@
 - :mod:`nat_ray.serve.agent_loop`: the one ReAct stepper every agent request shares, over
   deployment handles.
 - :mod:`nat_ray.serve.capture`: served episodes and their feedback on disk (no Ray).
-- :mod:`nat_ray.serve.app`: the FastAPI ingress, the deployments, and :func:`build_app` /
-  :func:`run_serve`.
+- :mod:`nat_ray.serve.ingress`: the FastAPI ingress deployment and its routes.
+- :mod:`nat_ray.serve.canary`: a share of the agent traffic on a new adapter, and its verdict (no Ray).
+- :mod:`nat_ray.serve.app`: the deployments, :func:`build_app` and :func:`run_serve`.
 
 ``serve run nat_ray.serve:build_app_from_args config=configs/serve.yaml`` names the builder here;
 it is imported on first use, so importing the package stays free of Ray.

@@ -114,16 +114,48 @@ def adapter_missing(model: str, name: str, lora_dir: str) -> ModelProblem:
     )
 
 
-def publish_adapter(source: str | os.PathLike, lora_dir: str | os.PathLike, name: str) -> Path:
-    """Copy the peft adapter folder ``source`` into ``lora_dir/name`` so a running server serves it.
+class AdapterExists(ValueError):
+    """Other weights are already published under the name: a server that loaded those would keep
+    answering with them (vLLM caches an adapter by name), so a name is never reused for new weights."""
 
-    The copy goes to a hidden folder first and is renamed into place, so a request never sees a
-    half-written adapter; an adapter already published under ``name`` is replaced (a server that
-    has loaded the old one keeps it until its replica drops it: publish under a new name, e.g.
-    ``round-<r>``, to be sure the new one is used).
+
+def adapter_digest(folder: str) -> str | None:
+    """sha256 over an adapter folder's files (relative names and contents; its ``CHECKSUMS.sha256`` left
+    out), local or any URI pyarrow reaches; None when there is no such folder."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return None
+    digest = hashlib.sha256()
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        rel = info.path[len(root.rstrip("/")) + 1 :]
+        if rel == safe_files.DIR_CHECKSUMS:
+            continue
+        with fs.open_input_stream(info.path) as stream:
+            digest.update(rel.encode() + b"\0" + hashlib.sha256(stream.read()).digest())
+    return digest.hexdigest()
+
+
+def publish_adapter(source: str | os.PathLike, lora_dir: str | os.PathLike, name: str) -> str:
+    """Publish the peft adapter folder ``source`` as ``<lora_dir>/<name>`` (a folder, or a URI pyarrow
+    reaches, e.g. ``s3://bucket/adapters``), where a running server with ``serve.lora_dir`` finds it.
+
+    A local copy goes to a hidden folder first and is renamed into place, sealed with
+    ``CHECKSUMS.sha256``, so a request never sees half an adapter. A name is published once: the same
+    weights again (a resumed loop) are a no-op; other weights under a name already taken are refused,
+    since a replica that loaded the old ones would go on answering with them. Version the names
+    (``NAME-round-3``).
+
+    Returns:
+        the published folder.
 
     Raises:
         ValueError: ``name`` is not a plain name, or ``source`` is not a peft adapter folder.
+        AdapterExists: other weights are already published under ``name``.
     """
     problem = name_problem(name)
     if problem is not None:
@@ -131,7 +163,21 @@ def publish_adapter(source: str | os.PathLike, lora_dir: str | os.PathLike, name
     src = Path(source)
     if not (src / ADAPTER_CONFIG).is_file():
         raise ValueError(f"{src} is not a peft adapter folder (no {ADAPTER_CONFIG})")
-    target = Path(lora_dir) / name
+    target = f"{str(lora_dir).rstrip('/')}/{name}"
+    published = adapter_digest(target)
+    if published is not None:
+        if published == adapter_digest(str(src)):
+            return target
+        raise AdapterExists(
+            f"{target} already holds other weights; publish them under a new name (e.g. {name}-2 or "
+            "NAME-round-<r>): a server that loaded the old adapter would keep answering with it"
+        )
+    if "://" in target:
+        import pyarrow.fs
+
+        pyarrow.fs.copy_files(str(src), target)
+        return target
     with safe_files.staged_dir(target) as staging:
-        shutil.copytree(src, staging)
+        shutil.copytree(src, staging, ignore=shutil.ignore_patterns(safe_files.DIR_CHECKSUMS))
+        safe_files.seal_dir(staging)
     return target
