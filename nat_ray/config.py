@@ -433,6 +433,26 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CanaryConfig:
+    """A canary at start (``serve.canary``; ``POST /v1/canary`` starts one later).
+
+    Attributes:
+        adapter: the adapter on trial: a folder name in ``serve.lora_dir`` (served as
+            ``<model_id>:<adapter>``).
+        share: the fraction of ``/v1/agent`` requests naming no model that it answers, in (0, 1).
+    """
+
+    adapter: str
+    share: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.share < 1.0:
+            raise ConfigError(f"serve.canary.share must be in (0, 1), got {self.share}")
+        if not self.adapter.strip():
+            raise ConfigError("serve.canary.adapter must name an adapter in serve.lora_dir")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Stage 3: the tuned agent on Ray Serve (vLLM through ``ray.serve.llm``), with tool deployments.
 
@@ -481,6 +501,8 @@ class ServeConfig:
             loses at most this window (counted when the next replica starts).
         capture_redact: ``FILE.py:fn`` or ``module:fn``, ``fn(text) -> text``, applied to the question,
             every message and the answer before an episode is written (``None``: written as served).
+        canary: a share of the agent traffic for an adapter on trial (:class:`CanaryConfig`; needs
+            ``lora_dir``); ``None``: none at start.
     """
 
     lora: str | None = None
@@ -511,6 +533,7 @@ class ServeConfig:
     capture_flush_rows: int = 64
     capture_flush_s: float = 10.0
     capture_redact: str | None = None
+    canary: CanaryConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -537,6 +560,8 @@ class ServeConfig:
             raise ConfigError(f"serve.llm_cpu_reserved_cores must be >= 0, got {self.llm_cpu_reserved_cores}")
         if not self.tasks:
             raise ConfigError("serve.tasks must name at least one task")
+        if self.canary is not None and self.lora_dir is None:
+            raise ConfigError("serve.canary needs serve.lora_dir (the canary is an adapter served from it)")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ def _coerce(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # an optional section: its own problems, named
+            return _coerce(sections[0], value, where, problems)
         for arg in (a for a in args if a is not type(None)):
             attempt: list[str] = []
             out = _coerce(arg, value, where, attempt)

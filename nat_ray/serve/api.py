@@ -146,6 +146,20 @@ class FeedbackRequest(BaseModel):
     answer: str | None = Field(default=None, max_length=MAX_FEEDBACK_ANSWER_CHARS)
 
 
+class CanaryRequest(BaseModel):
+    """Body of ``POST /v1/canary``: start a canary (replacing one that runs).
+
+    Attributes:
+        adapter: an adapter folder in ``serve.lora_dir`` (served as ``<model_id>:<adapter>``).
+        share: the fraction of ``/v1/agent`` requests naming no model it answers, in (0, 1).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    adapter: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
+    share: float = Field(gt=0.0, lt=1.0, allow_inf_nan=False)
+
+
 def _wrong_gold(family: str, task: str, value: Any) -> ValueError:
     return ValueError(f"{GOLD_RULES[family].format(task=task)}, got {value!r}")
 

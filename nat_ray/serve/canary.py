@@ -16,7 +16,6 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from nat_ray.errors import ConfigError
 from nat_ray.evaluation.results_table import wilson_interval
 
 MAX_REMEMBERED = 100_000  # episodes whose model and label are kept for the report (oldest dropped)
@@ -28,10 +27,6 @@ class Canary:
 
     model: str
     share: float
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.share < 1.0:
-            raise ConfigError(f"a canary's share must be in (0, 1), got {self.share}")
 
 
 def verdict(canary: dict, incumbent: dict) -> str:
@@ -76,7 +71,10 @@ class CanaryState:
                 self._episodes[episode_id] = (model, score >= 1.0)
 
     def start(self, canary: Canary) -> None:
-        self.canary = canary
+        """A new trial: the report counts the episodes from here on, the canary's and the incumbent's."""
+        with self._lock:
+            self._episodes.clear()
+            self.canary = canary
 
     def promote(self) -> str:
         """The canary becomes the incumbent; returns the new incumbent.

@@ -18,6 +18,10 @@ Routes:
 - ``POST /v1/feedback``: :class:`nat_ray.serve.api.FeedbackRequest` (``episode_id``, ``score`` in
   [0, 1], ``answer``) for a captured episode: 200 when recorded, 400 for a bad body, 404 for an id this
   server never issued, 409 when capture is off.
+- ``GET /v1/canary``, ``POST /v1/canary`` (``adapter``, ``share``), ``POST /v1/canary/promote`` and
+  ``/rollback``: a share of the requests naming no model on an adapter on trial, its labelled successes
+  beside the incumbent's, and the switch (:mod:`nat_ray.serve.canary`); 409 when there is nothing to
+  switch.
 
 Every body is validated before anything runs: malformed JSON is a 400, a schema or limit violation a
 422 (an unknown model a 404), and the error's ``param`` and message name the field. Limits come from
@@ -66,6 +70,7 @@ from nat_ray.serve.adapters import (
 from nat_ray.serve.agent_loop import AgentLoop, ServeChatEngine, ServeTools
 from nat_ray.serve.api import (
     AgentRequest,
+    CanaryRequest,
     FeedbackRequest,
     agent_response,
     episode_for,
@@ -74,6 +79,7 @@ from nat_ray.serve.api import (
     response_status,
     validation_error,
 )
+from nat_ray.serve.canary import Canary, CanaryState
 from nat_ray.serve.capture import (
     CaptureWriter,
     FeedbackLog,
@@ -205,6 +211,11 @@ class AgentIngress:
         self.base_model = models[0]["id"]
         self._adapter_handles: dict[tuple[str, bool], object] = {}
         self.tokenizer = _drift_tokenizer(self.cfg.engine.model)  # at start-up, not on a request
+        canary = self.cfg.serve.canary
+        # Requests naming no model: the incumbent (agent_model, until a promotion), or the canary.
+        self.canary = CanaryState(
+            agent_model, Canary(f"{self.base_model}:{canary.adapter}", canary.share) if canary else None
+        )
         self._start_capture()
         import ray.serve.llm.openai_api_models  # noqa: F401 - imports vLLM (tens of seconds): now, not on a request
 
@@ -297,7 +308,7 @@ class AgentIngress:
         return JSONResponse(
             {
                 "status": "ok" if loop is None or loop.alive else "agent loop stopped",
-                "model": self.agent_model,
+                "model": self.canary.incumbent,
                 "open_episodes": loop.open if loop else 0,
                 "queued_episodes": loop.queued if loop else 0,
                 "finished_episodes": loop.finished if loop else 0,
@@ -330,7 +341,7 @@ class AgentIngress:
         except ValidationError as err:
             status, body = validation_error(err)
             return JSONResponse(body, status_code=status)
-        model = req.model or self.agent_model
+        model = req.model or self._routed()
         try:
             ref = self._model_ref(model)  # before anything is loaded: a plain name, an adapter that exists
             episode = episode_for(await asyncio.to_thread(self._agent_settings, ref), req)
@@ -367,9 +378,27 @@ class AgentIngress:
         status = response_status(episode)
         if status != 200:
             body.update(error_body(status, f"the LLM deployment failed: {body['error']}", None))
-        elif self.capture is not None:  # journalled before the answer leaves (a kill after is counted)
-            await asyncio.to_thread(self._capture, episode, req, model, episode_id, body, started_at)
+        else:
+            if req.model is None:  # routed traffic: what the canary's report counts
+                self.canary.answered(
+                    episode_id, model, body["correct"]["robust"] if "correct" in body else None
+                )
+            if self.capture is not None:  # journalled before the answer leaves (a kill after is counted)
+                await asyncio.to_thread(self._capture, episode, req, model, episode_id, body, started_at)
         return JSONResponse(body, status_code=status)
+
+    def _routed(self) -> str:
+        """The model a request naming none runs on; a canary whose adapter has gone falls back."""
+        model = self.canary.route()
+        if model != self.canary.incumbent:
+            try:
+                self._model_ref(model)
+            except ModelProblem as err:
+                log.warning(
+                    "canary %s is not served (%s): the request goes to %s", model, err, self.canary.incumbent
+                )
+                return self.canary.incumbent
+        return model
 
     def _capture(self, episode, req: AgentRequest, model: str, episode_id: str, body: dict, started_at: str):
         task = registered_task(req.task)
@@ -413,7 +442,48 @@ class AgentIngress:
             message = f"episode_id {req.episode_id!r} was not issued by this server"
             return JSONResponse(error_body(404, message, "episode_id"), status_code=404)
         entry = await asyncio.to_thread(self.feedback.record, req.episode_id, req.score, req.answer)
+        self.canary.feedback(req.episode_id, entry["score"])
         return JSONResponse({"episode_id": req.episode_id, "score": entry["score"], "recorded": True})
+
+    @api.get("/v1/canary")
+    async def canary_report(self) -> JSONResponse:
+        return JSONResponse(self.canary.report())
+
+    @api.post("/v1/canary")
+    async def canary_start(self, request: Request) -> JSONResponse:
+        try:
+            req = CanaryRequest.model_validate_json(await request.body())
+        except ValidationError as err:
+            status, body = validation_error(err, invalid_status=400)
+            return JSONResponse(body, status_code=status)
+        model = f"{self.base_model}:{req.adapter}"
+        try:
+            await asyncio.to_thread(self._model_ref, model)
+        except ModelProblem as err:
+            return JSONResponse(error_body(err.status, str(err), "adapter"), status_code=err.status)
+        if model == self.canary.incumbent:
+            message = f"{model} already answers the traffic (it is the incumbent)"
+            return JSONResponse(error_body(409, message, "adapter"), status_code=409)
+        self.canary.start(Canary(model, req.share))
+        log.info("canary: %s answers %.0f%% of the agent requests naming no model", model, 100 * req.share)
+        return JSONResponse(self.canary.report())
+
+    @api.post("/v1/canary/promote")
+    async def canary_promote(self) -> JSONResponse:
+        return self._canary_switch(self.canary.promote, "promoted")
+
+    @api.post("/v1/canary/rollback")
+    async def canary_rollback(self) -> JSONResponse:
+        return self._canary_switch(self.canary.rollback, "rolled back")
+
+    def _canary_switch(self, switch, what: str) -> JSONResponse:
+        before = self.canary.report()
+        try:
+            incumbent = switch()
+        except LookupError as err:
+            return JSONResponse(error_body(409, str(err), None), status_code=409)
+        log.info("canary %s %s: requests naming no model now go to %s", before["canary"], what, incumbent)
+        return JSONResponse({**before, "action": what, "incumbent": incumbent, "canary": None, "share": None})
 
     def _busy(self) -> JSONResponse:
         held = self.admission.held

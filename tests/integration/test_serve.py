@@ -472,3 +472,122 @@ def test_missing_and_unsafe_adapters_are_refused_before_loading(server):
         == 400
     )
     assert _agent(server, task="gsm8k", question="What is 2 + 3?", model="not-served").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def traffic_round(server, tmp_path_factory) -> dict:
+    """One loop round on what this server captured (traffic only), publishing into its lora_dir."""
+    from nat_ray.experiment.loop import run_loop
+
+    cfg = from_dict(
+        NatRayConfig,
+        {
+            "engine": {"model": "embedded", "max_model_len": 2048, "kv_cache_gb": 0.5, "max_num_seqs": 8},
+            "agent": {"max_turns": 2, "max_new_tokens": 32},
+            "train": {
+                "mode": "lora",
+                "lora_rank": 8,
+                "lora_alpha": 16,
+                "max_length": 1024,
+                "packing": False,  # a handful of episodes would pack into one row: one per worker needs two
+                "global_batch_size": 2,
+                "micro_batch_size": 1,
+                "num_workers": 2,
+                "warmup_ratio": 0.0,
+                "zero_stage": 2,
+                "max_steps": 1,
+            },
+            "eval": {"tasks": ["gsm8k"], "split": "test", "limit": 2, "seeds": [0]},
+            "loop": {
+                "name": "traffic",
+                "runs_dir": str(tmp_path_factory.mktemp("runs")),
+                "rounds": 1,
+                "evaluate_base": False,
+                "traffic_dir": str(server.capture_dir),
+                "traffic_only": True,
+                "publish_dir": str(server.lora_dir),
+            },
+        },
+    )
+    return run_loop(cfg)
+
+
+def test_a_traffic_round_trains_on_the_captured_episodes_and_publishes_to_the_server(server, traffic_round):
+    (round0,) = traffic_round["rounds"]
+    counts = round0["traffic"]
+    # The capture test's feedback labelled the episode asked without gold; the others carried theirs.
+    assert counts["feedback"] >= 1 and counts["gold"] >= 2, counts
+    assert counts["new"] == counts["episodes"] == counts["feedback"] + counts["gold"] + counts["unlabelled"]
+    assert (
+        round0["collected_with"] == "traffic" and round0["trained_on"] == counts["feedback"] + counts["gold"]
+    )
+    assert round0["published"] == f"{server.lora_dir}/traffic-round-0"
+    assert f"{server.model}:traffic-round-0" in _model_ids(server)
+
+
+def test_a_canary_takes_its_share_is_judged_by_labels_and_is_promoted_without_a_restart(
+    server, hot_adapter, traffic_round, tmp_path
+):
+    """Capture -> feedback -> a traffic round -> publish -> canary -> promote. Last in the module: the
+    promoted adapter answers unnamed requests from here on."""
+    import shutil
+
+    from nat_ray.serve.adapters import AdapterExists, publish_adapter
+
+    canary = f"{server.model}:traffic-round-0"  # the traffic round's adapter, published into lora_dir
+    assert publish_adapter(hot_adapter, server.lora_dir, "A") == f"{server.lora_dir}/A"  # same weights: no-op
+    assert publish_adapter(hot_adapter, server.lora_dir, "A") == f"{server.lora_dir}/A"  # same weights: no-op
+
+    def post(path: str, **body) -> requests.Response:
+        return requests.post(f"{server.url}{path}", json=body, timeout=60)
+
+    assert post("/v1/canary/promote").status_code == 409  # nothing on trial yet
+    assert post("/v1/canary", adapter="missing", share=0.5).status_code == 404
+    assert post("/v1/canary", adapter="traffic-round-0", share=1.5).status_code == 400
+    started = post("/v1/canary", adapter="traffic-round-0", share=0.5)
+    assert started.status_code == 200 and started.json()["canary"] == canary, started.text
+
+    # Under load: other weights under the served name are refused, so no answer can come from a stale copy.
+    other = tmp_path / "other"
+    shutil.copytree(hot_adapter, other)
+    (other / "adapter_model.safetensors").write_bytes(b"other weights")
+    questions = [(f"What is {a} + {b}?", a + b) for a, b in zip(range(2, 18), range(5, 21))]
+    with ThreadPoolExecutor(len(questions)) as pool:
+        futures = [
+            pool.submit(_agent, server, task="gsm8k", question=q, gold=g, max_turns=1, max_tokens=16)
+            for q, g in questions
+        ]
+        with pytest.raises(AdapterExists, match="already holds other weights"):
+            publish_adapter(other, server.lora_dir, "A")
+        answers = [f.result() for f in futures]
+    failed = [
+        (a.status_code, a.json().get("model"), a.json().get("error")) for a in answers if a.status_code != 200
+    ]
+    assert not failed, failed
+    models = [a.json()["model"] for a in answers]
+    assert set(models) == {server.lora, canary}, models  # both answered (all on one side: p = 2^-15)
+    # Each model asks as its own card says: the round's adapter at 0 shots, without demonstration turns.
+    prompts = {a.json()["model"]: a.json()["prompt"] for a in answers}
+    assert len(prompts[canary]) < len(prompts[server.lora])
+
+    report = requests.get(f"{server.url}/v1/canary", timeout=30).json()
+    for model in (server.lora, canary):
+        stats = report["models"][model]
+        assert stats["episodes"] == stats["labelled"] == models.count(model)  # every request had its gold
+        assert 0.0 <= stats["interval"][0] <= stats["interval"][1] <= 1.0
+    assert report["verdict"] in ("better", "worse", "within noise")
+    # Feedback on a canary episode relabels it.
+    episode = next(a.json() for a in answers if a.json()["model"] == canary)
+    before = report["models"][canary]["successes"] - int(episode["correct"]["robust"])
+    assert post("/v1/feedback", episode_id=episode["episode_id"], score=1.0).status_code == 200
+    after = requests.get(f"{server.url}/v1/canary", timeout=30).json()["models"][canary]
+    assert after["successes"] == before + 1 and after["labelled"] == report["models"][canary]["labelled"]
+
+    promoted = post("/v1/canary/promote")
+    assert promoted.status_code == 200 and promoted.json()["incumbent"] == canary, promoted.text
+    again = [
+        _agent(server, task="gsm8k", question="What is 1 + 1?", max_turns=1, max_tokens=8) for _ in range(3)
+    ]
+    assert [a.json()["model"] for a in again] == [canary] * 3
+    assert requests.get(f"{server.url}/healthz", timeout=30).json()["model"] == canary
+    assert post("/v1/canary/rollback").status_code == 409
