@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from pydantic import ValidationError
@@ -248,9 +249,17 @@ def test_traffic_is_labelled_by_feedback_then_gold_and_the_rest_is_counted_and_l
     assert rows[0][columns.CORRECT_ROBUST] and rows[0][columns.GOLD] == "4"
     assert rows[0][columns.NAT_CLASS] != capture.UNLABELLED and asked[columns.NAT_CLASS] == capture.UNLABELLED
     assert rows[1] is graded and not graded[columns.CORRECT_ROBUST]
-    assert counts == {"episodes": 4, "earlier": 1, "new": 3, "feedback": 1, "gold": 1, "unlabelled": 1}
+    assert counts == {
+        "episodes": 4,
+        "earlier": 1,
+        "new": 3,
+        "feedback": 1,
+        "gold": 1,
+        "judge": 0,
+        "unlabelled": 1,
+    }
     assert describe(counts) == (
-        "3 new of 4 captured: 1 labelled by feedback, 1 by gold, 1 unlabelled (left out)"
+        "3 new of 4 captured: 1 labelled by feedback, 1 by gold, 0 by the judge, 1 unlabelled (left out)"
     )
     # A partial score is wrong, and where the task grades by F1 it is the row's F1.
     qa = {**_row("ep-q"), columns.FAMILY: "hotpotqa"}
@@ -258,3 +267,20 @@ def test_traffic_is_labelled_by_feedback_then_gold_and_the_rest_is_counted_and_l
     assert not half[columns.CORRECT_ROBUST] and half[columns.F1] == 0.5
     (math_half,), _ = label_traffic([_row("ep-m")], {"ep-m": {"score": 0.5}})
     assert math_half[columns.F1] is None and math_half[columns.NAT_CLASS] == "incorrect"
+
+
+def test_the_ticker_counts_a_dead_replica_s_journal_once_it_goes_stale(tmp_path):
+    writer = capture.CaptureWriter(tmp_path, flush_rows=10, flush_s=0.001, replica="alive")
+    dead = tmp_path / capture.JOURNAL_DIR / "dead.ids"
+    dead.write_text("ep-1\nep-2\n")
+    old = time.time() - 3600
+    os.utime(dead, (old, old))  # a journal nobody touched for an hour
+    ticker = capture.Ticker(writer, interval_s=0.02, recover_s=0.05)
+    try:
+        deadline = time.monotonic() + 20
+        while ticker.lost < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        ticker.stop()
+    assert ticker.lost == 2 and (tmp_path / capture.LOST_DIR / "dead.ids").is_file()
+    assert writer.journal_path.is_file()  # its own journal, touched every tick, is alive

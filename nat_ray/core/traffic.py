@@ -2,8 +2,9 @@
 
 A captured episode (:mod:`nat_ray.serve.capture`) is labelled by the first of: a person's feedback
 (``POST /v1/feedback``: its score, and its answer as the gold), the gold answer the request carried
-(already scored by the task's scorer when it was served), or nothing (left out and counted: a verdict
-nobody gave must not become a negative). Feedback scores follow the plug-in scorer's convention: a
+(already scored by the task's scorer when it was served), its task's judge (a model grading by a
+rubric, :mod:`nat_ray.experiment.judge`), or nothing (left out and counted: a verdict nobody gave must
+not become a negative). Feedback scores follow the plug-in scorer's convention: a
 float in [0, 1] where 1.0 means correct, kept as the row's F1 where the task grades by F1.
 """
 
@@ -15,7 +16,7 @@ from nat_ray.core import nat_data as columns
 from nat_ray.core.records import verdict_class
 from nat_ray.core.scoring import Score
 
-LABELS = ("feedback", "gold", "unlabelled")
+LABELS = ("feedback", "gold", "judge", "unlabelled")
 F1_FAMILIES = ("hotpotqa", "custom")  # the families whose rows carry an F1 (NAT-k grades by it)
 
 
@@ -35,9 +36,13 @@ def with_feedback(row: dict, feedback: Mapping) -> dict:
 
 
 def label_traffic(
-    rows: Iterable[dict], feedback: Mapping[str, Mapping], used: set[str] = frozenset()
+    rows: Iterable[dict],
+    feedback: Mapping[str, Mapping],
+    used: set[str] = frozenset(),
+    judged: Mapping[str, Mapping] | None = None,
 ) -> tuple[list[dict], dict[str, int]]:
-    """The labelled rows among ``rows`` not in ``used`` (episode ids earlier rounds trained on).
+    """The labelled rows among ``rows`` not in ``used`` (episode ids earlier rounds trained on);
+    ``judged``: the judge's verdicts (``{episode_id: {"score"}}``) for episodes without gold.
 
     Returns:
         ``(rows, counts)``; counts: ``episodes`` (all captured), ``earlier`` (used by earlier rounds),
@@ -58,14 +63,19 @@ def label_traffic(
         elif row[columns.NAT_CLASS] != columns.UNLABELLED:
             labelled.append(row)
             counts["gold"] += 1
+        elif judged and episode_id in judged:
+            labelled.append(with_feedback(row, {"score": judged[episode_id]["score"]}))
+            counts["judge"] += 1
         else:
             counts["unlabelled"] += 1
     return labelled, counts
 
 
 def describe(counts: Mapping[str, int]) -> str:
-    """One line for a results table: ``5 new episodes: 2 by feedback, 2 by gold, 1 unlabelled (left out)``."""
+    """One line for a results table: ``3 new of 4 captured: 1 labelled by feedback, 1 by gold, 0 by the
+    judge, 1 unlabelled (left out)``."""
     return (
         f"{counts['new']} new of {counts['episodes']} captured: {counts['feedback']} labelled by feedback, "
-        f"{counts['gold']} by gold, {counts['unlabelled']} unlabelled (left out)"
+        f"{counts['gold']} by gold, {counts.get('judge', 0)} by the judge, {counts['unlabelled']} unlabelled "
+        "(left out)"
     )

@@ -34,6 +34,7 @@ from nat_ray.core.nat_data import get_variant
 from nat_ray.core.preference import check_objective, inference_template
 from nat_ray.errors import ConfigError, DataError, ModelError
 from nat_ray.evaluation.results_table import format_comparison, is_smoke_test, round_score
+from nat_ray.experiment.judge import judge_episodes, task_judges
 from nat_ray.experiment.manifest import Manifest, provenance, run_stage
 from nat_ray.experiment.tracking import tracked_run
 from nat_ray.models import resolve_model
@@ -402,7 +403,8 @@ class _Loop:
 
     def traffic(self, rnd: _Round) -> dict:
         """The captured episodes no earlier round trained on, labelled (feedback, else gold), written to
-        ``rounds/<r>/traffic.parquet``; with the counts of each label and of those left out."""
+        ``rounds/<r>/traffic.parquet``; with the counts of each label and of those left out. Episodes
+        neither labels go to their task's judge, when it names one."""
         import pyarrow.parquet as pq
 
         folder = Path(self.loop.traffic_dir)
@@ -411,7 +413,15 @@ class _Loop:
             part = self.run_dir / ROUNDS_DIR / str(k) / TRAFFIC_FILE
             if part.is_file():
                 used.update(pq.read_table(part, columns=[columns.TRAJECTORY_ID]).column(0).to_pylist())
-        rows, counts = traffic.label_traffic(read_captured(folder), read_feedback(folder), used)
+        captured, feedback = read_captured(folder), read_feedback(folder)
+        waiting = [
+            r
+            for r in captured
+            if r[columns.TRAJECTORY_ID] not in used | feedback.keys()
+            and r[columns.NAT_CLASS] == columns.UNLABELLED
+        ]
+        judged = judge_episodes(waiting, task_judges(waiting), folder) if waiting else {}
+        rows, counts = traffic.label_traffic(captured, feedback, used, judged)
         log.info("round %d, traffic from %s: %s", rnd.r, folder, traffic.describe(counts))
         if not rows:
             if self.loop.traffic_only and not (rnd.r == 0 and self.loop.round0 != "base"):

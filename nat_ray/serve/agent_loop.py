@@ -41,6 +41,19 @@ def ray_errors() -> tuple[type[BaseException], ...]:
     return (RayError, RayServeException)
 
 
+ADAPTER_RACE_RETRIES = 4
+
+
+def is_adapter_load_race(err: BaseException) -> bool:
+    """Whether ``err`` is the replica refusing a second, concurrent load of an adapter it is loading.
+
+    Requests that arrive together for an adapter not yet loaded each ask ray.serve.llm to load it; vLLM
+    accepts the first and refuses the others ("... set 'load_inplace' to True"), though the adapter is
+    then loaded: a retry a moment later is answered (the canary test sends 16 at once to a new adapter).
+    """
+    return "load_inplace" in str(err)
+
+
 class ServeChatEngine:
     """The stepper's streaming engine (:class:`nat_ray.core.react.StreamingEngine`) over the LLM deployment.
 
@@ -100,12 +113,19 @@ class ServeChatEngine:
             stop=list(s.stop),
             return_token_ids=True,  # the ids the engine read and sampled: token-exact served episodes
         )
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                items = [item async for item in self.handle.chat.remote(request, None)]
-        except (*ray_errors(), TimeoutError) as err:
-            log.warning("LLM call failed: %s: %s", type(err).__name__, err)
-            return Generation("", finish_reason="error", error=f"LLM deployment: {type(err).__name__}: {err}")
+        for attempt in range(ADAPTER_RACE_RETRIES + 1):
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    items = [item async for item in self.handle.chat.remote(request, None)]
+                break
+            except (*ray_errors(), TimeoutError) as err:
+                if attempt < ADAPTER_RACE_RETRIES and is_adapter_load_race(err):
+                    await asyncio.sleep(0.5 * 2**attempt)  # the first request's load is finishing
+                    continue
+                log.warning("LLM call failed: %s: %s", type(err).__name__, err)
+                return Generation(
+                    "", finish_reason="error", error=f"LLM deployment: {type(err).__name__}: {err}"
+                )
         return self._parse(items[0] if items else None)
 
     def _parse(self, item) -> Generation:

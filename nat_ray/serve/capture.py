@@ -313,20 +313,36 @@ class CaptureWriter:
                 self.journal_path.unlink(missing_ok=True)
 
 
-class Ticker:
-    """A daemon thread calling ``writer.tick()`` every ``interval_s`` until :meth:`stop`."""
+def stale_after(flush_s: float) -> float:
+    """Seconds after which an untouched journal is a dead replica's (live ones touch theirs every tick)."""
+    return max(30.0, 3 * flush_s)
 
-    def __init__(self, writer: CaptureWriter, interval_s: float = 1.0) -> None:
+
+class Ticker:
+    """A daemon thread calling ``writer.tick()`` every ``interval_s`` until :meth:`stop`, and every
+    ``recover_s`` :func:`recover_lost`: a replica that Serve restarts at once finds its dead
+    predecessor's journal still fresh, so the loss is counted once the journal has gone stale."""
+
+    def __init__(
+        self, writer: CaptureWriter, interval_s: float = 1.0, recover_s: float | None = None
+    ) -> None:
         self._stop = threading.Event()
         self._writer = writer
         self._interval_s = interval_s
+        self._stale_s = stale_after(writer.flush_s)
+        self._recover_s = self._stale_s / 2 if recover_s is None else recover_s
+        self.lost = 0
         self._thread = threading.Thread(target=self._run, name="capture-ticker", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        last_recovery = time.monotonic()
         while not self._stop.wait(self._interval_s):
             try:
                 self._writer.tick()
+                if time.monotonic() - last_recovery >= self._recover_s:
+                    last_recovery = time.monotonic()
+                    self.lost += recover_lost(self._writer.folder, self._stale_s)
             except Exception:  # noqa: BLE001 - a full disk must not stop the ticker (flush logs it)
                 log.exception("capture: tick failed")
 

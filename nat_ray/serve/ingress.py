@@ -89,6 +89,7 @@ from nat_ray.serve.capture import (
     load_redactor,
     recover_lost,
     redacted,
+    stale_after,
 )
 from nat_ray.serve.guards import (
     Admission,
@@ -230,7 +231,7 @@ class AgentIngress:
             self.id_secret = episode_ids.new_secret()
             return
         folder = serve_cfg.capture_dir
-        recover_lost(folder, stale_s=max(30.0, 3 * serve_cfg.capture_flush_s))
+        self.lost_at_start = recover_lost(folder, stale_after(serve_cfg.capture_flush_s))
         self.id_secret = capture_secret(folder)
         self.capture = CaptureWriter(folder, serve_cfg.capture_flush_rows, serve_cfg.capture_flush_s)
         self.feedback = FeedbackLog(folder, self.capture.replica)
@@ -314,7 +315,11 @@ class AgentIngress:
                 "finished_episodes": loop.finished if loop else 0,
                 "captured_episodes": None
                 if self.capture is None
-                else {"written": self.capture.written, "pending": self.capture.pending},
+                else {
+                    "written": self.capture.written,
+                    "pending": self.capture.pending,
+                    "lost": self.lost_at_start + self._ticker.lost,  # counted from dead replicas' journals
+                },
             },
             status_code=200 if loop is None or loop.alive else 503,
         )

@@ -16,7 +16,8 @@ A user's task file (relative paths are relative to the file)::
     markers:                                 # optional: NAT's question turns (default: the paper's QA ones)
       correct: Convert it **correctly**.
       incorrect: But **incorrectly** convert it.
-    capture: false                           # optional: never write its served episodes (serve.capture)
+    capture: false                           # optional: keep its served episodes off disk (serve.capture)
+    judge: {endpoint: "http://host:8000/v1", model: base, rubric: ...}  # optional: grades served answers
 
 Required: ``name``, ``data``, ``scorer``, ``instruction``. :func:`load_task_file` checks everything
 at once -- unknown and missing keys, wrong types, data files that do not exist or lack the question
@@ -29,7 +30,8 @@ strings), ``f1`` (HotpotQA: exact match plus token F1), ``yes_no`` (StrategyQA),
 never finished), ``gold`` the record's answer as text. It returns a bool (correct or not) or a float
 in [0, 1], an F1-like partial credit: correct means >= 1.0, and the float is the row's ``f1`` (so the
 NAT-k variants, which grade by F1, need a float scorer). A plug-in that raises or returns anything
-else scores 0 (wrong, F1 0.0) and the reason is logged once per distinct message.
+else scores 0 (wrong, F1 0.0) and the reason is logged once per distinct message. Served episodes
+without gold are graded by ``judge`` (:mod:`nat_ray.tasks.served`) when a loop learns from traffic.
 
 **Prompt.** The instruction turn is ``instruction`` verbatim: nothing is added, so it should name every
 action the model may take, ``finish[answer]`` included. Then the acknowledgement, the demonstration
@@ -89,6 +91,7 @@ from nat_ray.tasks.loaders import (
     record_to_question,
     rename_fields,
 )
+from nat_ray.tasks.served import JudgeSpec, served_settings
 
 log = logging.getLogger(__name__)
 _WARNED_NO_DEMO: set[str] = set()  # tasks already warned about asking for a shot they cannot give
@@ -123,6 +126,7 @@ USER_KEYS = frozenset(
         "demonstrations",
         "markers",
         "capture",
+        "judge",
     )
 )
 REQUIRED_USER_KEYS = ("name", "data", "scorer", "instruction")
@@ -187,8 +191,8 @@ class Task:
         demo: custom tasks: the one-shot demonstration, if any.
         markers: custom tasks: the NAT question turns.
         score_fn: a plug-in scorer (``None`` for the built-in ones).
-        capture: whether a server with ``serve.capture`` writes this task's episodes (a task file's
-            ``capture: false`` keeps its questions off disk).
+        capture: whether ``serve.capture`` writes its served episodes (``capture: false``: never).
+        judge: who grades its served episodes that carry no gold (``None``: nobody).
     """
 
     name: str
@@ -207,6 +211,7 @@ class Task:
     markers: prompts.Markers | None = None
     score_fn: Callable[[str | None, Any], Any] | None = field(default=None, compare=False, repr=False)
     capture: bool = True
+    judge: JudgeSpec | None = None
 
     @property
     def gold_family(self) -> str:
@@ -472,9 +477,7 @@ def _build_task(data: dict, path: Path, builtin: bool, problems: list[str]) -> T
         problems.append(
             f"name must be lower-case letters, digits, '_' or '-', starting with a letter, got {name!r}"
         )
-    capture = data.get("capture", True)
-    if not isinstance(capture, bool):
-        problems.append(f"capture must be true or false, got {capture!r}")
+    capture, judge = served_settings(data, problems)
     title = data.get("title", name)
     if "title" in data and not (isinstance(title, str) and title.strip()):
         problems.append(f"title must be a non-empty string, got {title!r}")
@@ -524,6 +527,7 @@ def _build_task(data: dict, path: Path, builtin: bool, problems: list[str]) -> T
         markers=markers,
         score_fn=score_fn,
         capture=capture,
+        judge=judge,
     )
 
 

@@ -122,7 +122,7 @@ def test_two_rounds_publish_adapters_and_write_the_table_and_plot(loop_run):
     # Round 0 took the served traffic it could label (feedback, gold) and left the third out; round 1
     # found nothing new.
     round0, round1 = first["rounds"]
-    counts = {"episodes": 3, "earlier": 0, "new": 3, "feedback": 1, "gold": 1, "unlabelled": 1}
+    counts = {"episodes": 3, "earlier": 0, "new": 3, "feedback": 1, "gold": 1, "judge": 0, "unlabelled": 1}
     assert round0["traffic"] == counts
     assert round1["traffic"] == {**counts, "earlier": 2, "new": 1, "feedback": 0, "gold": 0}
     served = pq.read_table(run_dir / "rounds" / "0" / "traffic.parquet").to_pylist()
@@ -149,7 +149,8 @@ def test_two_rounds_publish_adapters_and_write_the_table_and_plot(loop_run):
     rows = [line for line in text.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
     assert len(rows) == 2
     assert (
-        "- round 0: 3 new of 3 captured: 1 labelled by feedback, 1 by gold, 1 unlabelled (left out)" in text
+        "- round 0: 3 new of 3 captured: 1 labelled by feedback, 1 by gold, 0 by the judge, 1 unlabelled (left out)"
+        in text
     )
     assert (run_dir / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((run_dir / "results.json").read_text())

@@ -517,7 +517,11 @@ def test_a_traffic_round_trains_on_the_captured_episodes_and_publishes_to_the_se
     counts = round0["traffic"]
     # The capture test's feedback labelled the episode asked without gold; the others carried theirs.
     assert counts["feedback"] >= 1 and counts["gold"] >= 2, counts
-    assert counts["new"] == counts["episodes"] == counts["feedback"] + counts["gold"] + counts["unlabelled"]
+    assert (
+        counts["new"]
+        == counts["episodes"]
+        == sum(counts[k] for k in ("feedback", "gold", "judge", "unlabelled"))
+    )
     assert (
         round0["collected_with"] == "traffic" and round0["trained_on"] == counts["feedback"] + counts["gold"]
     )
