@@ -14,9 +14,9 @@ with it (``capture_flush_rows`` 64, ``capture_flush_s`` 2). Then:
    prefix cache is reset before its phase. ``capture_over_off`` = the on-phases' requests/s over the
    off-phases' (sums of requests over sums of seconds; each round's own ratio is reported too).
    Goal: >= 0.95.
-2. **A replica killed under load**: ``CLIENTS`` clients send requests back to back to ``/on``; after
-   ``KILL_AFTER_S`` its ingress replica is killed (Serve starts another) and the clients go on until
-   ``LOAD_S``. Every answered ``episode_id`` is compared with what reached disk: ``lost`` = answered but
+2. **A replica killed under load**: ``CLIENTS`` clients send requests back to back to ``/on``; just
+   after ``KILL_AFTER_ANSWERS`` answers within half a flush window (so they are not written yet) its
+   ingress replica is killed (Serve starts another) and the clients go on until ``LOAD_S``. Every answered ``episode_id`` is compared with what reached disk: ``lost`` = answered but
    never written, ``lost_counted`` = what the replicas' journals counted as lost (they must agree), and
    the goal is ``lost <= answered_in_flush_window`` (the episodes answered in the ``capture_flush_s``
    before the kill; requests in flight when it died were never answered, so they are not lost).
@@ -55,8 +55,9 @@ log = logging.getLogger("bench.capture")
 RESULTS = ROOT / "benchmarks" / "results" / "capture.json"
 CLIENTS = 32
 REPEATS = 4
-LOAD_S = 40.0
-KILL_AFTER_S = 20.0
+LOAD_S = 80.0
+KILL_AFTER_ANSWERS = 3  # answered within the last flush_s / 2: unwritten when the replica dies
+KILL_BY_S = 60.0  # killed then at the latest
 RECOVERY_WAIT_S = 90.0  # a dead replica's journal is counted once stale (30 s) by the next one's ticker
 FLUSH_S = 2.0
 FLUSH_ROWS = 64
@@ -155,7 +156,14 @@ def kill_under_load(url: str, questions, capture_dir: Path) -> dict:
     threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
     for t in threads:
         t.start()
-    time.sleep(KILL_AFTER_S)
+    # Kill just after a burst of answers, before the next flush writes them: the worst moment.
+    while time.perf_counter() - start < KILL_BY_S:
+        now = time.perf_counter() - start
+        with lock:
+            recent = sum(now - t <= FLUSH_S / 2 for t, _ in answered)
+        if recent >= KILL_AFTER_ANSWERS:
+            break
+        time.sleep(0.02)
     namespace, victim = ingress_replica("on")
     ray.kill(ray.get_actor(victim, namespace=namespace), no_restart=True)  # Serve starts another
     killed_at = time.perf_counter() - start
