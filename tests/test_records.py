@@ -330,3 +330,21 @@ def test_version_2_files_without_id_columns_still_read(tmp_path):
     (row,) = records.read_rows(tmp_path)
     assert list(row) == [f.name for f in records.arrow_schema()]
     assert row == {**old, columns.TURN_PROMPT_IDS: None, columns.TURN_COMPLETION_IDS: None}
+
+
+def test_a_writers_temporary_file_is_never_read_as_data(tmp_path):
+    """A driver killed between writing a part and renaming it leaves ``.part-…tmp….parquet`` behind (and
+    a damaged part is set aside as ``_corrupt-…``): readers, resume and training data skip both."""
+    from nat_ray.rollout.run import done_ids
+    from nat_ray.train.data import trajectory_files
+
+    parts = tmp_path / "trajectories"
+    records.write_rows([make_row(0)], parts / "part-1.parquet")
+    records.write_rows([make_row(1)], parts / ".part-2.tmp77.1.parquet")  # whole, but never renamed
+    records.write_rows([make_row(2)], parts / "_corrupt-part-3.parquet")
+    assert records.part_files(parts) == [parts / "part-1.parquet"]
+    assert [r[columns.TRAJECTORY_ID] for r in records.read_rows(parts)] == [
+        make_row(0)[columns.TRAJECTORY_ID]
+    ]
+    assert done_ids(tmp_path) == {make_row(0)[columns.TRAJECTORY_ID]}
+    assert trajectory_files([str(parts)]) == [str(parts / "part-1.parquet")]

@@ -234,6 +234,14 @@ def write_rows(rows: list[dict], path) -> None:
         pq.write_table(table, tmp)
 
 
+def part_files(folder) -> list:
+    """The whole Parquet files of a folder, sorted: a writer's temporary file is a dot-name (and a set-aside
+    damaged one starts with ``_``), and pathlib's glob matches those too."""
+    from pathlib import Path
+
+    return sorted(f for f in Path(folder).glob("*.parquet") if not f.name.startswith((".", "_")))
+
+
 def read_rows(path) -> list[dict]:
     """All rows of a trajectory Parquet file, or of the ``*.parquet`` files in a folder (first of each id)."""
     from pathlib import Path
@@ -241,12 +249,7 @@ def read_rows(path) -> list[dict]:
     import pyarrow.parquet as pq
 
     path = Path(path)
-    # A writer's temporary file is a dot-name (pathlib's glob matches those too): never read half a file.
-    files = (
-        sorted(f for f in path.glob("*.parquet") if not f.name.startswith((".", "_")))
-        if path.is_dir()
-        else [path]
-    )
+    files = part_files(path) if path.is_dir() else [path]
     names = arrow_schema().names
     seen: set[str] = set()
     rows = []

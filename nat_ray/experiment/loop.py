@@ -130,7 +130,7 @@ def count_rows(paths: list[str]) -> int:
 
     total = 0
     for path in map(Path, paths):
-        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        files = records.part_files(path) if path.is_dir() else [path]
         total += sum(pq.read_metadata(f).num_rows for f in files if f.is_file())
     return total
 

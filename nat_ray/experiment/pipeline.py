@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nat_ray import safe_files
 from nat_ray.config import NatRayConfig, to_dict, with_sections
-from nat_ray.core import nat_data
+from nat_ray.core import nat_data, records
 from nat_ray.core.preference import inference_template, split_run_variant
 from nat_ray.errors import ConfigError
 from nat_ray.evaluation.results_table import format_comparison, is_smoke_test
@@ -33,7 +33,7 @@ def file_hashes(paths: list[str]) -> dict[str, str]:
     """sha256 of every Parquet file under the given files/folders (the data a model was trained on)."""
     hashes = {}
     for path in map(Path, paths):
-        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        files = records.part_files(path) if path.is_dir() else [path]
         for file in files:
             hashes[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
     return hashes

@@ -83,7 +83,7 @@ def done_ids(output_dir: Path) -> set[str]:
     import pyarrow.parquet as pq
 
     ids: set[str] = set()
-    for part in sorted((output_dir / PARTS_DIR).glob("*.parquet")):
+    for part in records.part_files(output_dir / PARTS_DIR):  # a killed writer's temporary file is not done
         try:
             ids.update(pq.read_table(part, columns=[columns.TRAJECTORY_ID]).column(0).to_pylist())
         except Exception as err:  # noqa: BLE001 - any unreadable file: quarantine and regenerate its rows

@@ -68,7 +68,7 @@ def trajectory_files(paths: Sequence[str]) -> list[str]:
                 f"train.data: {raw} does not exist; collect trajectories with `nat-ray rollout` or "
                 "convert NAT's with `nat-ray import-nat`"
             )
-        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        files = records.part_files(path) if path.is_dir() else [path]
         if not files:
             raise DataError(f"train.data: folder {raw} holds no .parquet files")
         for file in files:

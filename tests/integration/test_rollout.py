@@ -58,11 +58,14 @@ def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, embedded_pat
     )
     try:
         deadline = time.time() + 600
-        while time.time() < deadline and not list((out / PARTS_DIR).glob("*.parquet")):
+
+        def written() -> list[Path]:  # whole parts: a writer's temporary file is a dot-name (never read)
+            return [p for p in (out / PARTS_DIR).glob("*.parquet") if not p.name.startswith(".")]
+
+        while time.time() < deadline and not written():
             assert proc.poll() is None, "rollout exited before writing anything"
             time.sleep(1)
-        parts = sorted((out / PARTS_DIR).glob("*.parquet"))
-        assert parts, "no part written within the deadline"
+        assert written(), "no part written within the deadline"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
