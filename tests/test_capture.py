@@ -36,13 +36,17 @@ def _episode(eid: str = "req-1", answer: str | None = "4"):
 
 
 def _row(episode_id: str, gold=None) -> dict:
+    from nat_ray.serve.api import gold_score
+
+    episode = _episode()
     return capture.captured_row(
-        _episode(),
+        episode,
         get_task("gsm8k"),
         question="2 + 2?",
         episode_id=episode_id,
         model="m:round-1",
         gold=gold,
+        score=gold_score("gsm8k", episode.answer, gold),
         started_at="2026-12-07T00:00:00Z",
         config_hash="h",
         tool_versions={"calculate": "1"},

@@ -82,7 +82,7 @@ def test_the_judge_labels_episodes_once_keeps_its_prompts_and_retries(judge_url,
     # Judged once: a second round asks nothing.
     assert judge_episodes(rows, {"gsm8k": spec}, tmp_path) == verdicts and len(ScriptedJudge.calls) == 4
     # Labels: feedback first, then gold, then the judge.
-    labelled, counts = label_traffic(rows, {"ep-2": {"score": 1.0}}, judged=verdicts)
+    labelled, counts = label_traffic(rows, {"ep-2": {"score": 1.0}}, judge=lambda waiting: verdicts)
     assert [r[columns.CORRECT_ROBUST] for r in labelled] == [True, True]
     assert (counts["feedback"], counts["judge"], counts["unlabelled"]) == (1, 1, 1)
 

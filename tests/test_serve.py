@@ -18,7 +18,14 @@ from nat_ray.agent import new_episode
 from nat_ray.config import AgentConfig, ServeConfig
 from nat_ray.core.react import Generation, LocalTools
 from nat_ray.serve.agent_loop import AgentLoop
-from nat_ray.serve.api import AgentRequest, agent_response, episode_for, response_status, validation_error
+from nat_ray.serve.api import (
+    AgentRequest,
+    agent_response,
+    episode_for,
+    gold_score,
+    response_status,
+    validation_error,
+)
 from nat_ray.tasks import get_task
 
 LIMITS = ServeConfig(max_question_chars=20, max_turns_limit=5, max_tokens_limit=64)
@@ -99,7 +106,9 @@ def test_the_answer_carries_both_verdicts_only_with_a_gold():
     body = agent_response(ep, "gsm8k", "m")
     assert "correct" not in body
     assert body["answer"] == "4.0" and body["finished"] and body["usage"]["total_tokens"] == 0
-    assert agent_response(ep, "gsm8k", "m", gold=4)["correct"] == {"paper": False, "robust": True, "f1": None}
+    scored = agent_response(ep, "gsm8k", "m", gold_score("gsm8k", ep.answer, 4))
+    assert scored["correct"] == {"paper": False, "robust": True, "f1": None}
+    assert gold_score("gsm8k", ep.answer, None) is None
 
 
 def test_an_episode_cut_short_by_the_llm_deployment_is_a_503_not_a_wrong_answer():

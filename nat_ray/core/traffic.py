@@ -10,7 +10,7 @@ float in [0, 1] where 1.0 means correct, kept as the row's F1 where the task gra
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from nat_ray.core import nat_data as columns
 from nat_ray.core.records import verdict_class
@@ -39,31 +39,36 @@ def label_traffic(
     rows: Iterable[dict],
     feedback: Mapping[str, Mapping],
     used: set[str] = frozenset(),
-    judged: Mapping[str, Mapping] | None = None,
+    judge: Callable[[list[dict]], Mapping[str, Mapping]] | None = None,
 ) -> tuple[list[dict], dict[str, int]]:
-    """The labelled rows among ``rows`` not in ``used`` (episode ids earlier rounds trained on);
-    ``judged``: the judge's verdicts (``{episode_id: {"score"}}``) for episodes without gold.
+    """The labelled rows among ``rows`` not in ``used`` (episode ids earlier rounds trained on), in
+    their order; ``judge`` is called once with the new rows neither feedback nor gold labels and returns
+    its verdicts (``{episode_id: {"score"}}``).
 
     Returns:
         ``(rows, counts)``; counts: ``episodes`` (all captured), ``earlier`` (used by earlier rounds),
         ``new``, and per label (:data:`LABELS`) how many of the new ones it labelled or left out.
     """
     counts = dict.fromkeys(("episodes", "earlier", "new", *LABELS), 0)
+    rows = list(rows)
+    new = [row for row in rows if row[columns.TRAJECTORY_ID] not in used]
+    counts["episodes"], counts["new"], counts["earlier"] = len(rows), len(new), len(rows) - len(new)
+    waiting = [
+        r
+        for r in new
+        if r[columns.TRAJECTORY_ID] not in feedback and r[columns.NAT_CLASS] == columns.UNLABELLED
+    ]
+    judged = judge(waiting) if judge is not None and waiting else {}
     labelled = []
-    for row in rows:
-        counts["episodes"] += 1
+    for row in new:
         episode_id = row[columns.TRAJECTORY_ID]
-        if episode_id in used:
-            counts["earlier"] += 1
-            continue
-        counts["new"] += 1
         if episode_id in feedback:
             labelled.append(with_feedback(row, feedback[episode_id]))
             counts["feedback"] += 1
         elif row[columns.NAT_CLASS] != columns.UNLABELLED:
             labelled.append(row)
             counts["gold"] += 1
-        elif judged and episode_id in judged:
+        elif episode_id in judged:
             labelled.append(with_feedback(row, {"score": judged[episode_id]["score"]}))
             counts["judge"] += 1
         else:

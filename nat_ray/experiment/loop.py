@@ -413,15 +413,12 @@ class _Loop:
             part = self.run_dir / ROUNDS_DIR / str(k) / TRAFFIC_FILE
             if part.is_file():
                 used.update(pq.read_table(part, columns=[columns.TRAJECTORY_ID]).column(0).to_pylist())
-        captured, feedback = read_captured(folder), read_feedback(folder)
-        waiting = [
-            r
-            for r in captured
-            if r[columns.TRAJECTORY_ID] not in used | feedback.keys()
-            and r[columns.NAT_CLASS] == columns.UNLABELLED
-        ]
-        judged = judge_episodes(waiting, task_judges(waiting), folder) if waiting else {}
-        rows, counts = traffic.label_traffic(captured, feedback, used, judged)
+        rows, counts = traffic.label_traffic(
+            read_captured(folder),
+            read_feedback(folder),
+            used,
+            judge=lambda waiting: judge_episodes(waiting, task_judges(waiting), folder),
+        )
         log.info("round %d, traffic from %s: %s", rnd.r, folder, traffic.describe(counts))
         if not rows:
             if self.loop.traffic_only and not (rnd.r == 0 and self.loop.round0 != "base"):

@@ -18,6 +18,7 @@ from nat_ray.agent import new_episode, sampling_from
 from nat_ray.config import AgentConfig, ServeConfig
 from nat_ray.core.react import GENERATION_ERROR, Episode
 from nat_ray.core.records import episode_drift
+from nat_ray.core.scoring import Score
 from nat_ray.errors import DataError
 from nat_ray.tasks import registered_task
 from nat_ray.tasks.loaders import normalize_gold
@@ -240,11 +241,25 @@ def response_status(ep: Episode) -> int:
     return 503 if ep.failure_reason == GENERATION_ERROR else 200
 
 
+def gold_score(task: str, answer: str | None, gold: Any) -> Score | None:
+    """The task's verdict on ``answer`` against a request's ``gold`` (paper and robust rules, F1); None
+    without a gold. Computed once per answer: the response, the canary and the capture all read it."""
+    if gold is None:
+        return None
+    return registered_task(task).score(answer, gold if isinstance(gold, str | bool) else str(gold))
+
+
 def agent_response(
-    ep: Episode, task: str, model: str, gold: Any = None, tokenizer=None, episode_id: str | None = None
+    ep: Episode,
+    task: str,
+    model: str,
+    score: Score | None = None,
+    tokenizer=None,
+    episode_id: str | None = None,
 ) -> dict:
-    """JSON body of a finished episode; ``correct`` (paper and robust rules) only when ``gold`` is given;
-    ``token_drift`` (:func:`nat_ray.core.records.episode_drift`) when a ``tokenizer`` is given.
+    """JSON body of a finished episode; ``correct`` (paper and robust rules) only with a ``score``
+    (:func:`gold_score`); ``token_drift`` (:func:`nat_ray.core.records.episode_drift`) when a
+    ``tokenizer`` is given.
 
     ``id`` names the request (the sampling seeds derive from it, so two users asking the same question
     share it); ``episode_id`` names this one answer (:mod:`nat_ray.core.episode_ids`), for feedback."""
@@ -270,8 +285,7 @@ def agent_response(
     if ids is not None:  # per agent turn: the ids the engine read and the ids it sampled
         body["turn_prompt_ids"], body["turn_completion_ids"] = ids
         body["token_drift"] = episode_drift(ep, tokenizer)
-    if gold is not None:
-        score = registered_task(task).score(ep.answer, gold if isinstance(gold, str | bool) else str(gold))
+    if score is not None:
         body["correct"] = {"paper": score.correct_paper, "robust": score.correct_robust, "f1": score.f1}
     return body
 

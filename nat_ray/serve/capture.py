@@ -6,8 +6,9 @@ The capture folder holds
   ids per turn included), written whole or not at all; a replica keeps rows in memory and writes a part
   every ``serve.capture_flush_rows`` rows or ``serve.capture_flush_s`` seconds.
 - ``journal/<replica>.ids``: the ids a replica answered but has not written yet, appended before the
-  response leaves. A replica killed between two flushes leaves its journal behind; the next replica to
-  start moves it to ``lost/`` and logs how many episodes were lost, so loss is counted, never silent.
+  response leaves. A replica killed between two flushes leaves its journal behind; once it has gone
+  stale, the replica running then (or the next to start) moves it to ``lost/`` and logs how many
+  episodes were lost, so loss is counted, never silent.
 - ``feedback/<replica>.jsonl``: ``POST /v1/feedback``'s scores, append-only; the last one per id wins.
 - ``secret``: the key of the episode ids' HMAC (:mod:`nat_ray.core.episode_ids`), made by the first
   replica, read by the others and by the next server on the same folder (so feedback survives restarts).
@@ -54,6 +55,7 @@ def captured_row(
     episode_id: str,
     model: str,
     gold,
+    score: Score | None,
     started_at: str,
     config_hash: str,
     tool_versions: dict[str, str],
@@ -62,13 +64,10 @@ def captured_row(
     """The trajectory row of a served episode (:class:`nat_ray.core.react.Episode` of ``task``).
 
     Named by its ``episode_id``; its question by the request's id (``question_id``: the same question
-    asked twice shares it). Scored when the request carried ``gold``; otherwise ``nat_class`` is
+    asked twice shares it). ``score`` is the verdict on the request's ``gold``
+    (:func:`nat_ray.serve.api.gold_score`, made once for the response); without one ``nat_class`` is
     :data:`UNLABELLED` and the correctness columns are false until feedback or a judge labels it.
     """
-    if gold is None:
-        score = Score(correct_paper=False, correct_robust=False)
-    else:
-        score = task.score(episode.answer, gold if isinstance(gold, str | bool) else str(gold))
     row = records.episode_row(
         episode,
         tokenizer,
@@ -77,7 +76,7 @@ def captured_row(
         question_id=episode.id,
         question=question,
         gold="" if gold is None else gold,
-        score=score,
+        score=Score(correct_paper=False, correct_robust=False) if score is None else score,
         temperature=episode.sampling.temperature,
         sample_index=0,
         seed=episode.sampling.seed or 0,
@@ -88,7 +87,7 @@ def captured_row(
         **task.lineage(tool_versions),
     )
     row[columns.TRAJECTORY_ID] = episode_id
-    if gold is None:
+    if score is None:
         row[columns.NAT_CLASS] = UNLABELLED
     return row
 
@@ -282,17 +281,19 @@ class CaptureWriter:
             with self._lock:
                 rows, self._rows = self._rows, []
                 self._last_flush = self._clock()
-            if rows:
-                name = f"part-{self.replica}-{self._parts + 1:06d}.parquet"
-                try:
-                    records.write_rows(rows, self.folder / EPISODES_DIR / name)
-                except Exception:
-                    with self._lock:
-                        self._rows[:0] = rows
-                    log.exception("capture: writing %d episode(s) failed; kept for the next flush", len(rows))
-                    return 0
-                self._parts += 1
-                self.written += len(rows)
+            if not rows:  # the journal holds only ids added since: nothing to rewrite, it is alive
+                os.utime(self.journal_path)
+                return 0
+            name = f"part-{self.replica}-{self._parts + 1:06d}.parquet"
+            try:
+                records.write_rows(rows, self.folder / EPISODES_DIR / name)
+            except Exception:
+                with self._lock:
+                    self._rows[:0] = rows
+                log.exception("capture: writing %d episode(s) failed; kept for the next flush", len(rows))
+                return 0
+            self._parts += 1
+            self.written += len(rows)
             with self._lock:
                 self._rewrite_journal([r[columns.TRAJECTORY_ID] for r in self._rows])
         return len(rows)

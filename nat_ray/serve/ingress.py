@@ -75,6 +75,7 @@ from nat_ray.serve.api import (
     agent_response,
     episode_for,
     error_body,
+    gold_score,
     llm_error,
     response_status,
     validation_error,
@@ -346,9 +347,10 @@ class AgentIngress:
         except ValidationError as err:
             status, body = validation_error(err)
             return JSONResponse(body, status_code=status)
-        model = req.model or self._routed()
         try:
-            ref = self._model_ref(model)  # before anything is loaded: a plain name, an adapter that exists
+            model, ref = self._pick(
+                req.model
+            )  # before anything is loaded: a plain name, an adapter that exists
             episode = episode_for(await asyncio.to_thread(self._agent_settings, ref), req)
         except ModelProblem as err:
             return JSONResponse(error_body(err.status, str(err), "model"), status_code=err.status)
@@ -373,7 +375,8 @@ class AgentIngress:
             )
             return JSONResponse(error_body(504, message, None), status_code=504)
         episode_id = episode_ids.issue(self.id_secret)
-        body = agent_response(episode, req.task, model, req.gold, self.tokenizer, episode_id)
+        score = gold_score(req.task, episode.answer, req.gold)
+        body = agent_response(episode, req.task, model, score, self.tokenizer, episode_id)
         if body.get("token_drift"):
             log.warning(
                 "/v1/agent %s: %d turn(s) drifted: the next prompt did not continue with the ids sampled",
@@ -385,27 +388,35 @@ class AgentIngress:
             body.update(error_body(status, f"the LLM deployment failed: {body['error']}", None))
         else:
             if req.model is None:  # routed traffic: what the canary's report counts
-                self.canary.answered(
-                    episode_id, model, body["correct"]["robust"] if "correct" in body else None
-                )
+                self.canary.answered(episode_id, model, None if score is None else score.correct_robust)
             if self.capture is not None:  # journalled before the answer leaves (a kill after is counted)
-                await asyncio.to_thread(self._capture, episode, req, model, episode_id, body, started_at)
+                await asyncio.to_thread(
+                    self._capture, episode, req, model, episode_id, body, score, started_at
+                )
         return JSONResponse(body, status_code=status)
 
-    def _routed(self) -> str:
-        """The model a request naming none runs on; a canary whose adapter has gone falls back."""
+    def _pick(self, named: str | None) -> tuple[str, ModelRef]:
+        """The model a request runs on and its reference: the one it names, else the router's pick (a
+        canary whose adapter has gone falls back to the incumbent).
+
+        Raises:
+            ModelProblem: the named model (or the incumbent) is not served.
+        """
+        if named is not None:
+            return named, self._model_ref(named)
         model = self.canary.route()
         if model != self.canary.incumbent:
             try:
-                self._model_ref(model)
+                return model, self._model_ref(model)
             except ModelProblem as err:
                 log.warning(
                     "canary %s is not served (%s): the request goes to %s", model, err, self.canary.incumbent
                 )
-                return self.canary.incumbent
-        return model
+        return self.canary.incumbent, self._model_ref(self.canary.incumbent)
 
-    def _capture(self, episode, req: AgentRequest, model: str, episode_id: str, body: dict, started_at: str):
+    def _capture(
+        self, episode, req: AgentRequest, model: str, episode_id: str, body: dict, score, started_at: str
+    ):
         task = registered_task(req.task)
         if not task.capture:  # the task file says its questions stay off disk
             return
@@ -416,6 +427,7 @@ class AgentIngress:
             episode_id=episode_id,
             model=model,
             gold=req.gold,
+            score=score,
             started_at=started_at,
             config_hash=self.capture_hash,
             tool_versions=self.tool_versions,

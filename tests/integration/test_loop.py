@@ -61,6 +61,7 @@ def served_traffic(folder: Path) -> list[str]:
     from nat_ray.config import AgentConfig
     from nat_ray.core import episode_ids, records
     from nat_ray.core.react import Step
+    from nat_ray.serve.api import gold_score
     from nat_ray.serve.capture import CaptureWriter, FeedbackLog, capture_secret, captured_row
     from nat_ray.tasks import get_task
 
@@ -80,6 +81,7 @@ def served_traffic(folder: Path) -> list[str]:
             episode_id=ids[-1],
             model="served",
             gold=gold,
+            score=gold_score("strategyqa", episode.answer, gold),
             started_at=records.now_iso(),
             config_hash="served",
             tool_versions={},
