@@ -22,6 +22,33 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def s3_bucket():
+    """``s3://nat-ray-test`` on a real S3-compatible server started for the session (moto's server mode);
+    this process's ``AWS_*`` environment points at it while the session lasts."""
+    saved = {k: os.environ.get(k) for k in (*helpers.S3_ENV, "AWS_ENDPOINT_URL")}
+    with helpers.s3_server("nat-ray-test") as env:
+        os.environ.update(env)
+        try:
+            yield "s3://nat-ray-test"
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture(params=["folder", "s3"])
+def location(request, tmp_path) -> str:
+    """A fresh storage location: a folder here, then a prefix in the session's S3 bucket."""
+    if request.param == "folder":
+        return str(tmp_path)
+    import uuid
+
+    return f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
 def embedded_path() -> str:
     from nat_ray.models import ensure_embedded
 

@@ -159,3 +159,46 @@ def kill_processes_under(temp_dir: str) -> list[str]:
     left = [f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}" for p in processes_under(temp_dir)]
     shutil.rmtree(temp_dir, ignore_errors=True)
     return left
+
+
+S3_ENV = {  # what the S3 client of a test process and of its Ray replicas reads
+    "AWS_ACCESS_KEY_ID": "nat-ray-test",
+    "AWS_SECRET_ACCESS_KEY": "nat-ray-test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str) -> Iterator[dict[str, str]]:
+    """A real S3-compatible server (moto's server mode, a child process) on a free loopback port with
+    ``bucket`` made; yields the ``AWS_*`` environment that reaches it (not set here: the caller sets it)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto's S3 server did not start on port {port}")
+            time.sleep(0.1)
+        code = (
+            "import pyarrow.fs as f; "
+            f"f.FileSystem.from_uri('s3://{bucket}?allow_bucket_creation=true')[0].create_dir('{bucket}')"
+        )
+        subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, check=True, timeout=60)
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -20,6 +20,7 @@ from nat_ray.config import AgentConfig
 from nat_ray.core import episode_ids
 from nat_ray.core import nat_data as columns
 from nat_ray.core.react import Step
+from nat_ray.core.storage import Store
 from nat_ray.errors import ConfigError, DataError
 from nat_ray.serve import capture
 from nat_ray.serve.api import FeedbackRequest, validation_error
@@ -76,14 +77,20 @@ def test_a_captured_row_is_named_by_its_episode_id_and_unlabelled_without_gold()
     assert not _row("ep-c", gold=5)[columns.CORRECT_ROBUST]
 
 
-def test_parts_are_written_every_n_rows_or_s_seconds_and_half_written_ones_are_never_read(tmp_path):
+def _journalled(location: str, replica: str) -> list[str]:
+    """The episode ids in ``replica``'s journal now (its heartbeat left out)."""
+    names = Store(location).files(f"{capture.JOURNAL_DIR}/{replica}", recursive=True)
+    return sorted(n.rsplit("/", 1)[-1] for n in names if not n.endswith("/" + capture.ALIVE))
+
+
+def test_parts_are_written_every_n_rows_or_s_seconds_and_half_written_ones_are_never_read(location):
     now = [0.0]
-    writer = capture.CaptureWriter(tmp_path, flush_rows=2, flush_s=10, replica="r1", clock=lambda: now[0])
+    writer = capture.CaptureWriter(location, flush_rows=2, flush_s=10, replica="r1", clock=lambda: now[0])
     writer.add(_row("ep-1"))
-    assert writer.pending == 1 and capture.read_captured(tmp_path) == []
-    assert writer.journal_path.read_text() == "ep-1\n"  # journalled before it is written
+    assert writer.pending == 1 and capture.read_captured(location) == []
+    assert _journalled(location, "r1") == ["ep-1"]  # journalled before it is written
     writer.add(_row("ep-2"))  # the second row fills the part
-    assert writer.pending == 0 and writer.written == 2 and writer.journal_path.read_text() == ""
+    assert writer.pending == 0 and writer.written == 2 and _journalled(location, "r1") == []
     writer.add(_row("ep-3"))
     now[0] = 9.0
     writer.tick()  # too early: only marks the journal alive
@@ -92,12 +99,33 @@ def test_parts_are_written_every_n_rows_or_s_seconds_and_half_written_ones_are_n
     writer.tick()
     assert writer.pending == 0
     # A writer's temporary file beside the parts (a replica killed mid-write) is skipped.
-    (tmp_path / capture.EPISODES_DIR / ".part-r1-000003.tmp1.2.parquet").write_bytes(b"PAR1 half")
-    assert [r[columns.TRAJECTORY_ID] for r in capture.read_captured(tmp_path)] == ["ep-1", "ep-2", "ep-3"]
+    Store(location).write_bytes(f"{capture.EPISODES_DIR}/.part-r1-000003.tmp1.2.parquet", b"PAR1 half")
+    assert [r[columns.TRAJECTORY_ID] for r in capture.read_captured(location)] == ["ep-1", "ep-2", "ep-3"]
     writer.add(_row("ep-4"))
     writer.close()  # a graceful stop writes what it kept and leaves no journal
-    assert len(capture.read_captured(tmp_path)) == 4 and not writer.journal_path.exists()
-    assert capture.recover_lost(tmp_path, stale_s=0) == 0
+    assert len(capture.read_captured(location)) == 4
+    assert Store(location).files(capture.JOURNAL_DIR, recursive=True) == []
+    assert capture.recover_lost(location, stale_s=0) == 0
+
+
+def test_a_marker_written_while_a_flush_takes_its_segment_is_written_again(tmp_path, monkeypatch):
+    writer = capture.CaptureWriter(tmp_path, flush_rows=10, flush_s=60, replica="r1")
+    writer.add(_row("ep-1"))
+    real_touch = writer.store.touch
+
+    def touch_then_flush(rel: str) -> None:  # a flush lands between the marker's write and its row
+        real_touch(rel)
+        if rel.endswith("/ep-2") and writer._segment == 1:
+            writer.flush()
+
+    monkeypatch.setattr(writer.store, "touch", touch_then_flush)
+    writer.flush()  # segment 0 -> 1
+    writer.add(_row("ep-2"))
+    markers = Store(tmp_path).files(f"{capture.JOURNAL_DIR}/r1", recursive=True)
+    assert writer.pending == 1 and f"{capture.JOURNAL_DIR}/r1/000002/ep-2" in markers  # in the new segment
+    writer.close()  # the stray one in segment 1 goes with it
+    assert Store(tmp_path).files(capture.JOURNAL_DIR, recursive=True) == []
+    assert len(capture.read_captured(tmp_path)) == 2 and capture.recover_lost(tmp_path, stale_s=0) == 0
 
 
 def test_rows_survive_a_failed_write_and_go_out_with_the_next_flush(tmp_path, monkeypatch):
@@ -105,15 +133,15 @@ def test_rows_survive_a_failed_write_and_go_out_with_the_next_flush(tmp_path, mo
     writer.add(_row("ep-1"))
     real = capture.records.write_rows
 
-    def full_disk(rows, path):
+    def full_disk(rows, path, store=None):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(capture.records, "write_rows", full_disk)
     assert writer.flush() == 0 and writer.pending == 1
-    assert writer.journal_path.read_text() == "ep-1\n"
+    assert _journalled(str(tmp_path), "r1") == ["ep-1"]
     monkeypatch.setattr(capture.records, "write_rows", real)
     writer.add(_row("ep-2"))
-    assert writer.flush() == 2
+    assert writer.flush() == 2 and _journalled(str(tmp_path), "r1") == []
     assert [r[columns.TRAJECTORY_ID] for r in capture.read_captured(tmp_path)] == ["ep-1", "ep-2"]
 
 
@@ -132,9 +160,9 @@ KILLED_REPLICA = textwrap.dedent(
 )
 
 
-def test_a_killed_replica_s_unwritten_episodes_are_counted_by_the_next_one(tmp_path, caplog):
+def test_a_killed_replica_s_unwritten_episodes_are_counted_by_the_next_one(location, caplog):
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILLED_REPLICA, str(tmp_path), os.path.dirname(__file__)],
+        [sys.executable, "-c", KILLED_REPLICA, location, os.path.dirname(__file__)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -143,36 +171,47 @@ def test_a_killed_replica_s_unwritten_episodes_are_counted_by_the_next_one(tmp_p
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    assert len(capture.read_captured(tmp_path)) == 4
+    assert len(capture.read_captured(location)) == 4
     # A live replica's journal (touched within stale_s) is left alone.
-    assert capture.recover_lost(tmp_path, stale_s=3600) == 0
+    assert capture.recover_lost(location, stale_s=3600) == 0
     with caplog.at_level(logging.WARNING, logger="nat_ray.serve.capture"):
-        assert capture.recover_lost(tmp_path, stale_s=0) == 1
+        assert capture.recover_lost(location, stale_s=0) == 1
     assert "1 episode(s) answered by replica doomed were lost" in caplog.text
-    assert (tmp_path / capture.LOST_DIR / "doomed.ids").read_text() == "ep-4\n"  # the ids are kept
-    assert capture.recover_lost(tmp_path, stale_s=0) == 0  # counted once
+    assert Store(location).files(f"{capture.LOST_DIR}/doomed") == [f"{capture.LOST_DIR}/doomed/ep-4"]
+    assert capture.recover_lost(location, stale_s=0) == 0  # counted once
 
 
-def test_the_secret_is_made_once_and_shared_and_a_damaged_one_is_named(tmp_path):
-    first = capture.capture_secret(tmp_path / "cap")
-    assert capture.capture_secret(tmp_path / "cap") == first and len(first) == episode_ids.SECRET_BYTES
-    assert oct((tmp_path / "cap" / capture.SECRET_FILE).stat().st_mode & 0o777) == "0o600"
-    (tmp_path / "cap" / capture.SECRET_FILE).write_text("not hex")
+def test_an_older_server_s_journal_file_is_counted_too(tmp_path):
+    (tmp_path / capture.JOURNAL_DIR).mkdir()
+    (tmp_path / capture.JOURNAL_DIR / "old.ids").write_text("ep-1\nep-2\n")
+    assert capture.recover_lost(tmp_path, stale_s=3600) == 0
+    assert capture.recover_lost(tmp_path, stale_s=0) == 2
+    assert (tmp_path / capture.LOST_DIR / "old.ids").is_file()
+    assert capture.recover_lost(tmp_path, stale_s=0) == 0
+
+
+def test_the_secret_is_made_once_and_shared_and_a_damaged_one_is_named(location):
+    first = capture.capture_secret(f"{location}/cap")
+    assert capture.capture_secret(f"{location}/cap") == first and len(first) == episode_ids.SECRET_BYTES
+    store = Store(f"{location}/cap")
+    if not store.remote:
+        assert oct(os.stat(store.path(capture.SECRET_FILE)).st_mode & 0o777) == "0o600"
+    store.write_text(capture.SECRET_FILE, "not hex")
     with pytest.raises(DataError, match="is damaged"):
-        capture.capture_secret(tmp_path / "cap")
+        capture.capture_secret(f"{location}/cap")
 
 
-def test_feedback_keeps_the_last_score_per_episode_across_replicas_and_skips_torn_lines(tmp_path, caplog):
-    a, b = capture.FeedbackLog(tmp_path, "a"), capture.FeedbackLog(tmp_path, "b")
+def test_feedback_keeps_the_last_score_per_episode_across_replicas_and_skips_torn_lines(location, caplog):
+    a, b = capture.FeedbackLog(location, "a"), capture.FeedbackLog(location, "b")
     a.record("ep-1", 0.2)
     b.record("ep-2", 1, answer="42")
     b.record("ep-1", 0.9, answer="7")
-    with open(a.path, "a") as out:
-        out.write('{"episode_id": "ep-3", "sco')  # a replica killed mid-line
+    # An older server's append-only log, with a line torn by a kill.
+    Store(location).write_text(f"{capture.FEEDBACK_DIR}/old.jsonl", '{"episode_id": "ep-3", "sco')
     with caplog.at_level(logging.WARNING, logger="nat_ray.serve.capture"):
-        got = capture.read_feedback(tmp_path)
+        got = capture.read_feedback(location)
     assert {k: (v["score"], v["answer"]) for k, v in got.items()} == {"ep-1": (0.9, "7"), "ep-2": (1.0, "42")}
-    assert "1 line(s)" in caplog.text
+    assert "1 entr(ies)" in caplog.text
     for bad in (1.5, -0.1, float("nan"), True, "1"):
         with pytest.raises(ValueError):
             a.record("ep-1", bad)
@@ -275,10 +314,12 @@ def test_traffic_is_labelled_by_feedback_then_gold_and_the_rest_is_counted_and_l
 
 def test_the_ticker_counts_a_dead_replica_s_journal_once_it_goes_stale(tmp_path):
     writer = capture.CaptureWriter(tmp_path, flush_rows=10, flush_s=0.001, replica="alive")
-    dead = tmp_path / capture.JOURNAL_DIR / "dead.ids"
-    dead.write_text("ep-1\nep-2\n")
+    dead = capture.CaptureWriter(tmp_path, flush_rows=10, flush_s=60, replica="dead")
+    dead.add(_row("ep-1"))
+    dead.add(_row("ep-2"))
     old = time.time() - 3600
-    os.utime(dead, (old, old))  # a journal nobody touched for an hour
+    for path in (tmp_path / capture.JOURNAL_DIR / "dead").rglob("*"):
+        os.utime(path, (old, old))  # a journal nobody touched for an hour
     ticker = capture.Ticker(writer, interval_s=0.02, recover_s=0.05)
     try:
         deadline = time.monotonic() + 20
@@ -286,5 +327,5 @@ def test_the_ticker_counts_a_dead_replica_s_journal_once_it_goes_stale(tmp_path)
             time.sleep(0.05)
     finally:
         ticker.stop()
-    assert ticker.lost == 2 and (tmp_path / capture.LOST_DIR / "dead.ids").is_file()
-    assert writer.journal_path.is_file()  # its own journal, touched every tick, is alive
+    assert ticker.lost == 2 and len(Store(tmp_path).files(f"{capture.LOST_DIR}/dead")) == 2
+    assert (tmp_path / capture.JOURNAL_DIR / "alive" / capture.ALIVE).is_file()  # touched every tick

@@ -14,7 +14,7 @@ from test_capture import _row
 from nat_ray.core import nat_data as columns
 from nat_ray.core.traffic import label_traffic
 from nat_ray.errors import ConfigError
-from nat_ray.experiment.judge import JUDGED_FILE, judge_episodes, parse_score, read_judged
+from nat_ray.experiment.judge import judge_episodes, parse_score, read_judged
 from nat_ray.tasks.served import JudgeSpec
 from nat_ray.tasks.task_file import load_task_file
 
@@ -90,7 +90,7 @@ def test_the_judge_labels_episodes_once_keeps_its_prompts_and_retries(judge_url,
 def test_a_judge_that_cannot_be_reached_labels_nothing_and_keeps_nothing(tmp_path):
     spec = JudgeSpec(endpoint=f"http://127.0.0.1:{free_port()}/v1", model="t", rubric="r")
     assert judge_episodes([_answered("ep-1", "4")], {"gsm8k": spec}, tmp_path) == {}
-    assert not (tmp_path / JUDGED_FILE).exists()  # a later round asks again
+    assert read_judged(tmp_path) == {}  # a later round asks again
     assert judge_episodes([_answered("ep-1", "4")], {"svamp": spec}, tmp_path) == {}  # no judge for gsm8k
 
 

@@ -488,7 +488,7 @@ def test_a_traffic_round_takes_only_what_earlier_rounds_did_not_and_traffic_only
     from test_capture import _row
 
     from nat_ray.errors import DataError
-    from nat_ray.experiment.loop import TRAFFIC_FILE, _Loop, _Round
+    from nat_ray.experiment.loop import TRAFFIC_FILE, _Loop, _Round, check_loop_config
     from nat_ray.serve.capture import CaptureWriter, FeedbackLog
 
     with pytest.raises(ConfigError, match="traffic_only needs loop.traffic_dir"):
@@ -504,6 +504,9 @@ def test_a_traffic_round_takes_only_what_earlier_rounds_did_not_and_traffic_only
         "train.mode=lora",
     ]
     cfg = load_config(NatRayConfig, None, overrides)
+    check_loop_config(cfg)  # a capture location
+    with pytest.raises(ConfigError, match="is not a capture location"):
+        check_loop_config(load_config(NatRayConfig, None, [*overrides, f"loop.traffic_dir={tmp_path}/none"]))
     loop = _Loop(cfg, tracker=None)
     with pytest.raises(DataError, match=r"round 0: no new labelled episode .* 1 unlabelled \(left out\)"):
         loop.traffic(_Round(0, loop.run_dir / "rounds" / "0", {}))

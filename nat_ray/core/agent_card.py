@@ -85,13 +85,26 @@ def read_card(model: str | None) -> AgentCard | None:
     if path is None:
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        text = path.read_text()
+    except OSError as err:
         raise ConfigError(f"{path}: not a readable agent card ({err}); delete it or fix it") from err
+    return parse_card(text, path)
+
+
+def parse_card(text: str, where) -> AgentCard:
+    """The card a ``agent_card.json``'s text holds (``where`` names it in errors).
+
+    Raises:
+        ConfigError: bad JSON, missing or unknown keys.
+    """
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise ConfigError(f"{where}: not a readable agent card ({err}); delete it or fix it") from err
     names = {f.name for f in fields(AgentCard)}
     if not isinstance(data, dict) or set(data) - names or {f for f in names if f != "version"} - set(data):
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ConfigError(f"{path}: an agent card needs the keys {sorted(names)}, got {keys}")
+        raise ConfigError(f"{where}: an agent card needs the keys {sorted(names)}, got {keys}")
     return AgentCard(**data)
 
 

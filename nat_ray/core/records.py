@@ -223,13 +223,21 @@ def arrow_schema():
     )
 
 
-def write_rows(rows: list[dict], path) -> None:
+def write_rows(rows: list[dict], path, store=None) -> None:
     """Write rows as one Parquet file with the trajectory schema, whole or not at all (its temporary
-    file is a dot-name, which readers skip, so a half-written file is never mistaken for data)."""
+    file is a dot-name, which readers skip, so a half-written file is never mistaken for data).
+
+    With ``store`` (:class:`nat_ray.core.storage.Store`), ``path`` is a name inside it (a bucket too).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=arrow_schema())
+    if store is not None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        store.write_bytes(str(path), sink.getvalue().to_pybytes())
+        return
     with safe_files.staged_file(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -242,19 +250,30 @@ def part_files(folder) -> list:
     return sorted(f for f in Path(folder).glob("*.parquet") if not f.name.startswith((".", "_")))
 
 
-def read_rows(path) -> list[dict]:
-    """All rows of a trajectory Parquet file, or of the ``*.parquet`` files in a folder (first of each id)."""
+def read_rows(path, store=None) -> list[dict]:
+    """All rows of a trajectory Parquet file, or of the ``*.parquet`` files in a folder (first of each id).
+
+    With ``store`` (:class:`nat_ray.core.storage.Store`), ``path`` is a name inside it.
+    """
     from pathlib import Path
 
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    files = part_files(path) if path.is_dir() else [path]
+    if store is not None:
+        rel = str(path)
+        if store.is_file(rel):
+            names = [rel]
+        else:
+            names = [n for n in store.files(rel, ".parquet") if not n.rsplit("/", 1)[-1].startswith("_")]
+        tables = (pq.read_table(store.open_input(name)) for name in names)
+    else:
+        path = Path(path)
+        tables = (pq.read_table(file) for file in (part_files(path) if path.is_dir() else [path]))
     names = arrow_schema().names
     seen: set[str] = set()
     rows = []
-    for file in files:
-        for row in pq.read_table(file).to_pylist():
+    for table in tables:
+        for row in table.to_pylist():
             if row[columns.TRAJECTORY_ID] not in seen:
                 seen.add(row[columns.TRAJECTORY_ID])
                 # Older schema versions lack the newer columns: every row gets every column.

@@ -4,8 +4,9 @@ A task file's ``judge:`` names the endpoint (the served base model itself, or an
 the rubric and the score scale (:class:`nat_ray.tasks.task_file.JudgeSpec`). A traffic round asks it
 about the captured episodes that neither feedback nor a gold answer labels: the calls run a few at a
 time, each retried on connection errors and 429/5xx, and every verdict -- the prompt, the reply, the
-score -- is appended to ``<traffic_dir>/judged.jsonl``, which is read first, so an episode is judged
-once however many rounds or re-runs see it. A reply without a readable score labels nothing; a call
+score -- is written to ``<traffic_dir>/judged/<episode id>.json`` (an object per episode: the capture
+location may be a bucket, which has no append; an older ``judged.jsonl`` is read too), which is read
+first, so an episode is judged once however many rounds or re-runs see it. A reply without a readable score labels nothing; a call
 that fails after its retries is not kept, so a later round asks again.
 """
 
@@ -21,14 +22,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nat_ray.core import nat_data as columns
+from nat_ray.core.storage import Store
 from nat_ray.errors import ConfigError
 from nat_ray.http import retrying_session
+from nat_ray.serve.capture import file_name
 from nat_ray.tasks import registered_task
 from nat_ray.tasks.task_file import load_task_file
 
 log = logging.getLogger(__name__)
 
-JUDGED_FILE = "judged.jsonl"
+JUDGED_DIR = "judged"
+JUDGED_FILE = "judged.jsonl"  # where an older loop appended its verdicts
 CONCURRENT_CALLS = 8
 RETRIES = 3
 BACKOFF_S = 0.5
@@ -82,11 +86,14 @@ def task_judges(rows: Iterable[Mapping]) -> dict[str, object]:
 
 
 def read_judged(folder: str | Path) -> dict[str, dict]:
-    """``{episode_id: verdict}`` of ``<folder>/judged.jsonl`` (the last verdict per id; torn lines skipped)."""
-    path = Path(folder) / JUDGED_FILE
+    """``{episode_id: verdict}`` kept under ``folder`` (the last verdict per id; torn lines skipped)."""
+    store = Store(folder)
+    names = ([JUDGED_FILE] if store.is_file(JUDGED_FILE) else []) + store.files(JUDGED_DIR, ".json")
+    with ThreadPoolExecutor(CONCURRENT_CALLS if store.remote else 1) as pool:
+        texts = list(pool.map(store.read_text, names))
     verdicts: dict[str, dict] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+    for text in texts:
+        for line in text.splitlines():
             try:
                 entry = json.loads(line)
                 verdicts[str(entry["episode_id"])] = entry
@@ -106,15 +113,16 @@ def judge_episodes(
         log.info("judging %d captured episode(s) without gold or feedback", len(todo))
         lock = threading.Lock()
         session = retrying_session(RETRIES, BACKOFF_S, pool_size=CONCURRENT_CALLS)
-        path = Path(folder) / JUDGED_FILE
+        store = Store(folder)
 
         def one(row: Mapping) -> None:
             spec = judges[row[columns.TASK]]
             verdict = ask(session, spec, row)
             if "error" in verdict:  # not kept: a later round asks again
                 return
-            with lock, open(path, "a", encoding="utf-8") as out:
-                out.write(json.dumps(verdict) + "\n")
+            name = f"{JUDGED_DIR}/{file_name(verdict['episode_id'])}.json"
+            store.write_text(name, json.dumps(verdict) + "\n")
+            with lock:
                 cached[verdict["episode_id"]] = verdict
 
         with ThreadPoolExecutor(CONCURRENT_CALLS) as pool:

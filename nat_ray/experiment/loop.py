@@ -41,7 +41,7 @@ from nat_ray.models import resolve_model
 from nat_ray.paths import PARTS_DIR
 from nat_ray.rollout.engine_pool import rollout_with_pool, start_pool
 from nat_ray.serve.adapters import publish_adapter
-from nat_ray.serve.capture import EPISODES_DIR, read_captured, read_feedback
+from nat_ray.serve.capture import has_captured, read_captured, read_feedback
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +262,9 @@ def check_loop_config(cfg: NatRayConfig) -> None:
             f"loop.round0={cfg.loop.round0!r} is neither 'base' nor an existing Parquet file or folder"
         )
     traffic_dir = cfg.loop.traffic_dir
-    if traffic_dir is not None and not (Path(traffic_dir) / EPISODES_DIR).is_dir():
+    if traffic_dir is not None and not has_captured(traffic_dir):
         raise ConfigError(
-            f"loop.traffic_dir={traffic_dir!r} holds no captured episodes (give a server's serve.capture_dir; "
+            f"loop.traffic_dir={traffic_dir!r} is not a capture location (give a server's serve.capture_dir; "
             "the server needs serve.capture: true)"
         )
     if cfg.loop.continue_adapter and cfg.loop.rounds * cfg.train.lora_rank > cfg.engine.max_lora_rank:
@@ -407,7 +407,7 @@ class _Loop:
         neither labels go to their task's judge, when it names one."""
         import pyarrow.parquet as pq
 
-        folder = Path(self.loop.traffic_dir)
+        folder = self.loop.traffic_dir
         used: set[str] = set()
         for k in range(rnd.r):
             part = self.run_dir / ROUNDS_DIR / str(k) / TRAFFIC_FILE

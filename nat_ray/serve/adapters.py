@@ -1,12 +1,14 @@
 """Which adapter a request's ``model`` names, and whether it may be loaded: the rules, without Ray.
 
-With ``serve.lora_dir`` every sub-folder of that folder holding a peft ``adapter_config.json`` is
-served as ``<model_id>:<folder>``, including folders that appear after the server started. The
+With ``serve.lora_dir`` (a folder, or a bucket prefix such as ``s3://bucket/adapters`` where replicas
+run on several nodes: :mod:`nat_ray.core.storage`) every sub-folder holding a peft
+``adapter_config.json`` is served as ``<model_id>:<folder>``, including folders that appear after the
+server started. The
 model string comes from the client, so it must never steer a file read outside ``lora_dir``: an
 adapter name is one plain path component (letters, digits, ``.``, ``_``, ``-``; no ``..``, no
 leading dot), checked before anything looks at the disk. A leading dot is refused as well so that
 a publisher can copy into ``.name.tmp`` and rename it into place: a half-written folder is never
-served.
+served (in object storage, where there is no rename, ``adapter_config.json`` is written last).
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nat_ray import safe_files
+from nat_ray.core.agent_card import CARD_FILE, AgentCard, parse_card
+from nat_ray.core.storage import Store, is_uri
 
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a peft adapter
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_NAME_CHARS = 128
-REMOTE_PREFIXES = ("s3://", "gs://", "abfss://", "azure://", "pyarrow-")  # what ray.serve.llm downloads from
 
 
 @dataclass(frozen=True)
@@ -39,11 +42,6 @@ class ModelProblem(ValueError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def is_remote(path: str) -> bool:
-    """Whether ``lora_dir`` is object storage (ray.serve.llm downloads it) rather than a folder here."""
-    return path.startswith(REMOTE_PREFIXES)
 
 
 def name_problem(name: str) -> str | None:
@@ -87,24 +85,29 @@ def parse_model(model: str, base_id: str, static_ids: set[str] | frozenset[str],
     raise ModelProblem(404, f"model: {model!r} is not served here; served models: {served}")
 
 
-def local_adapter_dir(lora_dir: str, name: str) -> Path | None:
-    """``lora_dir/name`` when it holds a peft adapter, else None (``name`` must already be plain)."""
+def has_adapter(lora_dir: str, name: str) -> bool:
+    """Whether ``lora_dir/name`` holds a peft adapter now (``name`` must already be plain)."""
     if name_problem(name) is not None:  # never join an unchecked name onto a path
+        return False
+    return Store(lora_dir).is_file(f"{name}/{ADAPTER_CONFIG}")
+
+
+def adapter_names(lora_dir: str) -> list[str]:
+    """Names of the adapters in ``lora_dir`` now (sorted; empty when it does not exist yet)."""
+    store = Store(lora_dir)
+    return [n for n in store.dirs() if name_problem(n) is None and store.is_file(f"{n}/{ADAPTER_CONFIG}")]
+
+
+def adapter_card(lora_dir: str, name: str) -> AgentCard | None:
+    """The agent card published with adapter ``name`` (None without one).
+
+    Raises:
+        ConfigError: the card is there but is not a card.
+    """
+    store = Store(lora_dir)
+    if name_problem(name) is not None or not store.is_file(f"{name}/{CARD_FILE}"):
         return None
-    folder = Path(lora_dir) / name
-    return folder if (folder / ADAPTER_CONFIG).is_file() else None
-
-
-def local_adapters(lora_dir: str) -> list[str]:
-    """Names of the adapters in ``lora_dir`` now (sorted; empty when the folder does not exist yet)."""
-    root = Path(lora_dir)
-    if not root.is_dir():
-        return []
-    return sorted(
-        child.name
-        for child in root.iterdir()
-        if name_problem(child.name) is None and (child / ADAPTER_CONFIG).is_file()
-    )
+    return parse_card(store.read_text(f"{name}/{CARD_FILE}"), store.uri(f"{name}/{CARD_FILE}"))
 
 
 def adapter_missing(model: str, name: str, lora_dir: str) -> ModelProblem:
@@ -121,22 +124,17 @@ class AdapterExists(ValueError):
 
 def adapter_digest(folder: str) -> str | None:
     """sha256 over an adapter folder's files (relative names and contents; its ``CHECKSUMS.sha256`` left
-    out), local or any URI pyarrow reaches; None when there is no such folder."""
+    out), a folder here or a URI; None when it holds no adapter (an upload that stopped half-way
+    included: it never wrote ``adapter_config.json``)."""
     import hashlib
 
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
+    store = Store(folder)
+    if not store.is_file(ADAPTER_CONFIG):
         return None
     digest = hashlib.sha256()
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
-        rel = info.path[len(root.rstrip("/")) + 1 :]
-        if rel == safe_files.DIR_CHECKSUMS:
-            continue
-        with fs.open_input_stream(info.path) as stream:
-            digest.update(rel.encode() + b"\0" + hashlib.sha256(stream.read()).digest())
+    for rel in store.files(recursive=True):
+        if rel != safe_files.DIR_CHECKSUMS:
+            digest.update(rel.encode() + b"\0" + hashlib.sha256(store.read_bytes(rel)).digest())
     return digest.hexdigest()
 
 
@@ -172,12 +170,19 @@ def publish_adapter(source: str | os.PathLike, lora_dir: str | os.PathLike, name
             f"{target} already holds other weights; publish them under a new name (e.g. {name}-2 or "
             "NAME-round-<r>): a server that loaded the old adapter would keep answering with it"
         )
-    if "://" in target:
-        import pyarrow.fs
-
-        pyarrow.fs.copy_files(str(src), target)
+    if is_uri(target):
+        _upload(src, Store(str(lora_dir)), name)
         return target
     with safe_files.staged_dir(target) as staging:
         shutil.copytree(src, staging, ignore=shutil.ignore_patterns(safe_files.DIR_CHECKSUMS))
         safe_files.seal_dir(staging)
     return target
+
+
+def _upload(src: Path, store: Store, name: str) -> None:
+    """Copy an adapter folder into object storage file by file, ``adapter_config.json`` last: a folder
+    is an adapter only once that file exists, so a request never loads half of one."""
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != safe_files.DIR_CHECKSUMS)
+    files.sort(key=lambda p: p.relative_to(src).as_posix() == ADAPTER_CONFIG)
+    for path in files:
+        store.write_bytes(f"{name}/{path.relative_to(src).as_posix()}", path.read_bytes())

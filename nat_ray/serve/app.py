@@ -25,19 +25,13 @@ from ray import serve
 
 from nat_ray.agent import prepare_tasks, with_tasks_resolved
 from nat_ray.config import NatRayConfig, load_config
+from nat_ray.core.storage import is_uri, storage_env
 from nat_ray.engines.vllm_args import engine_kwargs, served_cpu_env
 from nat_ray.errors import ConfigError
 from nat_ray.models import served_paths
 from nat_ray.ray_runtime import init_ray
-from nat_ray.serve.adapters import (
-    is_remote,
-)
-from nat_ray.serve.capture import (
-    with_capture_resolved,
-)
-from nat_ray.serve.guards import (
-    api_key_from_env,
-)
+from nat_ray.serve.capture import with_capture_resolved
+from nat_ray.serve.guards import api_key_from_env
 from nat_ray.serve.ingress import ingress_class
 from nat_ray.serve.llm_init import LocalModelCallback
 from nat_ray.tools.actors import actor_runtime_env
@@ -78,8 +72,8 @@ def llm_config(
     On CPU (``serve.llm_num_gpus == 0``) the engine gets one CPU bundle, float32, eager mode and a
     ``engine.kv_cache_gb`` KV cache; on GPU, one bundle per tensor-parallel rank. A LoRA adapter is
     loaded once at start as a static vLLM LoRA module named ``lora_id``. With ``serve.lora_dir``,
-    ray.serve.llm's dynamic LoRA loading is on (``lora_config``; object storage is its
-    ``dynamic_lora_loading_path``, a local folder goes through :func:`lora_bind_kwargs`' loader).
+    ray.serve.llm's dynamic LoRA loading is on (``lora_config``), through :func:`lora_bind_kwargs`'
+    loader (a folder or object storage alike).
     """
     from ray.serve.llm import LLMConfig
 
@@ -106,8 +100,6 @@ def llm_config(
     lora_config = None
     if serve_cfg.lora_dir is not None:
         lora_config = {"max_num_adapters_per_replica": serve_cfg.lora_max_adapters}
-        if is_remote(serve_cfg.lora_dir):
-            lora_config["dynamic_lora_loading_path"] = serve_cfg.lora_dir
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": model_path},
         lora_config=lora_config,
@@ -120,12 +112,16 @@ def llm_config(
 
 
 def lora_bind_kwargs(cfg: NatRayConfig) -> dict:
-    """Extra arguments of the LLM deployment: the local-folder adapter loader for a local ``lora_dir``."""
-    if cfg.serve.lora_dir is None or is_remote(cfg.serve.lora_dir):
+    """Extra arguments of the LLM deployment: the adapter loader reading ``serve.lora_dir``, with the
+    driver's object-storage settings (init arguments: a runtime_env is shown on the dashboard)."""
+    if cfg.serve.lora_dir is None:
         return {}
-    from nat_ray.serve.lora_loader import LocalLoraLoader
+    from nat_ray.serve.lora_loader import StoreLoraLoader
 
-    return {"model_downloader": functools.partial(LocalLoraLoader, lora_dir=cfg.serve.lora_dir)}
+    loader = functools.partial(
+        StoreLoraLoader, lora_dir=cfg.serve.lora_dir, storage_env=storage_env(cfg.serve.lora_dir)
+    )
+    return {"model_downloader": loader}
 
 
 def with_lora_dir_resolved(cfg: NatRayConfig, model_id: str) -> NatRayConfig:
@@ -138,7 +134,7 @@ def with_lora_dir_resolved(cfg: NatRayConfig, model_id: str) -> NatRayConfig:
             f"serve.lora_dir serves adapters as '<model_id>:<adapter>', so the model id {model_id!r} "
             "must not hold ':'; set serve.model_id"
         )
-    if is_remote(lora_dir):
+    if is_uri(lora_dir):
         return dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, lora_dir=lora_dir.rstrip("/")))
     folder = Path(lora_dir).expanduser().resolve()
     try:
@@ -216,7 +212,10 @@ def build_app(cfg: NatRayConfig):
     resolved = {**dataclasses.asdict(cfg), "engine": {**dataclasses.asdict(cfg.engine), "model": model_path}}
     # The key travels as an init argument (never in the config, a runtime_env or a log line).
     api_key = api_key_from_env(cfg.serve.api_key_env)
-    return ingress.bind(llm, tools, resolved, models, lora_id or model_id, api_key=api_key)
+    storage = storage_env(cfg.serve.lora_dir, cfg.serve.capture_dir if cfg.serve.capture else None)
+    return ingress.bind(
+        llm, tools, resolved, models, lora_id or model_id, api_key=api_key, storage_env=storage or None
+    )
 
 
 def build_app_from_args(args: dict):

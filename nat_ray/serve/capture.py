@@ -1,17 +1,22 @@
-"""Served episodes on disk (``serve.capture``): the richest source of NAT's negatives is the traffic.
+"""Served episodes in storage (``serve.capture``): the richest source of NAT's negatives is the traffic.
 
-The capture folder holds
+The capture location (a folder, or ``s3://...`` where replicas run on several nodes; see
+:mod:`nat_ray.core.storage`) holds
 
 - ``episodes/part-<replica>-<n>.parquet``: the trajectory rows (:mod:`nat_ray.core.records` schema, token
   ids per turn included), written whole or not at all; a replica keeps rows in memory and writes a part
   every ``serve.capture_flush_rows`` rows or ``serve.capture_flush_s`` seconds.
-- ``journal/<replica>.ids``: the ids a replica answered but has not written yet, appended before the
-  response leaves. A replica killed between two flushes leaves its journal behind; once it has gone
-  stale, the replica running then (or the next to start) moves it to ``lost/`` and logs how many
-  episodes were lost, so loss is counted, never silent.
-- ``feedback/<replica>.jsonl``: ``POST /v1/feedback``'s scores, append-only; the last one per id wins.
-- ``secret``: the key of the episode ids' HMAC (:mod:`nat_ray.core.episode_ids`), made by the first
-  replica, read by the others and by the next server on the same folder (so feedback survives restarts).
+- ``journal/<replica>/<segment>/<episode id>``: an empty marker per episode a replica answered and has
+  not written yet, made before the response leaves; a part written, its segments are removed.
+  ``journal/<replica>/alive`` is touched every tick. A replica killed between two flushes leaves its
+  markers behind; once its ``alive`` has gone stale, the replica running then (or the next to start)
+  moves them to ``lost/<replica>/`` and logs how many episodes were lost, so loss is counted, never
+  silent. (Object storage has no append: a marker per episode is one small PUT.)
+- ``feedback/<replica>/<n>.json``: ``POST /v1/feedback``'s scores, one object each (older servers wrote
+  ``feedback/<replica>.jsonl``: read too); the last one per id wins.
+- ``secret``: the key of the episode ids' HMAC (:mod:`nat_ray.core.episode_ids`), made when the app is
+  built, read by every replica and by the next server on the same location (so feedback survives
+  restarts).
 
 No Ray import: the ingress calls it from its replica, tests from plain processes.
 """
@@ -23,18 +28,20 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from nat_ray import safe_files
 from nat_ray.config import NatRayConfig
 from nat_ray.core import episode_ids, records
 from nat_ray.core import nat_data as columns
 from nat_ray.core.scoring import Score
+from nat_ray.core.storage import Store, is_uri
 from nat_ray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,8 @@ JOURNAL_DIR = "journal"
 LOST_DIR = "lost"
 FEEDBACK_DIR = "feedback"
 SECRET_FILE = "secret"
+ALIVE = "alive"  # a replica's heartbeat, in its journal folder
+READERS = 16  # parallel reads of small objects (feedback entries) from object storage
 UNLABELLED = columns.UNLABELLED  # the nat_class of a captured episode asked without a gold answer
 
 
@@ -137,28 +146,31 @@ def redacted(row: dict, redact: Callable[[str], str]) -> dict:
 
 
 def with_capture_resolved(cfg: NatRayConfig) -> NatRayConfig:
-    """``serve.capture_dir`` made absolute where the app is built (replicas start elsewhere) and created
-    now, so a folder that cannot be written fails before Serve starts.
+    """``serve.capture_dir`` made absolute where the app is built (replicas start elsewhere), created, and
+    given its id secret now: a location that cannot be written fails before Serve starts, and replicas
+    starting together all read one secret (object storage has no create-if-absent).
 
     A ``FILE.py:fn`` redactor is made absolute too, and imported once here to check it.
 
     Raises:
-        ConfigError: the folder cannot be created; the redactor cannot be imported.
+        ConfigError: the location cannot be written; the redactor cannot be imported.
     """
     if not cfg.serve.capture:
         return cfg
-    folder = Path(cfg.serve.capture_dir).expanduser().resolve()
+    location = cfg.serve.capture_dir
+    if not is_uri(location):
+        location = str(Path(location).expanduser().resolve())
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        capture_secret(location)
     except OSError as err:
-        raise ConfigError(f"serve.capture_dir: cannot create {folder}: {err}") from None
+        raise ConfigError(f"serve.capture_dir: cannot write {location}: {err}") from None
     redact = cfg.serve.capture_redact
     if redact is not None:
         target, _, name = redact.rpartition(":")
         if target.endswith(".py"):
             redact = f"{Path(target).expanduser().resolve()}:{name}"
         load_redactor(redact)
-    serve_cfg = dataclasses.replace(cfg.serve, capture_dir=str(folder), capture_redact=redact)
+    serve_cfg = dataclasses.replace(cfg.serve, capture_dir=location, capture_redact=redact)
     return dataclasses.replace(cfg, serve=serve_cfg)
 
 
@@ -169,65 +181,81 @@ def replica_name() -> str:
 
 
 def capture_secret(folder: str | Path) -> bytes:
-    """The folder's id secret, made on first use; replicas starting together all read the same one."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / SECRET_FILE
-    if not path.exists():
-        staged = folder / f".{SECRET_FILE}.{secrets.token_hex(4)}"
-        try:
-            staged.write_text(episode_ids.new_secret().hex())
-            os.chmod(staged, 0o600)
-            try:
-                os.link(staged, path)  # atomic, and refused when another replica got there first
-            except FileExistsError:
-                pass
-        finally:
-            staged.unlink(missing_ok=True)
+    """The location's id secret, made on first use (atomically on a local folder)."""
+    store = Store(folder)
+    store.makedirs()
+    if not store.is_file(SECRET_FILE):
+        store.create_new(SECRET_FILE, episode_ids.new_secret().hex().encode())
     try:
-        return bytes.fromhex(path.read_text().strip())
+        return bytes.fromhex(store.read_text(SECRET_FILE).strip())
     except ValueError:
         raise DataError(
-            f"{path} is damaged (not hex); remove it to make a new one (old ids then get 404)"
+            f"{store.uri(SECRET_FILE)} is damaged (not hex); remove it to make a new one (old ids then get 404)"
         ) from None
+
+
+def file_name(episode_id: str) -> str:
+    """An episode id as a file name (ids this server issues already are one)."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", episode_id):
+        return episode_id
+    return "x" + records.config_hash({"id": episode_id})
 
 
 def recover_lost(folder: str | Path, stale_s: float) -> int:
     """Count (and set aside in ``lost/``) the episodes of replicas that stopped before writing them.
 
-    A live replica touches its journal every tick, so a journal untouched for ``stale_s`` belongs to a
-    replica that is gone; an empty one is removed.
+    A live replica touches its ``alive`` every tick, so a journal untouched for ``stale_s`` belongs to a
+    replica that is gone; one without markers is removed. Each marker is claimed by a move, so two
+    replicas recovering at once count it once on a folder (in object storage a move is a copy and a
+    delete: both may count it).
     """
-    journals = Path(folder) / JOURNAL_DIR
+    store = Store(folder)
     lost = 0
-    for journal in sorted(journals.glob("*.ids")) if journals.is_dir() else []:
-        try:
-            if time.time() - journal.stat().st_mtime < stale_s:
-                continue
-            ids = [line for line in journal.read_text().splitlines() if line.strip()]
-            if not ids:
-                journal.unlink()
-                continue
-            aside = Path(folder) / LOST_DIR
-            aside.mkdir(exist_ok=True)
-            os.replace(journal, aside / journal.name)
-        except FileNotFoundError:  # another replica starting at the same moment took it
+    now = time.time()
+    for replica in store.dirs(JOURNAL_DIR):
+        journal = f"{JOURNAL_DIR}/{replica}"
+        entries = store.entries(journal, recursive=True)
+        if not entries or now - max(mtime for _, mtime in entries) < stale_s:
             continue
-        lost += len(ids)
+        claimed = 0
+        for name, _ in entries:
+            if name.rsplit("/", 1)[-1] != ALIVE:
+                claimed += store.move(name, f"{LOST_DIR}/{replica}/{name.rsplit('/', 1)[-1]}")
+        store.delete_dir(journal)
+        lost += _log_lost(claimed, replica, store.uri(f"{LOST_DIR}/{replica}"))
+    for name, mtime in store.entries(JOURNAL_DIR, ".ids"):  # an older server's journal file
+        if now - mtime < stale_s:
+            continue
+        try:
+            ids = [line for line in store.read_text(name).splitlines() if line.strip()]
+        except FileNotFoundError:
+            continue
+        base = name.rsplit("/", 1)[-1]
+        if store.move(name, f"{LOST_DIR}/{base}") and ids:
+            lost += _log_lost(len(ids), base.removesuffix(".ids"), store.uri(f"{LOST_DIR}/{base}"))
+    return lost
+
+
+def _log_lost(count: int, replica: str, where: str) -> int:
+    if count:
         log.warning(
             "capture: %d episode(s) answered by replica %s were lost (it stopped before writing them); "
             "their ids are in %s",
-            len(ids),
-            journal.stem,
-            Path(folder) / LOST_DIR / journal.name,
+            count,
+            replica,
+            where,
         )
-    return lost
+    return count
 
 
 class CaptureWriter:
     """One replica's captured episodes: kept in memory, written as Parquet parts, journalled until then.
 
-    Thread-safe: the ingress adds rows from its event loop's worker threads and a ticker flushes.
+    Thread-safe: the ingress adds rows from its event loop's worker threads and a ticker flushes. No
+    lock is held across storage calls (a PUT to a bucket takes milliseconds): an episode's marker goes
+    into the journal's current segment, and a flush starts a new segment and removes the old ones once
+    their rows are in a part; a marker that lands in a segment a flush has just taken is written again
+    in the new one.
     """
 
     def __init__(
@@ -238,17 +266,19 @@ class CaptureWriter:
         replica: str | None = None,
         clock=time.monotonic,
     ) -> None:
-        self.folder = Path(folder)
+        self.store = Store(folder)
+        self.folder = self.store.location
         self.flush_rows = flush_rows
         self.flush_s = flush_s
         self.replica = replica or replica_name()
-        (self.folder / EPISODES_DIR).mkdir(parents=True, exist_ok=True)
-        (self.folder / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
-        self.journal_path = self.folder / JOURNAL_DIR / f"{self.replica}.ids"
+        self.store.makedirs(EPISODES_DIR)
+        self.journal = f"{JOURNAL_DIR}/{self.replica}"
+        self.store.touch(f"{self.journal}/{ALIVE}")
         self._rows: list[dict] = []
-        self._lock = threading.Lock()  # the buffer and the journal
+        self._segment = 0  # where new markers go
+        self._segments: set[int] = set()  # those holding the markers of the kept rows
+        self._lock = threading.Lock()  # the buffer and the segments
         self._write_lock = threading.Lock()  # one part written at a time
-        self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
         self._clock = clock
         self._last_flush = clock()
         self._parts = 0
@@ -260,11 +290,19 @@ class CaptureWriter:
 
     def add(self, row: dict) -> None:
         """Keep ``row``; its id is journalled first, so a kill before it is written is counted as lost."""
-        with self._lock:
-            self._journal.write(row[columns.TRAJECTORY_ID] + "\n")
-            self._journal.flush()
-            self._rows.append(row)
-            due = len(self._rows) >= self.flush_rows
+        marker = file_name(row[columns.TRAJECTORY_ID])
+        taken: set[int] = set()  # segments a flush took while this marker was being written
+        while True:
+            with self._lock:
+                segment = self._segment
+            self.store.touch(f"{self.journal}/{segment:06d}/{marker}")
+            with self._lock:
+                if segment == self._segment:
+                    self._rows.append(row)
+                    self._segments |= {segment} | taken  # a stray marker goes with the next flush
+                    due = len(self._rows) >= self.flush_rows
+                    break
+            taken.add(segment)
         if due:
             self.flush()
 
@@ -273,45 +311,43 @@ class CaptureWriter:
         if self._clock() - self._last_flush >= self.flush_s:
             self.flush()
         else:
-            os.utime(self.journal_path)
+            self.store.touch(f"{self.journal}/{ALIVE}")
 
     def flush(self) -> int:
         """Write the kept rows as one part; returns how many. On failure they stay kept (and journalled)."""
         with self._write_lock:
             with self._lock:
                 rows, self._rows = self._rows, []
+                segments, self._segments = self._segments, set()
+                self._segment += 1
                 self._last_flush = self._clock()
-            if not rows:  # the journal holds only ids added since: nothing to rewrite, it is alive
-                os.utime(self.journal_path)
+            self.store.touch(f"{self.journal}/{ALIVE}")
+            if not rows:
                 return 0
             name = f"part-{self.replica}-{self._parts + 1:06d}.parquet"
             try:
-                records.write_rows(rows, self.folder / EPISODES_DIR / name)
+                records.write_rows(rows, f"{EPISODES_DIR}/{name}", store=self.store)
             except Exception:
                 with self._lock:
                     self._rows[:0] = rows
+                    self._segments |= segments
                 log.exception("capture: writing %d episode(s) failed; kept for the next flush", len(rows))
                 return 0
             self._parts += 1
             self.written += len(rows)
-            with self._lock:
-                self._rewrite_journal([r[columns.TRAJECTORY_ID] for r in self._rows])
+            for segment in sorted(segments):
+                try:
+                    self.store.delete_dir(f"{self.journal}/{segment:06d}")
+                except OSError as err:  # written: a marker left behind would only be over-counted as lost
+                    log.warning("capture: cannot clear journal segment %d: %s", segment, err)
         return len(rows)
-
-    def _rewrite_journal(self, ids: list[str]) -> None:
-        # Called with the lock held: the journal keeps only the ids not yet in a part.
-        self._journal.close()
-        with safe_files.staged_file(self.journal_path) as tmp:
-            tmp.write_text("".join(i + "\n" for i in ids))
-        self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115
 
     def close(self) -> None:
         """Write what is kept and remove the journal (nothing of this replica is left unwritten)."""
         self.flush()
         with self._lock:
-            self._journal.close()
             if not self._rows:
-                self.journal_path.unlink(missing_ok=True)
+                self.store.delete_dir(self.journal)
 
 
 def stale_after(flush_s: float) -> float:
@@ -366,29 +402,35 @@ def check_score(score: object) -> float:
 
 
 class FeedbackLog:
-    """One replica's append-only feedback file; each line is synced before the request is answered."""
+    """One replica's feedback: an object per entry (synced to disk on a folder) written before the
+    request is answered; nothing is ever rewritten."""
 
     def __init__(self, folder: str | Path, replica: str) -> None:
-        self.path = Path(folder) / FEEDBACK_DIR / f"{replica}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.store = Store(folder)
+        self.prefix = f"{FEEDBACK_DIR}/{replica}"
+        self.store.makedirs(self.prefix)
         self._lock = threading.Lock()
+        self._count = 0
 
     def record(self, episode_id: str, score: float, answer: str | None = None) -> dict:
         entry = {"episode_id": episode_id, "score": check_score(score), "answer": answer, "at": time.time()}
-        line = json.dumps(entry) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as out:
-            out.write(line)
-            out.flush()
-            os.fsync(out.fileno())
+        with self._lock:
+            self._count += 1
+            name = f"{self.prefix}/{time.time_ns():020d}-{self._count:06d}.json"
+        self.store.write_text(name, json.dumps(entry) + "\n")
         return entry
 
 
 def read_feedback(folder: str | Path) -> dict[str, dict]:
-    """Every episode's latest feedback, ``{episode_id: {"score", "answer", "at"}}``; lines that do not
-    parse (a replica killed mid-line) are skipped and counted in a log line."""
+    """Every episode's latest feedback, ``{episode_id: {"score", "answer", "at"}}``; entries that do not
+    parse (a torn line of an older server's log) are skipped and counted in a log line."""
+    store = Store(folder)
+    names = store.files(FEEDBACK_DIR, recursive=True)
+    with ThreadPoolExecutor(READERS if store.remote else 1) as pool:
+        texts = list(pool.map(store.read_text, names))
     entries, bad = [], 0
-    for file in sorted((Path(folder) / FEEDBACK_DIR).glob("*.jsonl")):
-        for line in file.read_text(encoding="utf-8").splitlines():
+    for text in texts:
+        for line in text.splitlines():
             try:
                 entry = json.loads(line)
                 entry["score"] = check_score(entry["score"])
@@ -399,7 +441,7 @@ def read_feedback(folder: str | Path) -> dict[str, dict]:
                 bad += 1
     if bad:
         log.warning(
-            "feedback: %d line(s) under %s do not parse and were skipped", bad, Path(folder) / FEEDBACK_DIR
+            "feedback: %d entr(ies) under %s do not parse and were skipped", bad, store.uri(FEEDBACK_DIR)
         )
     latest: dict[str, dict] = {}
     for entry in sorted(entries, key=lambda e: float(e.get("at") or 0.0)):
@@ -409,5 +451,10 @@ def read_feedback(folder: str | Path) -> dict[str, dict]:
 
 def read_captured(folder: str | Path) -> list[dict]:
     """The captured episodes' rows (written parts only: a part being written is never read)."""
-    episodes = Path(folder) / EPISODES_DIR
-    return records.read_rows(episodes) if episodes.is_dir() else []
+    return records.read_rows(EPISODES_DIR, store=Store(folder))
+
+
+def has_captured(folder: str | Path) -> bool:
+    """Whether ``folder`` is a capture location (a server's ``serve.capture_dir``: it holds the secret)."""
+    store = Store(folder)
+    return store.is_file(SECRET_FILE) or store.is_dir(EPISODES_DIR)

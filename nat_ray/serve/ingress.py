@@ -53,18 +53,16 @@ from ray.serve.exceptions import RayServeException
 from nat_ray.agent import prepare_tasks
 from nat_ray.config import NatRayConfig, from_dict
 from nat_ray.core import episode_ids, records
-from nat_ray.core.agent_card import read_card
+from nat_ray.core.storage import apply_env
 from nat_ray.errors import ConfigError
 from nat_ray.models import resolve_model
 from nat_ray.serve.adapters import (
-    ADAPTER_CONFIG,
     ModelProblem,
     ModelRef,
+    adapter_card,
     adapter_missing,
-    is_remote,
-    local_adapter_dir,
-    local_adapters,
-    name_problem,
+    adapter_names,
+    has_adapter,
     parse_model,
 )
 from nat_ray.serve.agent_loop import AgentLoop, ServeChatEngine, ServeTools
@@ -180,6 +178,8 @@ class AgentIngress:
         agent_model: the model id the agent uses (the LoRA adapter's when one is served).
         api_key: the key every request must carry (:func:`build_app` reads it where the app is
             built); None: this replica's own ``serve.api_key_env`` variable decides.
+        storage_env: the driver's object-storage settings where ``capture_dir`` or ``lora_dir`` is a
+            URI (:func:`nat_ray.core.storage.storage_env`); the node's own settings win.
     """
 
     def __init__(
@@ -190,7 +190,9 @@ class AgentIngress:
         models: list[dict],
         agent_model: str,
         api_key: Secret | None = None,
+        storage_env: dict[str, str] | None = None,
     ) -> None:
+        apply_env(storage_env)  # before anything reads serve.capture_dir or serve.lora_dir
         self.cfg = from_dict(NatRayConfig, config)
         limits = self.cfg.serve
         self.door = DoorRules(api_key or api_key_from_env(limits.api_key_env), limits.max_body_bytes)
@@ -272,10 +274,13 @@ class AgentIngress:
     def _agent_settings(self, ref: ModelRef):
         """The agent settings an episode of ``ref`` starts from: an adapter with an agent card is asked
         as its card says (template, shots, turns, tokens); the request's own fields still win."""
-        if ref.adapter is None or is_remote(self.lora_dir):
+        if ref.adapter is None:
             return self.cfg.agent
-        folder = local_adapter_dir(self.lora_dir, ref.adapter)
-        card = read_card(str(folder)) if folder is not None else None
+        try:
+            card = adapter_card(self.lora_dir, ref.adapter)
+        except OSError as err:  # unreachable storage: the request still runs, with the server's settings
+            log.warning("cannot read the agent card of %s: %s", ref.model, err)
+            card = None
         return (
             self.cfg.agent if card is None else dataclasses.replace(self.cfg.agent, **card.agent_settings())
         )
@@ -586,29 +591,20 @@ class AgentIngress:
 
 def _adapter_exists(lora_dir: str, name: str) -> bool:
     """Whether ``lora_dir/name`` holds a peft adapter now (``name`` is already a plain name)."""
-    if not is_remote(lora_dir):
-        return local_adapter_dir(lora_dir, name) is not None
-    from ray.llm._internal.common.utils.cloud_utils import CloudFileSystem
-
     try:
-        return CloudFileSystem.get_file(f"{lora_dir.rstrip('/')}/{name}/{ADAPTER_CONFIG}") is not None
-    except Exception as err:  # noqa: BLE001 - unreachable storage: the adapter is not there for us
+        return has_adapter(lora_dir, name)
+    except OSError as err:  # unreachable storage: the adapter is not there for us
         log.warning("cannot read %s/%s: %s", lora_dir, name, err)
         return False
 
 
 def _adapter_names(lora_dir: str) -> list[str]:
     """The adapters ``lora_dir`` holds now."""
-    if not is_remote(lora_dir):
-        return local_adapters(lora_dir)
-    from ray.llm._internal.common.utils.cloud_utils import CloudFileSystem
-
     try:
-        names = CloudFileSystem.list_subfolders(lora_dir)
-    except Exception as err:  # noqa: BLE001 - unreachable storage lists nothing, and says so in the log
+        return adapter_names(lora_dir)
+    except OSError as err:  # unreachable storage lists nothing, and says so in the log
         log.warning("cannot list %s: %s", lora_dir, err)
         return []
-    return sorted(name for name in names if name_problem(name) is None)
 
 
 @functools.cache

@@ -6,6 +6,12 @@ writes it): the full model as ``engine.model`` and the LoRA adapter (an untraine
 the embedded model) as ``serve.lora``, so both the full and the LoRA path of an export are served.
 Its ``serve.lora_dir`` starts empty; the module's last tests publish an adapter into it while the
 server runs (hot-loading) and ask for missing and unsafe adapter names.
+
+``serve.capture_dir`` and ``serve.lora_dir`` are in object storage, as on a cluster whose replicas share
+no folder: ``s3://`` on a real S3-compatible server (moto's server mode) started for the session. So
+capture, feedback, the traffic round and the hot-loaded adapters all go through ``s3://``; the replicas
+reach it with the settings the app hands them (they started before this process set ``AWS_*``). The
+same code on a local folder is tested in ``tests/test_capture.py`` and ``tests/test_serve_adapters.py``.
 """
 
 from __future__ import annotations
@@ -62,14 +68,14 @@ def export_dir(tmp_path_factory, embedded_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(export_dir, local_ray, tmp_path_factory):
+def server(export_dir, local_ray, s3_bucket):
     from ray import serve
 
     from nat_ray.serve.app import APP_NAME, build_app
 
     port = free_port()
-    lora_dir = tmp_path_factory.mktemp("lora_dir")  # empty until the hot-load test publishes into it
-    capture_dir = tmp_path_factory.mktemp("capture")
+    lora_dir = f"{s3_bucket}/serve/lora"  # empty until the hot-load test publishes into it
+    capture_dir = f"{s3_bucket}/serve/capture"
     cfg = from_dict(
         NatRayConfig,
         {
@@ -503,9 +509,9 @@ def traffic_round(server, tmp_path_factory) -> dict:
                 "runs_dir": str(tmp_path_factory.mktemp("runs")),
                 "rounds": 1,
                 "evaluate_base": False,
-                "traffic_dir": str(server.capture_dir),
+                "traffic_dir": server.capture_dir,
                 "traffic_only": True,
-                "publish_dir": str(server.lora_dir),
+                "publish_dir": server.lora_dir,
             },
         },
     )
