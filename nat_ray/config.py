@@ -460,8 +460,8 @@ class ServeConfig:
 
     Attributes:
         lora: path of a peft adapter to serve on top of ``engine.model`` (``None``: no adapter).
-        lora_dir: a folder (or an ``s3://`` / ``gs://`` / ``abfss://`` / ``azure://`` prefix on a
-            cluster) whose sub-folders are peft adapters, served as ``<model_id>:<folder>`` on the
+        lora_dir: a folder (or an ``s3://`` / ``gs://`` prefix on a cluster, read through
+            :mod:`nat_ray.core.storage`) whose sub-folders are peft adapters, served as ``<model_id>:<folder>`` on the
             OpenAI routes and in ``/v1/agent``'s ``model``, including adapters published after the
             server started (ray.serve.llm's dynamic LoRA loading); ``None``: no adapters on demand.
         lora_max_adapters: adapters one vLLM replica keeps loaded at once (least recently used
@@ -494,8 +494,9 @@ class ServeConfig:
             starts; a request names one of them and can make the server read no other file.
         capture: write every ``/v1/agent`` episode as a trajectory row (token ids included) under
             ``capture_dir`` and take ``POST /v1/feedback`` scores for them (off by default).
-        capture_dir: the capture folder (:mod:`nat_ray.serve.capture`); a relative path is resolved
-            where the app is built, so every replica writes the same folder.
+        capture_dir: the capture folder (:mod:`nat_ray.serve.capture`), or an ``s3://`` prefix where
+            replicas run on several nodes; a relative path is resolved where the app is built, so every
+            replica writes the same folder.
         capture_flush_rows: captured episodes a replica keeps in memory before writing a part.
         capture_flush_s: seconds after which kept episodes are written anyway: a replica killed
             loses at most this window (counted when the next replica starts).
@@ -672,11 +673,11 @@ class LoopConfig:
         evaluate_base: evaluate the base model once before round 0 (the first row of the table,
             and the accuracy round 0 must beat).
         publish_dir: also copy every round's adapter to ``<publish_dir>/<name>-round-<r>/``, e.g. a
-            running server's ``serve.lora_dir`` (``None``: only ``<run>/adapters/round-<r>/``).
+            running server's ``serve.lora_dir``, a folder or an ``s3://`` prefix (``None``: only ``<run>/adapters/round-<r>/``).
         hot_load: the rollout's vLLM engines stay up from round to round (an engine pool holding no
             CPUs while it waits, so training can run) and each round only loads the new adapter
             (a LoRA request); ``False``: each round's rollout starts engines on the merged export.
-        traffic_dir: a capture folder (a server's ``serve.capture_dir``): each round also trains on
+        traffic_dir: a capture folder or ``s3://`` prefix (a server's ``serve.capture_dir``): each round also trains on
             the served episodes captured since the rounds before it, each labelled by its feedback,
             else by the gold the request carried; unlabelled ones are counted and left out
             (:mod:`nat_ray.core.traffic`). ``None``: no traffic.
