@@ -150,3 +150,19 @@ def test_a_name_is_published_once_whole_and_sealed_and_never_reused_for_other_we
         publish_adapter(src, lora_dir, "../x")
     with pytest.raises(ValueError, match="not a peft adapter"):
         publish_adapter(tmp_path / "lora", lora_dir, "x")
+
+
+def test_sigterm_stops_the_server_as_ctrl_c_does():
+    import os
+    import signal
+    import time
+
+    from nat_ray.serve.app import _stop_on_sigterm
+
+    old = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # run_serve's Ctrl-C path: Serve shut down, captures written
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGTERM, old)

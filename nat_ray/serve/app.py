@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -276,6 +277,8 @@ def run_serve(cfg: NatRayConfig) -> int:
     else:
         print(f"  open to anyone who reaches the port: set ${cfg.serve.api_key_env} to require a key")
     print("press Ctrl-C to stop")
+    # `kill`, `docker stop`, systemd: a graceful stop as for Ctrl-C (replicas write what they captured).
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         while True:
             time.sleep(3600)
@@ -288,3 +291,7 @@ def run_serve(cfg: NatRayConfig) -> int:
             serve.shutdown()
             ray.shutdown()
     return 0
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt
