@@ -214,6 +214,7 @@ class AgentIngress:
         self.lora_dir = self.cfg.serve.lora_dir  # adapters on demand: "<base>:<folder in lora_dir>"
         self.base_model = models[0]["id"]
         self._adapter_handles: dict[tuple[str, bool], object] = {}
+        self._cards: dict[str, object] = {}  # adapter name -> its agent card (None: it has none)
         self.tokenizer = _drift_tokenizer(self.cfg.engine.model)  # at start-up, not on a request
         canary = self.cfg.serve.canary
         # Requests naming no model: the incumbent (agent_model, until a promotion), or the canary.
@@ -273,14 +274,19 @@ class AgentIngress:
 
     def _agent_settings(self, ref: ModelRef):
         """The agent settings an episode of ``ref`` starts from: an adapter with an agent card is asked
-        as its card says (template, shots, turns, tokens); the request's own fields still win."""
+        as its card says (template, shots, turns, tokens); the request's own fields still win.
+
+        A name is published once with its card (:func:`nat_ray.serve.adapters.publish_adapter`), so
+        the card read for a name is kept: a bucket is not asked again on every request."""
         if ref.adapter is None:
             return self.cfg.agent
-        try:
-            card = adapter_card(self.lora_dir, ref.adapter)
-        except OSError as err:  # unreachable storage: the request still runs, with the server's settings
-            log.warning("cannot read the agent card of %s: %s", ref.model, err)
-            card = None
+        if ref.adapter not in self._cards:
+            try:
+                self._cards[ref.adapter] = adapter_card(self.lora_dir, ref.adapter)
+            except OSError as err:  # unreachable storage: this request runs with the server's settings
+                log.warning("cannot read the agent card of %s: %s", ref.model, err)
+                return self.cfg.agent
+        card = self._cards[ref.adapter]
         return (
             self.cfg.agent if card is None else dataclasses.replace(self.cfg.agent, **card.agent_settings())
         )
