@@ -20,8 +20,10 @@ There is no append in object storage: logs are written as one small object per e
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
+import urllib.parse
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -52,13 +54,28 @@ def apply_env(env: dict[str, str] | None) -> None:
         os.environ.setdefault(key, value)
 
 
+@functools.lru_cache(maxsize=64)
+def _bucket_filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
+    # from_uri asks S3 for the bucket's region every time it is called: once per bucket is enough.
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+
+
+def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``pyarrow.fs.FileSystem.from_uri``, with one filesystem object per bucket (a URI with a query
+    string, ``s3://b/p?endpoint_override=...``, is resolved on its own)."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.netloc or parts.query or parts.scheme not in ("s3", "gs", "gcs"):
+        return pafs.FileSystem.from_uri(uri)
+    return _bucket_filesystem(parts.scheme, parts.netloc), f"{parts.netloc}{parts.path}".rstrip("/")
+
+
 class Store:
     """A folder or a bucket prefix; names inside it are ``/``-separated relative paths."""
 
     def __init__(self, location: str | os.PathLike) -> None:
         loc = str(location)
         if is_uri(loc):
-            self.fs, root = pafs.FileSystem.from_uri(loc)
+            self.fs, root = _from_uri(loc)
             self.location = loc.rstrip("/")
         else:
             root = os.path.abspath(os.path.expanduser(loc))
