@@ -242,12 +242,17 @@ def write_rows(rows: list[dict], path, store=None) -> None:
         pq.write_table(table, tmp)
 
 
-def part_files(folder) -> list:
-    """The whole Parquet files of a folder, sorted: a writer's temporary file is a dot-name (and a set-aside
+def is_part(name: str) -> bool:
+    """Whether a file name is a whole Parquet part: a writer's temporary file is a dot-name (and a set-aside
     damaged one starts with ``_``), and pathlib's glob matches those too."""
+    return name.endswith(".parquet") and not name.startswith((".", "_"))
+
+
+def part_files(folder) -> list:
+    """The whole Parquet files of a folder (:func:`is_part`), sorted."""
     from pathlib import Path
 
-    return sorted(f for f in Path(folder).glob("*.parquet") if not f.name.startswith((".", "_")))
+    return sorted(f for f in Path(folder).glob("*.parquet") if is_part(f.name))
 
 
 def read_rows(path, store=None) -> list[dict]:
@@ -264,7 +269,7 @@ def read_rows(path, store=None) -> list[dict]:
         if store.is_file(rel):
             names = [rel]
         else:
-            names = [n for n in store.files(rel, ".parquet") if not n.rsplit("/", 1)[-1].startswith("_")]
+            names = [n for n in store.files(rel) if is_part(n.rsplit("/", 1)[-1])]
         tables = (pq.read_table(store.open_input(name)) for name in names)
     else:
         path = Path(path)

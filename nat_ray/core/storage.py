@@ -24,6 +24,7 @@ import functools
 import os
 import secrets
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -33,6 +34,7 @@ from nat_ray import safe_files
 # The environment that reaches object storage (pyarrow's S3 client reads these; AWS_PROFILE's file and
 # instance roles stay with the node).
 STORAGE_ENV_PREFIXES = ("AWS_",)
+PARALLEL_READS = 16  # small objects read at once from object storage
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -95,9 +97,6 @@ class Store:
         """``rel`` as the user would write it (a path here, ``s3://...`` there): for messages."""
         return f"{self.location}/{rel}" if rel else self.location
 
-    def child(self, rel: str) -> Store:
-        return Store(self.uri(rel))
-
     def _type(self, rel: str) -> pafs.FileType:
         return self.fs.get_file_info(self.path(rel)).type
 
@@ -106,13 +105,6 @@ class Store:
 
     def is_dir(self, rel: str = "") -> bool:
         return self._type(rel) == pafs.FileType.Directory
-
-    def mtime(self, rel: str) -> float | None:
-        """Seconds since the epoch of ``rel``'s last write, None when it does not exist."""
-        info = self.fs.get_file_info(self.path(rel))
-        if info.type == pafs.FileType.NotFound or info.mtime is None:
-            return None
-        return info.mtime.timestamp()
 
     def entries(self, rel: str = "", suffix: str = "", recursive: bool = False) -> list[tuple[str, float]]:
         """``(relative name, mtime)`` of the files under ``rel`` ending with ``suffix`` (sorted by name;
@@ -145,6 +137,14 @@ class Store:
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
+
+    def read_texts(self, names: list[str]) -> list[str]:
+        """The texts of many small files, in order (read in parallel from object storage, where each is a
+        request)."""
+        if not self.remote:
+            return [self.read_text(name) for name in names]
+        with ThreadPoolExecutor(PARALLEL_READS) as pool:
+            return list(pool.map(self.read_text, names))
 
     def open_input(self, rel: str):
         """A random-access file (Parquet readers need one)."""
@@ -216,16 +216,6 @@ class Store:
             return False
         return True
 
-    def delete(self, rel: str) -> None:
-        """Remove the file ``rel`` (nothing when it is already gone)."""
-        try:
-            self.fs.delete_file(self.path(rel))
-        except FileNotFoundError:
-            pass
-        except OSError:
-            if self.is_file(rel):
-                raise
-
     def delete_dir(self, rel: str) -> None:
         """Remove the folder ``rel`` and all it holds (nothing when it is already gone)."""
         if self.is_dir(rel):
@@ -244,10 +234,4 @@ class Store:
             str(dest),
             source_filesystem=self.fs,
             destination_filesystem=pafs.LocalFileSystem(),
-        )
-
-    def upload_dir(self, src: str | os.PathLike, rel: str) -> None:
-        """Copy the local folder ``src`` to ``rel``."""
-        pafs.copy_files(
-            str(src), self.path(rel), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs
         )

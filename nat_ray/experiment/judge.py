@@ -89,8 +89,7 @@ def read_judged(folder: str | Path) -> dict[str, dict]:
     """``{episode_id: verdict}`` kept under ``folder`` (the last verdict per id; torn lines skipped)."""
     store = Store(folder)
     names = ([JUDGED_FILE] if store.is_file(JUDGED_FILE) else []) + store.files(JUDGED_DIR, ".json")
-    with ThreadPoolExecutor(CONCURRENT_CALLS if store.remote else 1) as pool:
-        texts = list(pool.map(store.read_text, names))
+    texts = store.read_texts(names)
     verdicts: dict[str, dict] = {}
     for text in texts:
         for line in text.splitlines():

@@ -34,7 +34,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nat_ray.config import NatRayConfig
@@ -52,7 +51,6 @@ LOST_DIR = "lost"
 FEEDBACK_DIR = "feedback"
 SECRET_FILE = "secret"
 ALIVE = "alive"  # a replica's heartbeat, in its journal folder
-READERS = 16  # parallel reads of small objects (feedback entries) from object storage
 UNLABELLED = columns.UNLABELLED  # the nat_class of a captured episode asked without a gold answer
 
 
@@ -425,9 +423,7 @@ def read_feedback(folder: str | Path) -> dict[str, dict]:
     """Every episode's latest feedback, ``{episode_id: {"score", "answer", "at"}}``; entries that do not
     parse (a torn line of an older server's log) are skipped and counted in a log line."""
     store = Store(folder)
-    names = store.files(FEEDBACK_DIR, recursive=True)
-    with ThreadPoolExecutor(READERS if store.remote else 1) as pool:
-        texts = list(pool.map(store.read_text, names))
+    texts = store.read_texts(store.files(FEEDBACK_DIR, recursive=True))
     entries, bad = [], 0
     for text in texts:
         for line in text.splitlines():
