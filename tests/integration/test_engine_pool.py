@@ -24,7 +24,14 @@ def _config(out: Path, embedded_path: str) -> NatRayConfig:
     return from_dict(
         NatRayConfig,
         {
-            "engine": {"model": embedded_path, "max_model_len": 1024, "kv_cache_gb": 1, "max_num_seqs": 8},
+            # max_lora_rank: hot_adapter's (on CPU every LoRA token costs in proportion to it).
+            "engine": {
+                "model": embedded_path,
+                "max_model_len": 1024,
+                "kv_cache_gb": 1,
+                "max_num_seqs": 8,
+                "max_lora_rank": 8,
+            },
             "agent": {"max_turns": 2, "max_new_tokens": 32},
             "rollout": {
                 "output_dir": str(out),

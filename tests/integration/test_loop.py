@@ -22,7 +22,14 @@ from nat_ray.paths import PACKAGE_DATA_DIR, PARTS_DIR
 pytestmark = pytest.mark.integration
 
 TINY = {
-    "engine": {"model": "embedded", "max_model_len": 1024, "kv_cache_gb": 0.5, "max_num_seqs": 16},
+    # max_lora_rank: the adapters' rank (on CPU every LoRA token costs in proportion to it).
+    "engine": {
+        "model": "embedded",
+        "max_model_len": 1024,
+        "kv_cache_gb": 0.5,
+        "max_num_seqs": 16,
+        "max_lora_rank": 8,
+    },
     "agent": {"max_turns": 3, "max_new_tokens": 64},
     "rollout": {
         "tasks": ["strategyqa"],

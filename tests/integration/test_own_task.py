@@ -31,7 +31,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "unit_convert"
 TASK_FILE = str(EXAMPLE / "task.yaml")
 # The same task with its tools on an MCP server (examples/mcp_units/server.py, over stdio).
 MCP_TASK_FILE = str(EXAMPLE.parent / "mcp_units" / "task.yaml")
-ENGINE = {"max_model_len": 2048, "kv_cache_gb": 1, "max_num_seqs": 16}
+# max_lora_rank: the tuned adapter's rank (on CPU every LoRA token costs in proportion to it).
+ENGINE = {"max_model_len": 2048, "kv_cache_gb": 1, "max_num_seqs": 16, "max_lora_rank": 8}
 AGENT = {"max_turns": 3, "max_new_tokens": 48}
 UNITS = {
     "millimeters": "mm",
