@@ -242,6 +242,25 @@ def test_a_lora_replica_loads_its_adapter_and_engine_extra_has_the_last_word():
     assert kwargs["enable_chunked_prefill"] is False and kwargs["dtype"] == "float32"  # CPU defaults
 
 
+def test_a_cpu_lora_replica_padded_far_above_its_adapters_rank_says_what_to_set(tmp_path, caplog):
+    import logging
+
+    from nat_ray.config import NatRayConfig, from_dict
+    from nat_ray.engines.vllm_args import adapter_rank, lora_rank_advice
+    from nat_ray.serve.app import llm_config
+
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "rank_pattern": {"q_proj": 12}}))
+    assert adapter_rank(adapter) == 12 and adapter_rank(tmp_path / "missing") is None
+    with caplog.at_level(logging.WARNING, logger="nat_ray.engines.vllm_args"):
+        llm_config(from_dict(NatRayConfig, {}), "/models/m", "m", "m-lora", str(adapter))
+    assert "set engine.max_lora_rank=16" in caplog.text and "about 4x" in caplog.text
+    sized = from_dict(NatRayConfig, {"engine": {"max_lora_rank": 16}}).engine
+    assert lora_rank_advice(sized, False, 12) is None  # already the smallest rank vLLM takes for it
+    assert lora_rank_advice(from_dict(NatRayConfig, {}).engine, True, 12) is None  # GPU: padding is cheap
+
+
 EXAMPLE_TASK = str(Path(__file__).resolve().parents[1] / "examples" / "unit_convert" / "task.yaml")
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from nat_ray.config import EngineConfig
 from nat_ray.core.masks import chat_ids
 from nat_ray.core.react import CONTEXT_OVERFLOW, Generation, Sampling
-from nat_ray.engines.vllm_args import CPU_IN_PROCESS_ENV, engine_kwargs, kv_cache_env, on_gpu
+from nat_ray.engines.vllm_args import CPU_IN_PROCESS_ENV, engine_kwargs, kv_cache_env, on_gpu, warn_lora_rank
 from nat_ray.errors import ModelError
 from nat_ray.models import check_lora, resolve_model
 
@@ -103,6 +103,8 @@ class VLLMEngine:
 
         lora_id = next(self._lora_ids)
         self.lora_request = LoRARequest(f"nat-lora-{lora_id}", lora_id, check_lora(path))
+        if lora_id == 1:  # once per engine: every round's adapter has the same rank
+            warn_lora_rank(self.config, on_gpu(self.config), path)
 
     def submit(self, conversation: list[dict], sampling: Sampling) -> str:
         """Start one generation now (the stepper's streaming mode); see :meth:`poll`."""

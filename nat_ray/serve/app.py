@@ -27,7 +27,7 @@ from ray import serve
 from nat_ray.agent import prepare_tasks, with_tasks_resolved
 from nat_ray.config import NatRayConfig, load_config
 from nat_ray.core.storage import is_uri, storage_env
-from nat_ray.engines.vllm_args import engine_kwargs, served_cpu_env
+from nat_ray.engines.vllm_args import engine_kwargs, served_cpu_env, warn_lora_rank
 from nat_ray.errors import ConfigError
 from nat_ray.models import served_paths
 from nat_ray.ray_runtime import init_ray
@@ -85,6 +85,7 @@ def llm_config(
     if engine.device == "cuda" and not gpu:
         raise ConfigError("engine.device='cuda' needs serve.llm_num_gpus > 0 (GPUs per vLLM replica)")
     kwargs = engine_kwargs(engine, gpu, lora=lora_path is not None or serve_cfg.lora_dir is not None)
+    warn_lora_rank(engine, gpu, lora_path)
     if lora_path is not None:
         # engine.extra (applied in engine_kwargs) keeps the last word, as for every other argument.
         kwargs.setdefault("lora_modules", [{"name": lora_id, "path": lora_path, "base_model_name": model_id}])
