@@ -1,8 +1,6 @@
 """Stage 3 on a real local Ray Serve: vLLM through ray.serve.llm on the embedded model, tool deployments, the agent.
 
-One application serves the whole module (vLLM takes a minute or two to start here). Beside the built-in
-tasks it answers a user's own two (examples/unit_convert with its plug-in tool, examples/mcp_units
-with its tools on an MCP server), whose other stages test_own_task.py runs. It serves a
+One application serves the whole module (vLLM takes a minute or two to start here). It serves a
 training-export-shaped folder (``<run>/export/{model,adapter,export.json}``, as ``nat_ray.train``
 writes it): the full model as ``engine.model`` and the LoRA adapter (an untrained peft adapter of
 the embedded model) as ``serve.lora``, so both the full and the LoRA path of an export are served.
@@ -41,13 +39,6 @@ pytestmark = pytest.mark.integration
 
 REQUEST_TIMEOUT_S = 300
 SAMPLE_CORPUS = str(PACKAGE_DATA_DIR / "hotpotqa" / "corpus_sample.jsonl.gz")
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-# A user's own task (its plug-in tool in a deployment of its own) and the same task with its tools on
-# an MCP server; the rest of their path (agent, rollout, training, evaluation) is in test_own_task.py.
-OWN_TASK_FILE = str(EXAMPLES / "unit_convert" / "task.yaml")
-MCP_TASK_FILE = str(EXAMPLES / "mcp_units" / "task.yaml")
-# The tasks the server answers: asdiv and multiarith are built in but not configured.
-SERVED_TASKS = ["gsm8k", "svamp", "hotpotqa", "strategyqa", OWN_TASK_FILE, MCP_TASK_FILE]
 
 
 # Every adapter here (the export's, hot_adapter, the traffic round's) has this rank, and the engine is
@@ -103,7 +94,6 @@ def server(export_dir, local_ray, s3_bucket):
             "agent": {"max_turns": 3, "max_new_tokens": 48},
             "tools": {"search_corpus": SAMPLE_CORPUS},
             "serve": {
-                "tasks": SERVED_TASKS,
                 "lora": str(export_dir),
                 "lora_dir": str(lora_dir),
                 "port": port,
@@ -560,36 +550,6 @@ def test_a_traffic_round_trains_on_the_captured_episodes_and_publishes_to_the_se
     )
     assert round0["published"] == f"{server.lora_dir}/traffic-round-0"
     assert f"{server.model}:traffic-round-0" in _model_ids(server)
-
-
-def test_the_served_agent_answers_the_configured_own_tasks_and_only_configured_tasks(server):
-    """After the traffic round: the round trains on what was captured before it (built-in tasks)."""
-    from ray import serve
-
-    from nat_ray.serve.app import APP_NAME
-
-    question = {"question": "How many meters are in 3.5 kilometers?", "gold": "3500", "max_turns": 2}
-    answer = _agent(server, task="unit_convert", **question)
-    assert answer.status_code == 200, answer.text
-    body = answer.json()
-    assert body["task"] == "unit_convert" and body["turns"] >= 1
-    assert body["prompt"][0]["content"].startswith("Convert units with interleaving Thought")
-    assert body["correct"]["robust"] in (True, False)
-    # The plug-in tool and the MCP task's tools run in Serve deployments of their own, each MCP
-    # replica connected to its server.
-    handle = serve.get_deployment_handle("tool-convert_units", APP_NAME)
-    assert handle.call.remote("convert_units", "3.5 km to m").result().observation == "3500"
-    mcp_answer = _agent(server, task="mcp_units", **question)
-    assert mcp_answer.status_code == 200, mcp_answer.text
-    assert "convert_units[VALUE UNIT to UNIT]" in mcp_answer.json()["prompt"][0]["content"]
-    for task in (
-        "asdiv",
-        OWN_TASK_FILE,
-        "../examples/unit_convert/task.yaml",
-    ):  # not configured; never a path
-        refused = requests.post(f"{server.url}/v1/agent", json={"task": task, **question}, timeout=60)
-        assert refused.status_code == 422, refused.text
-        assert "unknown task" in refused.json()["error"]["message"]
 
 
 def test_a_canary_takes_its_share_is_judged_by_labels_and_is_promoted_without_a_restart(
