@@ -46,7 +46,7 @@ class EngineConfig:
         max_num_seqs: sequences decoded at once.
         lora: allow LoRA adapters (serving a fine-tune as an adapter).
         max_lora_rank: largest adapter rank served or evaluated. vLLM pads every adapter to it, and on
-            CPU each LoRA token costs in proportion (a 210-token prompt: 34.7 s at 64, 4.4 s at 8 on the
+            CPU each LoRA token costs in proportion (a 210-token prompt: 40.6 s at 64, 4.2 s at 8 on the
             embedded model), so there set it to your adapters' rank (vLLM takes 8, 16, 32, 64, ...).
         base_url: server URL when ``backend="openai"`` (``http://host:port/v1``).
         api_key_env: environment variable holding the API key for ``backend="openai"`` (unset = no key).

@@ -96,8 +96,8 @@ def lora_rank_advice(config: EngineConfig, gpu: bool, rank: int | None) -> str |
     """Why and how to lower ``engine.max_lora_rank`` for an adapter of ``rank`` on CPU, or None.
 
     vLLM pads every adapter to ``max_lora_rank``, and its CPU LoRA ops cost in proportion to it at
-    every token (a 210-token prompt through a rank-8 adapter of the embedded model: 34.7 s at 64,
-    4.4 s at 8); on GPU the padding costs little.
+    every token (a 210-token prompt through a rank-8 adapter of the embedded model: 40.6 s at 64,
+    4.2 s at 8, ``benchmarks/lora_rank.py``); on GPU the padding costs little.
     """
     if gpu or not rank:
         return None

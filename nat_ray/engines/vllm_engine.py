@@ -103,7 +103,8 @@ class VLLMEngine:
 
         lora_id = next(self._lora_ids)
         self.lora_request = LoRARequest(f"nat-lora-{lora_id}", lora_id, check_lora(path))
-        if lora_id == 1:  # once per engine: every round's adapter has the same rank
+        # Once per engine: a loop's later adapters have the same rank, or (stacked) a larger one.
+        if lora_id == 1:
             warn_lora_rank(self.config, on_gpu(self.config), path)
 
     def submit(self, conversation: list[dict], sampling: Sampling) -> str:

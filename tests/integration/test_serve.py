@@ -43,7 +43,7 @@ SAMPLE_CORPUS = str(PACKAGE_DATA_DIR / "hotpotqa" / "corpus_sample.jsonl.gz")
 
 # Every adapter here (the export's, hot_adapter, the traffic round's) has this rank, and the engine is
 # sized to it: on CPU, vLLM pads each adapter to engine.max_lora_rank and every LoRA token costs in
-# proportion (a 210-token prompt: 34.7 s at the default 64, 4.4 s at 8).
+# proportion (a 210-token prompt: 40.6 s at the default 64, 4.2 s at 8; benchmarks/lora_rank.py).
 LORA_RANK = 8
 
 MAKE_ADAPTER = f"""
