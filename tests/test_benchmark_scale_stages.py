@@ -106,16 +106,31 @@ def test_process_tree_rss_reads_a_process_and_skips_one_that_is_gone(stages):
     assert stages.process_tree_rss([2**31 - 1])[1] == 0
 
 
-def test_tree_cpu_seconds_counts_this_process():
+def test_tree_cpu_seconds_counts_a_process_and_the_children_it_reaped():
+    """Measured on a process of its own: in the full suite this one's descendants (a local Ray's
+    workers) end between two readings and take their CPU with them."""
+    import subprocess
+    import sys
+
     import psutil
 
     scale_data = _load("scale_data")
-    me = psutil.Process()
-    before = scale_data.tree_cpu_seconds(me)
-    deadline = time.process_time() + 0.05
-    while time.process_time() < deadline:  # 50 ms of this process's CPU
-        pass
-    assert scale_data.tree_cpu_seconds(me) - before >= 0.03
+    burn = "import time\nt = time.process_time() + 0.2\nwhile time.process_time() < t: pass\n"
+    script = (
+        f"import subprocess, sys\n{burn}"
+        f"subprocess.run([sys.executable, '-c', {burn!r}])\n"  # a child that burns and is reaped
+        "print('done', flush=True)\nsys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "done"
+        # 0.2 s of its own and 0.2 s of its reaped child's, less a margin for clock granularity
+        assert scale_data.tree_cpu_seconds(psutil.Process(proc.pid)) >= 0.35
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
 
 
 def test_headline_has_the_new_keys_and_tolerates_older_sections():
