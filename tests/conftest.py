@@ -11,6 +11,9 @@ import shutil
 import helpers  # tests/helpers.py
 import pytest
 
+# The per-module time table at the end of a long run (tests/suite_budget.py).
+pytest_plugins = ["suite_budget"]
+
 # Tests never reach the network: a hub lookup would otherwise retry for a minute before failing.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
