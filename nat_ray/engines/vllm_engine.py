@@ -102,10 +102,11 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
 
         lora_id = next(self._lora_ids)
-        self.lora_request = LoRARequest(f"nat-lora-{lora_id}", lora_id, check_lora(path))
+        adapter = check_lora(path)  # a training export's adapter/ folder, where path is the export
+        self.lora_request = LoRARequest(f"nat-lora-{lora_id}", lora_id, adapter)
         # Once per engine: a loop's later adapters have the same rank, or (stacked) a larger one.
         if lora_id == 1:
-            warn_lora_rank(self.config, on_gpu(self.config), path)
+            warn_lora_rank(self.config, on_gpu(self.config), adapter)
 
     def submit(self, conversation: list[dict], sampling: Sampling) -> str:
         """Start one generation now (the stepper's streaming mode); see :meth:`poll`."""
