@@ -46,7 +46,7 @@ def test_the_worker_node_is_a_node_of_its_own_and_its_kill_takes_all_its_process
 
 
 def test_rollout_survives_losing_a_node_with_no_trajectory_lost_or_twice(cluster, tmp_path, embedded_path):
-    got = rollout_node_kill(cluster, tmp_path, embedded_path, max_new_tokens=24)
+    got = rollout_node_kill(cluster, tmp_path, embedded_path, limit=8, max_new_tokens=24)
     assert got["engine_on_both_nodes"], got["log"]
     assert got["worker_node_processes_killed"] > 3 and got["worker_node_survivors"] == 0, got
     assert got["exit_code"] == 0, got["log"]
@@ -57,12 +57,12 @@ def test_rollout_survives_losing_a_node_with_no_trajectory_lost_or_twice(cluster
 
 
 def test_training_restarts_from_its_checkpoint_after_losing_a_node(cluster, tmp_path, embedded_path):
-    got = train_node_kill(cluster, tmp_path, embedded_path, steps=5, checkpoint_every=2)
+    got = train_node_kill(cluster, tmp_path, embedded_path, steps=4, checkpoint_every=2)
     assert got["workers_on_both_nodes"], got["log"]
     assert got["restarted_by_itself"] and got["exit_code"] == 0, got["log"]
-    assert got["final_step"] == got["planned_steps"] == 5
+    assert got["final_step"] == got["planned_steps"] == 4
     # The loss curve continues from the checkpoint: every step once, the redone ones replaced.
-    assert got["history_steps"] == list(range(1, 6)), got
+    assert got["history_steps"] == list(range(1, 5)), got
     assert got["checkpoint_step"] is not None and got["checkpoint_step"] % 2 == 0
     assert got["checkpoint_step"] < got["last_step_before_kill"]
     assert got["steps_redone"] == got["last_step_before_kill"] - got["checkpoint_step"]
@@ -80,7 +80,7 @@ def test_a_killed_llm_replica_costs_at_most_503s_and_leaves_no_engine_process(
         free_port(),
         api_key=key,
         stop_cluster=True,
-        after_s=10,
+        after_s=5,
         check_guards=True,
     )
     assert got["seconds_to_recover"] is not None, got["log"]

@@ -1,13 +1,12 @@
 """A user's own task end to end: examples/unit_convert (its data, tool, scorer and task file) through
-``nat-ray agent``, rollout, training, evaluation and the served ``/v1/agent``, on the embedded model;
-and examples/mcp_units, the same task with its tools on an MCP server, through a rollout's tool
-actors and the same Serve app.
+``nat-ray agent``, rollout, training and evaluation, on the embedded model; and examples/mcp_units,
+the same task with its tools on an MCP server, through a rollout's tool actors. The served
+``/v1/agent`` answers both in ``test_serve.py``'s application (one Serve start-up less).
 
 The tiny model rarely converts units right, so positives come the way the paper gets them: from a
 teacher over the OpenAI-compatible HTTP engine. The teacher here is a scripted local server that
 calls the example's own ``convert`` tool and finishes with its observation; everything else is the
-real stack (Ray Data rollout with Ray tool actors running the plug-in, Ray Train + DeepSpeed, vLLM,
-Ray Serve).
+real stack (Ray Data rollout with Ray tool actors running the plug-in, Ray Train + DeepSpeed, vLLM).
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
-import requests
-from helpers import HttpRequest, free_port, serve_http  # tests/helpers.py
+from helpers import HttpRequest, serve_http  # tests/helpers.py
 
 from nat_ray.config import NatRayConfig, from_dict
 from nat_ray.core import nat_data as columns
@@ -266,48 +264,3 @@ def test_eval_scores_the_tuned_adapter_with_the_tasks_scorer(trained, rollouts):
     assert len(rows) == 4
     assert all(r[columns.CORRECT_ROBUST] == same_number(r[columns.ANSWER], r[columns.GOLD]) for r in rows)
     assert "Unit conversion" in (rollouts / "eval" / "results.md").read_text()
-
-
-def test_the_served_agent_answers_the_configured_task_and_only_it(trained, rollouts, local_ray):
-    from ray import serve
-
-    from nat_ray.serve.app import APP_NAME, build_app
-
-    port = free_port()
-    cfg = _config(
-        rollouts,
-        engine={"model": trained.export["model"]},
-        serve={
-            "tasks": [TASK_FILE, MCP_TASK_FILE],
-            "port": port,
-            "tool_max_replicas": 1,
-            "request_timeout_s": 300,
-        },
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
-        url = f"http://127.0.0.1:{port}/v1/agent"
-        question = {"question": "How many meters are in 3.5 kilometers?", "gold": "3500", "max_turns": 2}
-        answer = requests.post(url, json={"task": "unit_convert", **question}, timeout=300)
-        assert answer.status_code == 200, answer.text
-        body = answer.json()
-        assert body["task"] == "unit_convert" and body["turns"] >= 1
-        assert body["prompt"][0]["content"].startswith("Convert units with interleaving Thought")
-        assert body["correct"]["robust"] in (True, False)
-        # The MCP task's tools run in their own Serve deployments, each replica connected to the server.
-        handle = serve.get_deployment_handle("tool-convert_units", APP_NAME)
-        assert handle.call.remote("convert_units", "3.5 km to m").result().observation == "3500"
-        mcp_answer = requests.post(url, json={"task": "mcp_units", **question}, timeout=300)
-        assert mcp_answer.status_code == 200, mcp_answer.text
-        assert "convert_units[VALUE UNIT to UNIT]" in mcp_answer.json()["prompt"][0]["content"]
-        for task in (
-            "gsm8k",
-            TASK_FILE,
-            "../examples/unit_convert/task.yaml",
-        ):  # not configured; never a path
-            refused = requests.post(url, json={"task": task, **question}, timeout=60)
-            assert refused.status_code == 422, refused.text
-            assert "unknown task" in refused.json()["error"]["message"]
-    finally:
-        serve.shutdown()  # the next module's serve.start binds its own port

@@ -5,7 +5,8 @@ training-export-shaped folder (``<run>/export/{model,adapter,export.json}``, as 
 writes it): the full model as ``engine.model`` and the LoRA adapter (an untrained peft adapter of
 the embedded model) as ``serve.lora``, so both the full and the LoRA path of an export are served.
 Its ``serve.lora_dir`` starts empty; the module's last tests publish an adapter into it while the
-server runs (hot-loading) and ask for missing and unsafe adapter names.
+server runs (hot-loading) and ask for missing and unsafe adapter names. Beside the built-in tasks it
+answers two of a user's own (``examples/unit_convert``, ``examples/mcp_units``), configured by file.
 
 ``serve.capture_dir`` and ``serve.lora_dir`` are in object storage, as on a cluster whose replicas share
 no folder: ``s3://`` on a real S3-compatible server (moto's server mode) started for the session. So
@@ -29,7 +30,7 @@ import pytest
 import requests
 from helpers import free_port  # tests/helpers.py
 
-from nat_ray.config import NatRayConfig, from_dict
+from nat_ray.config import NatRayConfig, ServeConfig, from_dict
 from nat_ray.core import nat_data as columns
 from nat_ray.core import records
 from nat_ray.paths import PACKAGE_DATA_DIR
@@ -39,6 +40,11 @@ pytestmark = pytest.mark.integration
 
 REQUEST_TIMEOUT_S = 300
 SAMPLE_CORPUS = str(PACKAGE_DATA_DIR / "hotpotqa" / "corpus_sample.jsonl.gz")
+# A user's own tasks served beside the built-in ones (tests/integration/test_own_task.py takes them
+# through the other stages): unit_convert's plug-in tool, and mcp_units' tools on an MCP server.
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+UNIT_TASK = str(EXAMPLES / "unit_convert" / "task.yaml")
+MCP_TASK = str(EXAMPLES / "mcp_units" / "task.yaml")
 
 
 # Every adapter here (the export's, hot_adapter, the traffic round's) has this rank, and the engine is
@@ -94,6 +100,7 @@ def server(export_dir, local_ray, s3_bucket):
             "agent": {"max_turns": 3, "max_new_tokens": 48},
             "tools": {"search_corpus": SAMPLE_CORPUS},
             "serve": {
+                "tasks": [*ServeConfig().tasks, UNIT_TASK, MCP_TASK],
                 "lora": str(export_dir),
                 "lora_dir": str(lora_dir),
                 "port": port,
@@ -618,3 +625,30 @@ def test_a_canary_takes_its_share_is_judged_by_labels_and_is_promoted_without_a_
     assert [a.json()["model"] for a in again] == [canary] * 3
     assert requests.get(f"{server.url}/healthz", timeout=30).json()["model"] == canary
     assert post("/v1/canary/rollback").status_code == 409
+
+
+def test_the_served_agent_answers_a_users_own_tasks_and_no_other(server):
+    """The example tasks (configured by file) answer by name with their own prompt and tools; the MCP
+    task's tool runs in a Serve deployment of its own, connected to the example's server. A task that
+    is not configured, or a path, is refused."""
+    from ray import serve
+
+    from nat_ray.serve.app import APP_NAME
+
+    question = {"question": "How many meters are in 3.5 kilometers?", "gold": "3500", "max_turns": 2}
+    answer = _agent(server, task="unit_convert", **question)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["task"] == "unit_convert" and body["turns"] >= 1
+    assert body["prompt"][0]["content"].startswith("Convert units with interleaving Thought")
+    assert body["correct"]["robust"] in (True, False)
+    handle = serve.get_deployment_handle("tool-convert_units", APP_NAME)
+    assert handle.call.remote("convert_units", "3.5 km to m").result().observation == "3500"
+    mcp_answer = _agent(server, task="mcp_units", **question)
+    assert mcp_answer.status_code == 200, mcp_answer.text
+    assert "convert_units[VALUE UNIT to UNIT]" in mcp_answer.json()["prompt"][0]["content"]
+    # word_math: a task file of the repository this server was not configured with.
+    for task in ("word_math", UNIT_TASK, "../examples/unit_convert/task.yaml"):  # never a path
+        refused = _agent(server, task=task, **question)
+        assert refused.status_code == 422, refused.text
+        assert "unknown task" in refused.json()["error"]["message"]
