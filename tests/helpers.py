@@ -1,4 +1,5 @@
-"""Plumbing the tests share: free ports, a real HTTP server on loopback, Ray's shared-machine settings.
+"""Plumbing the tests share: free ports, a real HTTP server on loopback, Ray's shared-machine settings,
+the example task files.
 
 ``tests/`` is on ``sys.path`` (pytest's rootdir conftest), so unit and integration tests alike
 write ``from helpers import serve_http``. What a fake server answers stays in each test; only
@@ -14,6 +15,13 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+# A user's own task as the repository ships it (data, plug-in tool, scorer, task file), and the same
+# task with its tools on an MCP server (examples/mcp_units/server.py, over stdio).
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+UNIT_CONVERT_TASK = str(EXAMPLES_DIR / "unit_convert" / "task.yaml")
+MCP_UNITS_TASK = str(EXAMPLES_DIR / "mcp_units" / "task.yaml")
 
 # On a machine shared with other jobs (as CI's is): Ray nices its workers to 15, which starves them
 # behind the others, and its memory monitor kills our workers when *other* processes fill the memory.

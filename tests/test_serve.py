@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from pathlib import Path
 
 import pytest
 from fastapi import Request
+from helpers import UNIT_CONVERT_TASK  # tests/helpers.py
 from pydantic import ValidationError
 
 from nat_ray.agent import new_episode
@@ -261,7 +261,7 @@ def test_a_cpu_lora_replica_padded_far_above_its_adapters_rank_says_what_to_set(
     assert lora_rank_advice(from_dict(NatRayConfig, {}).engine, True, 12) is None  # GPU: padding is cheap
 
 
-EXAMPLE_TASK = str(Path(__file__).resolve().parents[1] / "examples" / "unit_convert" / "task.yaml")
+EXAMPLE_TASK = UNIT_CONVERT_TASK
 
 
 @pytest.fixture

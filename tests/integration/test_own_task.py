@@ -16,7 +16,13 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import HttpRequest, serve_http  # tests/helpers.py
+from helpers import (  # tests/helpers.py
+    EXAMPLES_DIR,
+    MCP_UNITS_TASK,
+    UNIT_CONVERT_TASK,
+    HttpRequest,
+    serve_http,
+)
 
 from nat_ray.config import NatRayConfig, from_dict
 from nat_ray.core import nat_data as columns
@@ -25,10 +31,9 @@ from nat_ray.paths import PARTS_DIR
 
 pytestmark = pytest.mark.integration
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "unit_convert"
-TASK_FILE = str(EXAMPLE / "task.yaml")
-# The same task with its tools on an MCP server (examples/mcp_units/server.py, over stdio).
-MCP_TASK_FILE = str(EXAMPLE.parent / "mcp_units" / "task.yaml")
+EXAMPLE = EXAMPLES_DIR / "unit_convert"
+TASK_FILE = UNIT_CONVERT_TASK
+MCP_TASK_FILE = MCP_UNITS_TASK
 # max_lora_rank: the tuned adapter's rank (on CPU every LoRA token costs in proportion to it).
 ENGINE = {"max_model_len": 2048, "kv_cache_gb": 1, "max_num_seqs": 16, "max_lora_rank": 8}
 AGENT = {"max_turns": 3, "max_new_tokens": 48}

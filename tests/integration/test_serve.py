@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import free_port  # tests/helpers.py
+from helpers import MCP_UNITS_TASK, UNIT_CONVERT_TASK, free_port  # tests/helpers.py
 
 from nat_ray.config import NatRayConfig, ServeConfig, from_dict
 from nat_ray.core import nat_data as columns
@@ -40,11 +40,6 @@ pytestmark = pytest.mark.integration
 
 REQUEST_TIMEOUT_S = 300
 SAMPLE_CORPUS = str(PACKAGE_DATA_DIR / "hotpotqa" / "corpus_sample.jsonl.gz")
-# A user's own tasks served beside the built-in ones (tests/integration/test_own_task.py takes them
-# through the other stages): unit_convert's plug-in tool, and mcp_units' tools on an MCP server.
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-UNIT_TASK = str(EXAMPLES / "unit_convert" / "task.yaml")
-MCP_TASK = str(EXAMPLES / "mcp_units" / "task.yaml")
 
 
 # Every adapter here (the export's, hot_adapter, the traffic round's) has this rank, and the engine is
@@ -100,7 +95,8 @@ def server(export_dir, local_ray, s3_bucket):
             "agent": {"max_turns": 3, "max_new_tokens": 48},
             "tools": {"search_corpus": SAMPLE_CORPUS},
             "serve": {
-                "tasks": [*ServeConfig().tasks, UNIT_TASK, MCP_TASK],
+                # A user's own tasks beside the built-in ones (test_own_task.py takes them through the other stages).
+                "tasks": [*ServeConfig().tasks, UNIT_CONVERT_TASK, MCP_UNITS_TASK],
                 "lora": str(export_dir),
                 "lora_dir": str(lora_dir),
                 "port": port,
@@ -630,7 +626,8 @@ def test_a_canary_takes_its_share_is_judged_by_labels_and_is_promoted_without_a_
 def test_the_served_agent_answers_a_users_own_tasks_and_no_other(server):
     """The example tasks (configured by file) answer by name with their own prompt and tools; the MCP
     task's tool runs in a Serve deployment of its own, connected to the example's server. A task that
-    is not configured, or a path, is refused."""
+    is not configured, or a path, is refused. After the traffic round, so that the captured episodes it
+    trains on stay the built-in tasks' the earlier tests sent."""
     from ray import serve
 
     from nat_ray.serve.app import APP_NAME
@@ -648,7 +645,7 @@ def test_the_served_agent_answers_a_users_own_tasks_and_no_other(server):
     assert mcp_answer.status_code == 200, mcp_answer.text
     assert "convert_units[VALUE UNIT to UNIT]" in mcp_answer.json()["prompt"][0]["content"]
     # word_math: a task file of the repository this server was not configured with.
-    for task in ("word_math", UNIT_TASK, "../examples/unit_convert/task.yaml"):  # never a path
+    for task in ("word_math", UNIT_CONVERT_TASK, "../examples/unit_convert/task.yaml"):  # never a path
         refused = _agent(server, task=task, **question)
         assert refused.status_code == 422, refused.text
         assert "unknown task" in refused.json()["error"]["message"]
